@@ -1,0 +1,7 @@
+"""convret: session-masked attention and fused contrastive losses for conversational dense retrievers."""
+from .layout import SessionLayout
+from .attention import session_attention, available_backends
+from . import _triton_backend  # noqa: F401  (registers backend="triton")
+
+__all__ = ["SessionLayout", "session_attention", "available_backends"]
+__version__ = "0.1.0"

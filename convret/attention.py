@@ -1,0 +1,126 @@
+"""``session_attention``: the public face of the session-masked attention backends."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from .layout import SessionLayout
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_backend(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    """Internal: make ``fn(q, k, v, layout, scale)`` selectable as ``backend=name``."""
+    _BACKENDS[name] = fn
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, and CPU tensors only under the interpreter (``TRITON_INTERPRET=1``)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def session_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: SessionLayout,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention under a :class:`SessionLayout` mask, differentiable in q, k and v.
+
+    Args:
+        q: ``[B, Hq, L, D]``; k, v: ``[B, Hkv, L, D]`` with ``Hq % Hkv == 0`` (GQA: query head h reads kv head
+            ``h // (Hq // Hkv)``). Any strides.
+        layout: the batch's layout, shape ``[B, L]``.
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpu"`` (native CPU backend),
+            ``"reference"`` (dense O(L^2) oracle, any device) or ``"auto"``.
+
+    Returns:
+        ``[B, Hq, L, D]`` in q's dtype. Query rows with no visible key (padding) are zeros, with zero gradient.
+    """
+    _check_inputs(q, k, v, layout)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    name = _resolve_backend(backend, q.device)
+    return _BACKENDS[name](q, k, v, layout.to(q.device), float(scale))
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        if device.type == "cuda" and "triton" in _BACKENDS:
+            return "triton"
+        if device.type == "cpu" and "cpu" in _BACKENDS:
+            return "cpu"
+        return "reference"
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {['auto', *available_backends()]}")
+    if backend == "triton" and not triton_usable(device):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
+        )
+    return backend
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout) -> None:
+    if not isinstance(layout, SessionLayout):
+        raise TypeError(f"layout must be a convret.SessionLayout, got {type(layout).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, L, D], got shape {tuple(getattr(t, 'shape', ()))}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    batch, q_heads, seq_len, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch, length or head dim"
+        )
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"Hq ({q_heads}) must be a multiple of Hkv ({kv_heads})")
+    if (layout.batch_size, layout.seq_len) != (batch, seq_len):
+        raise ValueError(
+            f"layout shape [{layout.batch_size}, {layout.seq_len}] differs from q's [B, L] = [{batch}, {seq_len}]"
+        )
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"unsupported head dim {head_dim}; supported: {SUPPORTED_HEAD_DIMS}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v on mixed devices: {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v have mixed dtypes: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+
+
+# ---------------------------------------------------------------------- reference backend
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float
+) -> torch.Tensor:
+    """Dense-mask attention computed in at least fp32 (float64 inputs stay float64): the oracle.
+
+    O(B * H * L^2) memory. Differentiable through plain autograd."""
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    group = q.shape[1] // k.shape[1]
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    kc = kc.repeat_interleave(group, dim=1)
+    vc = vc.repeat_interleave(group, dim=1)
+    allowed = layout.dense_mask().unsqueeze(1)  # [B, 1, L, L]
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    # finite fill, then zero the masked probabilities: a row with no visible key gives zeros, not NaN,
+    # and its gradient is zero too.
+    scores = scores.masked_fill(~allowed, torch.finfo(compute_dtype).min)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
+    return torch.matmul(probs, vc).to(q.dtype)
+
+
+register_backend("reference", reference_attention)

@@ -1,0 +1,391 @@
+"""Triton kernels for session-masked attention (forward + backward), driven by a SessionLayout.
+
+The mask is one int32 per key, ``mask_start[b, j]``: query row q sees key j iff ``j <= q < mask_start[b, j]``.
+Per key tile we also get ``min`` / ``max`` of mask_start (``SessionLayout.tile_bounds``), which classify each
+(query tile, key tile) pair without touching K or V:
+
+- skipped: ``k_first > q_last`` (causal) or ``tile_max <= q_first`` (every key is hidden from every query);
+  the tile is never loaded;
+- full: ``k_last <= q_first`` and ``tile_min > q_last``; no mask arithmetic at all;
+- partial: everything else; the element mask is computed from mask_start.
+
+Forward: flash-attention-2 online softmax in fp32, base-2 exponentials, the row log-sum-exp kept for the
+backward. Backward: one kernel for dK/dV (one program per key tile and KV head, looping over the query heads
+of its GQA group, so no atomics: deterministic), one for dQ. Rows with no visible key (padding) produce zeros
+and zero gradients: their log-sum-exp is stored as +inf.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first, seq_len,
+    qk_scale, stride_kl, stride_vl,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_n = k_first + tl.arange(0, BLOCK_N)
+    if MASKED:
+        in_bounds = offs_n < seq_len
+        k = tl.load(k_ptrs + k_first * stride_kl, mask=in_bounds[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs + k_first * stride_kl)
+    qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+    if MASKED:
+        mask_start = tl.load(mask_start_ptr + offs_n, mask=in_bounds, other=0)
+        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < mask_start[None, :])
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # a row that has seen no visible key yet keeps m = -inf; use 0 so that exp2 gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs + k_first * stride_vl, mask=in_bounds[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs + k_first * stride_vl)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _session_attn_fwd(
+    Q, K, V, O, LSE, MASK_START, TILE_MIN, TILE_MAX,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_mask_b, stride_tile_b,
+    seq_len, num_q_heads, group_size, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    q_tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_q_heads
+    head = batch_head % num_q_heads
+    kv_head = head // group_size
+
+    q_first = q_tile * BLOCK_M
+    q_last = q_first + BLOCK_M - 1
+    offs_m = q_first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < seq_len
+
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    # K is read transposed ([HEAD_DIM, BLOCK_N]); both pointer blocks start at key 0 and move by k_first rows
+    k_ptrs = K + batch * stride_kb + kv_head * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
+    v_ptrs = V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+    mask_start_ptr = MASK_START + batch * stride_mask_b
+    tile_min_ptr = TILE_MIN + batch * stride_tile_b
+    tile_max_ptr = TILE_MAX + batch * stride_tile_b
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # causality bounds the loop: key tiles that start after the last query row are never visited
+    num_k_tiles = tl.minimum(tl.cdiv(seq_len, BLOCK_N), q_last // BLOCK_N + 1)
+    for k_tile in range(0, num_k_tiles):
+        tile_max = tl.load(tile_max_ptr + k_tile)
+        if tile_max > q_first:  # otherwise skipped: every key of the tile is hidden from every query row
+            k_first = k_tile * BLOCK_N
+            tile_min = tl.load(tile_min_ptr + k_tile)
+            if (k_first + BLOCK_N - 1 <= q_first) & (tile_min > q_last):
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first,
+                                          seq_len, qk_scale, stride_kl, stride_vl,
+                                          BLOCK_N, False, INPUT_PRECISION)
+            else:
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first,
+                                          seq_len, qk_scale, stride_kl, stride_vl,
+                                          BLOCK_N, True, INPUT_PRECISION)
+
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
+    o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + batch_head * seq_len + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_tile(
+    dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n, q_first, seq_len,
+    qk_scale, stride_ql, stride_dol,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_m = q_first + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < seq_len
+    q = tl.load(q_ptrs + q_first * stride_ql, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptrs + q_first * stride_dol, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE_row + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA_row + offs_m, mask=row_ok, other=0.0)
+    # transposed scores [BLOCK_N, BLOCK_M]: keys along rows, queries along columns
+    qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+    p_t = tl.math.exp2(qk_t - lse[None, :])
+    if MASKED:
+        visible = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < mask_start[:, None])
+        p_t = tl.where(visible, p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _session_attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK_START, TILE_MIN, TILE_MAX,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_mask_b, stride_tile_b,
+    seq_len, num_q_heads, num_kv_heads, group_size, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    k_tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_kv_heads
+    kv_head = batch_head % num_kv_heads
+
+    k_first = k_tile * BLOCK_N
+    k_last = k_first + BLOCK_N - 1
+    offs_n = k_first + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = tl.arange(0, BLOCK_M)
+    key_ok = offs_n < seq_len
+
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                mask=key_ok[:, None], other=0.0)
+    mask_start = tl.load(MASK_START + batch * stride_mask_b + offs_n, mask=key_ok, other=0)
+    tile_min = tl.load(TILE_MIN + batch * stride_tile_b + k_tile)
+    tile_max = tl.load(TILE_MAX + batch * stride_tile_b + k_tile)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # only query rows in [k_first, tile_max) can see a key of this tile: that range bounds the loop
+    first_q_tile = k_first // BLOCK_M
+    end_q_tile = tl.cdiv(tl.minimum(tile_max, seq_len), BLOCK_M)
+    for group_index in range(0, group_size):
+        head = kv_head * group_size + group_index
+        q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd
+        do_ptrs = DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod
+        LSE_row = LSE + (batch * num_q_heads + head) * seq_len
+        DELTA_row = DELTA + (batch * num_q_heads + head) * seq_len
+        for q_tile in range(first_q_tile, end_q_tile):
+            q_first = q_tile * BLOCK_M
+            if (k_last <= q_first) & (tile_min > q_first + BLOCK_M - 1):
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n,
+                                        q_first, seq_len, qk_scale, stride_ql, stride_dol,
+                                        BLOCK_M, False, INPUT_PRECISION)
+            else:
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n,
+                                        q_first, seq_len, qk_scale, stride_ql, stride_dol,
+                                        BLOCK_M, True, INPUT_PRECISION)
+
+    out_offsets = (batch * num_kv_heads + kv_head) * seq_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_tile(
+    dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first, seq_len,
+    qk_scale, stride_kl, stride_vl,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_n = k_first + tl.arange(0, BLOCK_N)
+    if MASKED:
+        in_bounds = offs_n < seq_len
+        k_t = tl.load(k_ptrs + k_first * stride_kl, mask=in_bounds[None, :], other=0.0)
+        v_t = tl.load(v_ptrs + k_first * stride_vl, mask=in_bounds[None, :], other=0.0)
+    else:
+        k_t = tl.load(k_ptrs + k_first * stride_kl)
+        v_t = tl.load(v_ptrs + k_first * stride_vl)
+    qk = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+    p = tl.math.exp2(qk - lse[:, None])
+    if MASKED:
+        mask_start = tl.load(mask_start_ptr + offs_n, mask=in_bounds, other=0)
+        visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < mask_start[None, :])
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _session_attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, MASK_START, TILE_MIN, TILE_MAX,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_mask_b, stride_tile_b,
+    seq_len, num_q_heads, group_size, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    q_tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_q_heads
+    head = batch_head % num_q_heads
+    kv_head = head // group_size
+
+    q_first = q_tile * BLOCK_M
+    q_last = q_first + BLOCK_M - 1
+    offs_m = q_first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < seq_len
+
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + batch_head * seq_len + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + batch_head * seq_len + offs_m, mask=row_ok, other=0.0)
+    k_ptrs = K + batch * stride_kb + kv_head * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
+    v_ptrs = V + batch * stride_vb + kv_head * stride_vh + offs_n[None, :] * stride_vl + offs_d[:, None] * stride_vd
+    mask_start_ptr = MASK_START + batch * stride_mask_b
+    tile_min_ptr = TILE_MIN + batch * stride_tile_b
+    tile_max_ptr = TILE_MAX + batch * stride_tile_b
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    num_k_tiles = tl.minimum(tl.cdiv(seq_len, BLOCK_N), q_last // BLOCK_N + 1)
+    for k_tile in range(0, num_k_tiles):
+        tile_max = tl.load(tile_max_ptr + k_tile)
+        if tile_max > q_first:
+            k_first = k_tile * BLOCK_N
+            tile_min = tl.load(tile_min_ptr + k_tile)
+            if (k_first + BLOCK_N - 1 <= q_first) & (tile_min > q_last):
+                dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first, seq_len,
+                                  qk_scale, stride_kl, stride_vl, BLOCK_N, False, INPUT_PRECISION)
+            else:
+                dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first, seq_len,
+                                  qk_scale, stride_kl, stride_vl, BLOCK_N, True, INPUT_PRECISION)
+
+    dq_ptrs = DQ + batch_head * seq_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------- launch
+# Tile sizes per head dim, picked for A100 (sm_80) and H100 (sm_90): they compile without spills for both
+# (tests/test_aot_compile.py, bench/aot_report.py). fp32 inputs take half-size tiles (twice the bytes).
+# Keys: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+FWD_CONFIGS = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
+BWD_DKDV_CONFIGS = {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 128, 8, 2)}
+BWD_DQ_CONFIGS = {32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 32, 8, 2)}
+
+
+def default_configs(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for this head dim and dtype."""
+    configs = {"fwd": FWD_CONFIGS[head_dim], "dkdv": BWD_DKDV_CONFIGS[head_dim], "dq": BWD_DQ_CONFIGS[head_dim]}
+    if dtype == torch.float32:
+        configs = {name: _halve_tiles(cfg) for name, cfg in configs.items()}
+    return configs
+
+
+def _halve_tiles(config: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    block_m, block_n, num_warps, num_stages = config
+    if block_m >= block_n:
+        block_m //= 2
+    else:
+        block_n //= 2
+    return block_m, block_n, num_warps, min(num_stages, 2)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp16 / bf16 use tensor cores natively; fp32 asks for 3xTF32, which keeps close to fp32 accuracy on
+    the GPU (plain TF32 would cost about 1e-3 relative error)."""
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _forward(q, k, v, layout, scale, config):
+    batch, num_q_heads, seq_len, head_dim = q.shape
+    block_m, block_n, num_warps, num_stages = config
+    bounds = layout.tile_bounds(block_n)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, num_q_heads, seq_len, device=q.device, dtype=torch.float32)
+    mask_start = layout.mask_start
+    grid = (triton.cdiv(seq_len, block_m), batch * num_q_heads)
+    _session_attn_fwd[grid](
+        q, k, v, out, lse, mask_start, bounds.min_mask_start, bounds.max_mask_start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        mask_start.stride(0), bounds.min_mask_start.stride(0),
+        seq_len, num_q_heads, num_q_heads // k.shape[1], scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION=input_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, grad_out, layout, scale, dkdv_config, dq_config):
+    batch, num_q_heads, seq_len, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group_size = num_q_heads // num_kv_heads
+    precision = input_precision(q.dtype)
+    delta = (out.float() * grad_out.float()).sum(-1).contiguous()  # rowsum(dO * O), [B, Hq, L]
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    mask_start = layout.mask_start
+
+    block_m, block_n, num_warps, num_stages = dkdv_config
+    bounds = layout.tile_bounds(block_n)
+    _session_attn_bwd_dkdv[(triton.cdiv(seq_len, block_n), batch * num_kv_heads)](
+        q, k, v, grad_out, dk, dv, lse, delta, mask_start, bounds.min_mask_start, bounds.max_mask_start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+        mask_start.stride(0), bounds.min_mask_start.stride(0),
+        seq_len, num_q_heads, num_kv_heads, group_size, scale * LOG2E, scale,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    block_m, block_n, num_warps, num_stages = dq_config
+    bounds = layout.tile_bounds(block_n)
+    _session_attn_bwd_dq[(triton.cdiv(seq_len, block_m), batch * num_q_heads)](
+        q, k, v, grad_out, dq, lse, delta, mask_start, bounds.min_mask_start, bounds.max_mask_start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+        mask_start.stride(0), bounds.min_mask_start.stride(0),
+        seq_len, num_q_heads, group_size, scale * LOG2E, scale,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return dq, dk, dv
+
+
+class SessionAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, configs):
+        out, lse = _forward(q, k, v, layout, scale, configs["fwd"])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale, ctx.configs = layout, scale, configs
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, grad_out, ctx.layout, ctx.scale,
+                               ctx.configs["dkdv"], ctx.configs["dq"])
+        return dq, dk, dv, None, None, None
+
+
+def session_attention_triton(q, k, v, layout, scale, configs=None):
+    """Launch the Triton kernels. ``configs`` overrides :func:`default_configs` (tests use small tiles)."""
+    if configs is None:
+        configs = default_configs(q.shape[-1], q.dtype)
+    return SessionAttentionFunction.apply(q, k, v, layout, scale, configs)
