@@ -7,6 +7,7 @@ PIP := $(PYTHON) -m pip
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	@$(PIP) install -q "setuptools>=70"
 	@$(PIP) install -q --no-build-isolation -e ".[test]"
 
 demo: setup

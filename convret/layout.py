@@ -26,7 +26,8 @@ Segment = tuple[int, int, int]
 class TileBounds:
     """Per key tile min / max of ``mask_start`` for one tile width, int32 ``[B, num_key_tiles]``.
 
-    Keys past the end of the row count as never visible (mask_start 0 for the max, ignored for the min).
+    Keys that nobody sees (padding, and positions past the end of the row) are left out of the max, so a
+    tile of them is skipped by every query tile; the min keeps them, which only makes "full" stricter.
     """
 
     block_n: int
@@ -156,9 +157,14 @@ class SessionLayout:
             padded_len = num_tiles * block_n
             overhang = padded_len - self.seq_len
             ms = self.mask_start
+            # a key with mask_start <= its own position is seen by nobody (padding): it must not raise the
+            # tile max, or diagonal padding tiles would count as partial instead of skipped
+            key_pos = torch.arange(self.seq_len, device=self.device, dtype=ms.dtype)
+            live_ms = torch.where(ms > key_pos, ms, torch.zeros_like(ms))
             big = torch.iinfo(torch.int32).max
-            tiles_for_min = torch.nn.functional.pad(ms, (0, overhang), value=big).view(self.batch_size, num_tiles, block_n)
-            tiles_for_max = torch.nn.functional.pad(ms, (0, overhang), value=0).view(self.batch_size, num_tiles, block_n)
+            pad = torch.nn.functional.pad
+            tiles_for_min = pad(ms, (0, overhang), value=big).view(self.batch_size, num_tiles, block_n)
+            tiles_for_max = pad(live_ms, (0, overhang), value=0).view(self.batch_size, num_tiles, block_n)
             cached = TileBounds(
                 block_n,
                 tiles_for_min.amin(-1).to(torch.int32).contiguous(),

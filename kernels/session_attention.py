@@ -389,3 +389,38 @@ def session_attention_triton(q, k, v, layout, scale, configs=None):
     if configs is None:
         configs = default_configs(q.shape[-1], q.dtype)
     return SessionAttentionFunction.apply(q, k, v, layout, scale, configs)
+
+
+def aot_specs() -> list[dict]:
+    """Every kernel at every default config, for the ahead-of-time compile check (``convret.aot``)."""
+    specs = []
+    pointer_args = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+    fp32_args = {"LSE", "DELTA"}
+    float_args = {"qk_scale", "sm_scale"}
+    kernels = {"fwd": _session_attn_fwd, "dkdv": _session_attn_bwd_dkdv, "dq": _session_attn_bwd_dq}
+    for dtype, type_name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for head_dim in (64, 128):
+            for kernel_name, (block_m, block_n, num_warps, num_stages) in default_configs(head_dim, dtype).items():
+                fn = kernels[kernel_name]
+                constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                              "INPUT_PRECISION": input_precision(dtype)}
+                signature = {}
+                for arg in fn.arg_names:
+                    if arg in constexprs:
+                        signature[arg] = "constexpr"
+                    elif arg in pointer_args:
+                        signature[arg] = "*" + type_name
+                    elif arg in fp32_args:
+                        signature[arg] = "*fp32"
+                    elif arg.isupper():
+                        signature[arg] = "*i32"
+                    elif arg in float_args:
+                        signature[arg] = "fp32"
+                    else:
+                        signature[arg] = "i32"
+                specs.append({
+                    "name": f"session_attn_{kernel_name}[{type_name},d{head_dim},{block_m}x{block_n}]",
+                    "fn": fn, "signature": signature, "constexprs": constexprs,
+                    "num_warps": num_warps, "num_stages": num_stages,
+                })
+    return specs

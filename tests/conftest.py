@@ -1,0 +1,22 @@
+"""Test-wide set-up.
+
+Triton picks the interpreter when a kernel is decorated, so ``TRITON_INTERPRET=1`` must be set before any
+``convret.kernels`` module is imported. Without a GPU, the Triton tests run on CPU tensors under the
+interpreter (fp32 and fp16 only: bf16 ``tl.dot`` returns garbage in the Triton 3.9 interpreter).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import settings  # noqa: E402
+
+# Interpreter tests are slow: few, fixed-seed examples keep CI inside its budget; no per-example deadline.
+settings.register_profile("convret", max_examples=10, deadline=None, derandomize=False, print_blob=True)
+settings.load_profile("convret")
+
+
+def triton_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,123 @@
+"""Triton session attention against the float64 dense-mask oracle (forward and dq, dk, dv).
+
+Without a GPU these run under TRITON_INTERPRET=1 (set in conftest.py) in fp32 and fp16.
+Tolerances, |got - want| <= atol + rtol * |want| elementwise, chosen to hold on the GPU as well:
+- fp32 (3xTF32 on the GPU, exact under the interpreter): atol = rtol = 2e-4;
+- fp16 (fp16 operands, fp32 accumulation): atol = rtol = 1e-2.
+"""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import convret
+from convret import SessionLayout
+from convret.attention import reference_attention
+from convret.kernels.session_attention import default_configs, session_attention_triton
+from conftest import triton_device
+from layout_strategies import layouts
+
+TOLERANCES = {torch.float32: 2e-4, torch.float16: 1e-2}
+# small tiles so that skipped, full and partial tiles all occur at the short lengths the interpreter affords
+SMALL_TILES = [
+    {"fwd": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)},
+    {"fwd": (32, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 32, 4, 1)},
+]
+
+
+def make_qkv(layout, q_heads, kv_heads, head_dim, dtype, generator, hf_strides=False):
+    batch, seq_len = layout.batch_size, layout.seq_len
+    device = triton_device()
+
+    def draw(heads):
+        if hf_strides:  # Hugging Face hands over [B, L, H, D] storage transposed to [B, H, L, D]
+            t = torch.randn(batch, seq_len, heads, head_dim, generator=generator).transpose(1, 2)
+        else:
+            t = torch.randn(batch, heads, seq_len, head_dim, generator=generator)
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    return draw(q_heads), draw(kv_heads), draw(kv_heads)
+
+
+def oracle(q, k, v, layout, grad_out, scale):
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    out = reference_attention(q64, k64, v64, layout.to("cpu"), scale)
+    out.backward(grad_out.detach().cpu().double())
+    return out, q64.grad, k64.grad, v64.grad
+
+
+def assert_close(name, got, want, dtype):
+    tol = TOLERANCES[dtype]
+    got = got.detach().cpu().double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got - want).abs() - tol * want.abs()
+    assert err.max() <= tol, f"{name}: max violation {err.max().item():.3g} (tol {tol})"
+
+
+def run_and_compare(layout, q_heads, kv_heads, head_dim, dtype, configs, seed, hf_strides=False):
+    generator = torch.Generator().manual_seed(seed)
+    layout = layout.to(triton_device())
+    q, k, v = make_qkv(layout, q_heads, kv_heads, head_dim, dtype, generator, hf_strides)
+    scale = head_dim**-0.5
+    out = session_attention_triton(q, k, v, layout, scale, configs)
+    grad_out = torch.randn(out.shape, generator=generator).to(out)
+    out.backward(grad_out)
+    want = oracle(q, k, v, layout, grad_out, scale)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), want):
+        assert_close(name, got, ref, dtype)
+    return out, q, k, v
+
+
+@given(
+    layout=layouts(),
+    gqa=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    configs=st.sampled_from(SMALL_TILES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_float64_oracle_on_random_layouts(layout, gqa, dtype, configs, seed):
+    q_heads, kv_heads = gqa
+    run_and_compare(layout, q_heads, kv_heads, 32, dtype, configs, seed)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_head_dims_64_and_128_with_hugging_face_strides(head_dim):
+    layout = SessionLayout.from_segments([[(20, 3, 9), (6, 1, 0)], [(12, 2, 1)]], seq_len=45)
+    run_and_compare(layout, 4, 2, head_dim, torch.float16, SMALL_TILES[0], seed=head_dim, hf_strides=True)
+
+
+def test_public_api_with_default_tiles():
+    layout = SessionLayout.from_segments([[(40, 3, 30), (20, 3, 0)], [(70, 2, 0)]], seq_len=100)
+    generator = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv(layout.to(triton_device()), 4, 1, 32, torch.float32, generator)
+    out = convret.session_attention(q, k, v, layout, backend="triton")
+    want = reference_attention(q.detach().double(), k.detach().double(), v.detach().double(), layout, 32**-0.5)
+    assert_close("out", out, want, torch.float32)
+    assert default_configs(32, torch.float32)["fwd"][0] <= 128
+
+
+def test_padding_rows_are_zero_with_zero_gradient_and_skipped_tiles_are_never_read():
+    layout = SessionLayout.from_segments([[(10, 2, 5)], [(30, 0, 0)]], seq_len=64)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(layout, 2, 1, 32, torch.float32, generator)
+    with torch.no_grad():  # keys 32..63 of row 0 are padding: their key tiles (width 16) are skipped everywhere
+        k[0, :, 32:] = float("nan")
+        v[0, :, 32:] = float("nan")
+    out = session_attention_triton(q, k, v, layout, 32**-0.5, SMALL_TILES[0])
+    out.backward(torch.randn(out.shape, generator=generator))
+    assert torch.isfinite(out).all()
+    assert (out[0, :, 17:] == 0).all() and (out[1, :, 30:] == 0).all()
+    assert (q.grad[0, :, 17:] == 0).all() and torch.isfinite(q.grad).all()
+    assert (k.grad[1, :, 30:] == 0).all() and (v.grad[1, :, 30:] == 0).all()
+
+
+def test_deterministic_backward():
+    layout = SessionLayout.from_segments([[(25, 3, 12)], [(9, 1, 3), (20, 2, 0)]], seq_len=40)
+    grads = []
+    for _ in range(2):
+        generator = torch.Generator().manual_seed(11)
+        q, k, v = make_qkv(layout, 4, 1, 32, torch.float32, generator)
+        out = session_attention_triton(q, k, v, layout, 32**-0.5, SMALL_TILES[1])
+        out.backward(torch.randn(out.shape, generator=generator))
+        grads.append((q.grad, k.grad, v.grad))
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
