@@ -94,16 +94,42 @@ def compile_spec(spec: dict, capability: int) -> ResourceUsage:
                          field("STACK"), field("LOCAL"))
 
 
+def _compiler_process() -> None:
+    # a compile worker must see real triton.jit functions, not the interpreter's (tests set TRITON_INTERPRET=1)
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def _compile_job(job: tuple[int, int]) -> ResourceUsage:
+    index, capability = job
+    return compile_spec(kernel_specs()[index], capability)
+
+
+def check_all(max_workers: int = 2):
+    """Compile every spec for every target in worker processes; yields ResourceUsage in order."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1, initializer=_compiler_process) as probe:
+        count = probe.apply(_count_specs)
+    jobs = [(index, capability) for index in range(count) for capability in TARGETS]
+    with ProcessPoolExecutor(max_workers, mp_context=context, initializer=_compiler_process) as pool:
+        yield from pool.map(_compile_job, jobs)
+
+
+def _count_specs() -> int:
+    return len(kernel_specs())
+
+
 def main() -> int:
     rows = []
     print("| kernel | target | registers | shared memory | stack | local | spills |")
     print("|---|---|---|---|---|---|---|")
-    for spec in kernel_specs():
-        for capability in TARGETS:
-            usage = compile_spec(spec, capability)
-            rows.append(usage)
-            print(f"| {usage.name} | sm_{capability} | {usage.registers} | {usage.shared_bytes} B | "
-                  f"{usage.stack_bytes} B | {usage.local_bytes} B | {'YES' if usage.spills else 'no'} |", flush=True)
+    for usage in check_all():
+        rows.append(usage)
+        print(f"| {usage.name} | sm_{usage.capability} | {usage.registers} | {usage.shared_bytes} B | "
+              f"{usage.stack_bytes} B | {usage.local_bytes} B | {'YES' if usage.spills else 'no'} |", flush=True)
     spilling = [usage for usage in rows if usage.spills]
     print(f"\n{len(rows)} kernel builds, {len(spilling)} with spills")
     return 1 if spilling else 0

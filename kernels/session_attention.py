@@ -280,29 +280,26 @@ def _session_attn_bwd_dq(
 
 
 # ---------------------------------------------------------------------------------------------- launch
-# Tile sizes per head dim, picked for A100 (sm_80) and H100 (sm_90): they compile without spills for both
-# (tests/test_aot_compile.py, bench/aot_report.py). fp32 inputs take half-size tiles (twice the bytes).
-# Keys: (BLOCK_M, BLOCK_N, num_warps, num_stages).
-FWD_CONFIGS = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
-BWD_DKDV_CONFIGS = {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (32, 128, 8, 2)}
-BWD_DQ_CONFIGS = {32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (128, 32, 8, 2)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, picked for A100 (sm_80) and H100 (sm_90):
+# each compiles for both without spills (`python -m convret.aot`, tests/test_aot_compile.py). BLOCK_M counts
+# query rows and BLOCK_N keys in every kernel. fp32 inputs run 3xTF32 products, which need far more registers
+# per tile, hence their own, smaller tiles.
+CONFIGS_16BIT = {
+    "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dkdv": {32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (64, 32, 8, 2)},
+    "dq": {32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (64, 32, 8, 2)},
+}
+CONFIGS_FP32 = {
+    "fwd": {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
+    "dkdv": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2)},
+    "dq": {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
+}
 
 
 def default_configs(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for this head dim and dtype."""
-    configs = {"fwd": FWD_CONFIGS[head_dim], "dkdv": BWD_DKDV_CONFIGS[head_dim], "dq": BWD_DQ_CONFIGS[head_dim]}
-    if dtype == torch.float32:
-        configs = {name: _halve_tiles(cfg) for name, cfg in configs.items()}
-    return configs
-
-
-def _halve_tiles(config: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    block_m, block_n, num_warps, num_stages = config
-    if block_m >= block_n:
-        block_m //= 2
-    else:
-        block_n //= 2
-    return block_m, block_n, num_warps, min(num_stages, 2)
+    table = CONFIGS_FP32 if dtype == torch.float32 else CONFIGS_16BIT
+    return {kernel: configs[head_dim] for kernel, configs in table.items()}
 
 
 def input_precision(dtype: torch.dtype) -> str:
