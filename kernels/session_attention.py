@@ -282,8 +282,7 @@ def _session_attn_bwd_dq(
 # ---------------------------------------------------------------------------------------------- launch
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, picked for A100 (sm_80) and H100 (sm_90):
 # each compiles for both without spills (`python -m convret.aot`, tests/test_aot_compile.py). BLOCK_M counts
-# query rows and BLOCK_N keys in every kernel. fp32 inputs run 3xTF32 products, which need far more registers
-# per tile, hence their own, smaller tiles.
+# query rows and BLOCK_N keys in every kernel. fp32 tiles hold twice the bytes, hence their own, smaller tiles.
 CONFIGS_16BIT = {
     "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dkdv": {32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (64, 32, 8, 2)},
@@ -291,8 +290,8 @@ CONFIGS_16BIT = {
 }
 CONFIGS_FP32 = {
     "fwd": {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
-    "dkdv": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2)},
-    "dq": {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
+    "dkdv": {32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2)},
+    "dq": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 2)},
 }
 
 
@@ -303,9 +302,11 @@ def default_configs(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, i
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """fp16 / bf16 use tensor cores natively; fp32 asks for 3xTF32, which keeps close to fp32 accuracy on
-    the GPU (plain TF32 would cost about 1e-3 relative error)."""
-    return "tf32x3" if dtype == torch.float32 else "ieee"
+    """What ``tl.dot`` is asked for. fp16 / bf16 run on tensor cores as they are. fp32 runs TF32 products on
+    the GPU (about 1e-3 relative error, what torch does for fp32 matmuls with allow_tf32): 3xTF32 would be
+    closer to fp32 but spills registers at every tile size tried for sm_80 and sm_90 (`convret.aot`). The
+    Triton interpreter multiplies in exact fp32 whatever is asked."""
+    return "tf32" if dtype == torch.float32 else "ieee"
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:

@@ -1,9 +1,10 @@
 """Triton session attention against the float64 dense-mask oracle (forward and dq, dk, dv).
 
 Without a GPU these run under TRITON_INTERPRET=1 (set in conftest.py) in fp32 and fp16.
-Tolerances, |got - want| <= atol + rtol * |want| elementwise, chosen to hold on the GPU as well:
-- fp32 (3xTF32 on the GPU, exact under the interpreter): atol = rtol = 2e-4;
-- fp16 (fp16 operands, fp32 accumulation): atol = rtol = 1e-2.
+Tolerances, |got - want| <= tol * (1 + |want|) elementwise, per device and dtype:
+- interpreter, fp32 (exact fp32 products): 2e-4;
+- GPU, fp32 (the kernels ask for TF32 products, about 1e-3 relative error): 1e-2;
+- fp16 (fp16 operands, fp32 accumulation), interpreter or GPU: 1e-2.
 """
 import pytest
 import torch
@@ -16,7 +17,7 @@ from convret.kernels.session_attention import default_configs, session_attention
 from conftest import triton_device
 from layout_strategies import layouts
 
-TOLERANCES = {torch.float32: 2e-4, torch.float16: 1e-2}
+TOLERANCES = {torch.float32: 1e-2 if torch.cuda.is_available() else 2e-4, torch.float16: 1e-2}
 # small tiles so that skipped, full and partial tiles all occur at the short lengths the interpreter affords
 SMALL_TILES = [
     {"fwd": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)},
