@@ -49,6 +49,7 @@ class SessionLayout:
         self.segments = segments
         self._tile_bounds: dict[int, TileBounds] = {}
         self._position_ids: torch.Tensor | None = None
+        self._copies: dict[torch.device, SessionLayout] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -107,9 +108,16 @@ class SessionLayout:
         return sum(len(row) for row in self.segments)
 
     def to(self, device: torch.device | str) -> "SessionLayout":
-        if torch.device(device) == self.device:
+        """This layout on ``device``. The copy is kept, so that every layer of a model reuses one transfer and
+        one set of tile metadata."""
+        device = torch.device(device)
+        if device.type == self.device.type and device.index in (None, self.device.index):
             return self
-        return SessionLayout(self.mask_start.to(device), self.segments)
+        moved = self._copies.get(device)
+        if moved is None:
+            moved = SessionLayout(self.mask_start.to(device), self.segments)
+            self._copies[device] = moved
+        return moved
 
     def __repr__(self) -> str:
         return f"SessionLayout(batch={self.batch_size}, seq_len={self.seq_len}, samples={self.num_samples})"

@@ -91,6 +91,13 @@ def test_csit_layout_has_all_three_tile_classes():
     assert classes[0, 8, 0] == 0 and classes[0, 3, 0] == 1
 
 
+def test_moving_a_layout_keeps_one_copy_per_device():
+    layout = SessionLayout.from_segments([[(5, 2, 3)]], seq_len=12)
+    assert layout.to("cpu") is layout
+    moved = layout.to("meta")
+    assert moved is layout.to("meta") and moved.mask_start.device.type == "meta"
+
+
 def test_tile_bounds_are_cached_per_width():
     layout = SessionLayout.from_segments([[(100, 3, 40)], [(50, 0, 0)]], seq_len=150)
     assert layout.tile_bounds(64) is layout.tile_bounds(64)
