@@ -1,0 +1,227 @@
+"""``backend="cpu"``: session attention on CPU tensors, forward and backward.
+
+Two implementations behind one entry point, :func:`session_attention_cpu`:
+
+- **native**: the C++ kernels of ``csrc/`` (built by ``setup.py`` through the top-level ``CMakeLists.txt``
+  against the installed torch), registered as ``torch.ops.convret_cpu.*``. Tile-classified, GQA groups
+  stacked into one GEMM operand, MKL tile GEMMs with fp32 accumulation, threads = ``torch.get_num_threads()``.
+- **fallback**: pure PyTorch, used when the extension is not built or cannot load. Each sample becomes causal
+  SDPA calls (its session segment; its response rows against ``[summary | response]`` keys) with
+  ``enable_gqa=True``; padding rows are zeros.
+
+``CONVRET_CPU_BACKEND=fallback`` (environment, read at every call) or ``implementation="fallback"`` forces
+the fallback; ``convret.backend_info()`` says which path is active and why.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .attention import register_backend
+from .layout import SessionLayout
+
+ENV_IMPLEMENTATION = "CONVRET_CPU_BACKEND"
+_LIBRARY_GLOB = "_convret_cpu*.so"
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class TileSizes:
+    """Query rows (per head) and keys per tile of the native kernels; the G query heads of a GQA group are
+    stacked, so a forward GEMM has ``G * fwd_block_m`` rows."""
+
+    fwd_block_m: int = 64
+    fwd_block_n: int = 256
+    bwd_block_m: int = 64
+    bwd_block_n: int = 128
+
+
+DEFAULT_TILE_SIZES = TileSizes()
+
+
+# ------------------------------------------------------------------------------------ loading the library
+class _NativeState:
+    def __init__(self) -> None:
+        self.loaded = False
+        self.path: str | None = None
+        self.reason = "not loaded yet"
+        self.blas: str | None = None
+        self._tried = False
+
+    def load(self) -> bool:
+        if self._tried:
+            return self.loaded
+        self._tried = True
+        here = os.path.dirname(os.path.abspath(__file__))
+        candidates = sorted(glob.glob(os.path.join(here, _LIBRARY_GLOB)))
+        if not candidates:
+            self.reason = (
+                f"native extension not built: no {_LIBRARY_GLOB} in {here} (the build was skipped or failed at "
+                "install; rerun `pip install --no-build-isolation -e .` and read its warnings)"
+            )
+            return False
+        self.path = candidates[0]
+        try:
+            torch.ops.load_library(self.path)
+            self.blas = torch.ops.convret_cpu.blas_info()
+        except Exception as error:  # a stale build against another torch, a missing symbol, ...
+            self.reason = f"native extension at {self.path} failed to load: {error}"
+            return False
+        self.loaded = True
+        self.reason = f"native extension loaded from {self.path}"
+        return True
+
+
+_native = _NativeState()
+
+
+def native_available() -> bool:
+    """True when the C++ extension is built and loads."""
+    return _native.load()
+
+
+def _requested_implementation(implementation: str) -> str:
+    if implementation == "auto":
+        implementation = os.environ.get(ENV_IMPLEMENTATION, "auto").strip().lower() or "auto"
+    if implementation not in ("auto", "native", "fallback"):
+        raise ValueError(
+            f"implementation must be 'auto', 'native' or 'fallback', got {implementation!r} "
+            f"(from the argument or ${ENV_IMPLEMENTATION})"
+        )
+    return implementation
+
+
+def backend_info() -> dict[str, Any]:
+    """Which CPU session-attention path ``backend="cpu"`` runs now, and why.
+
+    Returns a dict with ``implementation`` (``"native"`` or ``"fallback"``), ``reason``, ``library`` (path of
+    the loaded extension or None), ``blas`` (the GEMM routines the native kernels call), ``threads``
+    (``torch.get_num_threads()``) and ``tile_sizes``.
+    """
+    requested = _requested_implementation("auto")
+    loaded = native_available()
+    if requested == "fallback":
+        implementation, reason = "fallback", f"forced by ${ENV_IMPLEMENTATION}=fallback ({_native.reason})"
+    elif loaded:
+        implementation, reason = "native", _native.reason
+    else:
+        implementation, reason = "fallback", _native.reason
+    return {
+        "implementation": implementation,
+        "reason": reason,
+        "library": _native.path if loaded else None,
+        "blas": _native.blas,
+        "threads": torch.get_num_threads(),
+        "tile_sizes": DEFAULT_TILE_SIZES,
+    }
+
+
+# ------------------------------------------------------------------------------------------- native path
+def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows of D contiguous elements; any other stride pattern is kept as is."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _NativeSessionAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout: SessionLayout, scale: float, tiles: TileSizes):
+        q, k, v = (_unit_stride_d(t) for t in (q, k, v))
+        mask_start = layout.mask_start.to(torch.int32).contiguous()
+        bounds = layout.tile_bounds(tiles.fwd_block_n)
+        out, lse = torch.ops.convret_cpu.session_attention_forward(
+            q, k, v, mask_start, bounds.min_mask_start, bounds.max_mask_start, scale,
+            tiles.fwd_block_m, tiles.fwd_block_n,
+        )
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale, ctx.tiles = layout, scale, tiles
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        layout, tiles = ctx.layout, ctx.tiles
+        bounds = layout.tile_bounds(tiles.bwd_block_n)
+        grad_q, grad_k, grad_v = torch.ops.convret_cpu.session_attention_backward(
+            q, k, v, out, _unit_stride_d(grad_out), lse, layout.mask_start.to(torch.int32).contiguous(),
+            bounds.min_mask_start, bounds.max_mask_start, ctx.scale, tiles.bwd_block_m, tiles.bwd_block_n,
+        )
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+# ----------------------------------------------------------------------------------------- fallback path
+def fallback_session_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float
+) -> torch.Tensor:
+    """Pure-PyTorch session attention: per sample, causal SDPA over its session segment (prefix + summary),
+    then causal SDPA of ``[summary | response]`` queries against the same keys, keeping the response rows.
+    Padding rows are zeros. Differentiable through SDPA's own backward."""
+    batch, num_q_heads, seq_len, head_dim = q.shape
+    rows = []
+    for b, samples in enumerate(layout.segments):
+        pieces = []
+        pos = 0
+        for prefix_len, summary_len, response_len in samples:
+            session_end = pos + prefix_len + summary_len
+            pieces.append(_causal_sdpa(q, k, v, b, pos, session_end, scale))
+            if response_len > 0:
+                summary_start, end = pos + prefix_len, session_end + response_len
+                pieces.append(_causal_sdpa(q, k, v, b, summary_start, end, scale)[:, :, summary_len:])
+            pos = session_end + response_len
+        if pos < seq_len:
+            pieces.append(q.new_zeros(1, num_q_heads, seq_len - pos, head_dim))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
+
+
+def _causal_sdpa(q, k, v, b: int, start: int, end: int, scale: float) -> torch.Tensor:
+    span = slice(start, end)
+    return F.scaled_dot_product_attention(
+        q[b : b + 1, :, span], k[b : b + 1, :, span], v[b : b + 1, :, span],
+        is_causal=True, scale=scale, enable_gqa=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def session_attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: SessionLayout,
+    scale: float | None = None,
+    *,
+    implementation: str = "auto",
+    tile_sizes: TileSizes | None = None,
+) -> torch.Tensor:
+    """Session attention on CPU tensors (same contract as :func:`convret.session_attention`).
+
+    Args:
+        implementation: ``"native"`` (the C++ kernels; raises if they are not built), ``"fallback"`` (pure
+            PyTorch) or ``"auto"`` (native when it loads, unless ``$CONVRET_CPU_BACKEND=fallback``). float64
+            inputs always take the fallback.
+        tile_sizes: native tile sizes (tests force small ones so that every tile class occurs).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    requested = _requested_implementation(implementation)
+    if requested == "native" and not native_available():
+        raise RuntimeError(f"the native CPU backend is not available: {_native.reason}")
+    if requested == "native" and q.dtype not in _NATIVE_DTYPES:
+        raise ValueError(f"the native CPU kernels take {_NATIVE_DTYPES}, got {q.dtype}")
+    use_native = requested != "fallback" and q.dtype in _NATIVE_DTYPES and native_available()
+    if not use_native:
+        return fallback_session_attention(q, k, v, layout, float(scale))
+    return _NativeSessionAttention.apply(q, k, v, layout, float(scale), tile_sizes or DEFAULT_TILE_SIZES)
+
+
+def _cpu_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float) -> torch.Tensor:
+    if q.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got device {q.device}")
+    return session_attention_cpu(q, k, v, layout, scale)
+
+
+register_backend("cpu", _cpu_backend)

@@ -1,0 +1,473 @@
+// Native CPU session attention, forward and backward (convret issue 3).
+//
+// The mask is one int32 per key, mask_start[b, j]: query row q sees key j iff j <= q < mask_start[b, j]
+// (DESIGN.md section 2). Per key tile, tile_min / tile_max of mask_start (SessionLayout.tile_bounds) classify
+// each (query tile, key tile) pair as skipped (never touched), full (no mask arithmetic) or partial.
+//
+// Work is split per (batch, kv head): the G query heads of a GQA group are stacked into one [G * rows, D]
+// GEMM operand, so every K / V tile is read once per group and every GEMM is G times taller.
+//   forward:  one work item per (batch, kv head, query tile), online softmax in fp32, LSE kept;
+//   backward: one work item per (batch, kv head), which owns dK / dV of its kv head and dQ of its G query
+//             heads: a single pass over (key tile, query tile) pairs, no atomics, deterministic.
+// Tile GEMMs run through tile_gemm.h (MKL from torch's own build) with fp32 accumulation. Memory: the
+// stacked copies are O(G * L * D) per thread, the score tiles O(rows * block_n); nothing is O(L^2).
+#include "cpu_capability.h"  // first: picks at::vec's instruction set
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "tile_gemm.h"
+
+namespace convret {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs fn(item, scratch) for item in [0, num_items) on torch's thread pool (torch.get_num_threads() threads).
+// Threads pull items from a shared counter, so a thread that drew cheap items takes more of them (causal work
+// per item is uneven). Each thread owns one Scratch, freed when the call returns. MKL called inside the OpenMP
+// region runs sequentially on its worker's core (its default for nested parallelism).
+template <typename Scratch, typename Fn>
+void parallel_items(int64_t num_items, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t item = next++; item < num_items; item = next++) fn(item, scratch);
+    }
+  });
+}
+
+enum class TileClass { kSkipped, kFull, kPartial };
+
+struct TileBoundsView {
+  const int32_t* min_mask_start;  // [num_key_tiles] of one batch row
+  const int32_t* max_mask_start;
+
+  TileClass classify(int64_t q_first, int64_t q_last, int64_t k_tile, int64_t block_n) const {
+    const int64_t k_first = k_tile * block_n;
+    if (k_first > q_last || max_mask_start[k_tile] <= q_first) return TileClass::kSkipped;
+    if (k_first + block_n - 1 <= q_first && min_mask_start[k_tile] > q_last) return TileClass::kFull;
+    return TileClass::kPartial;
+  }
+};
+
+// A [B, H, L, D] tensor with unit stride along D, read as rows.
+template <typename scalar_t>
+struct RowsView {
+  const scalar_t* data;
+  int64_t stride_b, stride_h, stride_l;
+
+  explicit RowsView(const at::Tensor& t)
+      : data(t.data_ptr<scalar_t>()), stride_b(t.stride(0)), stride_h(t.stride(1)), stride_l(t.stride(2)) {}
+  const scalar_t* row(int64_t b, int64_t h, int64_t l) const { return data + b * stride_b + h * stride_h + l * stride_l; }
+};
+
+// Copies the rows [first, first + rows) of the G query heads of kv head `kv_head` into a stacked
+// [G * rows, D] block: stacked row g * rows + i is query row first + i of head kv_head * G + g.
+template <typename scalar_t>
+void stack_group_rows(const RowsView<scalar_t>& src, int64_t b, int64_t kv_head, int64_t group, int64_t first,
+                      int64_t rows, int64_t head_dim, scalar_t* dst) {
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const scalar_t* from = src.row(b, kv_head * group + g, first + i);
+      std::copy(from, from + head_dim, dst + (g * rows + i) * head_dim);
+    }
+  }
+}
+
+// Scores of a partial tile that the mask hides become -inf. `rows` query rows starting at q_first, repeated
+// for each of the G stacked heads; keys k_first .. k_first + cols - 1.
+void mask_scores(float* scores, int64_t ld, int64_t group, int64_t rows, int64_t q_first, int64_t k_first,
+                 int64_t cols, const int32_t* mask_start, float masked_value) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t q = q_first + i;
+    for (int64_t g = 0; g < group; ++g) {
+      float* row = scores + (g * rows + i) * ld;
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t key = k_first + j;
+        if (key > q || q >= mask_start[key]) row[j] = masked_value;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void convert_rows(const float* src, int64_t ld_src, scalar_t* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      std::copy(src + r * ld_src, src + r * ld_src + cols, dst + r * ld_dst);
+    } else {
+      at::vec::convert(src + r * ld_src, dst + r * ld_dst, cols);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ forward
+template <typename scalar_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
+                  const at::Tensor& tile_min, const at::Tensor& tile_max, double scale, int64_t block_m,
+                  int64_t block_n, at::Tensor& out, at::Tensor& lse) {
+  const int64_t batch = q.size(0), num_q_heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
+  const int64_t num_kv_heads = k.size(1), group = num_q_heads / num_kv_heads;
+  const int64_t num_q_tiles = ceil_div(seq_len, block_m), num_k_tiles = ceil_div(seq_len, block_n);
+  const RowsView<scalar_t> q_rows(q), k_rows(k), v_rows(v);
+  const int32_t* mask_start_data = mask_start.data_ptr<int32_t>();
+  const int32_t* tile_min_data = tile_min.data_ptr<int32_t>();
+  const int32_t* tile_max_data = tile_max.data_ptr<int32_t>();
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  float* lse_data = lse.data_ptr<float>();
+  const float softmax_scale = static_cast<float>(scale);
+  const int64_t stacked_rows = group * block_m;
+
+  // Later query tiles see more keys: hand them out first.
+  const int64_t num_items = batch * num_kv_heads * num_q_tiles;
+  struct Scratch {
+    std::vector<scalar_t> q_stack, probs_lowp;
+    std::vector<float> scores, acc, row_max, row_sum;
+  };
+  parallel_items<Scratch>(num_items, [&](int64_t item, Scratch& scratch) {
+    auto& [q_stack, probs_lowp, scores, acc, row_max, row_sum] = scratch;
+    q_stack.resize(stacked_rows * head_dim);
+    scores.resize(stacked_rows * block_n);
+    acc.resize(stacked_rows * head_dim);
+    row_max.resize(stacked_rows);
+    row_sum.resize(stacked_rows);
+    if constexpr (!std::is_same_v<scalar_t, float>) probs_lowp.resize(stacked_rows * block_n);
+
+    const int64_t q_tile = num_q_tiles - 1 - item / (batch * num_kv_heads);
+    const int64_t b = (item % (batch * num_kv_heads)) / num_kv_heads;
+    const int64_t kv_head = item % num_kv_heads;
+    const int64_t q_first = q_tile * block_m;
+    const int64_t rows = std::min(block_m, seq_len - q_first);
+    const int64_t q_last = q_first + rows - 1;
+    const int64_t m = group * rows;
+    const int32_t* row_mask_start = mask_start_data + b * seq_len;
+    const TileBoundsView bounds{tile_min_data + b * num_k_tiles, tile_max_data + b * num_k_tiles};
+
+    stack_group_rows(q_rows, b, kv_head, group, q_first, rows, head_dim, q_stack.data());
+    std::fill(acc.begin(), acc.begin() + m * head_dim, 0.f);
+    std::fill(row_max.begin(), row_max.begin() + m, kNegInf);
+    std::fill(row_sum.begin(), row_sum.begin() + m, 0.f);
+
+    const int64_t last_k_tile = std::min(num_k_tiles - 1, q_last / block_n);
+    for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
+      const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n);
+      if (tile_class == TileClass::kSkipped) continue;
+      const int64_t k_first = k_tile * block_n;
+      const int64_t cols = std::min(block_n, seq_len - k_first);
+      const scalar_t* k_tile_data = k_rows.row(b, kv_head, k_first);
+      const scalar_t* v_tile_data = v_rows.row(b, kv_head, k_first);
+
+      // scores[m, cols] = Q_stack @ K_tile^T, unscaled
+      gemm(false, true, m, cols, head_dim, 1.f, q_stack.data(), head_dim, k_tile_data, k_rows.stride_l, 0.f,
+           scores.data(), block_n);
+      if (tile_class == TileClass::kPartial) {
+        mask_scores(scores.data(), block_n, group, rows, q_first, k_first, cols, row_mask_start, kNegInf);
+      }
+
+      // online softmax, one stacked row at a time; p = exp(scale * (s - max))
+      for (int64_t r = 0; r < m; ++r) {
+        float* s = scores.data() + r * block_n;
+        float tile_max_score = at::vec::reduce_all<float>(
+            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, cols);
+        const float new_max = std::max(row_max[r], tile_max_score);
+        if (new_max == kNegInf) {  // nothing visible to this row so far
+          std::fill(s, s + cols, 0.f);
+          continue;
+        }
+        const float correction = std::exp(softmax_scale * (row_max[r] - new_max));  // 0 when row_max was -inf
+        const float shift = softmax_scale * new_max;
+        at::vec::map([softmax_scale, shift](Vec x) { return (x * Vec(softmax_scale) - Vec(shift)).exp_u20(); },
+                     s, s, cols);
+        const float tile_sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s, cols);
+        row_sum[r] = row_sum[r] * correction + tile_sum;
+        row_max[r] = new_max;
+        if (correction != 1.f) {
+          float* a = acc.data() + r * head_dim;
+          at::vec::map([correction](Vec x) { return x * Vec(correction); }, a, a, head_dim);
+        }
+      }
+
+      // acc[m, D] += P @ V_tile
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        gemm(false, false, m, head_dim, cols, 1.f, scores.data(), block_n, v_tile_data, v_rows.stride_l, 1.f,
+             acc.data(), head_dim);
+      } else {
+        convert_rows(scores.data(), block_n, probs_lowp.data(), block_n, m, cols);
+        gemm(false, false, m, head_dim, cols, 1.f, probs_lowp.data(), block_n, v_tile_data, v_rows.stride_l, 1.f,
+             acc.data(), head_dim);
+      }
+    }
+
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t head = kv_head * group + g;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = g * rows + i;
+        const int64_t row_index = (b * num_q_heads + head) * seq_len + q_first + i;
+        scalar_t* o = out_data + row_index * head_dim;
+        const float* a = acc.data() + r * head_dim;
+        if (row_sum[r] == 0.f) {  // no visible key: zeros, and an LSE of +inf makes every backward p zero
+          std::fill(o, o + head_dim, scalar_t(0));
+          lse_data[row_index] = kPosInf;
+          continue;
+        }
+        const float inverse_sum = 1.f / row_sum[r];
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<scalar_t>(a[d] * inverse_sum);
+        lse_data[row_index] = softmax_scale * row_max[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------- backward
+template <typename scalar_t>
+void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& mask_start,
+                   const at::Tensor& tile_min, const at::Tensor& tile_max, double scale, int64_t block_m,
+                   int64_t block_n, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+  const int64_t batch = q.size(0), num_q_heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
+  const int64_t num_kv_heads = k.size(1), group = num_q_heads / num_kv_heads;
+  const int64_t num_k_tiles = ceil_div(seq_len, block_n);
+  const RowsView<scalar_t> q_rows(q), k_rows(k), v_rows(v), out_rows(out), grad_out_rows(grad_out);
+  const int32_t* mask_start_data = mask_start.data_ptr<int32_t>();
+  const int32_t* tile_min_data = tile_min.data_ptr<int32_t>();
+  const int32_t* tile_max_data = tile_max.data_ptr<int32_t>();
+  const float* lse_data = lse.data_ptr<float>();
+  scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>();
+  scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
+  scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
+  const float softmax_scale = static_cast<float>(scale);
+  const int64_t stacked_rows = group * block_m;
+
+  // Stacked, tile-major copies of the group's Q and dO: the query tile starting at row q_first occupies the
+  // stacked rows [group * q_first, group * (q_first + rows)), heads stacked inside it as in the forward.
+  struct Scratch {
+    std::vector<scalar_t> q_stack, grad_out_stack, probs_lowp, grad_scores_lowp;
+    std::vector<float> lse_stack, delta_stack, grad_q_acc, scores, grad_probs, grad_k_acc, grad_v_acc;
+  };
+  parallel_items<Scratch>(batch * num_kv_heads, [&](int64_t item, Scratch& scratch) {
+    auto& [q_stack, grad_out_stack, probs_lowp, grad_scores_lowp, lse_stack, delta_stack, grad_q_acc, scores,
+           grad_probs, grad_k_acc, grad_v_acc] = scratch;
+    q_stack.resize(group * seq_len * head_dim);
+    grad_out_stack.resize(group * seq_len * head_dim);
+    grad_q_acc.assign(group * seq_len * head_dim, 0.f);
+    lse_stack.resize(group * seq_len);
+    delta_stack.resize(group * seq_len);
+    scores.resize(stacked_rows * block_n);
+    grad_probs.resize(stacked_rows * block_n);
+    grad_k_acc.resize(block_n * head_dim);
+    grad_v_acc.resize(block_n * head_dim);
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      probs_lowp.resize(stacked_rows * block_n);
+      grad_scores_lowp.resize(stacked_rows * block_n);
+    }
+
+    const int64_t b = item / num_kv_heads, kv_head = item % num_kv_heads;
+    const int32_t* row_mask_start = mask_start_data + b * seq_len;
+    const TileBoundsView bounds{tile_min_data + b * num_k_tiles, tile_max_data + b * num_k_tiles};
+
+    auto tile_offset = [&](int64_t q_first) { return group * q_first; };  // first stacked row of a query tile
+    for (int64_t q_first = 0; q_first < seq_len; q_first += block_m) {
+      const int64_t rows = std::min(block_m, seq_len - q_first);
+      const int64_t base = tile_offset(q_first);
+      stack_group_rows(q_rows, b, kv_head, group, q_first, rows, head_dim, q_stack.data() + base * head_dim);
+      stack_group_rows(grad_out_rows, b, kv_head, group, q_first, rows, head_dim,
+                       grad_out_stack.data() + base * head_dim);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t head = kv_head * group + g;
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = base + g * rows + i;
+          lse_stack[r] = lse_data[(b * num_q_heads + head) * seq_len + q_first + i];
+          // Delta = rowsum(dO * O) in fp32
+          const scalar_t* o = out_rows.row(b, head, q_first + i);
+          const scalar_t* d_o = grad_out_rows.row(b, head, q_first + i);
+          float delta = 0.f;
+          for (int64_t d = 0; d < head_dim; ++d) delta += static_cast<float>(o[d]) * static_cast<float>(d_o[d]);
+          delta_stack[r] = delta;
+        }
+      }
+    }
+
+    for (int64_t k_tile = 0; k_tile < num_k_tiles; ++k_tile) {
+      const int64_t k_first = k_tile * block_n;
+      const int64_t cols = std::min(block_n, seq_len - k_first);
+      const scalar_t* k_tile_data = k_rows.row(b, kv_head, k_first);
+      const scalar_t* v_tile_data = v_rows.row(b, kv_head, k_first);
+      std::fill(grad_k_acc.begin(), grad_k_acc.begin() + cols * head_dim, 0.f);
+      std::fill(grad_v_acc.begin(), grad_v_acc.begin() + cols * head_dim, 0.f);
+
+      // only query rows in [k_first, tile_max) can see a key of this tile
+      const int64_t visible_end = std::min<int64_t>(bounds.max_mask_start[k_tile], seq_len);
+      for (int64_t q_first = (k_first / block_m) * block_m; q_first < visible_end; q_first += block_m) {
+        const int64_t rows = std::min(block_m, seq_len - q_first);
+        const int64_t q_last = q_first + rows - 1;
+        const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n);
+        if (tile_class == TileClass::kSkipped) continue;
+        const int64_t m = group * rows;
+        const int64_t base = tile_offset(q_first);
+        const scalar_t* q_tile_data = q_stack.data() + base * head_dim;
+        const scalar_t* grad_out_tile_data = grad_out_stack.data() + base * head_dim;
+
+        // P = exp(scale * S - lse), zero where masked (exp(-inf) = 0); rows with lse = +inf give zeros
+        gemm(false, true, m, cols, head_dim, 1.f, q_tile_data, head_dim, k_tile_data, k_rows.stride_l, 0.f,
+             scores.data(), block_n);
+        if (tile_class == TileClass::kPartial) {
+          mask_scores(scores.data(), block_n, group, rows, q_first, k_first, cols, row_mask_start, kNegInf);
+        }
+        for (int64_t r = 0; r < m; ++r) {
+          float* s = scores.data() + r * block_n;
+          const float row_lse = lse_stack[base + r];
+          at::vec::map([softmax_scale, row_lse](Vec x) { return (x * Vec(softmax_scale) - Vec(row_lse)).exp_u20(); },
+                       s, s, cols);
+        }
+        // dP = dO @ V_tile^T
+        gemm(false, true, m, cols, head_dim, 1.f, grad_out_tile_data, head_dim, v_tile_data, v_rows.stride_l, 0.f,
+             grad_probs.data(), block_n);
+        // dS = P * (dP - Delta), written over dP
+        for (int64_t r = 0; r < m; ++r) {
+          const float* p = scores.data() + r * block_n;
+          float* ds = grad_probs.data() + r * block_n;
+          const float row_delta = delta_stack[base + r];
+          at::vec::map2([row_delta](Vec p_vec, Vec dp) { return p_vec * (dp - Vec(row_delta)); }, ds, p, ds, cols);
+        }
+
+        const scalar_t* probs_operand;
+        const scalar_t* grad_scores_operand;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          probs_operand = scores.data();
+          grad_scores_operand = grad_probs.data();
+        } else {
+          convert_rows(scores.data(), block_n, probs_lowp.data(), block_n, m, cols);
+          convert_rows(grad_probs.data(), block_n, grad_scores_lowp.data(), block_n, m, cols);
+          probs_operand = probs_lowp.data();
+          grad_scores_operand = grad_scores_lowp.data();
+        }
+        // dV_tile += P^T @ dO;  dK_tile += dS^T @ Q;  dQ_tile += dS @ K_tile
+        gemm(true, false, cols, head_dim, m, 1.f, probs_operand, block_n, grad_out_tile_data, head_dim, 1.f,
+             grad_v_acc.data(), head_dim);
+        gemm(true, false, cols, head_dim, m, 1.f, grad_scores_operand, block_n, q_tile_data, head_dim, 1.f,
+             grad_k_acc.data(), head_dim);
+        gemm(false, false, m, head_dim, cols, 1.f, grad_scores_operand, block_n, k_tile_data, k_rows.stride_l, 1.f,
+             grad_q_acc.data() + base * head_dim, head_dim);
+      }
+
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t row_index = ((b * num_kv_heads + kv_head) * seq_len + k_first + j) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          grad_k_data[row_index + d] = static_cast<scalar_t>(grad_k_acc[j * head_dim + d] * softmax_scale);
+          grad_v_data[row_index + d] = static_cast<scalar_t>(grad_v_acc[j * head_dim + d]);
+        }
+      }
+    }
+
+    for (int64_t q_first = 0; q_first < seq_len; q_first += block_m) {
+      const int64_t rows = std::min(block_m, seq_len - q_first);
+      const int64_t base = tile_offset(q_first);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t head = kv_head * group + g;
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* acc = grad_q_acc.data() + (base + g * rows + i) * head_dim;
+          scalar_t* dq = grad_q_data + ((b * num_q_heads + head) * seq_len + q_first + i) * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) dq[d] = static_cast<scalar_t>(acc[d] * softmax_scale);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------- operators
+void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
+                  const at::Tensor& tile_min, const at::Tensor& tile_max, int64_t block_m, int64_t block_n) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [B, H, L, D]");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v shapes differ");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3), "q / k shape mismatch");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v need unit stride along D");
+  TORCH_CHECK(mask_start.scalar_type() == at::kInt && mask_start.is_contiguous(), "mask_start: contiguous int32");
+  TORCH_CHECK(mask_start.size(0) == q.size(0) && mask_start.size(1) == q.size(2), "mask_start must be [B, L]");
+  TORCH_CHECK(block_m > 0 && block_n > 0, "tile sizes must be positive");
+  const int64_t num_k_tiles = ceil_div(q.size(2), block_n);
+  for (const auto* bound : {&tile_min, &tile_max}) {
+    TORCH_CHECK(bound->scalar_type() == at::kInt && bound->is_contiguous(), "tile bounds: contiguous int32");
+    TORCH_CHECK(bound->size(0) == q.size(0) && bound->size(1) == num_k_tiles,
+                "tile bounds must be [B, ceil(L / block_n)] for this block_n");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& mask_start,
+                                                             const at::Tensor& tile_min, const at::Tensor& tile_max,
+                                                             double scale, int64_t block_m, int64_t block_n) {
+  check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "session_attention_forward", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "float64 is served by the PyTorch fallback");
+    } else {
+      forward_impl<scalar_t>(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n, out, lse);
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& grad_out,
+    const at::Tensor& lse, const at::Tensor& mask_start, const at::Tensor& tile_min, const at::Tensor& tile_max,
+    double scale, int64_t block_m, int64_t block_n) {
+  check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n);
+  TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes(), "out / grad_out must match q");
+  TORCH_CHECK(out.stride(3) == 1 && grad_out.stride(3) == 1, "out, grad_out need unit stride along D");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: contiguous float32 [B, Hq, L]");
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k = at::empty(k.sizes(), k.options());
+  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "session_attention_backward", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "float64 is served by the PyTorch fallback");
+    } else {
+      backward_impl<scalar_t>(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n,
+                              grad_q, grad_k, grad_v);
+    }
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+std::string blas_info() { return blas_description() + "; vector ISA: " CONVRET_VEC_ISA; }
+
+}  // namespace
+}  // namespace convret
+
+TORCH_LIBRARY(convret_cpu, m) {
+  m.def(
+      "session_attention_forward(Tensor q, Tensor k, Tensor v, Tensor mask_start, Tensor tile_min, "
+      "Tensor tile_max, float scale, int block_m, int block_n) -> (Tensor, Tensor)");
+  m.def(
+      "session_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad_out, Tensor lse, "
+      "Tensor mask_start, Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("blas_info() -> str", &convret::blas_info);
+}
+
+TORCH_LIBRARY_IMPL(convret_cpu, CPU, m) {
+  m.impl("session_attention_forward", &convret::session_attention_forward);
+  m.impl("session_attention_backward", &convret::session_attention_backward);
+}
