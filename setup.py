@@ -2,8 +2,79 @@
 
 Install (CPU machine): ``pip install torch==2.13.0 && pip install --no-build-isolation -e ".[test]"``.
 A GPU user keeps the CUDA build of torch they already have: convret never pins torch itself.
+
+The native CPU backend (csrc/, built by the top-level CMakeLists.txt) is compiled here against the installed
+torch, hence ``--no-build-isolation``. If it cannot be built (no compiler or cmake, no torch at build time,
+``CONVRET_SKIP_NATIVE=1``), the package still installs and ``backend="cpu"`` uses its PyTorch fallback;
+``convret.backend_info()`` says which path is active.
 """
-from setuptools import find_packages, setup
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    """A library produced by CMakeLists.txt rather than by setuptools' own compiler calls."""
+
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Runs cmake with torch's CMake prefix; a failed build warns instead of failing the install."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if os.environ.get("CONVRET_SKIP_NATIVE", "0") == "1":
+            self._warn("CONVRET_SKIP_NATIVE=1")
+            return
+        try:
+            self._cmake_build(ext)
+        except Exception as error:  # no cmake / compiler / torch: the PyTorch fallback serves backend="cpu"
+            self._warn(str(error))
+
+    def _cmake_build(self, ext: Extension) -> None:
+        import torch.utils  # the installed torch: pip must not build in an isolated environment
+
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        stem, suffix = target.name.split(".", 1)
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={target.parent}",
+            f"-DCONVRET_OUTPUT_NAME={stem}",
+            f"-DCONVRET_OUTPUT_SUFFIX=.{suffix}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        if "CONVRET_CPU_ARCH" in os.environ:
+            configure.append(f"-DCONVRET_CPU_ARCH={os.environ['CONVRET_CPU_ARCH']}")
+        for command in (configure, ["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)]):
+            result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if result.returncode != 0:
+                tail = "\n".join(result.stdout.splitlines()[-30:])
+                raise RuntimeError(f"`{' '.join(command[:2])} ...` failed:\n{tail}")
+
+    def copy_extensions_to_source(self) -> None:
+        # editable installs copy each built library next to the sources: copy only what was built
+        self.extensions = [ext for ext in self.extensions if Path(self.get_ext_fullpath(ext.name)).exists()]
+        super().copy_extensions_to_source()
+
+    def get_outputs(self) -> list[str]:
+        return [path for path in super().get_outputs() if Path(path).exists()]
+
+    def _warn(self, why: str) -> None:
+        message = (
+            "convret: the native CPU backend was NOT built; backend='cpu' will use the PyTorch fallback "
+            f"(see convret.backend_info()). Reason: {why}"
+        )
+        print(f"WARNING: {message}", file=sys.stderr)
+
 
 setup(
     name="convret",
@@ -16,6 +87,8 @@ setup(
     # a top-level package named `kernels` would shadow the PyPI package of that name, which transformers probes.
     packages=find_packages(include=["convret", "convret.*"]) + ["convret.kernels"],
     package_dir={"convret.kernels": "kernels"},
+    ext_modules=[CMakeExtension("convret._convret_cpu")],
+    cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark"]},
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
