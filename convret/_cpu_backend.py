@@ -35,18 +35,25 @@ class TileSizes:
     """Query rows (per head) and keys per tile of the native kernels; the G query heads of a GQA group are
     stacked, so a forward GEMM has ``G * fwd_block_m`` rows."""
 
-    fwd_block_m: int = 64
-    fwd_block_n: int = 256
-    bwd_block_m: int = 64
-    bwd_block_n: int = 128
+    fwd_block_m: int
+    fwd_block_n: int
+    bwd_block_m: int
+    bwd_block_n: int
 
 
-DEFAULT_TILE_SIZES = TileSizes()
+def default_tile_sizes(group: int) -> TileSizes:
+    """Measured on the 2-core AVX-512 development machine (bench/bench_attention_cpu.py shapes, D = 128):
+    forward tiles of 64 query rows per head x 128 keys; backward tiles of 64 x 64, or 32 x 64 when GQA
+    stacking already makes the GEMMs tall (G >= 2)."""
+    return TileSizes(fwd_block_m=64, fwd_block_n=128, bwd_block_m=64 if group == 1 else 32, bwd_block_n=64)
 
 
 # ------------------------------------------------------------------------------------ loading the library
 class _NativeState:
-    def __init__(self) -> None:
+    """Finds and loads the built library (once); ``directory`` defaults to this package's."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.directory = directory or os.path.dirname(os.path.abspath(__file__))
         self.loaded = False
         self.path: str | None = None
         self.reason = "not loaded yet"
@@ -57,7 +64,7 @@ class _NativeState:
         if self._tried:
             return self.loaded
         self._tried = True
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = self.directory
         candidates = sorted(glob.glob(os.path.join(here, _LIBRARY_GLOB)))
         if not candidates:
             self.reason = (
@@ -117,7 +124,7 @@ def backend_info() -> dict[str, Any]:
         "library": _native.path if loaded else None,
         "blas": _native.blas,
         "threads": torch.get_num_threads(),
-        "tile_sizes": DEFAULT_TILE_SIZES,
+        "tile_sizes": "default_tile_sizes(G): " + repr(default_tile_sizes(4)) + " for G = 4",
     }
 
 
@@ -215,7 +222,8 @@ def session_attention_cpu(
     use_native = requested != "fallback" and q.dtype in _NATIVE_DTYPES and native_available()
     if not use_native:
         return fallback_session_attention(q, k, v, layout, float(scale))
-    return _NativeSessionAttention.apply(q, k, v, layout, float(scale), tile_sizes or DEFAULT_TILE_SIZES)
+    tiles = tile_sizes or default_tile_sizes(q.shape[1] // k.shape[1])
+    return _NativeSessionAttention.apply(q, k, v, layout, float(scale), tiles)
 
 
 def _cpu_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float) -> torch.Tensor:

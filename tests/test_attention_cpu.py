@@ -1,0 +1,230 @@
+"""backend="cpu": parity of the native kernels and of the PyTorch fallback with the float64 oracle.
+
+Tolerances, on max |actual - oracle| relative to max(1, max |oracle|) per tensor (out, dq, dk, dv), with the
+oracle run in float64 on the same (already rounded) inputs:
+- fp32: 1e-4 (the kernels accumulate in fp32; observed errors are around 1e-6);
+- bf16: 4e-2 (probabilities and dS are rounded to bf16 before their GEMMs, as in any bf16 flash kernel;
+  observed errors are around 1e-2);
+- fp16: 1e-2.
+The native kernels run with small tiles here so that skipped, full and partial tiles all occur at small L.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import convret
+from convret import SessionLayout, session_attention
+from convret import _cpu_backend
+from convret._cpu_backend import (
+    TileSizes,
+    _NativeState,
+    backend_info,
+    default_tile_sizes,
+    native_available,
+    session_attention_cpu,
+)
+from convret.attention import reference_attention
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2}
+SMALL_TILES = [TileSizes(4, 8, 8, 4), TileSizes(8, 8, 4, 8), TileSizes(16, 4, 4, 16), TileSizes(8, 16, 16, 8)]
+IMPLEMENTATIONS = [
+    pytest.param("native", marks=pytest.mark.skipif(not native_available(), reason="native extension not built")),
+    "fallback",
+]
+
+requires_native = pytest.mark.skipif(not native_available(), reason="native extension not built")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+@st.composite
+def layouts(draw) -> SessionLayout:
+    """1-3 rows of 1-4 samples: CSIT samples (summary 1-4, responses of 0, 1 or more tokens) beside plain
+    causal samples, then 0-5 padding positions."""
+    rows = []
+    for _ in range(draw(st.integers(1, 3))):
+        samples = []
+        for _ in range(draw(st.integers(1, 4))):
+            if draw(st.booleans()):  # plain causal sample (a passage or session to embed)
+                samples.append((draw(st.integers(1, 14)), draw(st.integers(0, 3)), 0))
+            else:
+                response = draw(st.sampled_from([0, 1, 2, 5, 11]))
+                samples.append((draw(st.integers(0, 14)), draw(st.integers(1, 4)), response))
+        rows.append(samples)
+    used = max(sum(sum(sample) for sample in row) for row in rows)
+    return SessionLayout.from_segments(rows, seq_len=used + draw(st.integers(0, 5)))
+
+
+def make_inputs(layout: SessionLayout, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                memory_layout: str, seed: int):
+    """q, k, v with the requested memory layout: contiguous, transposed ([B, L, H, D] storage, as a model's
+    projections produce), or a slice of a wider tensor (row stride 2 * D); never zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, seq_len = layout.batch_size, layout.seq_len
+
+    def make(heads: int) -> torch.Tensor:
+        if memory_layout == "transposed":
+            t = torch.randn(batch, seq_len, heads, head_dim, generator=generator).to(dtype).transpose(1, 2)
+        elif memory_layout == "sliced":
+            t = torch.randn(batch, heads, seq_len, 2 * head_dim, generator=generator).to(dtype)[..., head_dim:]
+        elif memory_layout == "strided_d":  # unit stride broken along D itself
+            t = torch.randn(batch, heads, seq_len, 2 * head_dim, generator=generator).to(dtype)[..., ::2]
+        else:
+            t = torch.randn(batch, heads, seq_len, head_dim, generator=generator).to(dtype)
+        return t.requires_grad_()
+
+    return make(q_heads), make(kv_heads), make(kv_heads)
+
+
+def oracle(q, k, v, layout, grad_out, scale):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = reference_attention(q64, k64, v64, layout, scale)
+    grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double())
+    return (out.detach(), *grads)
+
+
+def assert_close_scaled(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    assert actual.shape == expected.shape, name
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    error = (actual.double() - expected).abs().max().item()
+    bound = tolerance * max(1.0, expected.abs().max().item())
+    assert error <= bound, f"{name}: max error {error:.3e} > {bound:.3e}"
+
+
+def check_parity(layout, q_heads, kv_heads, head_dim, dtype, memory_layout, implementation, tiles, seed=0):
+    q, k, v = make_inputs(layout, q_heads, kv_heads, head_dim, dtype, memory_layout, seed)
+    scale = head_dim**-0.5
+    out = session_attention_cpu(q, k, v, layout, scale, implementation=implementation, tile_sizes=tiles)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = oracle(q, k, v, layout, grad_out, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+        assert_close_scaled(name, actual, want, TOLERANCE[dtype])
+    # rows with no visible key (padding) are exact zeros, with zero gradient
+    padding_rows = ~layout.dense_mask().any(-1)  # [B, L]
+    if padding_rows.any():
+        assert (out.detach().permute(0, 2, 1, 3)[padding_rows] == 0).all()
+        assert (grads[0].permute(0, 2, 1, 3)[padding_rows] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=layouts(),
+    group=st.sampled_from([1, 2, 4]),
+    kv_heads=st.sampled_from([1, 2]),
+    memory_layout=st.sampled_from(["contiguous", "transposed", "sliced", "strided_d"]),
+    tiles=st.sampled_from(SMALL_TILES),
+    seed=st.integers(0, 2**16),
+)
+def test_parity_random_layouts(implementation, dtype, layout, group, kv_heads, memory_layout, tiles, seed):
+    check_parity(layout, group * kv_heads, kv_heads, 32, dtype, memory_layout, implementation, tiles, seed)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parity_default_tiles_head_dim_128(implementation, dtype):
+    """Default tile sizes, D = 128, GQA 4: a CSIT sample with a long session next to a short one, and a
+    partly padded row; L = 301 is not a multiple of any tile size."""
+    layout = SessionLayout.from_segments([[(150, 3, 41), (40, 3, 0)], [(60, 2, 1), (90, 0, 0)]], seq_len=301)
+    check_parity(layout, 8, 2, 128, dtype, "transposed", implementation, None)
+
+
+@requires_native
+def test_every_tile_class_occurs_and_matches():
+    """The fixed layout below has skipped, full and partial tiles for 8 x 8 tiles; the native kernels, run
+    with exactly those tiles, match the oracle."""
+    layout = SessionLayout.from_segments([[(40, 3, 21), (12, 0, 0)], [(9, 1, 1), (30, 2, 0)]], seq_len=80)
+    classes = set(layout.tile_classes(8, 8).flatten().tolist())
+    assert classes == {0, 1, 2}
+    check_parity(layout, 4, 2, 64, torch.float32, "contiguous", "native", TileSizes(8, 8, 8, 8))
+
+
+@requires_native
+def test_fp16_native():
+    layout = SessionLayout.from_segments([[(30, 3, 12), (7, 0, 0)]], seq_len=55)
+    check_parity(layout, 4, 1, 64, torch.float16, "contiguous", "native", TileSizes(8, 16, 16, 8))
+
+
+def test_float64_takes_the_fallback():
+    layout = SessionLayout.from_segments([[(20, 3, 6)]], seq_len=30)
+    q, k, v = make_inputs(layout, 2, 1, 32, torch.float64, "contiguous", 3)
+    out = session_attention_cpu(q, k, v, layout)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout, 32**-0.5))
+
+
+@requires_native
+def test_native_matches_fallback_on_a_packed_row():
+    layout = SessionLayout.from_segments([[(100, 3, 40)] + [(30, 3, 0)] * 3], seq_len=260)
+    q, k, v = make_inputs(layout, 4, 2, 64, torch.float32, "contiguous", 5)
+    native = session_attention_cpu(q, k, v, layout, implementation="native")
+    fallback = session_attention_cpu(q, k, v, layout, implementation="fallback")
+    torch.testing.assert_close(native, fallback, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ dispatch and fallback
+def test_auto_picks_cpu_backend_for_cpu_tensors(monkeypatch):
+    assert "cpu" in convret.available_backends()
+    calls = []
+    original = _cpu_backend.session_attention_cpu
+    monkeypatch.setattr(_cpu_backend, "session_attention_cpu", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    layout = SessionLayout.from_segments([[(10, 2, 4)]], seq_len=16)
+    q, k, v = make_inputs(layout, 2, 2, 32, torch.float32, "contiguous", 0)
+    session_attention(q, k, v, layout)
+    assert calls == [1]
+
+
+def test_env_var_forces_the_fallback(monkeypatch):
+    monkeypatch.setenv(_cpu_backend.ENV_IMPLEMENTATION, "fallback")
+    info = backend_info()
+    assert info["implementation"] == "fallback" and "forced" in info["reason"]
+    calls = []
+    original = _cpu_backend.fallback_session_attention
+    monkeypatch.setattr(_cpu_backend, "fallback_session_attention", lambda *a: calls.append(1) or original(*a))
+    layout = SessionLayout.from_segments([[(10, 2, 4)], [(5, 0, 0)]], seq_len=16)
+    check_parity(layout, 4, 2, 32, torch.float32, "contiguous", "auto", None)
+    assert calls == [1]
+
+
+def test_bad_implementation_name(monkeypatch):
+    monkeypatch.setenv(_cpu_backend.ENV_IMPLEMENTATION, "fast")
+    with pytest.raises(ValueError, match="CONVRET_CPU_BACKEND"):
+        backend_info()
+
+
+def test_extension_missing_path(monkeypatch, tmp_path):
+    """What an install without the native build sees: backend_info explains, "auto" serves the fallback
+    with correct results, "native" raises a clear error."""
+    missing = _NativeState(str(tmp_path))
+    assert not missing.load() and "not built" in missing.reason
+    monkeypatch.setattr(_cpu_backend, "_native", missing)
+    monkeypatch.delenv(_cpu_backend.ENV_IMPLEMENTATION, raising=False)
+    info = convret.backend_info()
+    assert info["implementation"] == "fallback" and info["library"] is None and "not built" in info["reason"]
+    layout = SessionLayout.from_segments([[(12, 3, 5)], [(4, 1, 1), (6, 0, 0)]], seq_len=21)
+    check_parity(layout, 4, 2, 32, torch.bfloat16, "transposed", "auto", None)
+    q, k, v = make_inputs(layout, 2, 2, 32, torch.float32, "contiguous", 0)
+    with pytest.raises(RuntimeError, match="not available"):
+        session_attention_cpu(q, k, v, layout, implementation="native")
+
+
+def test_broken_library_is_reported(monkeypatch, tmp_path):
+    (tmp_path / "_convret_cpu.broken.so").write_bytes(b"not an ELF file")
+    broken = _NativeState(str(tmp_path))
+    assert not broken.load() and "failed to load" in broken.reason
+
+
+@requires_native
+def test_backend_info_native():
+    info = backend_info()
+    assert info["implementation"] == "native" and info["library"] and info["blas"]
+    assert info["threads"] == torch.get_num_threads()
+
+
+def test_default_tile_sizes():
+    assert default_tile_sizes(1).bwd_block_m == 64 and default_tile_sizes(4).bwd_block_m == 32
