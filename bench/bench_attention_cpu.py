@@ -65,16 +65,22 @@ def sdpa_dense_mask(q, k, v, bool_mask, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, scale=scale, enable_gqa=True)
 
 
-def make_peers(layout: SessionLayout, dtype: torch.dtype, with_flex: bool) -> dict[str, tuple[Callable, bool]]:
-    """name -> (fn(q, k, v), has_backward)."""
+def dense_eager_gib(layout: SessionLayout) -> float:
+    """Rough fwd+bwd peak of the dense-mask eager peer: about four live fp32 [B, Hq, L, L] tensors."""
+    return 4 * layout.batch_size * Q_HEADS * layout.seq_len**2 * 4 / 2**30
+
+
+def make_peers(layout: SessionLayout, dtype: torch.dtype, with_flex: bool,
+               max_dense_gib: float) -> dict[str, tuple[Callable, bool] | None]:
+    """name -> (fn(q, k, v), has_backward), or None for a peer skipped to stay within the memory budget."""
     scale = HEAD_DIM**-0.5
     allowed = layout.dense_mask().unsqueeze(1)
-    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    peers: dict[str, tuple[Callable, bool]] = {
-        "dense-mask eager": (lambda q, k, v: dense_eager(q, k, v, additive, scale), True),
-        "SDPA + dense bool mask": (lambda q, k, v: sdpa_dense_mask(q, k, v, allowed, scale), True),
-        "SDPA decomposition": (lambda q, k, v: fallback_session_attention(q, k, v, layout, scale), True),
-    }
+    peers: dict[str, tuple[Callable, bool] | None] = {"dense-mask eager": None}
+    if dense_eager_gib(layout) <= max_dense_gib:
+        additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        peers["dense-mask eager"] = (lambda q, k, v: dense_eager(q, k, v, additive, scale), True)
+    peers["SDPA + dense bool mask"] = (lambda q, k, v: sdpa_dense_mask(q, k, v, allowed, scale), True)
+    peers["SDPA decomposition"] = (lambda q, k, v: fallback_session_attention(q, k, v, layout, scale), True)
     if with_flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -115,7 +121,8 @@ def visible_pairs(layout: SessionLayout) -> int:
     return int(layout.dense_mask().sum())
 
 
-def run_layout(layout_name: str, dtype_names: list[str], reps: int, warmup: int, with_flex: bool) -> dict:
+def run_layout(layout_name: str, dtype_names: list[str], reps: int, warmup: int, with_flex: bool,
+               max_dense_gib: float) -> dict:
     layout = make_layout(layout_name)
     pairs = visible_pairs(layout)
     fwd_flops = 4 * HEAD_DIM * pairs * Q_HEADS
@@ -132,7 +139,13 @@ def run_layout(layout_name: str, dtype_names: list[str], reps: int, warmup: int,
         grad = torch.randn_like(q)
         ceiling = gemm_ceiling_gflops(dtype, reps)
         row = {"gemm_gflops": ceiling, "impls": {}}
-        for name, (fn, has_backward) in make_peers(layout, dtype, with_flex).items():
+        for name, peer in make_peers(layout, dtype, with_flex, max_dense_gib).items():
+            if peer is None:
+                row["impls"][name] = None
+                print(f"  [{layout_name} {dtype_name}] {name}: skipped (needs ~{dense_eager_gib(layout):.0f} GiB)",
+                      file=sys.stderr, flush=True)
+                continue
+            fn, has_backward = peer
             with torch.no_grad():
                 fwd_ms = median_ms(lambda: fn(q, k, v), reps, warmup)
             bwd_ms = None
@@ -216,6 +229,9 @@ def format_tables(all_results: list[dict], command: str) -> str:
             cells = []
             for d in dtypes:
                 r = result["dtypes"][d]["impls"][name]
+                if r is None:
+                    cells += [f"skipped (~{4 * result['seq_len']**2 * BATCH * Q_HEADS * 4 / 2**30:.0f} GiB)"] * 2
+                    continue
                 cells.append(f"{r['fwd_ms']:.0f} ms ({100 * r['fwd_gemm_share']:.0f}%)")
                 cells.append("n/a" if r["fwd_bwd_ms"] is None
                              else f"{r['fwd_bwd_ms']:.0f} ms ({100 * r['fwd_bwd_gemm_share']:.0f}%)")
@@ -224,7 +240,7 @@ def format_tables(all_results: list[dict], command: str) -> str:
         for d in dtypes:
             impls = result["dtypes"][d]["impls"]
             ours = impls["convret backend='cpu'"]
-            peers = {n: r for n, r in impls.items() if n != "convret backend='cpu'"}
+            peers = {n: r for n, r in impls.items() if n != "convret backend='cpu'" and r is not None}
             best_fwd = min(r["fwd_ms"] for r in peers.values())
             best_bwd = min(r["fwd_bwd_ms"] for r in peers.values() if r["fwd_bwd_ms"] is not None)
             cells += [f"{best_fwd / ours['fwd_ms']:.2f}x", f"{best_bwd / ours['fwd_bwd_ms']:.2f}x"]
@@ -244,6 +260,8 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention (slow to compile)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-layout", default="session4096")
+    parser.add_argument("--max-dense-gib", type=float, default=6.0,
+                        help="skip the dense-mask eager peer where its fwd+bwd needs more (default 6 GiB)")
     parser.add_argument("--quick", action="store_true", help="small layout, no flex, no memory")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
@@ -255,7 +273,7 @@ def main() -> None:
     if args.quick:
         args.layouts, args.no_flex, args.no_memory = "quick", True, True
     command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
-    results = [run_layout(name, args.dtypes.split(","), args.reps, args.warmup, not args.no_flex)
+    results = [run_layout(name, args.dtypes.split(","), args.reps, args.warmup, not args.no_flex, args.max_dense_gib)
                for name in args.layouts.split(",")]
     report = format_tables(results, command)
     memory = None

@@ -106,6 +106,28 @@ void mask_scores(float* scores, int64_t ld, int64_t group, int64_t rows, int64_t
   }
 }
 
+// Columns [begin, end) of a partial tile that some query row in [q_first, q_last] can see: key j is visible to
+// a row of the tile iff j <= q_last and mask_start[j] > max(j, q_first). Narrowing the GEMMs to this span
+// removes most of the work a partial tile wastes: keys of the previous sample when a sample starts mid-tile,
+// session keys next to the summary for response rows, keys past the causal diagonal. begin == end: nothing.
+struct ColumnSpan {
+  int64_t begin, end;
+};
+
+ColumnSpan visible_columns(const int32_t* mask_start, int64_t q_first, int64_t q_last, int64_t k_first,
+                           int64_t cols) {
+  const int64_t limit = std::min(cols, q_last - k_first + 1);
+  int64_t begin = limit, end = 0;
+  for (int64_t j = 0; j < limit; ++j) {
+    const int64_t key = k_first + j;
+    if (mask_start[key] > std::max(key, q_first)) {
+      begin = std::min(begin, j);
+      end = j + 1;
+    }
+  }
+  return {begin, std::max(begin, end)};
+}
+
 template <typename scalar_t>
 void convert_rows(const float* src, int64_t ld_src, scalar_t* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -168,8 +190,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
       const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n);
       if (tile_class == TileClass::kSkipped) continue;
-      const int64_t k_first = k_tile * block_n;
-      const int64_t cols = std::min(block_n, seq_len - k_first);
+      int64_t k_first = k_tile * block_n;
+      int64_t cols = std::min(block_n, seq_len - k_first);
+      if (tile_class == TileClass::kPartial) {
+        const ColumnSpan span = visible_columns(row_mask_start, q_first, q_last, k_first, cols);
+        if (span.begin == span.end) continue;
+        k_first += span.begin;
+        cols = span.end - span.begin;
+      }
       const scalar_t* k_tile_data = k_rows.row(b, kv_head, k_first);
       const scalar_t* v_tile_data = v_rows.row(b, kv_head, k_first);
 
@@ -318,32 +346,43 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const int64_t q_last = q_first + rows - 1;
         const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n);
         if (tile_class == TileClass::kSkipped) continue;
+        // the visible columns of this pair: keys key_first .. key_first + width - 1 of the tile
+        int64_t col_begin = 0, width = cols;
+        if (tile_class == TileClass::kPartial) {
+          const ColumnSpan span = visible_columns(row_mask_start, q_first, q_last, k_first, cols);
+          if (span.begin == span.end) continue;
+          col_begin = span.begin;
+          width = span.end - span.begin;
+        }
+        const int64_t key_first = k_first + col_begin;
+        const scalar_t* k_span_data = k_tile_data + col_begin * k_rows.stride_l;
+        const scalar_t* v_span_data = v_tile_data + col_begin * v_rows.stride_l;
         const int64_t m = group * rows;
         const int64_t base = tile_offset(q_first);
         const scalar_t* q_tile_data = q_stack.data() + base * head_dim;
         const scalar_t* grad_out_tile_data = grad_out_stack.data() + base * head_dim;
 
         // P = exp(scale * S - lse), zero where masked (exp(-inf) = 0); rows with lse = +inf give zeros
-        gemm(false, true, m, cols, head_dim, 1.f, q_tile_data, head_dim, k_tile_data, k_rows.stride_l, 0.f,
+        gemm(false, true, m, width, head_dim, 1.f, q_tile_data, head_dim, k_span_data, k_rows.stride_l, 0.f,
              scores.data(), block_n);
         if (tile_class == TileClass::kPartial) {
-          mask_scores(scores.data(), block_n, group, rows, q_first, k_first, cols, row_mask_start, kNegInf);
+          mask_scores(scores.data(), block_n, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
         }
         for (int64_t r = 0; r < m; ++r) {
           float* s = scores.data() + r * block_n;
           const float row_lse = lse_stack[base + r];
           at::vec::map([softmax_scale, row_lse](Vec x) { return (x * Vec(softmax_scale) - Vec(row_lse)).exp_u20(); },
-                       s, s, cols);
+                       s, s, width);
         }
         // dP = dO @ V_tile^T
-        gemm(false, true, m, cols, head_dim, 1.f, grad_out_tile_data, head_dim, v_tile_data, v_rows.stride_l, 0.f,
+        gemm(false, true, m, width, head_dim, 1.f, grad_out_tile_data, head_dim, v_span_data, v_rows.stride_l, 0.f,
              grad_probs.data(), block_n);
         // dS = P * (dP - Delta), written over dP
         for (int64_t r = 0; r < m; ++r) {
           const float* p = scores.data() + r * block_n;
           float* ds = grad_probs.data() + r * block_n;
           const float row_delta = delta_stack[base + r];
-          at::vec::map2([row_delta](Vec p_vec, Vec dp) { return p_vec * (dp - Vec(row_delta)); }, ds, p, ds, cols);
+          at::vec::map2([row_delta](Vec p_vec, Vec dp) { return p_vec * (dp - Vec(row_delta)); }, ds, p, ds, width);
         }
 
         const scalar_t* probs_operand;
@@ -352,17 +391,17 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           probs_operand = scores.data();
           grad_scores_operand = grad_probs.data();
         } else {
-          convert_rows(scores.data(), block_n, probs_lowp.data(), block_n, m, cols);
-          convert_rows(grad_probs.data(), block_n, grad_scores_lowp.data(), block_n, m, cols);
+          convert_rows(scores.data(), block_n, probs_lowp.data(), block_n, m, width);
+          convert_rows(grad_probs.data(), block_n, grad_scores_lowp.data(), block_n, m, width);
           probs_operand = probs_lowp.data();
           grad_scores_operand = grad_scores_lowp.data();
         }
         // dV_tile += P^T @ dO;  dK_tile += dS^T @ Q;  dQ_tile += dS @ K_tile
-        gemm(true, false, cols, head_dim, m, 1.f, probs_operand, block_n, grad_out_tile_data, head_dim, 1.f,
-             grad_v_acc.data(), head_dim);
-        gemm(true, false, cols, head_dim, m, 1.f, grad_scores_operand, block_n, q_tile_data, head_dim, 1.f,
-             grad_k_acc.data(), head_dim);
-        gemm(false, false, m, head_dim, cols, 1.f, grad_scores_operand, block_n, k_tile_data, k_rows.stride_l, 1.f,
+        gemm(true, false, width, head_dim, m, 1.f, probs_operand, block_n, grad_out_tile_data, head_dim, 1.f,
+             grad_v_acc.data() + col_begin * head_dim, head_dim);
+        gemm(true, false, width, head_dim, m, 1.f, grad_scores_operand, block_n, q_tile_data, head_dim, 1.f,
+             grad_k_acc.data() + col_begin * head_dim, head_dim);
+        gemm(false, false, m, head_dim, width, 1.f, grad_scores_operand, block_n, k_span_data, k_rows.stride_l, 1.f,
              grad_q_acc.data() + base * head_dim, head_dim);
       }
 
