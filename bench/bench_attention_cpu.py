@@ -1,7 +1,7 @@
 """Benchmark of ``backend="cpu"`` session attention against the CPU peers (issue 3), all in one process.
 
 Peers: dense-mask eager (Hugging Face's eager path: repeat_kv, matmul, additive float mask, fp32 softmax,
-matmul), SDPA with a dense bool mask, the hand-written SDPA decomposition (causal SDPA per session segment and
+matmul) and SDPA with a dense bool mask (both from convret.baselines), the hand-written SDPA decomposition (causal SDPA per session segment and
 per [summary | response], enable_gqa=True; convret's own fallback), and torch.compile(flex_attention) with a
 BlockMask (forward only on CPU). Times are medians after warm-up; the GEMM ceiling is a warmed-up 2048^3
 matmul measured in the same run. Useful work: 4 * D flops per visible (query, key) pair per query head
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import convret
 from convret import SessionLayout
 from convret._cpu_backend import fallback_session_attention, session_attention_cpu
+from convret.baselines import additive_mask, dense_mask_eager_attention, sdpa_dense_mask_attention
 
 BATCH, Q_HEADS, KV_HEADS, HEAD_DIM = 2, 16, 4, 128
 SUMMARY = 3
@@ -51,20 +52,6 @@ def make_layout(name: str, batch: int = BATCH) -> SessionLayout:
 
 
 # ------------------------------------------------------------------------------------------------- peers
-def dense_eager(q, k, v, additive_mask, scale):
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # repeat_kv
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale
-    scores = scores + additive_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
-
-
-def sdpa_dense_mask(q, k, v, bool_mask, scale):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, scale=scale, enable_gqa=True)
-
-
 def dense_eager_gib(layout: SessionLayout) -> float:
     """Rough fwd+bwd peak of the dense-mask eager peer: about four live fp32 [B, Hq, L, L] tensors."""
     return 4 * layout.batch_size * Q_HEADS * layout.seq_len**2 * 4 / 2**30
@@ -77,9 +64,9 @@ def make_peers(layout: SessionLayout, dtype: torch.dtype, with_flex: bool,
     allowed = layout.dense_mask().unsqueeze(1)
     peers: dict[str, tuple[Callable, bool] | None] = {"dense-mask eager": None}
     if dense_eager_gib(layout) <= max_dense_gib:
-        additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        peers["dense-mask eager"] = (lambda q, k, v: dense_eager(q, k, v, additive, scale), True)
-    peers["SDPA + dense bool mask"] = (lambda q, k, v: sdpa_dense_mask(q, k, v, allowed, scale), True)
+        additive = additive_mask(layout, dtype)
+        peers["dense-mask eager"] = (lambda q, k, v: dense_mask_eager_attention(q, k, v, additive, scale), True)
+    peers["SDPA + dense bool mask"] = (lambda q, k, v: sdpa_dense_mask_attention(q, k, v, allowed, scale), True)
     peers["SDPA decomposition"] = (lambda q, k, v: fallback_session_attention(q, k, v, layout, scale), True)
     if with_flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -189,10 +176,7 @@ def peak_memory_child(impl: str, layout_name: str) -> None:
     scale = HEAD_DIM**-0.5
     if impl == "eager":
         def fn():  # the additive mask is built per call, as the model builds it per forward
-            allowed = layout.dense_mask().unsqueeze(1)
-            additive = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-            del allowed
-            return dense_eager(q, k, v, additive, scale)
+            return dense_mask_eager_attention(q, k, v, additive_mask(layout, torch.float32), scale)
     else:
         def fn():
             return session_attention_cpu(q, k, v, layout, scale)

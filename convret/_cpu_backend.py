@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .attention import register_backend
 from .layout import SessionLayout
@@ -79,9 +80,31 @@ class _NativeState:
         except Exception as error:  # a stale build against another torch, a missing symbol, ...
             self.reason = f"native extension at {self.path} failed to load: {error}"
             return False
+        _register_fake_kernels()
         self.loaded = True
         self.reason = f"native extension loaded from {self.path}"
         return True
+
+
+_fakes_registered = False
+
+
+def _register_fake_kernels() -> None:
+    """Shape-only versions of the native ops, so that torch.compile can trace through them."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+
+    @torch.library.register_fake("convret_cpu::session_attention_forward")
+    def _forward_fake(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n):
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("convret_cpu::session_attention_backward")
+    def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n):
+        return (torch.empty_like(q, memory_format=torch.contiguous_format),
+                torch.empty_like(k, memory_format=torch.contiguous_format),
+                torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 _native = _NativeState()
@@ -149,6 +172,7 @@ class _NativeSessionAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         layout, tiles = ctx.layout, ctx.tiles
