@@ -43,10 +43,12 @@ class TileSizes:
 
 
 def default_tile_sizes(group: int) -> TileSizes:
-    """Measured on the 2-core AVX-512 development machine (bench/bench_attention_cpu.py shapes, D = 128):
-    forward tiles of 64 query rows per head x 128 keys; backward tiles of 64 x 64, or 32 x 64 when GQA
-    stacking already makes the GEMMs tall (G >= 2)."""
-    return TileSizes(fwd_block_m=64, fwd_block_n=128, bwd_block_m=64 if group == 1 else 32, bwd_block_n=64)
+    """Tiles of about 128 stacked query rows (``G * block_m``, 16 to 64 rows per head) by 128 keys forward and
+    64 keys backward: the best of the sizes measured on the 2-core AVX-512 development machine at the
+    benchmark's shapes (D = 128). Larger tiles waste more of the partial tiles; smaller ones starve the
+    GEMMs."""
+    rows_per_head = max(16, min(64, 128 // group))
+    return TileSizes(fwd_block_m=rows_per_head, fwd_block_n=128, bwd_block_m=rows_per_head, bwd_block_n=64)
 
 
 # ------------------------------------------------------------------------------------ loading the library

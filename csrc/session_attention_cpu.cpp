@@ -128,6 +128,24 @@ ColumnSpan visible_columns(const int32_t* mask_start, int64_t q_first, int64_t q
   return {begin, std::max(begin, end)};
 }
 
+// s[j] = exp(scale * s[j] - shift) in place, one pass; returns the sum of the new values.
+float exp_in_place_and_sum(float* s, int64_t n, float scale, float shift) {
+  const Vec scale_vec(scale), minus_shift(-shift);
+  Vec sum_vec(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec p = at::vec::fmadd(Vec::loadu(s + j), scale_vec, minus_shift).exp_u20();
+    p.store(s + j);
+    sum_vec = sum_vec + p;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum_vec);
+  for (; j < n; ++j) {
+    s[j] = std::exp(scale * s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+}
+
 template <typename scalar_t>
 void convert_rows(const float* src, int64_t ld_src, scalar_t* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -219,10 +237,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           continue;
         }
         const float correction = std::exp(softmax_scale * (row_max[r] - new_max));  // 0 when row_max was -inf
-        const float shift = softmax_scale * new_max;
-        at::vec::map([softmax_scale, shift](Vec x) { return (x * Vec(softmax_scale) - Vec(shift)).exp_u20(); },
-                     s, s, cols);
-        const float tile_sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s, cols);
+        const float tile_sum = exp_in_place_and_sum(s, cols, softmax_scale, softmax_scale * new_max);
         row_sum[r] = row_sum[r] * correction + tile_sum;
         row_max[r] = new_max;
         if (correction != 1.f) {
@@ -371,8 +386,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         for (int64_t r = 0; r < m; ++r) {
           float* s = scores.data() + r * block_n;
           const float row_lse = lse_stack[base + r];
-          at::vec::map([softmax_scale, row_lse](Vec x) { return (x * Vec(softmax_scale) - Vec(row_lse)).exp_u20(); },
-                       s, s, width);
+          exp_in_place_and_sum(s, width, softmax_scale, row_lse);
         }
         // dP = dO @ V_tile^T
         gemm(false, true, m, width, head_dim, 1.f, grad_out_tile_data, head_dim, v_span_data, v_rows.stride_l, 0.f,

@@ -227,4 +227,5 @@ def test_backend_info_native():
 
 
 def test_default_tile_sizes():
-    assert default_tile_sizes(1).bwd_block_m == 64 and default_tile_sizes(4).bwd_block_m == 32
+    assert default_tile_sizes(1).fwd_block_m == 64 and default_tile_sizes(4).fwd_block_m == 32
+    assert default_tile_sizes(16).bwd_block_m == 16
