@@ -208,36 +208,37 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
       const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n);
       if (tile_class == TileClass::kSkipped) continue;
-      int64_t k_first = k_tile * block_n;
-      int64_t cols = std::min(block_n, seq_len - k_first);
+      // the keys this pair works on: key_first .. key_first + width - 1 (a partial tile is narrowed)
+      const int64_t k_first = k_tile * block_n;
+      int64_t key_first = k_first, width = std::min(block_n, seq_len - k_first);
       if (tile_class == TileClass::kPartial) {
-        const ColumnSpan span = visible_columns(row_mask_start, q_first, q_last, k_first, cols);
+        const ColumnSpan span = visible_columns(row_mask_start, q_first, q_last, k_first, width);
         if (span.begin == span.end) continue;
-        k_first += span.begin;
-        cols = span.end - span.begin;
+        key_first = k_first + span.begin;
+        width = span.end - span.begin;
       }
-      const scalar_t* k_tile_data = k_rows.row(b, kv_head, k_first);
-      const scalar_t* v_tile_data = v_rows.row(b, kv_head, k_first);
+      const scalar_t* k_span_data = k_rows.row(b, kv_head, key_first);
+      const scalar_t* v_span_data = v_rows.row(b, kv_head, key_first);
 
-      // scores[m, cols] = Q_stack @ K_tile^T, unscaled
-      gemm(false, true, m, cols, head_dim, 1.f, q_stack.data(), head_dim, k_tile_data, k_rows.stride_l, 0.f,
+      // scores[m, width] = Q_stack @ K_span^T, unscaled
+      gemm(false, true, m, width, head_dim, 1.f, q_stack.data(), head_dim, k_span_data, k_rows.stride_l, 0.f,
            scores.data(), block_n);
       if (tile_class == TileClass::kPartial) {
-        mask_scores(scores.data(), block_n, group, rows, q_first, k_first, cols, row_mask_start, kNegInf);
+        mask_scores(scores.data(), block_n, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
       }
 
       // online softmax, one stacked row at a time; p = exp(scale * (s - max))
       for (int64_t r = 0; r < m; ++r) {
         float* s = scores.data() + r * block_n;
         float tile_max_score = at::vec::reduce_all<float>(
-            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, cols);
+            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, width);
         const float new_max = std::max(row_max[r], tile_max_score);
         if (new_max == kNegInf) {  // nothing visible to this row so far
-          std::fill(s, s + cols, 0.f);
+          std::fill(s, s + width, 0.f);
           continue;
         }
         const float correction = std::exp(softmax_scale * (row_max[r] - new_max));  // 0 when row_max was -inf
-        const float tile_sum = exp_in_place_and_sum(s, cols, softmax_scale, softmax_scale * new_max);
+        const float tile_sum = exp_in_place_and_sum(s, width, softmax_scale, softmax_scale * new_max);
         row_sum[r] = row_sum[r] * correction + tile_sum;
         row_max[r] = new_max;
         if (correction != 1.f) {
@@ -246,13 +247,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         }
       }
 
-      // acc[m, D] += P @ V_tile
+      // acc[m, D] += P @ V_span
       if constexpr (std::is_same_v<scalar_t, float>) {
-        gemm(false, false, m, head_dim, cols, 1.f, scores.data(), block_n, v_tile_data, v_rows.stride_l, 1.f,
+        gemm(false, false, m, head_dim, width, 1.f, scores.data(), block_n, v_span_data, v_rows.stride_l, 1.f,
              acc.data(), head_dim);
       } else {
-        convert_rows(scores.data(), block_n, probs_lowp.data(), block_n, m, cols);
-        gemm(false, false, m, head_dim, cols, 1.f, probs_lowp.data(), block_n, v_tile_data, v_rows.stride_l, 1.f,
+        convert_rows(scores.data(), block_n, probs_lowp.data(), block_n, m, width);
+        gemm(false, false, m, head_dim, width, 1.f, probs_lowp.data(), block_n, v_span_data, v_rows.stride_l, 1.f,
              acc.data(), head_dim);
       }
     }
@@ -388,7 +389,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           const float row_lse = lse_stack[base + r];
           exp_in_place_and_sum(s, width, softmax_scale, row_lse);
         }
-        // dP = dO @ V_tile^T
+        // dP = dO @ V_span^T
         gemm(false, true, m, width, head_dim, 1.f, grad_out_tile_data, head_dim, v_span_data, v_rows.stride_l, 0.f,
              grad_probs.data(), block_n);
         // dS = P * (dP - Delta), written over dP
@@ -410,7 +411,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           probs_operand = probs_lowp.data();
           grad_scores_operand = grad_scores_lowp.data();
         }
-        // dV_tile += P^T @ dO;  dK_tile += dS^T @ Q;  dQ_tile += dS @ K_tile
+        // dV_span += P^T @ dO;  dK_span += dS^T @ Q;  dQ_tile += dS @ K_span
         gemm(true, false, width, head_dim, m, 1.f, probs_operand, block_n, grad_out_tile_data, head_dim, 1.f,
              grad_v_acc.data() + col_begin * head_dim, head_dim);
         gemm(true, false, width, head_dim, m, 1.f, grad_scores_operand, block_n, q_tile_data, head_dim, 1.f,
