@@ -257,6 +257,7 @@ def main() -> None:
     parser.add_argument("--max-dense-gib", type=float, default=6.0,
                         help="skip the dense-mask eager peer where its fwd+bwd needs more (default 6 GiB)")
     parser.add_argument("--quick", action="store_true", help="small layout, no flex, no memory")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     parser.add_argument("--peak-layout", help=argparse.SUPPRESS)
@@ -266,6 +267,8 @@ def main() -> None:
         return
     if args.quick:
         args.layouts, args.no_flex, args.no_memory = "quick", True, True
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
     results = [run_layout(name, args.dtypes.split(","), args.reps, args.warmup, not args.no_flex, args.max_dense_gib)
                for name in args.layouts.split(",")]
