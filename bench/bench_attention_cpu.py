@@ -163,6 +163,42 @@ def run_layout(layout_name: str, dtype_names: list[str], reps: int, warmup: int,
     return results
 
 
+# ------------------------------------------------------------------------- single-thread CPU-time share
+def cpu_time_shares(layout_names: list[str], dtype_names: list[str], reps: int) -> str:
+    """backend='cpu' alone on one thread, timed in process CPU time (what the other tenants of a shared
+    machine disturb least), on one GQA group (B=1, Hq=4, Hkv=1) against a one-thread 2048^3 GEMM."""
+    torch.set_num_threads(1)
+
+    def cpu_ms(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.process_time()
+            fn()
+            times.append((time.process_time() - start) * 1e3)
+        return statistics.median(times)
+
+    lines = ["| layout | dtype | GEMM (1 thread) | fwd | fwd+bwd |", "|---|---|---|---|---|"]
+    for layout_name in layout_names:
+        layout = make_layout(layout_name, batch=1)
+        pairs = visible_pairs(layout)
+        for dtype_name in dtype_names:
+            dtype = DTYPES[dtype_name]
+            a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+            gflops = 2 * 2048**3 / min(cpu_ms(lambda: torch.matmul(a, b)) for _ in range(2)) / 1e6
+            q = torch.randn(1, 4, layout.seq_len, HEAD_DIM, dtype=dtype, requires_grad=True)
+            k = torch.randn(1, 1, layout.seq_len, HEAD_DIM, dtype=dtype, requires_grad=True)
+            v = torch.randn(1, 1, layout.seq_len, HEAD_DIM, dtype=dtype, requires_grad=True)
+            grad = torch.randn_like(q)
+            with torch.no_grad():
+                fwd = cpu_ms(lambda: session_attention_cpu(q, k, v, layout))
+            fwd_bwd = cpu_ms(lambda: session_attention_cpu(q, k, v, layout).backward(grad))
+            share = lambda flops_per_pair, ms: 100 * flops_per_pair * HEAD_DIM * pairs * 4 / (ms * 1e6) / gflops
+            lines.append(f"| {layout_name} | {dtype_name} | {gflops:.0f} GFLOP/s | {fwd:.1f} ms ({share(4, fwd):.0f}%) "
+                         f"| {fwd_bwd:.1f} ms ({share(14, fwd_bwd):.0f}%) |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ peak memory
 def _vm_kib(field: str) -> int:
     with open("/proc/self/status") as status:
@@ -257,6 +293,8 @@ def main() -> None:
     parser.add_argument("--max-dense-gib", type=float, default=6.0,
                         help="skip the dense-mask eager peer where its fwd+bwd needs more (default 6 GiB)")
     parser.add_argument("--quick", action="store_true", help="small layout, no flex, no memory")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="only backend='cpu', one thread, process CPU time vs a one-thread GEMM")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
@@ -270,6 +308,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    if args.cpu_time:
+        print(f"Command: `{command}`\n\n" + cpu_time_shares(args.layouts.split(","), args.dtypes.split(","), args.reps))
+        return
     results = [run_layout(name, args.dtypes.split(","), args.reps, args.warmup, not args.no_flex, args.max_dense_gib)
                for name in args.layouts.split(",")]
     report = format_tables(results, command)
