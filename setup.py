@@ -61,8 +61,12 @@ class CMakeBuild(build_ext):
                 raise RuntimeError(f"`{' '.join(command[:2])} ...` failed:\n{tail}")
 
     def copy_extensions_to_source(self) -> None:
-        # editable installs copy each built library next to the sources: copy only what was built
-        self.extensions = [ext for ext in self.extensions if Path(self.get_ext_fullpath(ext.name)).exists()]
+        # in-place / editable builds copy each library from the build tree next to the sources: copy only what
+        # was built (the build-tree path is what get_ext_fullpath gives with inplace off)
+        inplace, self.inplace = self.inplace, 0
+        built = [ext for ext in self.extensions if Path(self.get_ext_fullpath(ext.name)).exists()]
+        self.inplace = inplace
+        self.extensions = built
         super().copy_extensions_to_source()
 
     def get_outputs(self) -> list[str]:
