@@ -10,6 +10,8 @@ The native kernels run with small tiles here so that skipped, full and partial t
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -229,3 +231,8 @@ def test_backend_info_native():
 def test_default_tile_sizes():
     assert default_tile_sizes(1).fwd_block_m == 64 and default_tile_sizes(4).fwd_block_m == 32
     assert default_tile_sizes(16).bwd_block_m == 16
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI (a fresh install) insists on the native build")
+def test_fresh_install_built_the_native_extension():
+    assert native_available(), backend_info()["reason"]
