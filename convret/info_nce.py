@@ -228,10 +228,12 @@ def _check_and_make_labels(queries, passages, temperature, group_size, labels, p
             raise ValueError(f"passage_ids on {passage_ids.device}, queries on {queries.device}")
 
     # One host sync for every value check.
+    # A NaN or inf anywhere makes the sum non-finite; the sum allocates nothing the size of the input. Only
+    # a non-finite sum (a bad value or an overflow of the sum itself) pays for the exact check.
     checks = [
         (labels.min() < 0) | (labels.max() >= num_passages),
-        ~torch.isfinite(queries).all(),
-        ~torch.isfinite(passages).all(),
+        ~torch.isfinite(queries.detach().sum()),
+        ~torch.isfinite(passages.detach().sum()),
     ]
     if isinstance(temperature, torch.Tensor):
         t = temperature.detach().to(queries.device)
@@ -240,10 +242,9 @@ def _check_and_make_labels(queries, passages, temperature, group_size, labels, p
     if labels_bad:
         raise ValueError(f"labels out of range [0, P={num_passages}): min {labels.min().item()}, "
                          f"max {labels.max().item()}")
-    if queries_bad:
-        raise ValueError("queries contain NaN or inf")
-    if passages_bad:
-        raise ValueError("passages contain NaN or inf")
+    for name, t, suspect in (("queries", queries, queries_bad), ("passages", passages, passages_bad)):
+        if suspect and not torch.isfinite(t.detach()).all():
+            raise ValueError(f"{name} contain NaN or inf")
     if (tau_bad and tau_bad[0]) or (not isinstance(temperature, torch.Tensor)
                                    and not (math.isfinite(temperature) and temperature > 0)):
         value = temperature.item() if isinstance(temperature, torch.Tensor) else temperature
@@ -348,7 +349,7 @@ class ChunkedInfoNCE(torch.autograd.Function):
         grads = None
         if fuse:
             grads = _ChunkGrads(q, p, need_dq, need_dp, need_dtau)
-        scores_buffer = torch.empty(min(chunk_rows, num_queries), p.shape[0], dtype=compute_dtype)
+        scores_buffer = torch.empty(min(chunk_rows, num_queries) * p.shape[0], dtype=compute_dtype)
         for start in range(0, num_queries, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_queries))
             scores = _chunk_scores(q[rows], p, inv_tau, labels[rows], passage_ids, scores_buffer)
@@ -392,7 +393,12 @@ class ChunkedInfoNCE(torch.autograd.Function):
 
 
 def _chunk_scores(q_chunk, p, inv_tau, chunk_labels, passage_ids, buffer):
-    scores = torch.mm(q_chunk * inv_tau, p.T, out=buffer[: q_chunk.shape[0]])
+    """``[rows, P]`` scores of one query chunk, written into the flat ``buffer`` as a ``[P, rows]`` matrix and
+    returned as its transposed view. ``p @ q_chunk.T`` makes MKL pack only the small operand; the row-major
+    ``q_chunk @ p.T`` packs ``p`` into a scratch buffer as large as the chunk itself (32 MiB here)."""
+    rows = q_chunk.shape[0]
+    scores_t = torch.mm(p, (q_chunk * inv_tau).T, out=buffer[: p.shape[0] * rows].view(p.shape[0], rows))
+    scores = scores_t.T
     if passage_ids is not None:
         scores.masked_fill_(false_negative_mask(chunk_labels, passage_ids), float("-inf"))
     return scores
@@ -439,7 +445,7 @@ def _recompute_grads(queries, passages, temperature, labels, passage_ids, lse, r
     inv_tau = 1.0 / temperature.item()
     row_weights = row_weights.to(compute_dtype)
     grads = _ChunkGrads(q, p, need_dq, need_dp, need_dtau)
-    scores_buffer = torch.empty(min(chunk_rows, q.shape[0]), p.shape[0], dtype=compute_dtype)
+    scores_buffer = torch.empty(min(chunk_rows, q.shape[0]) * p.shape[0], dtype=compute_dtype)
     for start in range(0, q.shape[0], chunk_rows):
         rows = slice(start, min(start + chunk_rows, q.shape[0]))
         g = _chunk_scores(q[rows], p, inv_tau, labels[rows], passage_ids, scores_buffer)
