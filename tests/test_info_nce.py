@@ -107,7 +107,7 @@ def assert_parity(backend, dtype, queries64, passages64, kwargs, temperature, re
               "dQ": max_p / temperature * row_weight.max().item(),
               "dP": max_q / temperature * total_weight,
               "dtemperature": max_score / temperature * total_weight}
-    assert want[1].abs().max() > 1e-6, "dQ of the oracle is ~0: this case cannot fail"
+    assert want[1].abs().max() > 0, "dQ of the oracle is 0: this case cannot fail"
     for name, g, w in zip(("loss", "dQ", "dP", "dtemperature"), got, want):
         assert g.shape == w.shape, name
         bound = tol * max(w.abs().max().item(), floors[name])
