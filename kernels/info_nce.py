@@ -27,20 +27,20 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _score_tile(
-    Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm, stride_qd, stride_pn, stride_pd,
+    Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm, stride_pn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """``[BLOCK_M, BLOCK_N]`` fp32 tile of ``Q @ P^T`` (unscaled)."""
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    p_ptrs = P + offs_n[None, :] * stride_pn + offs_d[:, None] * stride_pd  # transposed: [BLOCK_D, BLOCK_N]
+    q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]
+    p_ptrs = P + offs_n[None, :] * stride_pn + offs_d[:, None]  # transposed: [BLOCK_D, BLOCK_N]
     row_ok = offs_m[:, None] < num_queries
     col_ok = offs_n[None, :] < num_passages
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d_first in range(0, dim, BLOCK_D):
         d_ok = (d_first + offs_d) < dim
-        q = tl.load(q_ptrs + d_first * stride_qd, mask=row_ok & d_ok[None, :], other=0.0)
-        p_t = tl.load(p_ptrs + d_first * stride_pd, mask=col_ok & d_ok[:, None], other=0.0)
+        q = tl.load(q_ptrs + d_first, mask=row_ok & d_ok[None, :], other=0.0)
+        p_t = tl.load(p_ptrs + d_first, mask=col_ok & d_ok[:, None], other=0.0)
         acc = tl.dot(q, p_t, acc, input_precision=INPUT_PRECISION)
     return acc
 
@@ -60,7 +60,7 @@ def _candidate_mask(offs_n, num_passages, label, IDS, pos_id, HAS_IDS: tl.conste
 @triton.jit
 def _info_nce_fwd(
     Q, P, LABELS, IDS, POS_IDS, LSE, LOSS,
-    num_queries, num_passages, dim, stride_qm, stride_qd, stride_pn, stride_pd, scale_log2,
+    num_queries, num_passages, dim, stride_qm, stride_pn, scale_log2,
     HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -76,8 +76,8 @@ def _info_nce_fwd(
     pos_score = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n_first in range(0, num_passages, BLOCK_N):
         offs_n = n_first + tl.arange(0, BLOCK_N)
-        s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm, stride_qd,
-                        stride_pn, stride_pd, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
+        s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm,
+                        stride_pn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
         is_pos, valid = _candidate_mask(offs_n, num_passages, label, IDS, pos_id, HAS_IDS)
         pos_score += tl.sum(tl.where(is_pos, s, 0.0), 1)
         s = tl.where(valid, s, float("-inf"))
@@ -101,7 +101,7 @@ def _dscores_tile(s, lse, weight, is_pos, valid):
 @triton.jit
 def _info_nce_bwd_dq(
     Q, P, LABELS, IDS, POS_IDS, LSE, WEIGHT, DQ, TAU_TERMS,
-    num_queries, num_passages, dim, stride_qm, stride_qd, stride_pn, stride_pd, scale_log2, grad_scale,
+    num_queries, num_passages, dim, stride_qm, stride_pn, scale_log2, grad_scale,
     HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -121,17 +121,17 @@ def _info_nce_bwd_dq(
     tau_terms = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n_first in range(0, num_passages, BLOCK_N):
         offs_n = n_first + tl.arange(0, BLOCK_N)
-        s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm, stride_qd,
-                        stride_pn, stride_pd, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
+        s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm,
+                        stride_pn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
         is_pos, valid = _candidate_mask(offs_n, num_passages, label, IDS, pos_id, HAS_IDS)
         g = _dscores_tile(s, lse, weight, is_pos, valid)
         tau_terms += tl.sum(tl.where(valid, g * s, 0.0), 1)
         g = g.to(P.dtype.element_ty)
         col_ok = offs_n[:, None] < num_passages
-        p_ptrs = P + offs_n[:, None] * stride_pn + offs_d[None, :] * stride_pd
+        p_ptrs = P + offs_n[:, None] * stride_pn + offs_d[None, :]
         for d_first in range(0, dim, BLOCK_D):
             d_ok = (d_first + offs_d) < dim
-            p = tl.load(p_ptrs + d_first * stride_pd, mask=col_ok & d_ok[None, :], other=0.0)
+            p = tl.load(p_ptrs + d_first, mask=col_ok & d_ok[None, :], other=0.0)
             out_mask = row_ok[:, None] & d_ok[None, :]
             acc = tl.load(dq_ptrs + d_first, mask=out_mask, other=0.0)
             acc += tl.dot(g, p, input_precision=INPUT_PRECISION) * grad_scale
@@ -142,7 +142,7 @@ def _info_nce_bwd_dq(
 @triton.jit
 def _info_nce_bwd_dp(
     Q, P, LABELS, IDS, POS_IDS, LSE, WEIGHT, DP,
-    num_queries, num_passages, dim, stride_qm, stride_qd, stride_pn, stride_pd, scale_log2, grad_scale,
+    num_queries, num_passages, dim, stride_qm, stride_pn, scale_log2, grad_scale,
     HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -160,14 +160,14 @@ def _info_nce_bwd_dp(
             pos_id = tl.load(POS_IDS + offs_m, mask=row_ok, other=0)
         lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
         weight = tl.load(WEIGHT + offs_m, mask=row_ok, other=0.0)
-        s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm, stride_qd,
-                        stride_pn, stride_pd, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
+        s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm,
+                        stride_pn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
         is_pos, valid = _candidate_mask(offs_n, num_passages, label, IDS, pos_id, HAS_IDS)
         g_t = tl.trans(_dscores_tile(s, lse, weight, is_pos, valid).to(Q.dtype.element_ty))
-        q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]
         for d_first in range(0, dim, BLOCK_D):
             d_ok = (d_first + offs_d) < dim
-            q = tl.load(q_ptrs + d_first * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            q = tl.load(q_ptrs + d_first, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             out_mask = col_ok[:, None] & d_ok[None, :]
             acc = tl.load(dp_ptrs + d_first, mask=out_mask, other=0.0)
             acc += tl.dot(g_t, q, input_precision=INPUT_PRECISION) * grad_scale
@@ -194,8 +194,7 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def _common_args(queries, passages):
-    return (queries.shape[0], passages.shape[0], queries.shape[1],
-            queries.stride(0), queries.stride(1), passages.stride(0), passages.stride(1))
+    return (queries.shape[0], passages.shape[0], queries.shape[1], queries.stride(0), passages.stride(0))
 
 
 def _forward(queries, passages, inv_tau, labels, ids, pos_ids, config):
@@ -280,9 +279,13 @@ def info_nce_triton(queries, passages, temperature, labels, passage_ids, reducti
     :func:`default_configs` (tests use small tiles)."""
     if configs is None:
         configs = default_configs(queries.dtype)
-    labels = labels.contiguous()
+    # int32 index tiles halve the registers of the [BLOCK_M, BLOCK_N] masks; ids are renumbered densely so
+    # that arbitrary int64 ids (hashes) fit
+    labels = labels.to(torch.int32).contiguous()
+    # the kernels read rows with unit stride along D (vector loads); the row stride is free
+    queries, passages = (t if t.stride(1) == 1 else t.contiguous() for t in (queries, passages))
     if passage_ids is not None:
-        passage_ids = passage_ids.to(torch.int64).contiguous()
+        passage_ids = torch.unique(passage_ids, return_inverse=True)[1].to(torch.int32).contiguous()
     return TritonInfoNCE.apply(queries, passages, temperature.to(queries.device), labels, passage_ids, reduction,
                                configs)
 
@@ -297,7 +300,7 @@ def aot_specs() -> list[dict]:
         for kernel_name, fn in (("fwd", _info_nce_fwd), ("dq", _info_nce_bwd_dq), ("dp", _info_nce_bwd_dp)):
             block_m, block_n, block_d, num_warps, num_stages = CONFIGS[config_key][kernel_name]
             for has_ids in (False, True):
-                signature = {"Q": ptr_type, "P": ptr_type, "LABELS": "*i64", "IDS": "*i64", "POS_IDS": "*i64",
+                signature = {"Q": ptr_type, "P": ptr_type, "LABELS": "*i32", "IDS": "*i32", "POS_IDS": "*i32",
                              "LSE": "*fp32"}
                 if kernel_name == "fwd":
                     signature["LOSS"] = "*fp32"
@@ -306,8 +309,7 @@ def aot_specs() -> list[dict]:
                     signature["DQ" if kernel_name == "dq" else "DP"] = "*fp32"
                     if kernel_name == "dq":
                         signature["TAU_TERMS"] = "*fp32"
-                for name in ("num_queries", "num_passages", "dim", "stride_qm", "stride_qd", "stride_pn",
-                             "stride_pd"):
+                for name in ("num_queries", "num_passages", "dim", "stride_qm", "stride_pn"):
                     signature[name] = "i32"
                 signature["scale_log2"] = "fp32"
                 if kernel_name != "fwd":
