@@ -24,7 +24,7 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 
 # Bytes of fp32 scores one CPU chunk may hold; the chunk is this many bytes / (4 * P) query rows.
 CPU_CHUNK_BYTES = 32 * 2**20
-MIN_CHUNK_ROWS = 16
+MIN_CHUNK_ROWS = 64  # GEMMs with fewer rows spend more on the read-modify-write of dP than on arithmetic
 
 
 def info_nce(
