@@ -14,8 +14,6 @@ import contextlib
 import importlib
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything: CPU tensors, no GPU
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +31,10 @@ TOLERANCES = {
     ("triton", torch.float16): 1e-2,
 }
 SMALL_TRITON_TILES = {"fwd": (16, 16, 16, 1, 1), "dq": (16, 16, 16, 1, 1), "dp": (16, 16, 16, 1, 1)}
-needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+# Triton runs on the GPU when there is one, else on CPU tensors under the interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1 before any kernel module is imported).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_interpreter = pytest.mark.skipif(TRITON_DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                        reason="Triton on CPU tensors needs TRITON_INTERPRET=1 before import")
 
 
@@ -76,13 +77,15 @@ def make_case(seed, num_queries, num_passages, dim, layout, group_size, with_ids
 
 def run(backend, dtype, queries64, passages64, kwargs, temperature, reduction, grad_weights):
     """Loss and gradients of ``sum(loss * grad_weights)`` (scalar weight for mean/sum)."""
-    queries = queries64.to(dtype).requires_grad_()
-    passages = passages64.to(dtype).requires_grad_()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    queries = queries64.to(device=device, dtype=dtype).requires_grad_()
+    passages = passages64.to(device=device, dtype=dtype).requires_grad_()
     tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    tau = torch.tensor(temperature, dtype=tau_dtype, requires_grad=True)
+    tau = torch.tensor(temperature, dtype=tau_dtype, device=device, requires_grad=True)
+    kwargs = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
     loss = info_nce(queries, passages, tau, reduction=reduction, backend=backend, **kwargs)
-    (loss * grad_weights.to(loss.dtype)).sum().backward()
-    return [t.detach().double() for t in (loss, queries.grad, passages.grad, tau.grad)]
+    (loss * grad_weights.to(device=device, dtype=loss.dtype)).sum().backward()
+    return [t.detach().cpu().double() for t in (loss, queries.grad, passages.grad, tau.grad)]
 
 
 def assert_parity(backend, dtype, queries64, passages64, kwargs, temperature, reduction, seed):
@@ -186,7 +189,9 @@ def test_triton_default_tiles():
 def test_sharp_logits_stay_finite(backend):
     """tau = 0.01 on unnormalised embeddings: scores in the thousands, the positive's probability underflows."""
     queries, passages, kwargs = make_case(11, 6, 24, 32, "grouped", 4, False, 30.0)
-    loss = info_nce(queries.float(), passages.float(), 0.01, backend=backend, reduction="none", **kwargs)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    loss = info_nce(queries.float().to(device), passages.float().to(device), 0.01, backend=backend,
+                    reduction="none", **kwargs).cpu()
     want = info_nce(queries, passages, 0.01, backend="reference", reduction="none", **kwargs)
     assert torch.isfinite(loss).all() and want.max() > 100
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-3)
@@ -229,12 +234,13 @@ def test_cpu_second_backward_recomputes():
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_interpreter)])
 def test_partial_requires_grad_and_no_grad(backend):
     queries, passages, kwargs = make_case(2, 4, 8, 16, "grouped", 2, False, 1.0)
-    queries = queries.float().requires_grad_()
-    passages = passages.float()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    queries = queries.float().to(device).requires_grad_()
+    passages = passages.float().to(device)
     info_nce(queries, passages, 0.05, backend=backend, **kwargs).backward()
-    want_q = queries.detach().double().requires_grad_()
-    info_nce(want_q, passages.double(), 0.05, backend="reference", **kwargs).backward()
-    torch.testing.assert_close(queries.grad.double(), want_q.grad, rtol=1e-4, atol=1e-6)
+    want_q = queries.detach().cpu().double().requires_grad_()
+    info_nce(want_q, passages.cpu().double(), 0.05, backend="reference", **kwargs).backward()
+    torch.testing.assert_close(queries.grad.cpu().double(), want_q.grad, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         value = info_nce(queries, passages, 0.05, backend=backend, **kwargs)
     assert not value.requires_grad and torch.isfinite(value)
