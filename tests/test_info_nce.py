@@ -145,7 +145,7 @@ def _case(c):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(c=case_strategy, chunk_rows=st.sampled_from([1, 3, 1000]))
 def test_cpu_matches_oracle(dtype, c, chunk_rows):
     queries, passages, kwargs = _case(c)
@@ -161,7 +161,7 @@ def test_cpu_matches_oracle(dtype, c, chunk_rows):
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(c=case_strategy)
 def test_triton_matches_oracle(dtype, c):
     queries, passages, kwargs = _case(c)
