@@ -349,8 +349,8 @@ class ChunkedInfoNCE(torch.autograd.Function):
     """CPU InfoNCE in query chunks: O(Q + P) memory plus one ``[chunk_rows, P]`` block of scores.
 
     For "mean" / "sum" the forward pass also computes the gradients for a unit incoming gradient (the
-    chunk's scores turn into its softmax in place, then ``dQ = G P / tau``, ``dP += G^T Q / tau``); the
-    backward scales them. "none" (per-row incoming gradients) and a second backward through the same graph
+    chunk's scores turn into ``exp(s - max)`` in place, then ``dQ = G P / tau``, ``dP += G^T Q / tau`` with
+    ``G = softmax - onehot``); the backward scales them. "none" (per-row incoming gradients) and a second backward through the same graph
     recompute the scores chunk by chunk instead.
     """
 
@@ -374,16 +374,13 @@ class ChunkedInfoNCE(torch.autograd.Function):
         for start in range(0, num_queries, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_queries))
             scores = _chunk_scores(q[rows], p, inv_tau, labels[rows], passage_ids, scores_buffer)
-            row_index = torch.arange(scores.shape[0])
-            pos_scores[rows] = scores[row_index, labels[rows]]
+            pos_scores[rows] = scores[torch.arange(scores.shape[0]), labels[rows]]
             row_max = scores.amax(dim=1, keepdim=True)
             scores.sub_(row_max).exp_()
             row_sum = scores.sum(dim=1, keepdim=True)
             lse[rows] = (row_max + row_sum.log()).squeeze(1)
-            if fuse:
-                probs = scores.div_(row_sum)
-                probs[row_index, labels[rows]] -= 1.0  # now dloss_i/ds_ij
-                grads.add_chunk(rows, probs, None)
+            if fuse:  # dloss_i/ds_ij = exp_ij / row_sum_i - [j == label_i]
+                grads.add_chunk(rows, scores, labels[rows], 1.0 / row_sum.squeeze(1), None)
         losses = lse - pos_scores
 
         ctx.save_for_backward(queries, passages, temperature, labels, passage_ids, lse)
@@ -435,18 +432,24 @@ class _ChunkGrads:
         self.dp = torch.zeros_like(p) if need_dp else None
         self.tau_terms = torch.zeros((), dtype=q.dtype)
 
-    def add_chunk(self, rows, g, row_weights):
-        """``g``: ``[rows, P]`` dloss_i/ds_ij (unweighted); ``row_weights``: ``[rows]`` or None (all ones)."""
+    def add_chunk(self, rows, exp_scores, chunk_labels, prob_scale, target_weight):
+        """Add one chunk with ``G_ij = prob_scale_i * exp_scores_ij - target_weight_i * [j == label_i]``.
+
+        The scales go into the small operands (rows of ``dq``, rows of ``q``) and the one-hot part into a
+        row gather / scatter, so the ``[rows, P]`` block is only read, by the two GEMMs.
+        ``target_weight=None`` means all ones."""
         q_chunk = self.q[rows]
-        if row_weights is not None:
-            g.mul_(row_weights.unsqueeze(1))
+        if target_weight is None:
+            target_weight = torch.ones_like(prob_scale)
         if self.dq is not None:
-            dq_chunk = torch.mm(g, self.p, out=self.dq[rows])  # times 1/tau in finish()
+            dq_chunk = torch.mm(exp_scores, self.p, out=self.dq[rows])  # times 1/tau in finish()
+            dq_chunk.mul_(prob_scale.unsqueeze(1)).sub_(self.p[chunk_labels] * target_weight.unsqueeze(1))
             if self.need_dtau:
                 # sum_j g_ij s_ij = q_i . (sum_j g_ij p_j) / tau: no pass over the scores (which hold -inf)
                 self.tau_terms += (q_chunk * dq_chunk).sum()
         if self.dp is not None:
-            self.dp.addmm_(g.T, q_chunk)
+            self.dp.addmm_(exp_scores.T, q_chunk * prob_scale.unsqueeze(1))
+            self.dp.index_add_(0, chunk_labels, q_chunk * target_weight.unsqueeze(1), alpha=-1.0)
 
     def finish(self, inv_tau, weight):
         """Apply 1/tau and the reduction's weight; return (dq, dp, dtau)."""
@@ -469,8 +472,7 @@ def _recompute_grads(queries, passages, temperature, labels, passage_ids, lse, r
     scores_buffer = torch.empty(min(chunk_rows, q.shape[0]) * p.shape[0], dtype=compute_dtype)
     for start in range(0, q.shape[0], chunk_rows):
         rows = slice(start, min(start + chunk_rows, q.shape[0]))
-        g = _chunk_scores(q[rows], p, inv_tau, labels[rows], passage_ids, scores_buffer)
-        g.sub_(lse[rows].unsqueeze(1)).exp_()
-        g[torch.arange(g.shape[0]), labels[rows]] -= 1.0
-        grads.add_chunk(rows, g, row_weights[rows])
+        probs = _chunk_scores(q[rows], p, inv_tau, labels[rows], passage_ids, scores_buffer)
+        probs.sub_(lse[rows].unsqueeze(1)).exp_()
+        grads.add_chunk(rows, probs, labels[rows], row_weights[rows], row_weights[rows])
     return grads.finish(inv_tau, 1.0)
