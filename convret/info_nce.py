@@ -350,15 +350,15 @@ class ChunkedInfoNCE(torch.autograd.Function):
 
     For "mean" / "sum" the forward pass also computes the gradients for a unit incoming gradient (the
     chunk's scores turn into ``exp(s - max)`` in place, then ``dQ = G P / tau``, ``dP += G^T Q / tau`` with
-    ``G = softmax - onehot``); the backward scales them. "none" (per-row incoming gradients) and a second backward through the same graph
-    recompute the scores chunk by chunk instead.
+    ``G = softmax - onehot``); the backward scales them. "none" (per-row incoming gradients) and a second
+    backward through the same graph recompute the scores chunk by chunk instead.
     """
 
     @staticmethod
     def forward(ctx, queries, passages, temperature, labels, passage_ids, reduction, chunk_rows):
         need_dq, need_dp, need_dtau = ctx.needs_input_grad[:3]
         compute_dtype = torch.promote_types(queries.dtype, torch.float32)
-        q = queries.to(compute_dtype)
+        q = queries.to(compute_dtype).contiguous()
         p = passages.to(compute_dtype)
         inv_tau = 1.0 / temperature.item()
         num_queries = q.shape[0]
@@ -367,9 +367,7 @@ class ChunkedInfoNCE(torch.autograd.Function):
 
         lse = torch.empty(num_queries, dtype=compute_dtype)
         pos_scores = torch.empty(num_queries, dtype=compute_dtype)
-        grads = None
-        if fuse:
-            grads = _ChunkGrads(q, p, need_dq, need_dp, need_dtau)
+        grads = _ChunkGrads(q, p, labels, need_dq, need_dp, need_dtau) if fuse else None
         scores_buffer = torch.empty(min(chunk_rows, num_queries) * p.shape[0], dtype=compute_dtype)
         for start in range(0, num_queries, chunk_rows):
             rows = slice(start, min(start + chunk_rows, num_queries))
@@ -380,7 +378,8 @@ class ChunkedInfoNCE(torch.autograd.Function):
             row_sum = scores.sum(dim=1, keepdim=True)
             lse[rows] = (row_max + row_sum.log()).squeeze(1)
             if fuse:  # dloss_i/ds_ij = exp_ij / row_sum_i - [j == label_i]
-                grads.add_chunk(rows, scores, labels[rows], 1.0 / row_sum.squeeze(1), None)
+                grads.add_chunk(rows, scores, 1.0 / row_sum.squeeze(1))
+        del scores_buffer, scores
         losses = lse - pos_scores
 
         ctx.save_for_backward(queries, passages, temperature, labels, passage_ids, lse)
@@ -415,7 +414,8 @@ def _chunk_scores(q_chunk, p, inv_tau, chunk_labels, passage_ids, buffer):
     returned as its transposed view. ``p @ q_chunk.T`` makes MKL pack only the small operand; the row-major
     ``q_chunk @ p.T`` packs ``p`` into a scratch buffer as large as the chunk itself (32 MiB here)."""
     rows = q_chunk.shape[0]
-    scores_t = torch.mm(p, (q_chunk * inv_tau).T, out=buffer[: p.shape[0] * rows].view(p.shape[0], rows))
+    scores_t = buffer[: p.shape[0] * rows].view(p.shape[0], rows)
+    torch.addmm(scores_t, p, q_chunk.T, beta=0.0, alpha=inv_tau, out=scores_t)
     scores = scores_t.T
     if passage_ids is not None:
         scores.masked_fill_(false_negative_mask(chunk_labels, passage_ids), float("-inf"))
@@ -423,56 +423,66 @@ def _chunk_scores(q_chunk, p, inv_tau, chunk_labels, passage_ids, buffer):
 
 
 class _ChunkGrads:
-    """Accumulates dQ, dP and the temperature terms from ``G = dloss/ds`` one query chunk at a time."""
+    """Accumulates dQ, dP and d(temperature) one query chunk at a time from
+    ``G_ij = prob_scale_i * exp_scores_ij - target_weight_i * [j == label_i]``.
 
-    def __init__(self, q, p, need_dq, need_dp, need_dtau):
-        self.q, self.p = q, p
+    Only the two GEMMs touch the ``[rows, P]`` block: the per-row scales go into the small operands and the
+    one-hot part into a row gather / ``index_add_``. On a machine whose cores are shared, every extra
+    multi-threaded op costs a thread wake-up, so the per-row work on dQ is done once for all rows at the end.
+    """
+
+    def __init__(self, q, p, labels, need_dq, need_dp, need_dtau):
+        self.q, self.p, self.labels = q, p, labels
         self.need_dq, self.need_dp, self.need_dtau = need_dq, need_dp, need_dtau
         self.dq = torch.empty_like(q) if (need_dq or need_dtau) else None
         self.dp = torch.zeros_like(p) if need_dp else None
-        self.tau_terms = torch.zeros((), dtype=q.dtype)
+        self.prob_scale = torch.empty(q.shape[0], dtype=q.dtype)
+        self.target_weight = None
 
-    def add_chunk(self, rows, exp_scores, chunk_labels, prob_scale, target_weight):
-        """Add one chunk with ``G_ij = prob_scale_i * exp_scores_ij - target_weight_i * [j == label_i]``.
-
-        The scales go into the small operands (rows of ``dq``, rows of ``q``) and the one-hot part into a
-        row gather / scatter, so the ``[rows, P]`` block is only read, by the two GEMMs.
-        ``target_weight=None`` means all ones."""
+    def add_chunk(self, rows, exp_scores, prob_scale, target_weight=None):
+        """``target_weight=None``: all ones."""
         q_chunk = self.q[rows]
-        if target_weight is None:
-            target_weight = torch.ones_like(prob_scale)
         if self.dq is not None:
-            dq_chunk = torch.mm(exp_scores, self.p, out=self.dq[rows])  # times 1/tau in finish()
-            dq_chunk.mul_(prob_scale.unsqueeze(1)).sub_(self.p[chunk_labels] * target_weight.unsqueeze(1))
-            if self.need_dtau:
-                # sum_j g_ij s_ij = q_i . (sum_j g_ij p_j) / tau: no pass over the scores (which hold -inf)
-                self.tau_terms += (q_chunk * dq_chunk).sum()
+            torch.mm(exp_scores, self.p, out=self.dq[rows])  # rows scaled and one-hot part removed in finish()
+            self.prob_scale[rows] = prob_scale
         if self.dp is not None:
             self.dp.addmm_(exp_scores.T, q_chunk * prob_scale.unsqueeze(1))
-            self.dp.index_add_(0, chunk_labels, q_chunk * target_weight.unsqueeze(1), alpha=-1.0)
+            targets = q_chunk if target_weight is None else q_chunk * target_weight.unsqueeze(1)
+            self.dp.index_add_(0, self.labels[rows], targets, alpha=-1.0)
 
-    def finish(self, inv_tau, weight):
-        """Apply 1/tau and the reduction's weight; return (dq, dp, dtau)."""
+    def finish(self, inv_tau, weight, target_weight=None):
+        """Apply the per-row scales, the one-hot part, 1/tau and the reduction's weight; return (dq, dp, dtau)."""
         scale = inv_tau * weight
-        dq = self.dq.mul_(scale) if self.need_dq else None
+        dq = dtau = None
+        if self.dq is not None:
+            self.dq.mul_(self.prob_scale.unsqueeze(1))
+            targets = self.p.index_select(0, self.labels)  # [Q, D]: no larger than the freed scores block
+            if target_weight is not None:
+                targets.mul_(target_weight.unsqueeze(1))
+            self.dq.sub_(targets)
+            del targets
+            if self.need_dtau:
+                # sum_ij g_ij s_ij = sum_i q_i . (sum_j g_ij p_j) / tau: no pass over the scores (which hold -inf);
+                # s = q.p / tau gives ds/dtau = -s / tau
+                dtau = torch.dot(self.q.view(-1), self.dq.view(-1)) * (-inv_tau * inv_tau * weight)
+            dq = self.dq.mul_(scale) if self.need_dq else None
         dp = self.dp.mul_(scale) if self.need_dp else None
-        # s_ij = q.p / tau  =>  ds_ij/dtau = -s_ij / tau, and tau_terms = tau * sum_ij g_ij s_ij
-        dtau = self.tau_terms * (-inv_tau * inv_tau * weight) if self.need_dtau else None
         return dq, dp, dtau
 
 
 def _recompute_grads(queries, passages, temperature, labels, passage_ids, lse, row_weights, chunk_rows,
                      need_dq, need_dp, need_dtau):
     compute_dtype = torch.promote_types(queries.dtype, torch.float32)
-    q = queries.to(compute_dtype)
+    q = queries.to(compute_dtype).contiguous()
     p = passages.to(compute_dtype)
     inv_tau = 1.0 / temperature.item()
     row_weights = row_weights.to(compute_dtype)
-    grads = _ChunkGrads(q, p, need_dq, need_dp, need_dtau)
+    grads = _ChunkGrads(q, p, labels, need_dq, need_dp, need_dtau)
     scores_buffer = torch.empty(min(chunk_rows, q.shape[0]) * p.shape[0], dtype=compute_dtype)
     for start in range(0, q.shape[0], chunk_rows):
         rows = slice(start, min(start + chunk_rows, q.shape[0]))
         probs = _chunk_scores(q[rows], p, inv_tau, labels[rows], passage_ids, scores_buffer)
         probs.sub_(lse[rows].unsqueeze(1)).exp_()
-        grads.add_chunk(rows, probs, labels[rows], row_weights[rows], row_weights[rows])
-    return grads.finish(inv_tau, 1.0)
+        grads.add_chunk(rows, probs, row_weights[rows], row_weights[rows])
+    del scores_buffer, probs
+    return grads.finish(inv_tau, 1.0, row_weights)
