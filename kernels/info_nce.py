@@ -182,7 +182,7 @@ def _info_nce_bwd_dp(
 # pipelines its D loop, and needs far fewer registers.
 CONFIGS = {
     "half": {"fwd": (128, 64, 32, 8, 3), "dq": (64, 64, 32, 8, 2), "dp": (64, 64, 32, 8, 2)},
-    "fp32": {"fwd": (128, 64, 16, 8, 3), "dq": (64, 32, 32, 8, 2), "dp": (64, 64, 16, 8, 2)},
+    "fp32": {"fwd": (128, 64, 16, 8, 3), "dq": (64, 32, 16, 8, 2), "dp": (64, 64, 16, 8, 2)},
 }
 
 
