@@ -113,11 +113,15 @@ def reference_step(model, examples) -> float:
     return loss.item()
 
 
-def convret_step(model, examples, max_len: int) -> float:
+def convret_step(model, examples, max_len: int, checkpointing: bool = False) -> float:
     from convret.collate import CSITCollator
     from convret.csit import CSITLoss
 
     model.set_attn_implementation("convret")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
     batch = CSITCollator(SUMMARY_IDS, pad_token_id=0, max_len=max_len, pad_to_multiple_of=64)(examples)
     out = CSITLoss(alpha=ALPHA, temperature=TEMPERATURE, label_smoothing=LABEL_SMOOTHING)(model, batch)
     out.loss.backward()
@@ -125,28 +129,42 @@ def convret_step(model, examples, max_len: int) -> float:
     return out.loss.item()
 
 
+IMPLS = ("convret", "convret+ckpt", "reference")
+
+
 def run_step(impl: str, model, examples, max_len: int) -> float:
-    return reference_step(model, examples) if impl == "reference" else convret_step(model, examples, max_len)
+    if impl == "reference":
+        model.gradient_checkpointing_disable()
+        return reference_step(model, examples)
+    return convret_step(model, examples, max_len, checkpointing=impl == "convret+ckpt")
 
 
 # ---------------------------------------------------------------------- measurements
 def peak_rss(impl: str, sessions: int, max_len: int) -> dict:
-    """In this (fresh) process: build, run two steps, report peak RSS in GB."""
+    """In this (fresh) process: build the model, run one step, report peak RSS in GB."""
     model = build_model()
     examples = make_examples(sessions)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    loss = [run_step(impl, model, examples, max_len) for _ in range(2)]
+    loss = run_step(impl, model, examples, max_len)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"impl": impl, "sessions": sessions, "peak_rss_gb": peak, "rss_after_model_gb": before, "loss": loss}
 
 
-def peak_in_subprocess(impl: str, sessions: int, max_len: int) -> dict:
+# glibc keeps freed heap blocks below its (dynamic, up to 32 MB) mmap threshold: activation-sized temporaries
+# fragment the heap and inflate RSS. This setting returns every block >= 1 MiB to the OS on free.
+TRIMMED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+def peak_in_subprocess(impl: str, sessions: int, max_len: int, trimmed_malloc: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--peak", impl, "--sessions", str(sessions),
            "--max-len", str(max_len)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, **(TRIMMED_MALLOC if trimmed_malloc else {}))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         return {"impl": impl, "sessions": sessions, "error": result.stderr[-2000:]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out["malloc"] = "mmap>=1MiB" if trimmed_malloc else "default"
+    return out
 
 
 def available_memory_gb() -> float:
@@ -157,10 +175,9 @@ def available_memory_gb() -> float:
     return float("nan")
 
 
-def timing(sessions: int, steps: int, max_len: int, with_reference: bool) -> dict:
+def timing(sessions: int, steps: int, max_len: int, impls: list[str]) -> dict:
     model = build_model()
     examples = make_examples(sessions)
-    impls = ["convret"] + (["reference"] if with_reference else [])
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     losses: dict[str, float] = {}
     for impl in impls:  # warm-up
@@ -186,7 +203,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per approach (after one warm-up)")
     parser.add_argument("--max-len", type=int, default=2048, help="row length of the packed one-pass batch")
-    parser.add_argument("--peak", choices=["convret", "reference"], help="internal: one peak-RSS measurement")
+    parser.add_argument("--peak", choices=IMPLS, help="internal: one peak-RSS measurement")
     parser.add_argument("--no-reference", action="store_true", help="time convret only")
     parser.add_argument("--min-free-gb", type=float, default=None,
                         help="skip the reference when less memory is available (default: its expected need + 2 GB)")
@@ -211,27 +228,32 @@ def main() -> None:
     if not with_reference and not args.no_reference:
         print(f"reference skipped: {free:.1f} GB available, needs ~{need:.1f} GB (does not fit alongside other work)")
 
-    peaks = [peak_in_subprocess("convret", args.sessions, args.max_len)]
-    if with_reference:
-        peaks.append(peak_in_subprocess("reference", args.sessions, args.max_len))
-    for p in peaks:
-        print("peak:", json.dumps(p))
-    result = timing(args.sessions, args.steps, args.max_len, with_reference)
+    impls = ["convret", "convret+ckpt"] + (["reference"] if with_reference else [])
+    peaks = {}
+    for impl in impls:
+        for trimmed in (False, True):
+            p = peak_in_subprocess(impl, args.sessions, args.max_len, trimmed)
+            print("peak:", json.dumps(p), flush=True)
+            peaks[impl, trimmed] = p.get("peak_rss_gb", float("nan"))
+    result = timing(args.sessions, args.steps, args.max_len, impls)
     print("timing:", json.dumps(result))
 
+    names = {"reference": "reference (eager + dense mask, 4 forwards, full logits)",
+             "convret": "convret one-pass", "convret+ckpt": "convret one-pass + gradient checkpointing"}
     ref_t = result["step_s"].get("reference")
-    conv_t = result["step_s"]["convret"]
-    peak_by = {p["impl"]: p.get("peak_rss_gb") for p in peaks}
     print()
-    print("| sessions | approach | step time (s, median) | peak RSS (GB) |")
-    print("|---|---|---|---|")
-    print(f"| {args.sessions} | reference (eager + dense mask, 4 forwards, full logits) | "
-          f"{ref_t:.2f} | {peak_by.get('reference', float('nan')):.2f} |" if ref_t else
-          f"| {args.sessions} | reference | skipped | skipped |")
-    print(f"| {args.sessions} | convret one-pass | {conv_t:.2f} | {peak_by['convret']:.2f} |")
-    if ref_t and peak_by.get("reference"):
-        print(f"speed-up {ref_t / conv_t:.2f}x (target >= 3x), peak memory {peak_by['reference'] / peak_by['convret']:.2f}x "
-              f"lower (target >= 4x)")
+    print("| sessions | approach | step time (s, median) | peak RSS, default malloc (GB) | peak RSS, mmap >= 1 MiB (GB) |")
+    print("|---|---|---|---|---|")
+    if not with_reference:
+        print(f"| {args.sessions} | {names['reference']} | not run | not run | not run |")
+    for impl in impls:
+        t = result["step_s"][impl]
+        print(f"| {args.sessions} | {names[impl]} | {t:.2f} | {peaks[impl, False]:.2f} | {peaks[impl, True]:.2f} |")
+    if ref_t:
+        for impl in ("convret", "convret+ckpt"):
+            print(f"{impl}: {ref_t / result['step_s'][impl]:.2f}x faster (target >= 3x); peak RSS "
+                  f"{peaks['reference', False] / peaks[impl, False]:.2f}x lower with default malloc, "
+                  f"{peaks['reference', True] / peaks[impl, True]:.2f}x with mmap >= 1 MiB (target >= 4x)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,14 @@ from .attention import session_attention, available_backends
 from . import _triton_backend  # noqa: F401  (registers backend="triton")
 from ._cpu_backend import backend_info  # also registers backend="cpu"
 from .info_nce import info_nce, InfoNCELoss
+from .lm_loss import linear_cross_entropy, LinearCrossEntropy
+from .collate import CSITBatch, CSITCollator, CSITExample
+from .csit import csit_loss, CSITLoss, CSITLossOutput
 
-__all__ = ["SessionLayout", "session_attention", "available_backends", "backend_info", "info_nce", "InfoNCELoss"]
+# Hugging Face integration (transformers is imported there, not here): `import convret.hf`.
+__all__ = [
+    "SessionLayout", "session_attention", "available_backends", "backend_info", "info_nce", "InfoNCELoss",
+    "linear_cross_entropy", "LinearCrossEntropy",
+    "CSITBatch", "CSITCollator", "CSITExample", "csit_loss", "CSITLoss", "CSITLossOutput",
+]
 __version__ = "0.1.0"
