@@ -120,23 +120,30 @@ def test_parity_with_eager_dense_mask(arch, lora, checkpointing):
     seed = zlib.crc32(f"{arch}-{lora}-{checkpointing}".encode()) % 1000
     rng = random.Random(seed)
     model = build_model(arch, lora, checkpointing, seed)
-    for _ in range(2):
-        layout = random_layout(rng, batch=2, seq_len=rng.choice([24, 40, 64]))
-        real = real_positions(layout)
-        input_ids = torch.randint(0, VOCAB, (layout.batch_size, layout.seq_len))
-        labels = input_ids.masked_fill(~real, -100)
+    layout = random_layout(rng, batch=3, seq_len=rng.choice([24, 40, 64]))
+    real = real_positions(layout)
+    input_ids = torch.randint(0, VOCAB, (layout.batch_size, layout.seq_len))
+    labels = input_ids.masked_fill(~real, -100)
 
-        logits_c, loss_c, grads_c = run_step(model, "convret", input_ids, labels, layout)
-        logits_e, loss_e, grads_e = run_step(model, "eager", input_ids, labels, layout)
+    logits_c, loss_c, grads_c = run_step(model, "convret", input_ids, labels, layout)
+    logits_e, loss_e, grads_e = run_step(model, "eager", input_ids, labels, layout)
 
-        assert rel_err(logits_c[real], logits_e[real]) < TOL
-        assert rel_err(loss_c, loss_e) < TOL
-        if lora:
-            assert any("lora_" in n for n in grads_c)
-            assert all("lora_" in n for n in grads_c)
-        assert grads_c.keys() == grads_e.keys() and len(grads_c) > 0
-        for name in grads_c:
-            assert rel_err(grads_c[name], grads_e[name]) < TOL, name
+    assert rel_err(logits_c[real], logits_e[real]) < TOL
+    assert rel_err(loss_c, loss_e) < TOL
+    if lora:
+        assert any("lora_" in n for n in grads_c)
+        assert all("lora_" in n for n in grads_c)
+    assert grads_c.keys() == grads_e.keys() and len(grads_c) > 0
+    for name in grads_c:
+        assert rel_err(grads_c[name], grads_e[name]) < TOL, name
+
+
+def test_import_convret_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, convret; assert 'transformers' not in sys.modules, 'convret imported transformers'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_registration_is_idempotent_and_named_safely():
