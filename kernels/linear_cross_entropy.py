@@ -85,3 +85,20 @@ def cross_entropy_rows_triton(
         num_warps=8 if block_v >= 2048 else 4,
     )
     return loss
+
+
+def aot_specs() -> list[dict]:
+    """The kernel at its default config for each dtype, for the ahead-of-time compile check (``convret.aot``)."""
+    specs = []
+    for type_name in ("fp16", "bf16", "fp32"):
+        for write_grad in (False, True):
+            specs.append({
+                "name": f"cross_entropy_rows[{type_name},grad={int(write_grad)},v4096]",
+                "fn": _cross_entropy_rows,
+                "signature": {"LOGITS": "*" + type_name, "LABELS": "*i64", "LOSS": "*fp32", "stride_row": "i32",
+                              "vocab_size": "i32", "label_smoothing": "fp32", "grad_scale": "fp32",
+                              "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr"},
+                "constexprs": {"WRITE_GRAD": write_grad, "BLOCK_V": 4096},
+                "num_warps": 8, "num_stages": 1,
+            })
+    return specs
