@@ -54,6 +54,7 @@ class CSITBatch:
         passage_positions: LongTensor ``[Q * group_size, 2]``, Tevatron order ``[pos, neg_1..neg_k]`` per query.
         group_size: ``1 + k`` passages per query (0 when the batch has no retrieval example).
         num_lm_samples: LM sequences in the batch.
+        stats: packing statistics (rows, seq_len, real_tokens, fill, lm_tokens) for logging.
     """
 
     input_ids: torch.Tensor

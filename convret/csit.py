@@ -20,7 +20,8 @@ __all__ = ["CSITLoss", "CSITLossOutput", "csit_loss"]
 
 
 class CSITLossOutput(NamedTuple):
-    """``loss`` = ``contrastive + alpha * generation``; the parts are detached-free tensors for logging."""
+    """``loss = contrastive + alpha * generation``, fp32 scalars. The parts keep their graph: detach them (or
+    call ``.item()``) for logging."""
 
     loss: torch.Tensor
     contrastive: torch.Tensor
@@ -70,8 +71,8 @@ def csit_loss(
                                passage_ids=passage_ids, gather=gather)
     else:
         contrastive = query_embeddings.new_zeros((), dtype=torch.float32)
-    if shift_labels:
-        lm_hidden, lm_labels = lm_hidden[..., :-1, :], lm_labels[..., 1:]
+    if shift_labels:  # shift the labels, not the hidden states: slicing those would copy all of them
+        lm_labels = torch.nn.functional.pad(lm_labels[..., 1:], (0, 1), value=-100)
     generation = linear_cross_entropy(lm_hidden, lm_weight, lm_labels, bias=lm_bias, label_smoothing=label_smoothing)
     return CSITLossOutput(contrastive + alpha * generation, contrastive, generation)
 
