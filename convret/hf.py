@@ -121,10 +121,8 @@ def _causal_attention(
 
 
 def convret_padding_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
+    batch_size: int | None = None,
+    kv_length: int | None = None,
     kv_offset: int = 0,
     attention_mask: torch.Tensor | None = None,
     **kwargs: Any,
@@ -133,9 +131,12 @@ def convret_padding_mask(
 
     Keeps the model's 2-D padding mask instead of a dense ``[B, 1, Lq, Lk]`` one: returns ``None`` when there
     is no padding (the common training case, the layout then carries everything) or a bool ``[B, kv_length]``
-    mask (True = real token) that :func:`convret_attention_forward` combines with causality itself."""
+    mask (True = real token) that :func:`convret_attention_forward` combines with causality itself.
+    Keyword-only in practice: transformers 5.x passes ``q_length``/``q_offset``, 4.57 ``cache_position``."""
     if attention_mask is None:
         return None
+    if kv_length is None:
+        kv_length = attention_mask.shape[-1] - kv_offset
     padding = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
     if padding.shape[-1] < kv_length:  # static caches are longer than the mask: unwritten slots are not real
         padding = F.pad(padding, (0, kv_length - padding.shape[-1]), value=False)
