@@ -194,3 +194,23 @@ def test_one_pass_step_equals_reference_four_forwards(query_from_lm_sample):
         if p.requires_grad:
             # norm-wise relative error, as in the attention parity tests
             assert ((grads[name] - p.grad).norm() / p.grad.norm()).item() < 1e-5, name
+
+
+def test_csit_loss_parts_against_naive_formulas():
+    pytest.importorskip("convret.info_nce")
+    from convret.csit import csit_loss
+
+    g = torch.Generator().manual_seed(0)
+    queries, passages = torch.randn(3, 16, generator=g), torch.randn(3 * 4, 16, generator=g)
+    hidden, weight = torch.randn(2, 10, 16, generator=g), torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (2, 10), generator=g)
+    labels[:, :4] = -100
+    out = csit_loss(queries, passages, hidden, weight, labels, alpha=0.3, temperature=0.05, label_smoothing=0.1,
+                    group_size=4)
+    scores = F.normalize(queries, dim=-1) @ F.normalize(passages, dim=-1).t() / 0.05
+    contrastive = F.cross_entropy(scores, torch.arange(3) * 4)
+    generation = F.cross_entropy((hidden[:, :-1] @ weight.t()).flatten(0, 1), labels[:, 1:].flatten(),
+                                 label_smoothing=0.1)
+    torch.testing.assert_close(out.contrastive, contrastive, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.generation, generation, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, contrastive + 0.3 * generation, rtol=1e-5, atol=1e-6)
