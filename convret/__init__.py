@@ -3,7 +3,7 @@ from .layout import SessionLayout
 from .attention import session_attention, available_backends
 from . import _triton_backend  # noqa: F401  (registers backend="triton")
 from ._cpu_backend import backend_info  # also registers backend="cpu"
-from .info_nce import info_nce, InfoNCELoss
+from .contrastive import info_nce, InfoNCELoss
 from .lm_loss import linear_cross_entropy, LinearCrossEntropy
 from .collate import CSITBatch, CSITCollator, CSITExample
 from .csit import csit_loss, CSITLoss, CSITLossOutput

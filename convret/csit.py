@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from .collate import CSITBatch, pool_hidden
+from .contrastive import info_nce
 from .lm_loss import linear_cross_entropy
 
 __all__ = ["CSITLoss", "CSITLossOutput", "csit_loss"]
@@ -61,8 +62,6 @@ def csit_loss(
     Returns:
         :class:`CSITLossOutput` ``(loss, contrastive, generation)``, fp32 scalars.
     """
-    from .info_nce import info_nce
-
     if normalize:
         query_embeddings = torch.nn.functional.normalize(query_embeddings, dim=-1)
         passage_embeddings = torch.nn.functional.normalize(passage_embeddings, dim=-1)
