@@ -94,6 +94,9 @@ setup(
     ext_modules=[CMakeExtension("convret._convret_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark"]},
+    extras_require={
+        "hf": ["transformers>=4.57", "peft>=0.17", "safetensors"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors"],
+    },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import random
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from convret import SessionLayout
 from convret.collate import CSITCollator, CSITExample, pool_hidden
@@ -108,8 +110,6 @@ def test_pool_hidden_normalizes():
 
 
 # ---------------------------------------------------------------------- one pass == four forwards
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 
 def tiny_lora_model(seed=0):

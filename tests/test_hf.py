@@ -8,14 +8,13 @@ from __future__ import annotations
 import random
 import zlib
 
+import peft
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-import convret.hf  # noqa: E402,F401  (registers "convret")
-from convret import SessionLayout  # noqa: E402
+import convret.hf  # noqa: F401  (registers "convret")
+from convret import SessionLayout
 
 VOCAB = 128
 TOL = 1e-5
