@@ -25,6 +25,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "tile_gemm.h"
 
 namespace convret {
@@ -50,6 +54,24 @@ void parallel_items(int64_t num_items, const Fn& fn) {
       for (int64_t item = next++; item < num_items; item = next++) fn(item, scratch);
     }
   });
+}
+
+// A fresh output tensor of tens of MiB is a new mmap: every 4 KiB page faults on first write, and with
+// several threads the faults serialise in the kernel (at B = 2, L = 4096 the forward output alone is 64 MiB,
+// about 16k faults). Asking for transparent huge pages on the not yet touched buffer cuts that to one fault
+// per 2 MiB. Advisory only: a buffer that malloc reused, or a kernel without THP, is left as it is.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t aligned_begin = (begin + kHuge - 1) & ~(kHuge - 1), aligned_end = end & ~(kHuge - 1);
+  if (aligned_end > aligned_begin) {
+    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
 }
 
 enum class TileClass { kSkipped, kFull, kPartial };
@@ -94,13 +116,17 @@ void stack_group_rows(const RowsView<scalar_t>& src, int64_t b, int64_t kv_head,
 // for each of the G stacked heads; keys k_first .. k_first + cols - 1.
 void mask_scores(float* scores, int64_t ld, int64_t group, int64_t rows, int64_t q_first, int64_t k_first,
                  int64_t cols, const int32_t* mask_start, float masked_value) {
+  const int32_t* key_mask_start = mask_start + k_first;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t q = q_first + i;
+    // key k_first + j is hidden from row q iff j > q - k_first or mask_start <= q; branch-free, so it vectorises
+    const int32_t q32 = static_cast<int32_t>(q), last_visible = static_cast<int32_t>(q - k_first);
+    const int32_t width = static_cast<int32_t>(cols);
     for (int64_t g = 0; g < group; ++g) {
       float* row = scores + (g * rows + i) * ld;
-      for (int64_t j = 0; j < cols; ++j) {
-        const int64_t key = k_first + j;
-        if (key > q || q >= mask_start[key]) row[j] = masked_value;
+      for (int32_t j = 0; j < width; ++j) {
+        const bool hidden = (j > last_visible) | (key_mask_start[j] <= q32);
+        row[j] = hidden ? masked_value : row[j];
       }
     }
   }
@@ -138,12 +164,13 @@ float exp_in_place_and_sum(float* s, int64_t n, float scale, float shift) {
     p.store(s + j);
     sum_vec = sum_vec + p;
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum_vec);
-  for (; j < n; ++j) {
-    s[j] = std::exp(scale * s[j] - shift);
-    sum += s[j];
+  if (j < n) {  // the tail, as one masked vector: lanes past n stay out of the sum and the store
+    const int64_t rest = n - j;
+    const Vec p = at::vec::fmadd(Vec::loadu(s + j, rest), scale_vec, minus_shift).exp_u20();
+    p.store(s + j, rest);
+    sum_vec = sum_vec + Vec::set(Vec(0.f), p, rest);
   }
-  return sum;
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum_vec);
 }
 
 template <typename scalar_t>
@@ -199,10 +226,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const int32_t* row_mask_start = mask_start_data + b * seq_len;
     const TileBoundsView bounds{tile_min_data + b * num_k_tiles, tile_max_data + b * num_k_tiles};
 
-    stack_group_rows(q_rows, b, kv_head, group, q_first, rows, head_dim, q_stack.data());
-    std::fill(acc.begin(), acc.begin() + m * head_dim, 0.f);
     std::fill(row_max.begin(), row_max.begin() + m, kNegInf);
     std::fill(row_sum.begin(), row_sum.begin() + m, 0.f);
+    bool started = false;  // Q stacked and acc zeroed: done at the first visited pair (padding tiles have none)
 
     const int64_t last_k_tile = std::min(num_k_tiles - 1, q_last / block_n);
     for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
@@ -219,6 +245,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
       const scalar_t* k_span_data = k_rows.row(b, kv_head, key_first);
       const scalar_t* v_span_data = v_rows.row(b, kv_head, key_first);
+      if (!started) {
+        stack_group_rows(q_rows, b, kv_head, group, q_first, rows, head_dim, q_stack.data());
+        std::fill(acc.begin(), acc.begin() + m * head_dim, 0.f);
+        started = true;
+      }
 
       // scores[m, width] = Q_stack @ K_span^T, unscaled
       gemm(false, true, m, width, head_dim, 1.f, q_stack.data(), head_dim, k_span_data, k_rows.stride_l, 0.f,
@@ -470,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q
                                                              const at::Tensor& tile_min, const at::Tensor& tile_max,
                                                              double scale, int64_t block_m, int64_t block_n) {
   check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_output(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "session_attention_forward", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
@@ -491,9 +522,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
   TORCH_CHECK(out.stride(3) == 1 && grad_out.stride(3) == 1, "out, grad_out need unit stride along D");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(), "dtype mismatch");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: contiguous float32 [B, Hq, L]");
-  at::Tensor grad_q = at::empty(q.sizes(), q.options());
-  at::Tensor grad_k = at::empty(k.sizes(), k.options());
-  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  at::Tensor grad_q = empty_output(q.sizes(), q.options());
+  at::Tensor grad_k = empty_output(k.sizes(), k.options());
+  at::Tensor grad_v = empty_output(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "session_attention_backward", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "float64 is served by the PyTorch fallback");
