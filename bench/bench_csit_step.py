@@ -81,6 +81,7 @@ SUMMARY_IDS = list(range(VOCAB - SUMMARY_LEN, VOCAB))
 def reference_step(model, examples) -> float:
     """Four forwards, eager + dense masks, full-vocabulary logits; returns the loss after backward."""
     from convret import SessionLayout
+    from convret.baselines import additive_mask
 
     model.set_attn_implementation("eager")
 
@@ -99,8 +100,7 @@ def reference_step(model, examples) -> float:
     ids = torch.tensor([list(e.session) + SUMMARY_IDS + list(e.response) + SUMMARY_IDS for e in examples])
     layout = SessionLayout.from_segments(
         [[(SESSION_LEN, SUMMARY_LEN, RESPONSE_LEN + SUMMARY_LEN)] for _ in examples], ids.shape[1])
-    allowed = layout.dense_mask()
-    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min).unsqueeze(1)
+    mask = additive_mask(layout, torch.float32)
     labels = torch.full_like(ids, -100)
     start = SESSION_LEN + SUMMARY_LEN
     labels[:, start : start + RESPONSE_LEN] = ids[:, start : start + RESPONSE_LEN]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import transformers
 
 from convret import SessionLayout
+from convret.baselines import additive_mask
 from convret.collate import CSITCollator, CSITExample, pool_hidden
 
 SUMMARY = [120, 121, 122]
@@ -159,8 +160,7 @@ def reference_four_forward_step(model, examples, alpha, temperature, eps):
     lm = [list(e.session) + SUMMARY + list(e.response) + SUMMARY for e in examples]
     ids, _ = padded(lm)
     layout = SessionLayout.from_segments([[(len(e.session), 3, len(e.response) + 3)] for e in examples], ids.shape[1])
-    allowed = layout.dense_mask()
-    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min).unsqueeze(1)
+    mask = additive_mask(layout, torch.float32)
     labels = torch.full_like(ids, -100)
     for i, e in enumerate(examples):
         start = len(e.session) + 3

@@ -15,6 +15,7 @@ import transformers
 
 import convret.hf  # noqa: F401  (registers "convret")
 from convret import SessionLayout
+from convret.baselines import additive_mask
 
 VOCAB = 128
 TOL = 1e-5
@@ -61,12 +62,6 @@ def random_layout(rng: random.Random, batch: int, seq_len: int) -> SessionLayout
     return SessionLayout.from_segments(rows, seq_len)
 
 
-def additive_mask(layout: SessionLayout, dtype=torch.float32) -> torch.Tensor:
-    allowed = layout.dense_mask()
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask.unsqueeze(1)
-
-
 def real_positions(layout: SessionLayout) -> torch.Tensor:
     """bool [B, L]: True where a sample token sits (not padding)."""
     real = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.bool)
@@ -104,7 +99,7 @@ def run_step(model, impl: str, input_ids, labels, layout):
         out = model(input_ids=input_ids, labels=labels, session_layout=layout, position_ids=layout.position_ids(),
                     use_cache=False)
     else:
-        out = model(input_ids=input_ids, labels=labels, attention_mask=additive_mask(layout),
+        out = model(input_ids=input_ids, labels=labels, attention_mask=additive_mask(layout, torch.float32),
                     position_ids=layout.position_ids(), use_cache=False)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
