@@ -58,6 +58,16 @@ def _candidate_mask(offs_n, num_passages, label, IDS, pos_id, HAS_IDS: tl.conste
 
 
 @triton.jit
+def _positives(LABELS, POS_IDS, offs_m, row_ok, HAS_IDS: tl.constexpr):
+    """Per query row: the positive's passage index, and its passage id (the index itself without ids)."""
+    label = tl.load(LABELS + offs_m, mask=row_ok, other=-1)
+    pos_id = label
+    if HAS_IDS:
+        pos_id = tl.load(POS_IDS + offs_m, mask=row_ok, other=0)
+    return label, pos_id
+
+
+@triton.jit
 def _info_nce_fwd(
     Q, P, LABELS, IDS, POS_IDS, LSE, LOSS,
     num_queries, num_passages, dim, stride_qm, stride_pn, scale_log2,
@@ -66,10 +76,7 @@ def _info_nce_fwd(
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < num_queries
-    label = tl.load(LABELS + offs_m, mask=row_ok, other=-1)
-    pos_id = label
-    if HAS_IDS:
-        pos_id = tl.load(POS_IDS + offs_m, mask=row_ok, other=0)
+    label, pos_id = _positives(LABELS, POS_IDS, offs_m, row_ok, HAS_IDS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -99,18 +106,6 @@ def _dscores_tile(s, lse, weight, is_pos, valid):
 
 
 @triton.jit
-def _query_rows(LABELS, POS_IDS, LSE, WEIGHT, offs_m, row_ok, HAS_IDS: tl.constexpr):
-    """Per query row: positive index, positive's passage id (the label itself without ids), LSE, weight."""
-    label = tl.load(LABELS + offs_m, mask=row_ok, other=-1)
-    pos_id = label
-    if HAS_IDS:
-        pos_id = tl.load(POS_IDS + offs_m, mask=row_ok, other=0)
-    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
-    weight = tl.load(WEIGHT + offs_m, mask=row_ok, other=0.0)
-    return label, pos_id, lse, weight
-
-
-@triton.jit
 def _info_nce_bwd_dq(
     Q, P, LABELS, IDS, POS_IDS, LSE, WEIGHT, DQ, TAU_TERMS,
     num_queries, num_passages, dim, stride_qm, stride_pn, scale_log2, grad_scale,
@@ -122,7 +117,9 @@ def _info_nce_bwd_dq(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < num_queries
-    label, pos_id, lse, weight = _query_rows(LABELS, POS_IDS, LSE, WEIGHT, offs_m, row_ok, HAS_IDS)
+    label, pos_id = _positives(LABELS, POS_IDS, offs_m, row_ok, HAS_IDS)
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+    weight = tl.load(WEIGHT + offs_m, mask=row_ok, other=0.0)
     dq_ptrs = DQ + offs_m[:, None] * dim + offs_d[None, :]
 
     tau_terms = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -161,7 +158,9 @@ def _info_nce_bwd_dp(
     for m_first in range(0, num_queries, BLOCK_M):
         offs_m = m_first + tl.arange(0, BLOCK_M)
         row_ok = offs_m < num_queries
-        label, pos_id, lse, weight = _query_rows(LABELS, POS_IDS, LSE, WEIGHT, offs_m, row_ok, HAS_IDS)
+        label, pos_id = _positives(LABELS, POS_IDS, offs_m, row_ok, HAS_IDS)
+        lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
+        weight = tl.load(WEIGHT + offs_m, mask=row_ok, other=0.0)
         s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm,
                         stride_pn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
         is_pos, valid = _candidate_mask(offs_n, num_passages, label, IDS, pos_id, HAS_IDS)
