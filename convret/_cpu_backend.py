@@ -100,13 +100,11 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("convret_cpu::session_attention_forward")
     def _forward_fake(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n):
-        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # outputs keep q's layout
 
     @torch.library.register_fake("convret_cpu::session_attention_backward")
     def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n):
-        return (torch.empty_like(q, memory_format=torch.contiguous_format),
-                torch.empty_like(k, memory_format=torch.contiguous_format),
-                torch.empty_like(v, memory_format=torch.contiguous_format))
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 _native = _NativeState()

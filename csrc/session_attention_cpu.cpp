@@ -60,8 +60,10 @@ void parallel_items(int64_t num_items, const Fn& fn) {
 // several threads the faults serialise in the kernel (at B = 2, L = 4096 the forward output alone is 64 MiB,
 // about 16k faults). Asking for transparent huge pages on the not yet touched buffer cuts that to one fault
 // per 2 MiB. Advisory only: a buffer that malloc reused, or a kernel without THP, is left as it is.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
+// The buffer takes the memory layout of `like` when that is dense (so an output of Hugging Face's [B, L, H, D]
+// projections is [B, L, H, D] in memory too, and the caller's transpose back needs no copy); contiguous otherwise.
+at::Tensor empty_output(const at::Tensor& like) {
+  at::Tensor t = at::empty_like(like, at::MemoryFormat::Preserve);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
@@ -88,21 +90,23 @@ struct TileBoundsView {
   }
 };
 
-// A [B, H, L, D] tensor with unit stride along D, read as rows.
-template <typename scalar_t>
+// A [B, H, L, D] tensor with unit stride along D, read (or, with a non-const element type, written) as rows.
+// Outputs are strided too: they take the memory layout of their input (Hugging Face's [B, L, H, D]).
+template <typename element_t>
 struct RowsView {
-  const scalar_t* data;
+  element_t* data;
   int64_t stride_b, stride_h, stride_l;
 
   explicit RowsView(const at::Tensor& t)
-      : data(t.data_ptr<scalar_t>()), stride_b(t.stride(0)), stride_h(t.stride(1)), stride_l(t.stride(2)) {}
-  const scalar_t* row(int64_t b, int64_t h, int64_t l) const { return data + b * stride_b + h * stride_h + l * stride_l; }
+      : data(t.data_ptr<std::remove_const_t<element_t>>()),
+        stride_b(t.stride(0)), stride_h(t.stride(1)), stride_l(t.stride(2)) {}
+  element_t* row(int64_t b, int64_t h, int64_t l) const { return data + b * stride_b + h * stride_h + l * stride_l; }
 };
 
 // Copies the rows [first, first + rows) of the G query heads of kv head `kv_head` into a stacked
 // [G * rows, D] block: stacked row g * rows + i is query row first + i of head kv_head * G + g.
 template <typename scalar_t>
-void stack_group_rows(const RowsView<scalar_t>& src, int64_t b, int64_t kv_head, int64_t group, int64_t first,
+void stack_group_rows(const RowsView<const scalar_t>& src, int64_t b, int64_t kv_head, int64_t group, int64_t first,
                       int64_t rows, int64_t head_dim, scalar_t* dst) {
   for (int64_t g = 0; g < group; ++g) {
     for (int64_t i = 0; i < rows; ++i) {
@@ -192,11 +196,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t batch = q.size(0), num_q_heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
   const int64_t num_kv_heads = k.size(1), group = num_q_heads / num_kv_heads;
   const int64_t num_q_tiles = ceil_div(seq_len, block_m), num_k_tiles = ceil_div(seq_len, block_n);
-  const RowsView<scalar_t> q_rows(q), k_rows(k), v_rows(v);
+  const RowsView<const scalar_t> q_rows(q), k_rows(k), v_rows(v);
+  const RowsView<scalar_t> out_rows(out);
   const int32_t* mask_start_data = mask_start.data_ptr<int32_t>();
   const int32_t* tile_min_data = tile_min.data_ptr<int32_t>();
   const int32_t* tile_max_data = tile_max.data_ptr<int32_t>();
-  scalar_t* out_data = out.data_ptr<scalar_t>();
   float* lse_data = lse.data_ptr<float>();
   const float softmax_scale = static_cast<float>(scale);
   const int64_t stacked_rows = group * block_m;
@@ -294,7 +298,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = g * rows + i;
         const int64_t row_index = (b * num_q_heads + head) * seq_len + q_first + i;
-        scalar_t* o = out_data + row_index * head_dim;
+        scalar_t* o = out_rows.row(b, head, q_first + i);
         const float* a = acc.data() + r * head_dim;
         if (row_sum[r] == 0.f) {  // no visible key: zeros, and an LSE of +inf makes every backward p zero
           std::fill(o, o + head_dim, scalar_t(0));
@@ -318,14 +322,12 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t batch = q.size(0), num_q_heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
   const int64_t num_kv_heads = k.size(1), group = num_q_heads / num_kv_heads;
   const int64_t num_k_tiles = ceil_div(seq_len, block_n);
-  const RowsView<scalar_t> q_rows(q), k_rows(k), v_rows(v), out_rows(out), grad_out_rows(grad_out);
+  const RowsView<const scalar_t> q_rows(q), k_rows(k), v_rows(v), out_rows(out), grad_out_rows(grad_out);
+  const RowsView<scalar_t> grad_q_rows(grad_q), grad_k_rows(grad_k), grad_v_rows(grad_v);
   const int32_t* mask_start_data = mask_start.data_ptr<int32_t>();
   const int32_t* tile_min_data = tile_min.data_ptr<int32_t>();
   const int32_t* tile_max_data = tile_max.data_ptr<int32_t>();
   const float* lse_data = lse.data_ptr<float>();
-  scalar_t* grad_q_data = grad_q.data_ptr<scalar_t>();
-  scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
-  scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
   const float softmax_scale = static_cast<float>(scale);
   const int64_t stacked_rows = group * block_m;
 
@@ -452,10 +454,11 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       }
 
       for (int64_t j = 0; j < cols; ++j) {
-        const int64_t row_index = ((b * num_kv_heads + kv_head) * seq_len + k_first + j) * head_dim;
+        scalar_t* dk = grad_k_rows.row(b, kv_head, k_first + j);
+        scalar_t* dv = grad_v_rows.row(b, kv_head, k_first + j);
         for (int64_t d = 0; d < head_dim; ++d) {
-          grad_k_data[row_index + d] = static_cast<scalar_t>(grad_k_acc[j * head_dim + d] * softmax_scale);
-          grad_v_data[row_index + d] = static_cast<scalar_t>(grad_v_acc[j * head_dim + d]);
+          dk[d] = static_cast<scalar_t>(grad_k_acc[j * head_dim + d] * softmax_scale);
+          dv[d] = static_cast<scalar_t>(grad_v_acc[j * head_dim + d]);
         }
       }
     }
@@ -467,7 +470,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const int64_t head = kv_head * group + g;
         for (int64_t i = 0; i < rows; ++i) {
           const float* acc = grad_q_acc.data() + (base + g * rows + i) * head_dim;
-          scalar_t* dq = grad_q_data + ((b * num_q_heads + head) * seq_len + q_first + i) * head_dim;
+          scalar_t* dq = grad_q_rows.row(b, head, q_first + i);
           for (int64_t d = 0; d < head_dim; ++d) dq[d] = static_cast<scalar_t>(acc[d] * softmax_scale);
         }
       }
@@ -501,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q
                                                              const at::Tensor& tile_min, const at::Tensor& tile_max,
                                                              double scale, int64_t block_m, int64_t block_n) {
   check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n);
-  at::Tensor out = empty_output(q.sizes(), q.options());
+  at::Tensor out = empty_output(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "session_attention_forward", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
@@ -522,9 +525,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
   TORCH_CHECK(out.stride(3) == 1 && grad_out.stride(3) == 1, "out, grad_out need unit stride along D");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(), "dtype mismatch");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: contiguous float32 [B, Hq, L]");
-  at::Tensor grad_q = empty_output(q.sizes(), q.options());
-  at::Tensor grad_k = empty_output(k.sizes(), k.options());
-  at::Tensor grad_v = empty_output(v.sizes(), v.options());
+  at::Tensor grad_q = empty_output(q);
+  at::Tensor grad_k = empty_output(k);
+  at::Tensor grad_v = empty_output(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "session_attention_backward", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "float64 is served by the PyTorch fallback");

@@ -317,7 +317,7 @@ def _forward(q, k, v, layout, scale, config):
     batch, num_q_heads, seq_len, head_dim = q.shape
     block_m, block_n, num_warps, num_stages = config
     bounds = layout.tile_bounds(block_n)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q)  # q's memory layout: HF's [B, L, H, D] view needs no copy afterwards
     lse = torch.empty(batch, num_q_heads, seq_len, device=q.device, dtype=torch.float32)
     mask_start = layout.mask_start
     grid = (triton.cdiv(seq_len, block_m), batch * num_q_heads)

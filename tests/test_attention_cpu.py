@@ -103,6 +103,10 @@ def check_parity(layout, q_heads, kv_heads, head_dim, dtype, memory_layout, impl
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     expected = oracle(q, k, v, layout, grad_out, scale)
     assert out.dtype == dtype and out.shape == q.shape
+    if implementation == "native" and memory_layout in ("contiguous", "transposed"):
+        # outputs keep the inputs' memory layout: a model's transpose back to [B, L, H, D] is then free
+        assert out.stride() == q.stride()
+        assert [g.stride() for g in grads] == [t.stride() for t in (q, k, v)]
     for name, actual, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
         assert_close_scaled(name, actual, want, TOLERANCE[dtype])
     # rows with no visible key (padding) are exact zeros, with zero gradient
