@@ -7,12 +7,13 @@ from .contrastive import info_nce, InfoNCELoss
 from .lm_loss import linear_cross_entropy, LinearCrossEntropy
 from .collate import CSITBatch, CSITCollator, CSITExample
 from .csit import csit_loss, CSITLoss, CSITLossOutput
-from .memory import tune_cpu_malloc
+from .memory import enable_cpu_caching_allocator, tune_cpu_malloc
 
 # Hugging Face integration (transformers is imported there, not here): `import convret.hf`.
 __all__ = [
     "SessionLayout", "session_attention", "available_backends", "backend_info", "info_nce", "InfoNCELoss",
     "linear_cross_entropy", "LinearCrossEntropy",
-    "CSITBatch", "CSITCollator", "CSITExample", "csit_loss", "CSITLoss", "CSITLossOutput", "tune_cpu_malloc",
+    "CSITBatch", "CSITCollator", "CSITExample", "csit_loss", "CSITLoss", "CSITLossOutput",
+    "enable_cpu_caching_allocator", "tune_cpu_malloc",
 ]
 __version__ = "0.1.0"

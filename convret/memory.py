@@ -1,21 +1,22 @@
-"""Host-memory setting for CPU training: keep glibc from holding freed activations.
+"""Host memory for CPU training: large activation blocks without glibc's fragmentation or page faults.
 
 glibc's ``malloc`` serves a block from ``mmap`` when it is at least ``M_MMAP_THRESHOLD`` bytes (128 KiB at
 start) and returns it to the OS on ``free``. But the threshold is dynamic: each time a mmapped block of up to
 32 MiB is freed, the threshold rises to that block's size. In a training step the first freed activation
 (a ``[tokens, hidden]`` hidden state, say 18 MiB) lifts it, and from then on every activation of that size or
 smaller lives in the heap. The forward pass allocates them in one order and the backward pass frees them in
-another, so the heap grows around holes it cannot give back, and those holes stay resident: in the CSIT-step
-benchmark (``bench/bench_csit_step.py``) about 0.9 GB on top of 2.2 GB of live memory.
+another, so the heap grows around holes it cannot give back, and those holes stay resident. Blocks above
+32 MiB are always mapped afresh, and every page of a fresh mapping is faulted and zero-filled again.
 
-:func:`tune_cpu_malloc` fixes the threshold (which also turns the dynamic adjustment off), so that every
-block from ``mmap_threshold`` up is mapped on allocation and unmapped on free, whatever was freed before.
-The price is time: a fresh mapping is zero-filled page by page by the kernel on first touch, where a reused
-heap block is not (in that benchmark the convret step takes 5.2 s instead of 3.9 s). It is a memory / time
-trade-off, so it is opt-in: process-wide, like ``MALLOC_MMAP_THRESHOLD_=...`` in the environment (which it
-equals), and never done on import. Call it once at the start of a CPU training process that is short of
-memory. On a GPU it changes nothing that matters (activations live in CUDA memory); outside glibc it does
-nothing.
+Two remedies, both process-wide and opt-in (convret never changes the allocator on import):
+
+- :func:`enable_cpu_caching_allocator` (needs the native extension): torch's CPU blocks of 1 MiB or more are
+  served from blocks freed earlier, by size class, and mapped memory grows only when little is cached.
+  A training step allocates the same few sizes again and again, so it runs with neither holes nor page
+  faults. CSIT-step benchmark (``bench/bench_csit_step.py``): peak RSS 3.1 -> 2.4 GB and the step 4.1 ->
+  3.5 s at 2 sessions; 12.5 -> 7.6 s at 4 sessions.
+- :func:`tune_cpu_malloc` (any glibc): fix the mmap threshold, so freed blocks go back at once. Same memory
+  saving, but every large allocation is a fresh, page-faulted mapping: the step takes a third longer.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import NamedTuple
+
+import torch
 
 # mallopt parameter number, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -30,36 +34,118 @@ _M_MMAP_THRESHOLD = -3
 MAX_MMAP_THRESHOLD = 32 * 2**20
 DEFAULT_MMAP_THRESHOLD = 2**20
 ENV_VARIABLE = "MALLOC_MMAP_THRESHOLD_"
+DEFAULT_MIN_BLOCK_BYTES = 2**20
+DEFAULT_SLACK_BYTES = 256 * 2**20
 
-__all__ = ["tune_cpu_malloc"]
+__all__ = [
+    "CachingAllocatorStats", "cpu_caching_allocator_stats", "disable_cpu_caching_allocator",
+    "empty_cpu_cache", "enable_cpu_caching_allocator", "tune_cpu_malloc",
+]
 
 
+# ------------------------------------------------------------------------------ caching allocator
+class CachingAllocatorStats(NamedTuple):
+    """Counters of the caching CPU allocator (bytes are rounded up to size classes)."""
+
+    live_bytes: int  # in blocks held by tensors
+    cached_bytes: int  # in freed blocks kept for reuse
+    peak_mapped_bytes: int  # live + cached, at its highest since the last empty_cpu_cache()
+    hits: int  # requests served from the cache
+    misses: int  # requests that mapped a new block
+    released_bytes: int  # unmapped again so far
+    active: bool
+
+
+def enable_cpu_caching_allocator(
+    min_block_bytes: int = DEFAULT_MIN_BLOCK_BYTES, slack_bytes: int = DEFAULT_SLACK_BYTES
+) -> bool:
+    """Serve torch's CPU allocations of ``min_block_bytes`` or more from a cache of freed blocks.
+
+    Blocks are rounded up to size classes (8 per power of two, at most 12.5 % slack) and mapped straight from
+    the OS. A request takes the most recently freed cached block of its class, or of a class up to twice its
+    size; only when none fits is a new block mapped, and before that the least recently freed cached blocks
+    are unmapped until at most ``slack_bytes`` stay cached. So the peak RSS stays within ``slack_bytes`` of
+    the peak of live tensors, while a repeating training step finds its blocks in the cache, resident and
+    without page faults. Smaller requests go to torch's default allocator.
+
+    Process-wide and opt-in: call it first thing in a CPU training process. Tensors allocated before keep
+    their own deleter, so enabling (or :func:`disable_cpu_caching_allocator`) at any point is safe.
+
+    Args:
+        min_block_bytes: smallest request the cache serves (at least one page).
+        slack_bytes: cached bytes a miss may leave in place before it maps more memory. 0 keeps the peak at
+            the live peak but makes steps whose size mix changes map blocks again.
+
+    Returns:
+        True when this call installed the allocator, False when it was active already (the new settings
+        apply either way).
+
+    Raises:
+        RuntimeError: the native extension (which holds the allocator) is not built; see
+            ``convret.backend_info()``. :func:`tune_cpu_malloc` works without it.
+
+    Example::
+
+        import convret
+        convret.enable_cpu_caching_allocator()  # first thing in a CPU training script
+    """
+    _check_bytes("min_block_bytes", min_block_bytes, minimum=1)
+    _check_bytes("slack_bytes", slack_bytes, minimum=0)
+    return bool(_native_ops().caching_allocator_enable(min_block_bytes, slack_bytes))
+
+
+def disable_cpu_caching_allocator() -> None:
+    """Give torch its previous CPU allocator back and unmap every cached block. Live blocks stay valid and
+    are unmapped when their tensors are freed."""
+    _native_ops().caching_allocator_disable()
+
+
+def empty_cpu_cache() -> int:
+    """Unmap every cached (free) block and restart ``peak_mapped_bytes`` from what stays mapped (the live
+    blocks); returns the bytes given back. The allocator stays active."""
+    return int(_native_ops().caching_allocator_empty_cache())
+
+
+def cpu_caching_allocator_stats() -> CachingAllocatorStats:
+    live, cached, peak, hits, misses, released, active = _native_ops().caching_allocator_stats()
+    return CachingAllocatorStats(live, cached, peak, hits, misses, released, bool(active))
+
+
+def _native_ops():
+    from ._cpu_backend import _native, native_available
+
+    if not native_available():
+        raise RuntimeError(f"the caching CPU allocator is part of the native extension, which is not available: "
+                           f"{_native.reason}")
+    return torch.ops.convret_cpu
+
+
+def _check_bytes(name: str, value: int, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (bytes), got {type(value).__name__}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"{minimum} .. {maximum}" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be {bound} bytes, got {value}")
+
+
+# ------------------------------------------------------------------------------ glibc mmap threshold
 def tune_cpu_malloc(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD, *, override_env: bool = False) -> bool:
     """Serve every allocation of ``mmap_threshold`` bytes or more from ``mmap`` (glibc ``M_MMAP_THRESHOLD``).
 
-    Freed activations then go back to the OS at once instead of staying resident in a fragmented heap. In
-    the CSIT-step benchmark this lowers convret's peak RSS from 3.1 to 2.2 GB, and the step takes about a
-    third longer (page faults on fresh mappings).
+    Fixing the threshold also turns glibc's dynamic adjustment off: freed activations go back to the OS at
+    once instead of staying resident in a fragmented heap. The price is page faults, since every large
+    allocation is a fresh mapping. Equal to ``MALLOC_MMAP_THRESHOLD_=...`` in the environment; needs no
+    native extension. :func:`enable_cpu_caching_allocator` saves the same memory without the faults.
 
     Args:
-        mmap_threshold: bytes, 1 .. 32 MiB (glibc's limit). 1 MiB (default) maps every tensor of 256k fp32
-            values or more; smaller tensors stay in the heap, where fragmentation costs little.
+        mmap_threshold: bytes, 1 .. 32 MiB (glibc's limit).
         override_env: a ``MALLOC_MMAP_THRESHOLD_`` set in the environment wins unless this is True.
 
     Returns:
         True when the setting took effect; False outside glibc, or when the environment variable was left
         in charge.
-
-    Example::
-
-        import convret
-        convret.tune_cpu_malloc()  # first thing in a CPU training script
     """
-    if isinstance(mmap_threshold, bool) or not isinstance(mmap_threshold, int):
-        raise TypeError(f"mmap_threshold must be an int (bytes), got {type(mmap_threshold).__name__}")
-    if not 0 < mmap_threshold <= MAX_MMAP_THRESHOLD:
-        raise ValueError(f"mmap_threshold must be in 1 .. {MAX_MMAP_THRESHOLD} bytes (glibc's limit), "
-                         f"got {mmap_threshold}")
+    _check_bytes("mmap_threshold", mmap_threshold, minimum=1, maximum=MAX_MMAP_THRESHOLD)
     if ENV_VARIABLE in os.environ and not override_env:
         return False
     mallopt = _glibc_mallopt()

@@ -79,3 +79,176 @@ def test_rejects_thresholds_glibc_would_refuse(bad):
 def test_rejects_non_integer_thresholds(bad):
     with pytest.raises(TypeError, match="mmap_threshold"):
         convret.tune_cpu_malloc(bad)
+
+
+# ------------------------------------------------------------------------------ caching allocator
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from convret._cpu_backend import native_available  # noqa: E402
+from convret.memory import (  # noqa: E402
+    cpu_caching_allocator_stats, disable_cpu_caching_allocator, empty_cpu_cache, enable_cpu_caching_allocator,
+)
+
+native_only = pytest.mark.skipif(not native_available(), reason="the caching allocator is in the native extension")
+MiB = 2**20
+
+
+def size_class(nbytes: int) -> int:
+    """The allocator's rounding, restated: 8 classes per power of two, at least one page."""
+    step = max(4096, 1 << max(0, nbytes.bit_length() - 1 - 3))
+    return -(-nbytes // step) * step
+
+
+@pytest.fixture
+def caching_allocator():
+    """Installs the allocator for one test and puts torch's default back afterwards (blocks still held by
+    tensors stay valid and are unmapped when freed)."""
+    def enable(min_block_bytes=MiB, slack_bytes=0):
+        enable_cpu_caching_allocator(min_block_bytes, slack_bytes)
+        empty_cpu_cache()  # also restarts the peak
+        return cpu_caching_allocator_stats()
+
+    yield enable
+    disable_cpu_caching_allocator()
+
+
+def filled(nbytes: int, seed: int) -> torch.Tensor:
+    """A fresh float32 tensor of nbytes, random and never zero."""
+    t = torch.empty(nbytes // 4)
+    t.uniform_(1.0, 2.0, generator=torch.Generator().manual_seed(seed))
+    return t
+
+
+@native_only
+def test_a_repeating_step_reuses_its_blocks(caching_allocator):
+    before = caching_allocator(slack_bytes=0)
+    for step in range(5):
+        held = [filled(3 * MiB, seed=step * 10 + i) for i in range(10)]
+        assert all(bool((t >= 1.0).all()) for t in held)
+        del held
+    stats = cpu_caching_allocator_stats()
+    assert stats.misses - before.misses == 10  # the first step maps, the other four reuse
+    assert stats.hits - before.hits == 40
+    assert stats.peak_mapped_bytes - before.peak_mapped_bytes == 10 * size_class(3 * MiB)  # no growth after step 1
+    assert stats.live_bytes == before.live_bytes
+    assert empty_cpu_cache() == stats.cached_bytes
+    assert cpu_caching_allocator_stats().cached_bytes == 0
+
+
+@native_only
+def test_small_requests_bypass_the_cache(caching_allocator):
+    before = caching_allocator(min_block_bytes=MiB)
+    small = [filled(64 * 1024, seed=i) for i in range(20)]
+    stats = cpu_caching_allocator_stats()
+    assert (stats.hits, stats.misses, stats.live_bytes) == (before.hits, before.misses, before.live_bytes)
+    assert all(bool((t >= 1.0).all()) for t in small)
+
+
+@native_only
+def test_disable_gives_blocks_back_as_their_tensors_die(caching_allocator):
+    caching_allocator()
+    kept = filled(5 * MiB, seed=1)
+    checksum = float(kept.double().sum())
+    disable_cpu_caching_allocator()
+    stats = cpu_caching_allocator_stats()
+    assert not stats.active and stats.cached_bytes == 0 and stats.live_bytes >= size_class(5 * MiB)
+    after = filled(5 * MiB, seed=2)  # served by torch's default allocator now
+    assert cpu_caching_allocator_stats().misses == stats.misses
+    assert float(kept.double().sum()) == checksum  # the block outlived the switch intact
+    live = stats.live_bytes
+    del kept, after
+    assert cpu_caching_allocator_stats().live_bytes == live - size_class(5 * MiB)
+    assert cpu_caching_allocator_stats().cached_bytes == 0
+
+
+@native_only
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(st.tuples(st.booleans(), st.sampled_from([512 * 1024, MiB, MiB + 4, 3 * MiB - 8, 3 * MiB, 5 * MiB,
+                                                            9 * MiB, 17 * MiB]), st.integers(0, 7)),
+                 min_size=5, max_size=40),
+    slack_mib=st.sampled_from([0, 4, 64]),
+)
+def test_random_alloc_free_sequences_keep_every_tensor_intact(caching_allocator, ops, slack_mib):
+    """Model check: live tensors never alias each other or a freed block (each keeps its own random fill),
+    live bytes are accounted by size class, and mapped memory stays within the slack of the live peak."""
+    base = caching_allocator(slack_bytes=slack_mib * MiB)
+    slots: dict[int, tuple[torch.Tensor, float, int]] = {}
+    live_peak = mapped_base = base.live_bytes + base.cached_bytes
+    for step, (allocate, nbytes, slot) in enumerate(ops):
+        if allocate:
+            fresh = filled(nbytes, seed=step)
+            slots[slot] = (fresh, float(fresh.double().sum()), nbytes)  # frees the slot's previous tensor
+            del fresh
+        else:
+            slots.pop(slot, None)
+        for held, checksum, _ in slots.values():
+            assert float(held.double().sum()) == checksum
+        held = None  # no loop variable may keep a freed slot's tensor alive
+        stats = cpu_caching_allocator_stats()
+        big = [n for _, _, n in slots.values() if n >= MiB]
+        own_live = stats.live_bytes - base.live_bytes
+        assert sum(map(size_class, big)) <= own_live <= 2 * sum(map(size_class, big))  # best fit lends up to 2x
+        live_peak = max(live_peak, base.live_bytes + own_live)
+    stats = cpu_caching_allocator_stats()
+    checksum_temporary = size_class(2 * 17 * MiB)  # the float64 copy a checksum makes of the largest tensor
+    assert stats.peak_mapped_bytes <= max(mapped_base, live_peak + slack_mib * MiB) + checksum_temporary
+
+
+@native_only
+def test_training_step_is_bitwise_identical_with_the_cache(caching_allocator):
+    """A small model's loss and gradients do not depend on where their buffers came from."""
+    def step():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+        x = torch.randn(512, 256)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss.detach().clone(), [p.grad.clone() for p in model.parameters()]
+
+    want_loss, want_grads = step()
+    before = caching_allocator(min_block_bytes=4096)
+    for _ in range(2):  # the second run reuses the first one's blocks
+        loss, grads = step()
+        assert torch.equal(loss, want_loss)
+        assert all(torch.equal(g, w) for g, w in zip(grads, want_grads))
+    assert cpu_caching_allocator_stats().hits > before.hits
+
+
+FORK_PROBE = textwrap.dedent("""
+    import os, sys
+    import torch
+    import convret
+    from convret.memory import cpu_caching_allocator_stats
+    convret.enable_cpu_caching_allocator(2**20, 0)
+    kept = torch.rand(2**20) + 1.0
+    pid = os.fork()
+    if pid == 0:  # the child allocates and frees through its copy of the allocator
+        torch.set_num_threads(1)  # as DataLoader workers do: torch's OpenMP pool does not survive a fork
+        for i in range(5):
+            t = torch.rand(3 * 2**18) + 1.0
+            assert bool((t >= 1.0).all())
+        os._exit(0 if cpu_caching_allocator_stats().hits >= 4 else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    print("ok", float(kept.sum()) > 0)
+""")
+
+
+@native_only
+def test_fork_with_the_allocator_active():
+    result = subprocess.run([sys.executable, "-c", FORK_PROBE], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok True")
+
+
+@native_only
+def test_bad_allocator_arguments_raise():
+    with pytest.raises(ValueError, match="min_block_bytes"):
+        enable_cpu_caching_allocator(0)
+    with pytest.raises(ValueError, match="slack_bytes"):
+        enable_cpu_caching_allocator(MiB, -1)
+    with pytest.raises(TypeError, match="slack_bytes"):
+        enable_cpu_caching_allocator(MiB, 1.5)
