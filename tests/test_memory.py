@@ -178,12 +178,11 @@ def test_random_alloc_free_sequences_keep_every_tensor_intact(caching_allocator,
     slots: dict[int, tuple[torch.Tensor, float, int]] = {}
     live_peak = mapped_base = base.live_bytes + base.cached_bytes
     for step, (allocate, nbytes, slot) in enumerate(ops):
+        slots.pop(slot, None)  # freed before the new tensor exists: live_peak below sees every live block
         if allocate:
             fresh = filled(nbytes, seed=step)
-            slots[slot] = (fresh, float(fresh.double().sum()), nbytes)  # frees the slot's previous tensor
+            slots[slot] = (fresh, float(fresh.double().sum()), nbytes)
             del fresh
-        else:
-            slots.pop(slot, None)
         for held, checksum, _ in slots.values():
             assert float(held.double().sum()) == checksum
         held = None  # no loop variable may keep a freed slot's tensor alive
