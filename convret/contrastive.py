@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import triton_usable
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -255,8 +256,7 @@ def _check_and_make_labels(queries, passages, temperature, group_size, labels, p
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else "reference"
-    if backend == "triton" and not (device.type == "cuda" or (
-            device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")):
+    if backend == "triton" and not triton_usable(device):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
                          f"got device {device}")
     if backend == "cpu" and device.type != "cpu":

@@ -13,9 +13,9 @@ Gradients flow to ``hidden``, ``weight`` and ``bias`` (each only if it requires 
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .attention import triton_usable
 
 IGNORE_INDEX = -100
 # Elements of one logits chunk: 2**24 fp32 values = 64 MiB, about 110 tokens at the 151,936 vocabulary of Qwen.
@@ -93,13 +93,12 @@ class LinearCrossEntropy(torch.nn.Module):
 
 
 def _resolve_backend(backend: str, device: torch.device) -> bool:
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if backend == "auto":
         return device.type == "cuda"
     if backend == "torch":
         return False
     if backend == "triton":
-        if device.type != "cuda" and not (device.type == "cpu" and interpret):
+        if not triton_usable(device):
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
         return True
     raise ValueError(f"unknown backend {backend!r}; use 'auto', 'triton' or 'torch'")
