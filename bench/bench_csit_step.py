@@ -15,7 +15,8 @@ Loss: InfoNCE (tau 0.01, L2-normalised) + 0.2 x label-smoothed (0.1) LM loss.
 Usage::
 
     python bench/bench_csit_step.py                    # timing side by side + peak RSS (subprocesses), 2 sessions
-    python bench/bench_csit_step.py --sessions 4
+    python bench/bench_csit_step.py --sessions 4              # the reference needs ~19 GB here
+    python bench/bench_csit_step.py --malloc default --no-peaks   # timing only, under glibc's defaults
     python bench/bench_csit_step.py --peak convret     # one subprocess measurement (used by the driver)
 
 Timing: medians of --steps timed steps after one warm-up step each, both approaches in one process,
@@ -25,6 +26,7 @@ each host allocator (glibc defaults, convret.tune_cpu_malloc(), convret.enable_c
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -191,6 +193,12 @@ def peak_in_subprocess(impl: str, sessions: int, max_len: int, malloc: str) -> d
     return out
 
 
+def reference_peak_gb(sessions: int) -> float:
+    """The reference's peak RSS with glibc defaults, fitted to measurements here: 9.89 GB with 2 sessions,
+    18.80 GB with 4 (the model itself is 1.09 GB)."""
+    return 1.09 + 4.43 * sessions
+
+
 def available_memory_gb() -> float:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -231,6 +239,8 @@ def main() -> None:
                         help="glibc malloc of the timing process (both approaches alike), and of a --peak run")
     parser.add_argument("--peak", choices=IMPLS, help="internal: one peak-RSS measurement")
     parser.add_argument("--no-reference", action="store_true", help="time convret only")
+    parser.add_argument("--no-peaks", action="store_true",
+                        help="timing only (for a second timing process under another --malloc)")
     parser.add_argument("--min-free-gb", type=float, default=None,
                         help="skip the reference when less memory is available (default: its expected need + 2 GB)")
     args = parser.parse_args()
@@ -248,17 +258,16 @@ def main() -> None:
     print("session_attention backend (auto on CPU):", _resolve_backend("auto", torch.device("cpu")),
           "| available:", convret.available_backends())
     print("packing:", describe_packing(args.sessions, args.max_len))
-    # the reference needs ~11.7 GB with 2 sessions and ~22 GB with 4 (measured); keep 2 GB of headroom
-    need = args.min_free_gb if args.min_free_gb is not None else (11.7 if args.sessions <= 2 else 5.5 * args.sessions) + 2
+    need = args.min_free_gb if args.min_free_gb is not None else reference_peak_gb(args.sessions) + 2  # 2 GB headroom
     free = available_memory_gb()
     with_reference = not args.no_reference and free >= need
     if not with_reference and not args.no_reference:
         print(f"reference skipped: {free:.1f} GB available, needs ~{need:.1f} GB (does not fit alongside other work)")
 
     impls = ["convret", "convret+ckpt"] + (["reference"] if with_reference else [])
-    peaks = {}
+    peaks: dict[tuple[str, str], float] = collections.defaultdict(lambda: float("nan"))  # nan: not measured
     for impl in impls:
-        for malloc in MALLOC_MODES:
+        for malloc in () if args.no_peaks else MALLOC_MODES:
             p = peak_in_subprocess(impl, args.sessions, args.max_len, malloc)
             print("peak:", json.dumps(p), flush=True)
             peaks[impl, malloc] = p.get("peak_rss_gb", float("nan"))
@@ -267,25 +276,26 @@ def main() -> None:
 
     names = {"reference": "reference (eager + dense mask, 4 forwards, full logits)",
              "convret": "convret one-pass", "convret+ckpt": "convret one-pass + gradient checkpointing"}
+    peak_modes = () if args.no_peaks else MALLOC_MODES
     ref_t = result["step_s"].get("reference")
     print()
-    print(f"| sessions | approach | step time (s, median; malloc {args.malloc}) | "
-          + " | ".join(f"peak RSS, {m} (GB)" for m in MALLOC_MODES) + " |")
-    print("|---|---|---|" + "---|" * len(MALLOC_MODES))
+    print((f"| sessions | approach | step time (s, median; malloc {args.malloc}) | "
+           + "".join(f"peak RSS, {m} (GB) | " for m in peak_modes)).rstrip())
+    print("|---|---|---|" + "---|" * len(peak_modes))
     if not with_reference:
-        print(f"| {args.sessions} | {names['reference']} | not run |" + " not run |" * len(MALLOC_MODES))
+        print(f"| {args.sessions} | {names['reference']} | not run |" + " not run |" * len(peak_modes))
     for impl in impls:
-        t = result["step_s"][impl]
-        print(f"| {args.sessions} | {names[impl]} | {t:.2f} | "
-              + " | ".join(f"{peaks[impl, m]:.2f}" for m in MALLOC_MODES) + " |")
+        print((f"| {args.sessions} | {names[impl]} | {result['step_s'][impl]:.2f} | "
+               + "".join(f"{peaks[impl, m]:.2f} | " for m in peak_modes)).rstrip())
     if ref_t:
         for impl in ("convret", "convret+ckpt"):
-            same = ", ".join(f"{m} {peaks['reference', m] / peaks[impl, m]:.2f}x" for m in MALLOC_MODES)
-            print(f"{impl}: {ref_t / result['step_s'][impl]:.2f}x faster (target >= 3x); peak RSS lower by "
-                  f"{peaks['reference', 'default'] / peaks[impl, 'cache']:.2f}x against the reference as released "
-                  f"(glibc defaults) with convret's caching allocator; same allocator on both sides: {same} "
-                  f"(target >= 4x)")
-
+            line = f"{impl}: {ref_t / result['step_s'][impl]:.2f}x faster (target >= 3x)"
+            if peak_modes:
+                same = ", ".join(f"{m} {peaks['reference', m] / peaks[impl, m]:.2f}x" for m in peak_modes)
+                line += (f"; peak RSS lower by {peaks['reference', 'default'] / peaks[impl, 'cache']:.2f}x against "
+                         f"the reference as released (glibc defaults) with convret's caching allocator; same "
+                         f"allocator on both sides: {same} (target >= 4x)")
+            print(line)
 
 if __name__ == "__main__":
     main()

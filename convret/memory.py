@@ -13,10 +13,11 @@ Two remedies, both process-wide and opt-in (convret never changes the allocator 
 - :func:`enable_cpu_caching_allocator` (needs the native extension): torch's CPU blocks of 1 MiB or more are
   served from blocks freed earlier, by size class, and mapped memory grows only when little is cached.
   A training step allocates the same few sizes again and again, so it runs with neither holes nor page
-  faults. CSIT-step benchmark (``bench/bench_csit_step.py``): peak RSS 3.1 -> 2.4 GB and the step 4.1 ->
-  3.5 s at 2 sessions; 12.5 -> 7.6 s at 4 sessions.
+  faults.
 - :func:`tune_cpu_malloc` (any glibc): fix the mmap threshold, so freed blocks go back at once. Same memory
-  saving, but every large allocation is a fresh, page-faulted mapping: the step takes a third longer.
+  saving, but every large allocation is a fresh, page-faulted mapping, so steps get slower.
+
+Measured effect on a CSIT training step (peak RSS and step time under each): docs/hf.md, "Benchmark".
 """
 from __future__ import annotations
 

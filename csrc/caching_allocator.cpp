@@ -2,7 +2,7 @@
 // blocks freed earlier instead of fresh memory. Opt-in: convret.enable_cpu_caching_allocator().
 //
 // Why: glibc either keeps activation-sized blocks in its heap, where a training step's forward / backward
-// orders fragment it (about 0.9 GB of holes in the CSIT benchmark), or maps them fresh on every allocation,
+// orders fragment it (up to 0.9 GB of holes in the CSIT benchmark), or maps them fresh on every allocation,
 // where every page is faulted and zero-filled again. A training step allocates the same few sizes again and
 // again, so reusing freed blocks avoids both.
 //
