@@ -26,7 +26,6 @@ each host allocator (glibc defaults, convret.tune_cpu_malloc(), convret.enable_c
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import random
@@ -265,9 +264,10 @@ def main() -> None:
         print(f"reference skipped: {free:.1f} GB available, needs ~{need:.1f} GB (does not fit alongside other work)")
 
     impls = ["convret", "convret+ckpt"] + (["reference"] if with_reference else [])
-    peaks: dict[tuple[str, str], float] = collections.defaultdict(lambda: float("nan"))  # nan: not measured
+    peak_modes = () if args.no_peaks else MALLOC_MODES
+    peaks: dict[tuple[str, str], float] = {}
     for impl in impls:
-        for malloc in () if args.no_peaks else MALLOC_MODES:
+        for malloc in peak_modes:
             p = peak_in_subprocess(impl, args.sessions, args.max_len, malloc)
             print("peak:", json.dumps(p), flush=True)
             peaks[impl, malloc] = p.get("peak_rss_gb", float("nan"))
@@ -276,7 +276,6 @@ def main() -> None:
 
     names = {"reference": "reference (eager + dense mask, 4 forwards, full logits)",
              "convret": "convret one-pass", "convret+ckpt": "convret one-pass + gradient checkpointing"}
-    peak_modes = () if args.no_peaks else MALLOC_MODES
     ref_t = result["step_s"].get("reference")
     print()
     print((f"| sessions | approach | step time (s, median; malloc {args.malloc}) | "
@@ -296,6 +295,7 @@ def main() -> None:
                          f"the reference as released (glibc defaults) with convret's caching allocator; same "
                          f"allocator on both sides: {same} (target >= 4x)")
             print(line)
+
 
 if __name__ == "__main__":
     main()
