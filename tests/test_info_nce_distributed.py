@@ -3,6 +3,7 @@ both layouts. The claim under test: after DDP's gradient averaging, the paramete
 learnable temperature) equal single-process training on the concatenated global batch."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -61,61 +62,72 @@ def _worker(rank, world_size, port):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        from convret import info_nce
-
-        for case_index, (layout, reduction, with_ids, backend) in enumerate(CASES):
-            queries, passages, labels, ids = global_batch(world_size, layout, with_ids, seed=case_index)
-            torch.manual_seed(1234)
-            model = Retriever().double()
-            single = Retriever().double()
-            single.load_state_dict(model.state_dict())
-            # DDP itself with 2 ranks; with 3, its averaging by hand (DDP's first construction imports
-            # torch._dynamo, seconds per process)
-            ddp = nn.parallel.DistributedDataParallel(model) if world_size == 2 else model
-
-            # this rank's part; labels are local to its passages
-            local_kwargs = {"passage_ids": None if ids is None else ids[rank]}
-            if layout == "grouped":
-                local_kwargs["group_size"] = GROUP_SIZE
-            else:
-                local_kwargs["labels"] = labels[rank]
-            q_emb, p_emb = ddp(queries[rank], passages[rank])
-            loss = info_nce(q_emb, p_emb, model.log_temperature.exp(), gather=True, reduction=reduction,
-                            backend=backend, **local_kwargs)
-            loss.backward()
-            if world_size != 2:
-                for param in model.parameters():
-                    dist.all_reduce(param.grad)
-                    param.grad /= world_size
-
-            # single process on the concatenated global batch
-            num_passages = passages.shape[1]
-            global_kwargs = {"passage_ids": None if ids is None else ids.reshape(-1)}
-            if layout == "grouped":
-                global_kwargs["group_size"] = GROUP_SIZE
-            else:
-                global_kwargs["labels"] = (labels + torch.arange(world_size).unsqueeze(1) * num_passages).reshape(-1)
-            q_all, p_all = single(queries.reshape(-1, INPUT_DIM), passages.reshape(-1, INPUT_DIM))
-            want = info_nce(q_all, p_all, single.log_temperature.exp(), reduction=reduction, backend="reference",
-                            **global_kwargs)
-            want.backward()
-
-            # the loss convention: the mean of the ranks' results is the global loss
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            mean_loss /= world_size
-            where = f"rank {rank}/{world_size}, case {CASES[case_index]}"
-            torch.testing.assert_close(mean_loss, want.detach(), msg=lambda m: f"{where}: loss {m}")
-            for (name, got), want_param in zip(model.named_parameters(), single.parameters()):
-                assert want_param.grad.abs().max() > 1e-3, f"{where}: {name} gradient ~0, test cannot fail"
-                torch.testing.assert_close(got.grad, want_param.grad, msg=lambda m: f"{where}: {name} grad {m}")
-
-        # uneven batches are refused on every rank, before any collective could hang
-        with pytest.raises(ValueError, match="same Q and P"):
-            n = QUERIES_PER_RANK + rank
-            info_nce(torch.randn(n, 4), torch.randn(n * 2, 4), gather=True)
+        _check_every_case(rank, world_size)
     finally:
+        # The gloo process group must be gone before the interpreter shuts down: a gloo thread that drops the
+        # last reference to a tensor during finalization aborts the process (SIGABRT, "terminate called without
+        # an active exception"; pytorch/pytorch#190489). DDP's reducer keeps the group alive in a reference
+        # cycle, so collect it first, then destroy the group and collect again: its destructor joins the threads.
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
+
+
+def _check_every_case(rank, world_size):
+    """Every case of CASES on this rank, then the refusal of uneven batches."""
+    from convret import info_nce
+
+    for case_index, (layout, reduction, with_ids, backend) in enumerate(CASES):
+        queries, passages, labels, ids = global_batch(world_size, layout, with_ids, seed=case_index)
+        torch.manual_seed(1234)
+        model = Retriever().double()
+        single = Retriever().double()
+        single.load_state_dict(model.state_dict())
+        # DDP itself with 2 ranks; with 3, its averaging by hand (DDP's first construction imports
+        # torch._dynamo, seconds per process)
+        ddp = nn.parallel.DistributedDataParallel(model) if world_size == 2 else model
+
+        # this rank's part; labels are local to its passages
+        local_kwargs = {"passage_ids": None if ids is None else ids[rank]}
+        if layout == "grouped":
+            local_kwargs["group_size"] = GROUP_SIZE
+        else:
+            local_kwargs["labels"] = labels[rank]
+        q_emb, p_emb = ddp(queries[rank], passages[rank])
+        loss = info_nce(q_emb, p_emb, model.log_temperature.exp(), gather=True, reduction=reduction,
+                        backend=backend, **local_kwargs)
+        loss.backward()
+        if world_size != 2:
+            for param in model.parameters():
+                dist.all_reduce(param.grad)
+                param.grad /= world_size
+
+        # single process on the concatenated global batch
+        num_passages = passages.shape[1]
+        global_kwargs = {"passage_ids": None if ids is None else ids.reshape(-1)}
+        if layout == "grouped":
+            global_kwargs["group_size"] = GROUP_SIZE
+        else:
+            global_kwargs["labels"] = (labels + torch.arange(world_size).unsqueeze(1) * num_passages).reshape(-1)
+        q_all, p_all = single(queries.reshape(-1, INPUT_DIM), passages.reshape(-1, INPUT_DIM))
+        want = info_nce(q_all, p_all, single.log_temperature.exp(), reduction=reduction, backend="reference",
+                        **global_kwargs)
+        want.backward()
+
+        # the loss convention: the mean of the ranks' results is the global loss
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= world_size
+        where = f"rank {rank}/{world_size}, case {CASES[case_index]}"
+        torch.testing.assert_close(mean_loss, want.detach(), msg=lambda m: f"{where}: loss {m}")
+        for (name, got), want_param in zip(model.named_parameters(), single.parameters()):
+            assert want_param.grad.abs().max() > 1e-3, f"{where}: {name} gradient ~0, test cannot fail"
+            torch.testing.assert_close(got.grad, want_param.grad, msg=lambda m: f"{where}: {name} grad {m}")
+
+    # uneven batches are refused on every rank, before any collective could hang
+    with pytest.raises(ValueError, match="same Q and P"):
+        n = QUERIES_PER_RANK + rank
+        info_nce(torch.randn(n, 4), torch.randn(n * 2, 4), gather=True)
 
 
 def _free_port() -> int:
