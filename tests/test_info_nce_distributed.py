@@ -64,8 +64,8 @@ def _worker(rank, world_size, port):
     try:
         _check_every_case(rank, world_size)
     finally:
-        # The gloo process group must be gone before the interpreter shuts down: a gloo thread that drops the
-        # last reference to a tensor during finalization aborts the process (SIGABRT, "terminate called without
+        # The gloo process group must be gone before the interpreter shuts down: a gloo thread that drops a
+        # reference to a tensor during finalization aborts the process (SIGABRT, "terminate called without
         # an active exception"; pytorch/pytorch#190489). DDP's reducer keeps the group alive in a reference
         # cycle, so collect it first, then destroy the group and collect again: its destructor joins the threads.
         gc.collect()
