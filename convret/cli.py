@@ -1,152 +1,36 @@
-"""Command line: ``convret demo`` (also ``python -m convret demo``)."""
+"""Command line: ``convret COMMAND [options]`` (also ``python -m convret COMMAND``).
+
+Each command lives in its own module and is imported only when it runs, so that ``convret --help`` and the
+light commands never pay for transformers, faiss or the kernels. A command module exposes
+``main(argv: list[str]) -> int``.
+"""
 from __future__ import annotations
 
-import argparse
-import multiprocessing
-import statistics
+import importlib
 import sys
-import time
 
-import torch
-
-from . import SessionLayout, session_attention
-from .attention import _resolve_backend
-from .baselines import additive_mask, dense_mask_eager_attention, sdpa_dense_mask_attention
+# name -> (module, one-line summary); the module's main(argv) does the work
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("convret.demo", "session attention on a CSIT batch, time and memory beside the dense-mask baselines"),
+}
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def _demo_inputs(args, device):
-    t = args.summary_tokens
-    # one CSIT LM sample per row: session, t summary tokens, response + its own t summary tokens
-    segments = [[(args.session_len, t, args.response_len + t)]] * args.batch
-    seq_len = args.session_len + 2 * t + args.response_len
-    layout = SessionLayout.from_segments(segments, seq_len, device=device)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-
-    def draw(heads):
-        x = torch.randn(args.batch, heads, seq_len, args.head_dim, generator=generator)
-        return x.to(device=device, dtype=getattr(torch, args.dtype)).requires_grad_()
-
-    return layout, draw(args.q_heads), draw(args.kv_heads), draw(args.kv_heads)
-
-
-def _method(name, layout, dtype):
-    if name == "convret":
-        return lambda q, k, v: session_attention(q, k, v, layout)
-    if name == "dense-mask eager":
-        mask = additive_mask(layout, dtype)
-        return lambda q, k, v: dense_mask_eager_attention(q, k, v, mask)
-    bool_mask = layout.dense_mask().unsqueeze(1)
-    return lambda q, k, v: sdpa_dense_mask_attention(q, k, v, bool_mask)
-
-
-def _measure(name, args, device, result_queue=None):
-    """Median fwd+bwd time (ms) and peak memory above the inputs (MB) of one method."""
-    layout, q, k, v = _demo_inputs(args, device)
-    grad = torch.randn(q.shape, dtype=q.dtype, device=device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _peak_rss_bytes()
-    fn = _method(name, layout, q.dtype)  # the dense baselines build their [B, 1, L, L] mask here: it counts
-    times = []
-    for step in range(args.warmup + args.repeats):
-        start = time.perf_counter()
-        out = fn(q, k, v)
-        out.backward(grad)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-        q.grad = k.grad = v.grad = None
-        del out
-    peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()) - base
-    result = (statistics.median(times), peak / 2**20)
-    if result_queue is not None:
-        result_queue.put(result)
-    return result
-
-
-def demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="convret demo", description=(
-        "Session-masked attention on a CSIT batch (forward + backward) beside the dense-mask baselines."))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--session-len", type=int, default=1024)
-    parser.add_argument("--response-len", type=int, default=384)
-    parser.add_argument("--summary-tokens", type=int, default=3)
-    parser.add_argument("--q-heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64, choices=[32, 64, 128])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-
-    backend = _resolve_backend("auto", device)
-    seq_len = args.session_len + 2 * args.summary_tokens + args.response_len
-    print(f"CSIT batch: {args.batch} x [session {args.session_len} | {args.summary_tokens} summary | "
-          f"response {args.response_len} + {args.summary_tokens}] = {seq_len} tokens per row, "
-          f"Hq={args.q_heads}, Hkv={args.kv_heads}, D={args.head_dim}, {args.dtype} on {device} "
-          f"(convret backend: {backend})")
-    layout, q, k, v = _demo_inputs(args, device)
-    with torch.no_grad():
-        reference = dense_mask_eager_attention(q.float(), k.float(), v.float(), additive_mask(layout, torch.float32))
-        got = session_attention(q, k, v, layout).float()
-    print(f"max |convret - dense eager| = {(got - reference).abs().max().item():.2e}")
-
-    methods = ["convret", "dense-mask eager", "SDPA + dense bool mask"]
-    results = {}
-    context = multiprocessing.get_context("spawn")
-    for name in methods:
-        if device.type == "cuda":
-            results[name] = _measure(name, args, device)
-            continue
-        # on CPU each method runs in a fresh process so that its peak RSS is its own
-        queue = context.Queue()
-        process = context.Process(target=_measure, args=(name, args, device, queue))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            print(f"{name}: failed (exit code {process.exitcode})", file=sys.stderr)
-            return 1
-        results[name] = queue.get()
-
-    print(f"\n| method | fwd+bwd median (ms) | peak memory above inputs (MB) |")
-    print("|---|---|---|")
-    for name in methods:
-        ms, mb = results[name]
-        print(f"| {name} | {ms:.1f} | {mb:.1f} |")
-    base_ms, base_mb = results["dense-mask eager"]
-    ms, mb = results["convret"]
-    print(f"\nconvret vs dense-mask eager: {base_ms / ms:.2f}x faster, {base_mb / max(mb, 1e-9):.1f}x less memory")
-    return 0
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: convret COMMAND [options]   (convret COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": demo}
-    if not argv or argv[0] not in commands:
-        print(f"usage: convret {{{','.join(commands)}}} [options]   (convret <command> --help)", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        if argv:
+            print(f"convret: unknown command {argv[0]!r}", file=sys.stderr)
+        print(usage(), file=sys.stderr)
         return 2
-    return commands[argv[0]](argv[1:])
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)

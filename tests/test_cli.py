@@ -14,4 +14,14 @@ def test_demo_small(capsys):
 
 def test_unknown_command(capsys):
     assert main(["train-everything"]) == 2
-    assert "usage" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "usage" in err and "train-everything" in err
+
+
+def test_help_lists_every_command(capsys):
+    from convret.cli import COMMANDS
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert f"  {name} " in out
