@@ -1,0 +1,83 @@
+"""The records every reader yields, whatever the file format: text only, nothing tokenised yet.
+
+- :class:`Passage`: one passage of a collection (or a positive / negative attached to a training example).
+- :class:`Turn`: one turn of a conversation, ``role`` ``"user"`` or ``"assistant"``.
+- :class:`TrainingExample`: one training example: a session (earlier turns + the current user query), its
+  gold passage, hard negatives and the response the LM loss learns.
+- :class:`EvalTurn`: one evaluation query: a session to embed, with its query id for qrels and runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Passage", "Turn", "TrainingExample", "EvalTurn", "USER", "ASSISTANT"]
+
+USER = "user"
+ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A passage. ``id`` is the collection's docid (a string, as in TREC qrels and runs)."""
+
+    id: str
+    text: str
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One conversation turn: ``role`` is :data:`USER` or :data:`ASSISTANT`."""
+
+    role: str
+    text: str
+
+
+@dataclass
+class TrainingExample:
+    """One training example.
+
+    Attributes:
+        id: ``{conv_id}_{turn}`` (the turn's number in its conversation, as the format counts it).
+        history: earlier turns of the session, oldest first (user and assistant alternating).
+        query: the current user utterance.
+        positive: the gold passage, or ``None`` (an LM-only example). In ChatRetriever's UltraChat format it is
+            the next Assistant turn (id ``{conv_id}_{turn}_pos``); in QReCC / TopiOCQA style data and the sample
+            world it is a passage of the collection, with the collection's id.
+        negatives: hard negatives (any number, possibly none).
+        response: the text the session-masked LM loss learns to generate from the summary tokens, or ``None``.
+            UltraChat: the positive's text; triplet data (QReCC, TopiOCQA, the sample world): the answer.
+        rewrite: a manual, self-contained rewrite of the query, when the data has one.
+    """
+
+    id: str
+    history: list[Turn]
+    query: str
+    positive: Passage | None = None
+    negatives: list[Passage] = field(default_factory=list)
+    response: str | None = None
+    rewrite: str | None = None
+
+
+@dataclass
+class EvalTurn:
+    """One evaluation query.
+
+    Attributes:
+        qid: the query id of qrels and runs, ``{conv_id}_{turn_id}`` (every supported set's convention).
+        conv_id, turn_id: as the file spells them.
+        history: earlier turns, oldest first.
+        query: the current user utterance.
+        rewrite: the manual rewrite, when present (the "oracle" query of the field's tables).
+        response: the reference response, when present (generation metrics).
+        positive_texts: gold passage texts carried by the file itself, when present.
+    """
+
+    qid: str
+    conv_id: str
+    turn_id: str
+    history: list[Turn]
+    query: str
+    rewrite: str | None = None
+    response: str | None = None
+    positive_texts: list[str] = field(default_factory=list)

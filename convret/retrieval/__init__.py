@@ -1,0 +1,1 @@
+"""Retrieval: encode, index, search, evaluate, export, generate."""

@@ -1,0 +1,197 @@
+"""Self-describing retriever checkpoints: everything encoding needs, in one directory.
+
+Layout of a checkpoint directory ``CKPT/``::
+
+    convret_config.json        RetrieverConfig: recipe, summary tokens and ids, pooling, normalisation,
+                               sequence lengths and formatting options, the base model
+    tokenizer files            the tokenizer, its summary tokens included
+    config.json, model.safetensors                 full fine-tuning: the whole *ForCausalLM
+    adapter_config.json, adapter_model.safetensors LoRA: the PEFT adapter ...
+    base/                      ... and the base weights when the base cannot be loaded by name (a model built
+                               from a config); absent when ``base_model`` names a hub id or a path
+
+Written atomically (a temporary directory beside it, flushed, then renamed), so a directory with
+``convret_config.json`` is always complete. :func:`load_retriever` rebuilds the model, the tokenizer and the
+config from it alone.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .._io import atomic_directory
+
+__all__ = ["RetrieverConfig", "LoadedRetriever", "save_retriever", "load_retriever", "CONFIG_NAME",
+           "is_checkpoint"]
+
+CONFIG_NAME = "convret_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RetrieverConfig:
+    """What a model needs besides its weights to embed sessions and passages exactly as it was trained.
+
+    Attributes:
+        summary_tokens, summary_token_ids: the t summary tokens (names and ids in the saved tokenizer).
+        recipe: ``"csit"`` or ``"uniconv"``.
+        base_model: hub id or path of the base model the run started from; ``None`` when built from a config
+            (then a LoRA checkpoint carries the base weights in ``base/``).
+        adapter: the weights are a PEFT adapter over the base (LoRA) rather than the full model.
+        pooling: ``"last_summary_token"``: the final hidden state of the last summary token.
+        normalize: L2-normalise embeddings (scores are cosine similarities; the model was trained so).
+        temperature: the InfoNCE temperature at the end of training (informative; search uses inner products).
+        max_session_len, max_passage_len, max_response_len: token budgets used in training.
+        instruction: text prefixed to every session (never truncated), or ``None``.
+        passage_instruction: text prefixed to every passage, or ``None``.
+        summary_on_passages: passages end with the summary tokens too (pooled there) or pool at their last token.
+        chatretriever_compat: the separator between session and response is visible to the response
+            (ChatRetriever's released code).
+        model_dtype: dtype the weights were saved in.
+    """
+
+    summary_tokens: list[str]
+    summary_token_ids: list[int]
+    recipe: str = "csit"
+    base_model: str | None = None
+    adapter: bool = False
+    pooling: str = "last_summary_token"
+    normalize: bool = True
+    temperature: float = 0.01
+    max_session_len: int | None = 1024
+    max_passage_len: int | None = 384
+    max_response_len: int | None = 384
+    instruction: str | None = None
+    passage_instruction: str | None = None
+    summary_on_passages: bool = True
+    chatretriever_compat: bool = False
+    model_dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "RetrieverConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a readable convret config ({error})") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {version} is newer than this convret ({FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(known)}")
+        missing = [name for name in ("summary_tokens", "summary_token_ids") if name not in data]
+        if missing:
+            raise ValueError(f"{path}: missing keys {missing}")
+        return cls(**data)
+
+
+class LoadedRetriever(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: Any
+    config: RetrieverConfig
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A complete convret checkpoint directory (the config is written last, inside the atomic rename)."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def save_retriever(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    config: RetrieverConfig,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``model`` (a ``*ForCausalLM`` or a PEFT wrapper of one), ``tokenizer`` and ``config`` to ``path``
+    atomically. ``config.adapter`` is set from the model; a LoRA model whose ``config.base_model`` is ``None``
+    gets its base weights saved in ``base/``."""
+    path = Path(path)
+    config = copy.deepcopy(config)
+    config.adapter = _is_peft(model)
+    config.model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if config.adapter and config.base_model is None:
+            base = copy.deepcopy(model).unload()  # the base without LoRA layers, trainable-token rows as they began
+            base.save_pretrained(tmp / "base", safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONFIG_NAME).write_text(config.to_json(), encoding="utf-8")
+    return path
+
+
+def load_retriever(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    merge: bool = False,
+    attn_implementation: str = "convret",
+) -> LoadedRetriever:
+    """Load a checkpoint written by :func:`save_retriever` (or by ``convret train``).
+
+    Args:
+        path: the checkpoint directory.
+        device, dtype: where and in which dtype to put the weights (default: the saved dtype).
+        merge: merge a LoRA adapter into the base weights (a plain model afterwards).
+        attn_implementation: ``"convret"`` (session layouts) or any Hugging Face implementation.
+
+    Raises:
+        ValueError: not a checkpoint, or weights and tokenizer / config that do not belong together.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import hf  # noqa: F401  (registers attn_implementation="convret")
+
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise ValueError(f"{path} is not a convret checkpoint (no {CONFIG_NAME}); expected a directory written "
+                         "by `convret train` (OUTPUT_DIR/final or OUTPUT_DIR/checkpoint-N)")
+    config = RetrieverConfig.from_file(path / CONFIG_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dtype = dtype or getattr(torch, config.model_dtype)
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if config.adapter:
+        from peft import PeftModel
+
+        base_source = path / "base" if config.base_model is None else config.base_model
+        model = AutoModelForCausalLM.from_pretrained(base_source, **kwargs)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if rows < len(tokenizer):
+            raise ValueError(f"{path}: the base model has {rows} embedding rows but the tokenizer {len(tokenizer)} "
+                             "tokens; the base model is not the one this adapter was trained on")
+        model = PeftModel.from_pretrained(model, path)
+        if merge:
+            model = model.merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    rows = model.get_input_embeddings().weight.shape[0]
+    bad = [i for i in config.summary_token_ids if i >= rows]
+    if bad or [tokenizer.convert_tokens_to_ids(t) for t in config.summary_tokens] != config.summary_token_ids:
+        raise ValueError(f"{path}: summary tokens {config.summary_tokens} / ids {config.summary_token_ids} do not "
+                         f"match the saved tokenizer and model ({rows} embedding rows)")
+    model.to(device).eval()
+    return LoadedRetriever(model, tokenizer, config)
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
