@@ -9,7 +9,7 @@ response_len)`` and occupies ``prefix_len + summary_len + response_len`` consecu
 - the ChatRetriever-compatible variant (separator left visible to the response): ``summary_len = t + 1``.
 
 The whole mask is one int32 per key, ``mask_start[b, j]``: the first query row that may *not* see key j.
-Row q may attend to key j iff ``j <= q`` and ``q < mask_start[b, j]`` (DESIGN.md section 2).
+Row q may attend to key j iff ``j <= q`` and ``q < mask_start[b, j]``.
 """
 from __future__ import annotations
 
