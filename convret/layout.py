@@ -49,6 +49,7 @@ class SessionLayout:
         self.segments = segments
         self._tile_bounds: dict[int, TileBounds] = {}
         self._position_ids: torch.Tensor | None = None
+        self._max_span: int | None = None
         self._copies: dict[torch.device, SessionLayout] = {}
 
     # ------------------------------------------------------------------ construction
@@ -155,6 +156,15 @@ class SessionLayout:
                 ids[b, pos:] = torch.arange(self.seq_len - pos)
             self._position_ids = ids.to(self.device)
         return self._position_ids
+
+    def max_attention_span(self) -> int:
+        """The largest ``q - j`` over visible pairs (query q sees key j): a sliding window of ``w`` keys
+        (``q - j < w``) hides nothing iff this is below ``w``. -1 for a layout of padding only. Cached."""
+        if self._max_span is None:
+            positions = torch.arange(self.seq_len, device=self.device, dtype=torch.int64)
+            # key j is seen by rows j .. mask_start - 1; padding keys (mask_start <= j) by nobody
+            self._max_span = int((self.mask_start.to(torch.int64) - 1 - positions).max().clamp(min=-1))
+        return self._max_span
 
     def tile_bounds(self, block_n: int) -> TileBounds:
         """Per key tile min / max of ``mask_start`` for tiles of ``block_n`` keys, computed once and cached,
