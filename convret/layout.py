@@ -44,7 +44,32 @@ class SessionLayout:
         out = convret.session_attention(q, k, v, layout)
     """
 
-    def __init__(self, mask_start: torch.Tensor, segments: list[list[Segment]]):
+    def __init__(self, mask_start: torch.Tensor, segments: Sequence[Sequence[Sequence[int]]]):
+        """Validating constructor: ``mask_start`` (int ``[B, L]``) must be exactly what
+        :meth:`from_segments` builds from ``segments`` with ``seq_len = L``, since the kernels read
+        ``mask_start`` while the fallback, pooling and position ids read the segments. Raises ``ValueError``
+        otherwise. Prefer :meth:`from_segments`, which builds both."""
+        if not isinstance(mask_start, torch.Tensor) or mask_start.dim() != 2 or mask_start.dtype.is_floating_point:
+            raise ValueError(f"mask_start must be an integer [B, L] tensor, got "
+                             f"{tuple(getattr(mask_start, 'shape', ()))} {getattr(mask_start, 'dtype', type(mask_start))}")
+        expected = SessionLayout.from_segments(segments, mask_start.shape[1])
+        if expected.batch_size != mask_start.shape[0]:
+            raise ValueError(f"mask_start has {mask_start.shape[0]} rows but segments describe {expected.batch_size}")
+        given = mask_start.detach().to("cpu", torch.int32)
+        if not torch.equal(given, expected.mask_start):
+            b, j = (given != expected.mask_start).nonzero()[0].tolist()
+            raise ValueError(f"mask_start disagrees with segments at row {b}, key {j}: {given[b, j].item()} given, "
+                             f"{expected.mask_start[b, j].item()} built from the segments")
+        self._init(mask_start.to(torch.int32), expected.segments)
+
+    @classmethod
+    def _trusted(cls, mask_start: torch.Tensor, segments: list[list[Segment]]) -> "SessionLayout":
+        """No validation: for :meth:`from_segments` and :meth:`to`, which build the two consistently."""
+        layout = cls.__new__(cls)
+        layout._init(mask_start, segments)
+        return layout
+
+    def _init(self, mask_start: torch.Tensor, segments: list[list[Segment]]) -> None:
         self.mask_start = mask_start
         self.segments = segments
         self._tile_bounds: dict[int, TileBounds] = {}
@@ -89,7 +114,7 @@ class SessionLayout:
                 pos = end
             mask_start[b, pos:] = torch.arange(pos, seq_len, dtype=torch.int32)  # padding: nobody sees it
             rows.append(clean_row)
-        return cls(mask_start.to(device) if device is not None else mask_start, rows)
+        return cls._trusted(mask_start.to(device) if device is not None else mask_start, rows)
 
     # ------------------------------------------------------------------ shape / device
     @property
@@ -116,7 +141,7 @@ class SessionLayout:
             return self
         moved = self._copies.get(device)
         if moved is None:
-            moved = SessionLayout(self.mask_start.to(device), self.segments)
+            moved = SessionLayout._trusted(self.mask_start.to(device), self.segments)
             self._copies[device] = moved
         return moved
 
