@@ -179,9 +179,15 @@ def cpu_only(device: torch.device) -> str | None:
     return None if device.type == "cpu" else f"needs CPU tensors, got device {device}"
 
 
+_triton_installed: bool | None = None
+
+
 def triton_gate(device: torch.device) -> str | None:
     """Triton runs CUDA tensors, and CPU tensors only under its interpreter (``TRITON_INTERPRET=1``)."""
-    if importlib.util.find_spec("triton") is None:
+    global _triton_installed
+    if _triton_installed is None:  # looked up once: the gate runs on every call of every layer
+        _triton_installed = importlib.util.find_spec("triton") is not None
+    if not _triton_installed:
         return "the triton package is not installed"
     if device.type == "cuda":
         return None
