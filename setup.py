@@ -93,7 +93,7 @@ setup(
     package_dir={"convret.kernels": "kernels"},
     ext_modules=[CMakeExtension("convret._convret_cpu")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
+    install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
     extras_require={
         "hf": ["transformers>=4.57", "peft>=0.17", "safetensors"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors"],

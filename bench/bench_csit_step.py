@@ -252,9 +252,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, sessions {args.sessions}, "
           f"max_len {args.max_len}, malloc of the timing process: {args.malloc}")
     import convret
-    from convret.attention import _resolve_backend
+    from convret.attention import resolve_backend
 
-    print("session_attention backend (auto on CPU):", _resolve_backend("auto", torch.device("cpu")),
+    print("session_attention backend (auto on CPU):", resolve_backend("auto", torch.device("cpu")),
           "| available:", convret.available_backends())
     print("packing:", describe_packing(args.sessions, args.max_len))
     need = args.min_free_gb if args.min_free_gb is not None else reference_peak_gb(args.sessions) + 2  # 2 GB headroom

@@ -2,9 +2,10 @@
 from .layout import SessionLayout
 from .attention import session_attention, available_backends
 from . import _triton_backend  # noqa: F401  (registers backend="triton")
-from ._cpu_backend import backend_info  # also registers backend="cpu"
+from . import _cpu_backend  # noqa: F401  (registers backend="cpu")
 from .contrastive import info_nce, InfoNCELoss
 from .lm_loss import linear_cross_entropy, LinearCrossEntropy
+from ._info import backend_info
 from .collate import CSITBatch, CSITCollator, CSITExample
 from .csit import csit_loss, CSITLoss, CSITLossOutput
 from .memory import enable_cpu_caching_allocator, tune_cpu_malloc

@@ -1,27 +1,30 @@
 """``session_attention``: the public face of the session-masked attention backends."""
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 
+from . import _dispatch
 from .layout import SessionLayout
 
+OP = "session_attention"
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def register_backend(name: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Internal: make ``fn(q, k, v, layout, scale)`` selectable as ``backend=name``."""
-    _BACKENDS[name] = fn
-
-
-def triton_usable(device: torch.device) -> bool:
-    """Triton runs CUDA tensors, and CPU tensors only under the interpreter (``TRITON_INTERPRET=1``)."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+def register_backend(
+    name: str,
+    fn: Callable[..., torch.Tensor],
+    *,
+    rank: int = 0,
+    gate: _dispatch.Gate | None = None,
+    auto_devices: tuple[str, ...] | None = None,
+    tolerances: dict | None = None,
+    description: str = "",
+) -> None:
+    """Internal: make ``fn(q, k, v, layout, scale)`` selectable as ``backend=name`` (see ``convret._dispatch``)."""
+    _dispatch.register(OP, name, fn, rank=rank, gate=gate, auto_devices=auto_devices, tolerances=tolerances,
+                       description=description)
 
 
 def session_attention(
@@ -40,7 +43,9 @@ def session_attention(
         layout: the batch's layout, shape ``[B, L]``.
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpu"`` (native CPU backend),
-            ``"reference"`` (dense O(L^2) oracle, any device) or ``"auto"``.
+            ``"reference"`` (dense O(L^2) oracle, any device) or ``"auto"`` (``$CONVRET_BACKEND_SESSION_ATTENTION``
+            if set, else triton on CUDA, cpu on CPU, reference elsewhere). A named backend that cannot run on
+            the tensors' device raises ``ValueError`` with the reason.
 
     Returns:
         ``[B, Hq, L, D]`` in q's dtype. Query rows with no visible key (padding) are zeros, with zero gradient.
@@ -48,28 +53,22 @@ def session_attention(
     _check_inputs(q, k, v, layout)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    name = _resolve_backend(backend, q.device)
-    return _BACKENDS[name](q, k, v, layout.to(q.device), float(scale))
+    impl = _dispatch.resolve(OP, backend, q.device)
+    return impl.fn(q, k, v, layout.to(q.device), float(scale))
 
 
-def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+def available_backends(op: str = OP, device: torch.device | str | None = None) -> list[str]:
+    """Backends registered for ``op`` (default: session attention); with ``device``, only those that can run
+    there. ``convret.backend_info()["ops"]`` says why the others cannot."""
+    names = _dispatch.backends(op)
+    if device is None:
+        return names
+    return [name for name in names if _dispatch.get(op, name).unavailable_reason(torch.device(device)) is None]
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        if device.type == "cuda" and "triton" in _BACKENDS:
-            return "triton"
-        if device.type == "cpu" and "cpu" in _BACKENDS:
-            return "cpu"
-        return "reference"
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: {['auto', *available_backends()]}")
-    if backend == "triton" and not triton_usable(device):
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
-        )
-    return backend
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The backend name ``session_attention(..., backend=backend)`` runs on ``device`` (raises as it would)."""
+    return _dispatch.resolve(OP, backend, device).backend
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout) -> None:
@@ -123,4 +122,5 @@ def reference_attention(
     return torch.matmul(probs, vc).to(q.dtype)
 
 
-register_backend("reference", reference_attention)
+register_backend("reference", reference_attention, rank=0,
+                 description="dense-mask oracle, O(L^2) memory, at least fp32")

@@ -1,4 +1,5 @@
-"""The dense-mask peers every benchmark names (DESIGN.md section 3). Not part of the fast path.
+"""The dense-mask peers every benchmark names: eager attention with a dense additive mask (what the released
+CSIT code runs) and SDPA with the same mask as a bool tensor. Not part of the fast path.
 
 Both build the O(L^2) mask from the layout, as the reference CSIT implementation does.
 """

@@ -1,6 +1,6 @@
 """One-pass CSIT collator: every sequence of a training step packed into the rows of ONE forward pass.
 
-A CSIT step (ChatRetriever, DESIGN.md section 1) needs, per training example,
+A CSIT step (ChatRetriever, Mao et al., ACL 2024 Findings) needs, per training example,
 
 - the session ``[x_1..x_N, EMB_1..EMB_t]`` to embed (the query),
 - its positive and hard-negative passages ``[p_1..p_K, EMB_1..EMB_t]`` to embed,

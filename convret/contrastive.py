@@ -1,31 +1,34 @@
-"""InfoNCE over in-batch and hard negatives without the ``[Q, P]`` score matrix.
+"""InfoNCE over in-batch and hard negatives without the ``[Q, P]`` score matrix: the public face.
 
-``info_nce`` is the public function; backends:
+:func:`info_nce` (functional) and :class:`InfoNCELoss` (module) validate their inputs and dispatch through
+``convret._dispatch`` (op ``"info_nce"``) to one of:
 
 - ``"triton"``: fused kernels (``convret.kernels.info_nce``); CUDA tensors, or CPU tensors under
-  ``TRITON_INTERPRET=1``.
-- ``"cpu"``: :class:`ChunkedInfoNCE`, query chunks against all passages. Holding one chunk's full row of
-  scores gives its softmax exactly, so the forward pass also produces dQ, dP and d(temperature) with the same
-  three GEMMs the naive version runs; the backward only scales them.
-- ``"reference"``: ``F.cross_entropy`` on the full logits, the oracle (O(Q * P) memory).
+  ``TRITON_INTERPRET=1``;
+- ``"cpu"``: :class:`ChunkedInfoNCE` (``convret._info_nce_cpu``), query chunks against all passages, the
+  gradients produced in the forward pass;
+- ``"reference"``: ``F.cross_entropy`` on the full logits, the oracle (O(Q * P) memory,
+  ``convret._info_nce_reference``).
+
+``gather=True`` all-gathers the passages of every rank first (``convret._info_nce_gather``).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import triton_usable
+from . import _dispatch
+from ._info_nce_cpu import CPU_CHUNK_BYTES, MIN_CHUNK_ROWS, ChunkedInfoNCE, chunked_info_nce  # noqa: F401
+from ._info_nce_gather import gather_passages
+from ._info_nce_reference import false_negative_mask, reference_info_nce  # noqa: F401
 
+OP = "info_nce"
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "cpu", "reference")
 
-# Bytes of fp32 scores one CPU chunk may hold; the chunk is this many bytes / (4 * P) query rows.
-CPU_CHUNK_BYTES = 32 * 2**20
-MIN_CHUNK_ROWS = 64  # GEMMs with fewer rows spend more on the read-modify-write of dP than on arithmetic
+__all__ = ["info_nce", "InfoNCELoss", "ChunkedInfoNCE", "false_negative_mask", "gather_passages",
+           "reference_info_nce"]
 
 
 def info_nce(
@@ -63,15 +66,16 @@ def info_nce(
             gradient averaging the parameter gradients equal single-process training on that batch.
             ``"none"`` returns this rank's per-query losses, unscaled.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[Q]`` per-query losses).
-        backend: ``"triton"``, ``"cpu"``, ``"reference"`` or ``"auto"`` (triton on CUDA, cpu on CPU).
+        backend: ``"triton"``, ``"cpu"``, ``"reference"`` or ``"auto"`` (``$CONVRET_BACKEND_INFO_NCE`` if set,
+            else triton on CUDA, cpu on CPU, reference elsewhere). A named backend that cannot run on the
+            inputs' device raises ``ValueError`` with the reason.
 
     Returns:
-        fp32 (float64 for float64 inputs) loss: a scalar, or ``[Q]`` for ``reduction="none"``.
+        fp32 (float64 for float64 inputs) loss: a scalar, or ``[Q]`` for ``reduction="none"``. A float
+        ``temperature`` is used in float64 for float64 inputs (exact), in fp32 otherwise.
     """
     labels = _check_and_make_labels(queries, passages, temperature, group_size, labels, passage_ids, reduction)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    name = _resolve_backend(backend, queries.device)
+    impl = _dispatch.resolve(OP, backend, queries.device)
     world_size = 1
     if gather:
         passages, labels, passage_ids, world_size = gather_passages(queries, passages, labels, passage_ids)
@@ -79,17 +83,9 @@ def info_nce(
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.reshape(())
     else:
-        temperature = torch.tensor(float(temperature), dtype=torch.float32, device=queries.device)
-
-    if name == "reference":
-        loss = reference_info_nce(queries, passages, temperature, labels, passage_ids, reduction)
-    elif name == "cpu":
-        loss = ChunkedInfoNCE.apply(queries, passages, temperature, labels, passage_ids, reduction,
-                                    _cpu_chunk_rows(passages.shape[0]))
-    else:
-        from .kernels.info_nce import info_nce_triton
-
-        loss = info_nce_triton(queries, passages, temperature, labels, passage_ids, reduction)
+        tau_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        temperature = torch.tensor(float(temperature), dtype=tau_dtype, device=queries.device)
+    loss = impl.fn(queries, passages, temperature, labels, passage_ids, reduction)
     if reduction == "sum" and world_size > 1:
         loss = loss * world_size
     return loss
@@ -142,7 +138,8 @@ class InfoNCELoss(nn.Module):
         if learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         else:
-            self.register_buffer("log_temperature", torch.tensor(math.log(temperature)))
+            # float64, so that a float64 loss sees the exact temperature (``.float()`` on the module rounds it)
+            self.register_buffer("log_temperature", torch.tensor(math.log(temperature), dtype=torch.float64))
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -253,236 +250,22 @@ def _check_and_make_labels(queries, passages, temperature, group_size, labels, p
     return labels
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else "reference"
-    if backend == "triton" and not triton_usable(device):
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
-                         f"got device {device}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got device {device}")
-    return backend
 
 
-def false_negative_mask(labels: torch.Tensor, passage_ids: torch.Tensor) -> torch.Tensor:
-    """``[len(labels), P]`` bool: passages sharing the id of the row's positive, the positive itself excluded."""
-    same = passage_ids[labels].unsqueeze(1) == passage_ids.unsqueeze(0)
-    same[torch.arange(labels.shape[0], device=labels.device), labels] = False
-    return same
+def _triton_info_nce(queries, passages, temperature, labels, passage_ids, reduction):
+    from .kernels.info_nce import info_nce_triton
+
+    return info_nce_triton(queries, passages, temperature, labels, passage_ids, reduction)
 
 
-# ------------------------------------------------------------------------------------------ multi-process
-def gather_passages(queries, passages, labels, passage_ids):
-    """All-gather passages (with gradient) and ids from every rank; remap labels to global indices.
-
-    Rank r's passages land at ``[r * P, (r + 1) * P)`` of the global set, so its labels shift by ``r * P``
-    (grouped layout: query i of rank r has its positive at ``(r * Q + i) * group_size``)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("gather=True needs an initialised torch.distributed process group "
-                         "(call torch.distributed.init_process_group first)")
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    sizes = torch.tensor([queries.shape[0], passages.shape[0], int(passage_ids is not None)],
-                         device=passages.device)
-    all_sizes = [torch.empty_like(sizes) for _ in range(world_size)]
-    dist.all_gather(all_sizes, sizes)
-    if any(not torch.equal(s, sizes) for s in all_sizes):
-        raise ValueError(f"gather=True needs the same Q and P (and passage_ids on all or none) on every rank, "
-                         f"got [Q, P, has_ids] per rank: {[s.tolist() for s in all_sizes]}")
-    global_passages = _GatherWithGradient.apply(passages)
-    global_ids = None
-    if passage_ids is not None:
-        id_list = [torch.empty_like(passage_ids) for _ in range(world_size)]
-        dist.all_gather(id_list, passage_ids.contiguous())
-        global_ids = torch.cat(id_list)
-    return global_passages, labels + rank * passages.shape[0], global_ids, world_size
-
-
-class _GatherWithGradient(torch.autograd.Function):
-    """``[P, D]`` per rank -> ``[world_size * P, D]`` on every rank. Backward: each rank receives the sum over
-    ranks of the gradients of its rows (every rank's loss used them)."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
-        ctx.rows = tensor.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank = dist.get_rank()
-        grad = grad.contiguous()
-        if dist.get_backend() == "nccl":
-            out = torch.empty_like(grad[: ctx.rows])
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        dist.all_reduce(grad)  # gloo has no reduce-scatter
-        return grad[rank * ctx.rows: (rank + 1) * ctx.rows]
-
-
-# ------------------------------------------------------------------------------------------ reference
-def reference_info_nce(queries, passages, temperature, labels, passage_ids, reduction):
-    """The naive formula, differentiable by plain autograd, in at least fp32: the oracle."""
-    compute_dtype = torch.promote_types(queries.dtype, torch.float32)
-    logits = queries.to(compute_dtype) @ passages.to(compute_dtype).T / temperature.to(compute_dtype)
-    if passage_ids is not None:
-        logits = logits.masked_fill(false_negative_mask(labels, passage_ids), float("-inf"))
-    return F.cross_entropy(logits, labels, reduction=reduction)
-
-
-# ------------------------------------------------------------------------------------------ CPU backend
-def _cpu_chunk_rows(num_passages: int) -> int:
-    return max(MIN_CHUNK_ROWS, CPU_CHUNK_BYTES // (4 * num_passages))
-
-
-def _row_weights(grad_output: torch.Tensor, reduction: str, num_queries: int) -> torch.Tensor:
-    """d(result)/d(loss_i) times the incoming gradient, as a ``[Q]`` fp32 vector."""
-    grad_output = grad_output.float()
-    if reduction == "none":
-        return grad_output
-    if reduction == "mean":
-        grad_output = grad_output / num_queries
-    return grad_output.expand(num_queries)
-
-
-class ChunkedInfoNCE(torch.autograd.Function):
-    """CPU InfoNCE in query chunks: O(Q + P) memory plus one ``[chunk_rows, P]`` block of scores.
-
-    For "mean" / "sum" the forward pass also computes the gradients for a unit incoming gradient (the
-    chunk's scores turn into ``exp(s - max)`` in place, then ``dQ = G P / tau``, ``dP += G^T Q / tau`` with
-    ``G = softmax - onehot``); the backward scales them. "none" (per-row incoming gradients) and a second
-    backward through the same graph recompute the scores chunk by chunk instead.
-    """
-
-    @staticmethod
-    def forward(ctx, queries, passages, temperature, labels, passage_ids, reduction, chunk_rows):
-        need_dq, need_dp, need_dtau = ctx.needs_input_grad[:3]
-        compute_dtype = torch.promote_types(queries.dtype, torch.float32)
-        q = queries.to(compute_dtype).contiguous()
-        p = passages.to(compute_dtype)
-        inv_tau = 1.0 / temperature.item()
-        num_queries = q.shape[0]
-        fuse = reduction != "none" and (need_dq or need_dp or need_dtau)
-        weight = 1.0 / num_queries if reduction == "mean" else 1.0
-
-        lse = torch.empty(num_queries, dtype=compute_dtype)
-        pos_scores = torch.empty(num_queries, dtype=compute_dtype)
-        grads = _ChunkGrads(q, p, labels, need_dq, need_dp, need_dtau) if fuse else None
-        scores_buffer = torch.empty(min(chunk_rows, num_queries) * p.shape[0], dtype=compute_dtype)
-        for start in range(0, num_queries, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, num_queries))
-            scores = _chunk_scores(q[rows], p, inv_tau, labels[rows], passage_ids, scores_buffer)
-            pos_scores[rows] = scores[torch.arange(scores.shape[0]), labels[rows]]
-            row_max = scores.amax(dim=1, keepdim=True)
-            scores.sub_(row_max).exp_()
-            row_sum = scores.sum(dim=1, keepdim=True)
-            lse[rows] = (row_max + row_sum.log()).squeeze(1)
-            if fuse:  # dloss_i/ds_ij = exp_ij / row_sum_i - [j == label_i]
-                grads.add_chunk(rows, scores, 1.0 / row_sum.squeeze(1))
-        del scores_buffer, scores
-        losses = lse - pos_scores
-
-        ctx.save_for_backward(queries, passages, temperature, labels, passage_ids, lse)
-        ctx.reduction, ctx.chunk_rows = reduction, chunk_rows
-        ctx.fused = grads.finish(inv_tau, weight) if fuse else None
-        if reduction == "mean":
-            return losses.mean()
-        return losses.sum() if reduction == "sum" else losses
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        queries, passages, temperature, labels, passage_ids, lse = ctx.saved_tensors
-        need_dq, need_dp, need_dtau = ctx.needs_input_grad[:3]
-        if ctx.fused is not None:
-            dq, dp, dtau = ctx.fused
-            ctx.fused = None  # hand the buffers over (autograd can then keep them as .grad without a copy)
-            scale = grad_output.item()
-            if scale != 1.0:
-                dq, dp, dtau = (None if g is None else g.mul_(scale) for g in (dq, dp, dtau))
-        else:
-            dq, dp, dtau = _recompute_grads(queries, passages, temperature, labels, passage_ids, lse,
-                                            _row_weights(grad_output, ctx.reduction, queries.shape[0]),
-                                            ctx.chunk_rows, need_dq, need_dp, need_dtau)
-        dq = dq.to(queries.dtype) if need_dq and dq is not None else None
-        dp = dp.to(passages.dtype) if need_dp and dp is not None else None
-        dtau = dtau.to(temperature.dtype).reshape(temperature.shape) if need_dtau else None
-        return dq, dp, dtau, None, None, None, None
-
-
-def _chunk_scores(q_chunk, p, inv_tau, chunk_labels, passage_ids, buffer):
-    """``[rows, P]`` scores of one query chunk, written into the flat ``buffer`` as a ``[P, rows]`` matrix and
-    returned as its transposed view. ``p @ q_chunk.T`` makes MKL pack only the small operand; the row-major
-    ``q_chunk @ p.T`` packs ``p`` into a scratch buffer as large as the chunk itself (32 MiB here)."""
-    rows = q_chunk.shape[0]
-    scores_t = buffer[: p.shape[0] * rows].view(p.shape[0], rows)
-    torch.addmm(scores_t, p, q_chunk.T, beta=0.0, alpha=inv_tau, out=scores_t)
-    scores = scores_t.T
-    if passage_ids is not None:
-        scores.masked_fill_(false_negative_mask(chunk_labels, passage_ids), float("-inf"))
-    return scores
-
-
-class _ChunkGrads:
-    """Accumulates dQ, dP and d(temperature) one query chunk at a time from
-    ``G_ij = prob_scale_i * exp_scores_ij - target_weight_i * [j == label_i]``.
-
-    Only the two GEMMs touch the ``[rows, P]`` block: the per-row scales go into the small operands and the
-    one-hot part into a row gather / ``index_add_``. On a machine whose cores are shared, every extra
-    multi-threaded op costs a thread wake-up, so the per-row work on dQ is done once for all rows at the end.
-    """
-
-    def __init__(self, q, p, labels, need_dq, need_dp, need_dtau):
-        self.q, self.p, self.labels = q, p, labels
-        self.need_dq, self.need_dp, self.need_dtau = need_dq, need_dp, need_dtau
-        self.dq = torch.empty_like(q) if (need_dq or need_dtau) else None
-        self.dp = torch.zeros_like(p) if need_dp else None
-        self.prob_scale = torch.empty(q.shape[0], dtype=q.dtype)
-        self.target_weight = None
-
-    def add_chunk(self, rows, exp_scores, prob_scale, target_weight=None):
-        """``target_weight=None``: all ones."""
-        q_chunk = self.q[rows]
-        if self.dq is not None:
-            torch.mm(exp_scores, self.p, out=self.dq[rows])  # rows scaled and one-hot part removed in finish()
-            self.prob_scale[rows] = prob_scale
-        if self.dp is not None:
-            self.dp.addmm_(exp_scores.T, q_chunk * prob_scale.unsqueeze(1))
-            targets = q_chunk if target_weight is None else q_chunk * target_weight.unsqueeze(1)
-            self.dp.index_add_(0, self.labels[rows], targets, alpha=-1.0)
-
-    def finish(self, inv_tau, weight, target_weight=None):
-        """Apply the per-row scales, the one-hot part, 1/tau and the reduction's weight; return (dq, dp, dtau)."""
-        scale = inv_tau * weight
-        dq = dtau = None
-        if self.dq is not None:
-            self.dq.mul_(self.prob_scale.unsqueeze(1))
-            targets = self.p.index_select(0, self.labels)  # [Q, D]: no larger than the freed scores block
-            if target_weight is not None:
-                targets.mul_(target_weight.unsqueeze(1))
-            self.dq.sub_(targets)
-            del targets
-            if self.need_dtau:
-                # sum_ij g_ij s_ij = sum_i q_i . (sum_j g_ij p_j) / tau: no pass over the scores (which hold -inf);
-                # s = q.p / tau gives ds/dtau = -s / tau
-                dtau = torch.dot(self.q.view(-1), self.dq.view(-1)) * (-inv_tau * inv_tau * weight)
-            dq = self.dq.mul_(scale) if self.need_dq else None
-        dp = self.dp.mul_(scale) if self.need_dp else None
-        return dq, dp, dtau
-
-
-def _recompute_grads(queries, passages, temperature, labels, passage_ids, lse, row_weights, chunk_rows,
-                     need_dq, need_dp, need_dtau):
-    compute_dtype = torch.promote_types(queries.dtype, torch.float32)
-    q = queries.to(compute_dtype).contiguous()
-    p = passages.to(compute_dtype)
-    inv_tau = 1.0 / temperature.item()
-    row_weights = row_weights.to(compute_dtype)
-    grads = _ChunkGrads(q, p, labels, need_dq, need_dp, need_dtau)
-    scores_buffer = torch.empty(min(chunk_rows, q.shape[0]) * p.shape[0], dtype=compute_dtype)
-    for start in range(0, q.shape[0], chunk_rows):
-        rows = slice(start, min(start + chunk_rows, q.shape[0]))
-        probs = _chunk_scores(q[rows], p, inv_tau, labels[rows], passage_ids, scores_buffer)
-        probs.sub_(lse[rows].unsqueeze(1)).exp_()
-        grads.add_chunk(rows, probs, row_weights[rows], row_weights[rows])
-    del scores_buffer, probs
-    return grads.finish(inv_tau, 1.0, row_weights)
+# Bounds of tests/test_info_nce.py: max |error| of loss, dQ, dP and d(temperature) against the float64 oracle,
+# relative to the largest magnitude of the oracle's output (or of the terms it sums).
+_dispatch.register(OP, "triton", _triton_info_nce, rank=30, gate=_dispatch.triton_gate, auto_devices=("cuda",),
+                   tolerances={torch.float32: 1e-4, torch.float16: 1e-2},
+                   description="fused Triton kernels, no [Q, P] matrix (CUDA; CPU only under TRITON_INTERPRET=1)")
+_dispatch.register(OP, "cpu", chunked_info_nce, rank=20, gate=_dispatch.cpu_only,
+                   tolerances={torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2},
+                   description="query chunks against all passages, gradients in the forward pass")
+_dispatch.register(OP, "reference", reference_info_nce, rank=0,
+                   description="F.cross_entropy on the full [Q, P] logits (O(Q * P) memory), any device")
+BACKENDS = ("auto", *_dispatch.backends(OP))

@@ -10,7 +10,7 @@ import time
 import torch
 
 from . import SessionLayout, session_attention
-from .attention import _resolve_backend
+from .attention import resolve_backend
 from .baselines import additive_mask, dense_mask_eager_attention, sdpa_dense_mask_attention
 
 
@@ -103,7 +103,7 @@ def demo(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    backend = _resolve_backend("auto", device)
+    backend = resolve_backend("auto", device)
     seq_len = args.session_len + 2 * args.summary_tokens + args.response_len
     print(f"CSIT batch: {args.batch} x [session {args.session_len} | {args.summary_tokens} summary | "
           f"response {args.response_len} + {args.summary_tokens}] = {seq_len} tokens per row, "

@@ -9,7 +9,7 @@ response_len)`` and occupies ``prefix_len + summary_len + response_len`` consecu
 - the ChatRetriever-compatible variant (separator left visible to the response): ``summary_len = t + 1``.
 
 The whole mask is one int32 per key, ``mask_start[b, j]``: the first query row that may *not* see key j.
-Row q may attend to key j iff ``j <= q`` and ``q < mask_start[b, j]`` (DESIGN.md section 2).
+Row q may attend to key j iff ``j <= q`` and ``q < mask_start[b, j]``.
 """
 from __future__ import annotations
 
@@ -44,11 +44,37 @@ class SessionLayout:
         out = convret.session_attention(q, k, v, layout)
     """
 
-    def __init__(self, mask_start: torch.Tensor, segments: list[list[Segment]]):
+    def __init__(self, mask_start: torch.Tensor, segments: Sequence[Sequence[Sequence[int]]]):
+        """Validating constructor: ``mask_start`` (int ``[B, L]``) must be exactly what
+        :meth:`from_segments` builds from ``segments`` with ``seq_len = L``, since the kernels read
+        ``mask_start`` while the fallback, pooling and position ids read the segments. Raises ``ValueError``
+        otherwise. Prefer :meth:`from_segments`, which builds both."""
+        if not isinstance(mask_start, torch.Tensor) or mask_start.dim() != 2 or mask_start.dtype.is_floating_point:
+            raise ValueError(f"mask_start must be an integer [B, L] tensor, got "
+                             f"{tuple(getattr(mask_start, 'shape', ()))} {getattr(mask_start, 'dtype', type(mask_start))}")
+        expected = SessionLayout.from_segments(segments, mask_start.shape[1])
+        if expected.batch_size != mask_start.shape[0]:
+            raise ValueError(f"mask_start has {mask_start.shape[0]} rows but segments describe {expected.batch_size}")
+        given = mask_start.detach().to("cpu", torch.int32)
+        if not torch.equal(given, expected.mask_start):
+            b, j = (given != expected.mask_start).nonzero()[0].tolist()
+            raise ValueError(f"mask_start disagrees with segments at row {b}, key {j}: {given[b, j].item()} given, "
+                             f"{expected.mask_start[b, j].item()} built from the segments")
+        self._init(mask_start.to(torch.int32), expected.segments)
+
+    @classmethod
+    def _trusted(cls, mask_start: torch.Tensor, segments: list[list[Segment]]) -> "SessionLayout":
+        """No validation: for :meth:`from_segments` and :meth:`to`, which build the two consistently."""
+        layout = cls.__new__(cls)
+        layout._init(mask_start, segments)
+        return layout
+
+    def _init(self, mask_start: torch.Tensor, segments: list[list[Segment]]) -> None:
         self.mask_start = mask_start
         self.segments = segments
         self._tile_bounds: dict[int, TileBounds] = {}
         self._position_ids: torch.Tensor | None = None
+        self._max_span: int | None = None
         self._copies: dict[torch.device, SessionLayout] = {}
 
     # ------------------------------------------------------------------ construction
@@ -88,7 +114,7 @@ class SessionLayout:
                 pos = end
             mask_start[b, pos:] = torch.arange(pos, seq_len, dtype=torch.int32)  # padding: nobody sees it
             rows.append(clean_row)
-        return cls(mask_start.to(device) if device is not None else mask_start, rows)
+        return cls._trusted(mask_start.to(device) if device is not None else mask_start, rows)
 
     # ------------------------------------------------------------------ shape / device
     @property
@@ -115,7 +141,7 @@ class SessionLayout:
             return self
         moved = self._copies.get(device)
         if moved is None:
-            moved = SessionLayout(self.mask_start.to(device), self.segments)
+            moved = SessionLayout._trusted(self.mask_start.to(device), self.segments)
             self._copies[device] = moved
         return moved
 
@@ -155,6 +181,15 @@ class SessionLayout:
                 ids[b, pos:] = torch.arange(self.seq_len - pos)
             self._position_ids = ids.to(self.device)
         return self._position_ids
+
+    def max_attention_span(self) -> int:
+        """The largest ``q - j`` over visible pairs (query q sees key j): a sliding window of ``w`` keys
+        (``q - j < w``) hides nothing iff this is below ``w``. -1 for a layout of padding only. Cached."""
+        if self._max_span is None:
+            positions = torch.arange(self.seq_len, device=self.device, dtype=torch.int64)
+            # key j is seen by rows j .. mask_start - 1; padding keys (mask_start <= j) by nobody
+            self._max_span = int((self.mask_start.to(torch.int64) - 1 - positions).max().clamp(min=-1))
+        return self._max_span
 
     def tile_bounds(self, block_n: int) -> TileBounds:
         """Per key tile min / max of ``mask_start`` for tiles of ``block_n`` keys, computed once and cached,

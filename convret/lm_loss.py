@@ -14,9 +14,11 @@ Gradients flow to ``hidden``, ``weight`` and ``bias`` (each only if it requires 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from .attention import triton_usable
+from . import _dispatch
 
+OP = "linear_cross_entropy"
 IGNORE_INDEX = -100
 # Elements of one logits chunk: 2**24 fp32 values = 64 MiB, about 110 tokens at the 151,936 vocabulary of Qwen.
 DEFAULT_CHUNK_ELEMENTS = 2**24
@@ -45,11 +47,16 @@ def linear_cross_entropy(
         label_smoothing: epsilon of ``F.cross_entropy`` (ChatRetriever's released code uses 0.1).
         reduction: ``"mean"`` over the labelled tokens or ``"sum"``.
         chunk_size: tokens per logits chunk; default keeps a chunk near 2**24 elements.
-        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` or ``"auto"``.
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (any device) or
+            ``"auto"`` (``$CONVRET_BACKEND_LINEAR_CROSS_ENTROPY`` if set, else triton on CUDA, torch elsewhere).
 
     Returns:
         A scalar fp32 tensor. With no labelled token it is 0 (``F.cross_entropy`` would give NaN for
         ``"mean"``), so a batch without LM samples does not poison the total loss.
+
+    Raises:
+        ValueError: bad shapes or arguments, or a label outside ``[0, V)`` other than ``ignore_index`` (the
+            Triton kernel would read logit 0 for it, ``F.cross_entropy`` raises too).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -61,13 +68,21 @@ def linear_cross_entropy(
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    use_triton = _resolve_backend(backend, hidden.device)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+    labelled = labels != ignore_index
+    out_of_range = labelled & ((labels < 0) | (labels >= weight.shape[0]))
+    if bool(out_of_range.any()):
+        bad = labels[out_of_range]
+        raise ValueError(f"labels must be in [0, V={weight.shape[0]}) or ignore_index={ignore_index}; got "
+                         f"{bad.numel()} out of range (min {bad.min().item()}, max {bad.max().item()})")
+    rows_loss = _dispatch.resolve(OP, backend, hidden.device).fn
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return _LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, labels, float(label_smoothing), reduction, int(ignore_index), int(chunk_size), use_triton
+        hidden, weight, bias, labels, float(label_smoothing), reduction, int(ignore_index), int(chunk_size), rows_loss
     )
 
 
@@ -90,18 +105,6 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
-
-
-def _resolve_backend(backend: str, device: torch.device) -> bool:
-    if backend == "auto":
-        return device.type == "cuda"
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not triton_usable(device):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
-        return True
-    raise ValueError(f"unknown backend {backend!r}; use 'auto', 'triton' or 'torch'")
 
 
 def _cross_entropy_rows_torch(
@@ -132,16 +135,12 @@ def _cross_entropy_rows_torch(
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, label_smoothing, reduction, ignore_index, chunk_size, use_triton):
+    def forward(ctx, hidden, weight, bias, labels, label_smoothing, reduction, ignore_index, chunk_size, rows_loss):
         hidden_shape = hidden.shape
         flat_hidden = hidden.reshape(-1, hidden_shape[-1])
         flat_labels = labels.reshape(-1)
         rows = (flat_labels != ignore_index).nonzero().squeeze(1)
         num_rows = rows.numel()
-        if use_triton:
-            from .kernels.linear_cross_entropy import cross_entropy_rows_triton as rows_loss
-        else:
-            rows_loss = _cross_entropy_rows_torch
 
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         want_grad = need_hidden or need_weight or need_bias
@@ -180,6 +179,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return result.to(torch.float32) if hidden.dtype != torch.float64 else result
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         rows, grad_hidden_rows, grad_weight, grad_bias = ctx.saved_tensors
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
@@ -196,3 +196,19 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = (grad_bias * grad_output).to(bias_dtype)
         return grad_hidden, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _cross_entropy_rows_triton(logits, labels, label_smoothing, grad_scale):
+    from .kernels.linear_cross_entropy import cross_entropy_rows_triton
+
+    return cross_entropy_rows_triton(logits, labels, label_smoothing, grad_scale)
+
+
+# Bounds of tests/test_lm_loss.py against F.cross_entropy in float64: relative error of the loss (the
+# gradients' relative norm error is held to 10x that).
+_dispatch.register(OP, "triton", _cross_entropy_rows_triton, rank=30, gate=_dispatch.triton_gate,
+                   auto_devices=("cuda",), tolerances={torch.float32: 1e-5, torch.float16: 2e-3},
+                   description="chunked GEMMs + one Triton kernel per chunk (softmax, loss, gradient)")
+_dispatch.register(OP, "torch", _cross_entropy_rows_torch, rank=10,
+                   tolerances={torch.float64: 1e-12, torch.float32: 1e-5},
+                   description="chunked GEMMs + fused PyTorch ops per chunk, any device")

@@ -63,19 +63,27 @@ def enable_cpu_caching_allocator(
     """Serve torch's CPU allocations of ``min_block_bytes`` or more from a cache of freed blocks.
 
     Blocks are rounded up to size classes (8 per power of two, at most 12.5 % slack) and mapped straight from
-    the OS. A request takes the most recently freed cached block of its class, or of a class up to twice its
-    size; only when none fits is a new block mapped, and before that the least recently freed cached blocks
-    are unmapped until at most ``slack_bytes`` stay cached. So the peak RSS stays within ``slack_bytes`` of
-    the peak of live tensors, while a repeating training step finds its blocks in the cache, resident and
+    the OS. A request takes the most recently freed cached block of its class or of the next class up (at
+    most 1/8 larger), never a larger one; only when none fits is a new block mapped, and before that the
+    least recently freed cached blocks are unmapped until as many bytes as the request went back or at most
+    ``slack_bytes`` stay cached. A repeating training step finds its blocks in the cache, resident and
     without page faults. Smaller requests go to torch's default allocator.
 
+    Bound: the mapped bytes (``peak_mapped_bytes``, and so this allocator's share of the RSS) never exceed
+    the peak of the live blocks' bytes plus ``slack_bytes``; a live block is at most (9/8)^2 = 1.27 times its
+    request (class rounding, then lending one class up; requests of 32 KiB or more), so
+    ``peak mapped <= 1.27 * peak live tensor bytes + slack_bytes``.
+
     Process-wide and opt-in: call it first thing in a CPU training process. Tensors allocated before keep
-    their own deleter, so enabling (or :func:`disable_cpu_caching_allocator`) at any point is safe.
+    their own deleter, so enabling (or :func:`disable_cpu_caching_allocator`) at any point, any number of
+    times, is safe. The switch uses c10's highest allocator priority (c10 has no way to read the current one),
+    so an allocator another library installs later at a lower priority does not replace this one or the
+    allocator :func:`disable_cpu_caching_allocator` restores.
 
     Args:
         min_block_bytes: smallest request the cache serves (at least one page).
         slack_bytes: cached bytes a miss may leave in place before it maps more memory. 0 keeps the peak at
-            the live peak but makes steps whose size mix changes map blocks again.
+            the live blocks' peak but makes steps whose size mix changes map blocks again.
 
     Returns:
         True when this call installed the allocator, False when it was active already (the new settings

@@ -8,11 +8,15 @@
 //
 // Policy:
 //   * sizes are rounded up to classes of 8 per power of two (at most 12.5 % slack);
-//   * a request takes the most recently freed block (warm in cache and TLB) of the smallest cached class
-//     that holds it, up to twice its size: a cached block is resident already, lending it costs nothing;
+//   * a request takes the most recently freed block (warm in cache and TLB) of its own size class or of the
+//     next one (a block at most 1/8 larger than the request's class), never a larger one: lending a block
+//     twice the request's size would let the mapped memory grow to twice the live bytes;
 //   * on a miss the least recently freed cached blocks are unmapped first, until as many bytes as the
-//     request went back or no more than slack_bytes stay cached, and only then is a new block mapped: the
-//     peak stays within slack_bytes of the peak of live blocks (rounded to their classes);
+//     request went back or no more than slack_bytes stay cached, and only then is a new block mapped.
+//   Bound: a miss either maps no more than it unmapped, or leaves at most slack_bytes cached, so the mapped
+//   bytes never exceed the peak of the live blocks' bytes + slack_bytes. A live block is at most 9/8 of its
+//   request's class, and a class at most 9/8 of the request (for requests of 32 KiB or more; below that
+//   classes are whole pages), so: peak mapped <= (81/64) * peak of the requested live bytes + slack_bytes.
 //   * blocks come straight from mmap and go back with munmap, never through malloc.
 // Smaller requests go to the allocator that was installed before (torch's default).
 #include <sys/mman.h>
@@ -56,8 +60,10 @@ class CachingCPUAllocator final : public c10::Allocator {
     slack_bytes_ = static_cast<size_t>(std::max<int64_t>(slack_bytes, 0));
     if (active_) return false;
     fallback_ = c10::GetCPUAllocator();
+    TORCH_CHECK(fallback_ != this, "convret caching CPU allocator: installed while marked inactive");
+    c10::SetCPUAllocator(this, kPriority);
+    TORCH_CHECK(c10::GetCPUAllocator() == this, "convret caching CPU allocator: torch kept its CPU allocator");
     active_ = true;
-    c10::SetCPUAllocator(this, ++priority_);
     return true;
   }
 
@@ -66,7 +72,8 @@ class CachingCPUAllocator final : public c10::Allocator {
     std::lock_guard<std::mutex> guard(mutex_);
     if (!active_) return;
     active_ = false;
-    c10::SetCPUAllocator(fallback_, ++priority_);
+    c10::SetCPUAllocator(fallback_, kPriority);
+    TORCH_CHECK(c10::GetCPUAllocator() == fallback_, "convret caching CPU allocator: could not restore torch's");
     release_locked(SIZE_MAX);
   }
 
@@ -93,10 +100,11 @@ class CachingCPUAllocator final : public c10::Allocator {
     void* data = nullptr;
     {
       std::lock_guard<std::mutex> guard(mutex_);
-      // best fit: the smallest cached class that holds the request, up to twice its size (a cached block is
-      // resident already, so lending it to a smaller request costs no memory and no page faults)
+      // best fit: the request's class, else the next one up (at most bytes / 8 larger; see the bound above)
       size_t block_bytes = bytes;
-      for (auto it = free_by_class_.lower_bound(bytes); it != free_by_class_.end() && it->first <= 2 * bytes; ++it) {
+      const size_t largest_lent = bytes + bytes / 8;
+      for (auto it = free_by_class_.lower_bound(bytes); it != free_by_class_.end() && it->first <= largest_lent;
+           ++it) {
         if (it->second.empty()) continue;
         auto block = it->second.back();  // most recently freed
         it->second.pop_back();
@@ -190,7 +198,9 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::atomic<size_t> min_block_bytes_{size_t(1) << 20};
   std::atomic<bool> active_{false};
   size_t slack_bytes_ = 0;  // cached bytes a miss may leave in place (above the live peak)
-  uint8_t priority_ = 0;
+  // c10 keeps an allocator only if its priority is >= the installed one's and offers no getter: enable and
+  // disable both use the highest priority, so any number of cycles works (a counter wraps after 255).
+  static constexpr uint8_t kPriority = 255;
   BlockList lru_;                                                 // cached blocks, least recently freed first
   std::map<size_t, std::vector<BlockList::iterator>> free_by_class_;  // ordered: best fit upwards
   std::unordered_map<void*, size_t> block_size_;                  // live blocks

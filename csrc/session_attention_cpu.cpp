@@ -1,7 +1,7 @@
 // Native CPU session attention, forward and backward (convret issue 3).
 //
 // The mask is one int32 per key, mask_start[b, j]: query row q sees key j iff j <= q < mask_start[b, j]
-// (DESIGN.md section 2). Per key tile, tile_min / tile_max of mask_start (SessionLayout.tile_bounds) classify
+// (SessionLayout's rule). Per key tile, tile_min / tile_max of mask_start (SessionLayout.tile_bounds) classify
 // each (query tile, key tile) pair as skipped (never touched), full (no mask arithmetic) or partial.
 //
 // Work is split per (batch, kv head): the G query heads of a GQA group are stacked into one [G * rows, D]

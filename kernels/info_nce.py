@@ -261,6 +261,7 @@ class TritonInfoNCE(torch.autograd.Function):
         return losses.sum() if reduction == "sum" else losses
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         queries, passages, temperature, labels, ids, pos_ids, lse = ctx.saved_tensors
         need_dq, need_dp, need_dtau = ctx.needs_input_grad[:3]

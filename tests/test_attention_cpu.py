@@ -30,7 +30,8 @@ from convret._cpu_backend import (
 )
 from convret.attention import reference_attention
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2}
+TOLERANCE = {dtype: convret._dispatch.get("session_attention", "cpu").tolerance(dtype)  # registered bounds
+             for dtype in (torch.float32, torch.bfloat16, torch.float16)}
 SMALL_TILES = [TileSizes(4, 8, 8, 4), TileSizes(8, 8, 4, 8), TileSizes(16, 4, 4, 16), TileSizes(8, 16, 16, 8)]
 IMPLEMENTATIONS = [
     pytest.param("native", marks=pytest.mark.skipif(not native_available(), reason="native extension not built")),

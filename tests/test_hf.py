@@ -231,3 +231,121 @@ def test_torch_compile_smoke():
     got.sum().backward()
     real = real_positions(layout)
     assert rel_err(got[real], expected[real]) < TOL
+
+
+# ------------------------------------------------------------------------------ packed rows without a layout
+def packed_inputs(rows, seq_len, seed):
+    """input_ids and restarting position_ids of rows of plain samples (lengths), right padding."""
+    layout = SessionLayout.from_segments([[(n, 0, 0) for n in row] for row in rows], seq_len)
+    input_ids = torch.randint(0, VOCAB, (len(rows), seq_len), generator=torch.Generator().manual_seed(seed))
+    return layout, input_ids, layout.position_ids()
+
+
+def eager_dense(model, input_ids, layout):
+    model.set_attn_implementation("eager")
+    try:
+        return model(input_ids, attention_mask=additive_mask(layout, torch.float32),
+                     position_ids=layout.position_ids(), use_cache=False).logits
+    finally:
+        model.set_attn_implementation("convret")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_packed_position_ids_without_layout_stay_inside_their_samples(arch):
+    """Position ids restarting inside a row: each sample attends to itself only (no silent cross-sample
+    attention), as with an explicit layout and as eager with the dense block-diagonal mask."""
+    config, cls = tiny_config(arch)
+    torch.manual_seed(4)
+    model = cls._from_config(config, attn_implementation="convret").eval()
+    layout, input_ids, position_ids = packed_inputs([[7, 5, 9], [12, 9]], 21, seed=5)
+    with torch.no_grad():
+        got = model(input_ids, position_ids=position_ids, use_cache=False).logits
+        with_layout = model(input_ids, session_layout=layout, position_ids=position_ids, use_cache=False).logits
+        want = eager_dense(model, input_ids, layout)
+        unpacked = model(input_ids, use_cache=False).logits  # what ignoring the restarts would give
+    assert rel_err(got, want) < TOL
+    assert torch.equal(got, with_layout)
+    assert rel_err(unpacked, want) > 1e-2  # the case can fail
+
+
+def test_packed_rows_with_right_padding_and_under_compile():
+    config, cls = tiny_config("qwen2")
+    config.num_hidden_layers = 1
+    torch.manual_seed(6)
+    model = cls._from_config(config, attn_implementation="convret").eval()
+    layout, input_ids, position_ids = packed_inputs([[6, 8], [5, 4, 3]], 16, seed=7)
+    attention_mask = real_positions(layout).long()
+    real = attention_mask.bool()
+    with torch.no_grad():
+        want = eager_dense(model, input_ids, layout)
+        got = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+        compiled = torch.compile(model, backend="aot_eager", dynamic=False)
+        got_compiled = compiled(input_ids, position_ids=position_ids, use_cache=False).logits
+    assert rel_err(got[real], want[real]) < TOL
+    assert rel_err(got_compiled[real], want[real]) < TOL  # the traced path: dense block-diagonal mask, no sync
+
+
+def test_packed_row_with_left_padding_raises():
+    config, cls = tiny_config("llama")
+    model = cls._from_config(config, attn_implementation="convret").eval()
+    input_ids = torch.randint(0, VOCAB, (1, 10))
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1]])
+    position_ids = torch.tensor([[1, 1, 0, 1, 2, 0, 1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="padding that is not at its end"):
+        with torch.no_grad():
+            model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+# ------------------------------------------------------------------------------ keywords and sliding window
+class _Attention(torch.nn.Module):
+    num_key_value_groups = 2
+
+
+@pytest.mark.parametrize("keyword,value", [
+    ("softcap", 50.0), ("s_aux", torch.zeros(2)), ("sinks", torch.zeros(2)), ("is_causal", False),
+    ("cu_seq_lens_q", torch.tensor([0, 4])), ("head_mask", torch.ones(2)), ("some_future_option", 1),
+])
+def test_keywords_that_change_the_result_raise(keyword, value):
+    q, k = torch.randn(1, 2, 4, 32), torch.randn(1, 1, 4, 32)
+    with pytest.raises(NotImplementedError, match=keyword):
+        convret.hf.convret_attention_forward(_Attention(), q, k, k, None, **{keyword: value})
+
+
+def test_harmless_keywords_are_accepted():
+    q, k = torch.randn(1, 2, 4, 32), torch.randn(1, 1, 4, 32)
+    plain, _ = convret.hf.convret_attention_forward(_Attention(), q, k, k, None)
+    out, _ = convret.hf.convret_attention_forward(
+        _Attention(), q, k, k, None, is_causal=True, softcap=None, s_aux=None, use_cache=False,
+        position_ids=torch.arange(4)[None], output_attentions=False, num_items_in_batch=torch.tensor(3))
+    assert torch.equal(out, plain)
+
+
+def test_sliding_window_applies_to_samples_not_rows():
+    """Mistral with sliding_window=12: a packed row of 30 tokens whose samples are at most 12 long runs (and
+    matches eager); a sample whose queries reach further back than the window raises."""
+    config, cls = tiny_config("mistral")
+    config.sliding_window = 12
+    torch.manual_seed(8)
+    model = cls._from_config(config, attn_implementation="convret").eval()
+    layout = SessionLayout.from_segments([[(6, 2, 4), (9, 3, 0), (6, 0, 0)], [(12, 0, 0)]], 30)
+    input_ids = torch.randint(0, VOCAB, (2, 30))
+    real = real_positions(layout)
+    with torch.no_grad():
+        got = model(input_ids, session_layout=layout, position_ids=layout.position_ids(), use_cache=False).logits
+        want = eager_dense(model, input_ids, layout)
+        packed = model(input_ids, position_ids=layout.position_ids(), attention_mask=real.long(),
+                       use_cache=False).logits  # found from the position ids: plain causal samples
+        plain = SessionLayout.from_segments([[(12, 0, 0), (12, 0, 0), (6, 0, 0)], [(12, 0, 0)]], 30)
+        want_packed = eager_dense(model, input_ids, plain)
+    assert rel_err(got[real], want[real]) < TOL
+    assert rel_err(packed[real], want_packed[real]) < TOL
+    too_long = SessionLayout.from_segments([[(13, 0, 0)]], 30)
+    with pytest.raises(NotImplementedError, match="sliding_window=12"):
+        with torch.no_grad():
+            model(input_ids[:1], session_layout=too_long, position_ids=too_long.position_ids(), use_cache=False)
+
+
+def test_max_attention_span():
+    assert SessionLayout.from_segments([[(6, 2, 4), (9, 3, 0)]], 30).max_attention_span() == 11
+    assert SessionLayout.from_segments([[(20, 2, 4)]], 30).max_attention_span() == 21  # prefix + summary - 1
+    assert SessionLayout.from_segments([[(2, 3, 9)]], 14).max_attention_span() == 11  # summary + response - 1

@@ -67,20 +67,48 @@ def test_pooling_positions_and_position_ids(batch):
     assert position_ids.dtype == torch.long and position_ids.shape == (len(segments), seq_len)
 
 
-@given(layouts(max_padding=40), st.sampled_from([16, 32]), st.sampled_from([16, 32, 64]))
-def test_tile_classes_agree_with_dense_mask(layout, block_m, block_n):
-    classes = layout.tile_classes(block_m, block_n)
+def brute_force_tile_classes(layout: SessionLayout, block_m: int, block_n: int) -> torch.Tensor:
+    """The oracle, from the dense mask alone: a tile with no visible pair is skipped, a tile whose every pair
+    (inside the [L, L] bounds) is visible is full, anything else, edge tiles that overhang L included, partial."""
     mask = layout.dense_mask()
-    for b in range(layout.batch_size):
-        for qt in range(classes.shape[1]):
-            for kt in range(classes.shape[2]):
-                tile = mask[b, qt * block_m : (qt + 1) * block_m, kt * block_n : (kt + 1) * block_n]
-                cls = int(classes[b, qt, kt])
-                if cls == 0:
-                    assert not tile.any(), "a skipped tile holds a visible pair"
-                elif cls == 1:
-                    assert tile.shape == (min(block_m, layout.seq_len - qt * block_m), block_n)
-                    assert tile.all(), "a full tile holds a masked pair"
+    batch, seq_len, _ = mask.shape
+    q_tiles, k_tiles = -(-seq_len // block_m), -(-seq_len // block_n)
+    padded = torch.zeros(batch, q_tiles * block_m, k_tiles * block_n, dtype=torch.bool)
+    padded[:, :seq_len, :seq_len] = mask
+    tiles = padded.view(batch, q_tiles, block_m, k_tiles, block_n)
+    any_visible = tiles.any(4).any(2)
+    all_visible = tiles.all(4).all(2)
+    classes = torch.full(any_visible.shape, 2, dtype=torch.int8)
+    classes[all_visible] = 1
+    classes[~any_visible] = 0
+    return classes
+
+
+@given(layouts(max_padding=40), st.sampled_from([16, 32]), st.sampled_from([16, 32, 64]))
+def test_tile_classes_equal_the_dense_mask_oracle(layout, block_m, block_n):
+    """Exact, not only safe: every tile the mask lets the kernels skip is skipped, every mask-free tile runs
+    without the mask (a classifier that marks every tile partial fails here)."""
+    assert torch.equal(layout.tile_classes(block_m, block_n), brute_force_tile_classes(layout, block_m, block_n))
+
+
+def counts(classes: torch.Tensor) -> tuple[int, int, int]:
+    return tuple(int((classes == c).sum()) for c in range(3))
+
+
+def test_readme_layouts_masked_fraction_and_tile_counts():
+    """The README's two benchmark layouts: csit (one CSIT sample, L = 1414) and packed (a CSIT sample and six
+    passages of 384 + 3 in a 4096 row). Masked fractions and tile counts from the dense mask; the README's
+    tile table (fwd 128 x 64, dkdv / dq 64 x 32) states the csit counts."""
+    csit = SessionLayout.from_segments([[(1024, 3, 387)]], seq_len=1414)
+    packed = SessionLayout.from_segments([[(1024, 3, 387)] + [(384, 3, 0)] * 6], seq_len=4096)
+    assert round(100 * (1 - csit.dense_mask().float().mean().item())) == 70
+    assert round(100 * (1 - packed.dense_mask().float().mean().item())) == 94
+    for layout in (csit, packed):
+        for block_m, block_n in ((128, 64), (64, 32)):
+            assert torch.equal(layout.tile_classes(block_m, block_n),
+                               brute_force_tile_classes(layout, block_m, block_n))
+    assert counts(brute_force_tile_classes(csit, 128, 64)) == (169, 62, 45)  # README: 276 tiles
+    assert counts(brute_force_tile_classes(csit, 64, 32)) == (676, 270, 89)  # README: 1035 tiles
 
 
 def test_csit_layout_has_all_three_tile_classes():
@@ -124,3 +152,20 @@ def test_tile_bounds_are_cached_per_width():
 def test_malformed_segments_raise_value_error_naming_the_field(segments, seq_len, field):
     with pytest.raises(ValueError, match=field):
         SessionLayout.from_segments(segments, seq_len)
+
+
+def test_public_constructor_validates_mask_start_against_segments():
+    good = SessionLayout.from_segments([[(5, 2, 3)], [(4, 0, 0), (3, 1, 0)]], seq_len=12)
+    rebuilt = SessionLayout(good.mask_start.clone(), good.segments)
+    assert torch.equal(rebuilt.mask_start, good.mask_start) and rebuilt.segments == good.segments
+    assert torch.equal(rebuilt.dense_mask(), good.dense_mask())
+    wrong = good.mask_start.clone()
+    wrong[0, 6] += 1  # a response key visible one row longer than its sample allows
+    with pytest.raises(ValueError, match="row 0, key 6"):
+        SessionLayout(wrong, good.segments)
+    with pytest.raises(ValueError, match="2 rows but segments describe 1"):
+        SessionLayout(good.mask_start, good.segments[:1])
+    with pytest.raises(ValueError, match="integer"):
+        SessionLayout(good.mask_start.float(), good.segments)
+    with pytest.raises(ValueError, match="seq_len"):  # segments longer than mask_start's L
+        SessionLayout(good.mask_start[:, :8], good.segments)

@@ -4,7 +4,7 @@ import torch
 
 import convret
 from convret import SessionLayout, session_attention
-from convret.attention import _resolve_backend, reference_attention
+from convret.attention import reference_attention, resolve_backend
 
 
 def qkv(batch=1, q_heads=4, kv_heads=2, seq_len=12, head_dim=32, dtype=torch.float32, seed=0):
@@ -48,7 +48,7 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 
 
 def test_auto_never_picks_the_triton_interpreter_on_cpu():
-    assert _resolve_backend("auto", torch.device("cpu")) in {"cpu", "reference"}
+    assert resolve_backend("auto", torch.device("cpu")) in {"cpu", "reference"}
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):

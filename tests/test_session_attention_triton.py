@@ -17,7 +17,9 @@ from convret.kernels.session_attention import default_configs, session_attention
 from conftest import triton_device
 from layout_strategies import layouts
 
-TOLERANCES = {torch.float32: 1e-2 if torch.cuda.is_available() else 2e-4, torch.float16: 1e-2}
+# the bounds the backend registers with convret._dispatch (per device: TF32 on a GPU)
+TOLERANCES = {dtype: convret._dispatch.get("session_attention", "triton").tolerance(dtype, triton_device())
+              for dtype in (torch.float32, torch.float16)}
 # small tiles so that skipped, full and partial tiles all occur at the short lengths the interpreter affords
 SMALL_TILES = [
     {"fwd": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)},
@@ -111,7 +113,11 @@ def test_padding_rows_are_zero_with_zero_gradient_and_skipped_tiles_are_never_re
     assert (k.grad[1, :, 30:] == 0).all() and (v.grad[1, :, 30:] == 0).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=(
+    "the Triton interpreter runs the programs one after another in a fixed order, so it cannot show run-to-run "
+    "differences; tests/test_cpu_determinism.py checks the native CPU backend across thread counts"))
 def test_deterministic_backward():
+    """On a GPU the programs of a launch run in varying order: no atomics, so the gradients are bitwise equal."""
     layout = SessionLayout.from_segments([[(25, 3, 12)], [(9, 1, 3), (20, 2, 0)]], seq_len=40)
     grads = []
     for _ in range(2):
