@@ -133,6 +133,22 @@ def test_parity_random_layouts(implementation, dtype, layout, group, kv_heads, m
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("head_dim", [8, 16, 80, 96, 256])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=layouts(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    memory_layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    tiles=st.sampled_from(SMALL_TILES + [None]),
+    seed=st.integers(0, 2**16),
+)
+def test_parity_every_head_dim(implementation, head_dim, layout, dtype, memory_layout, tiles, seed):
+    """Head dims of real models that are not a multiple of the vector width or of 32: 8 and 16 (tiny test
+    models), 80 (Phi-2), 96 (Phi-3-mini), 256 (Gemma)."""
+    check_parity(layout, 4, 2, head_dim, dtype, memory_layout, implementation, tiles, seed)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_parity_default_tiles_head_dim_128(implementation, dtype):
     """Default tile sizes, D = 128, GQA 4: a CSIT sample with a long session next to a short one, and a
