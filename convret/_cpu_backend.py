@@ -130,8 +130,10 @@ def backend_info() -> dict[str, Any]:
     """Which CPU session-attention path ``backend="cpu"`` runs now, and why.
 
     Returns a dict with ``implementation`` (``"native"`` or ``"fallback"``), ``reason``, ``library`` (path of
-    the loaded extension or None), ``blas`` (the GEMM routines the native kernels call), ``threads``
-    (``torch.get_num_threads()``) and ``tile_sizes``.
+    the loaded extension or None), ``blas`` (the GEMM routines the native kernels can call), ``tile_gemm``
+    (per 16-bit dtype: the tile GEMM a probe picked and the rates it measured; the probe runs on first use),
+    ``threads`` (``torch.get_num_threads()``), ``tile_sizes`` and ``work_items`` (how the forward and the
+    backward split their work over threads).
     """
     requested = _requested_implementation("auto")
     loaded = native_available()
@@ -146,9 +148,30 @@ def backend_info() -> dict[str, Any]:
         "reason": reason,
         "library": _native.path if loaded else None,
         "blas": _native.blas,
+        "tile_gemm": tile_gemm_info() if loaded else None,
         "threads": torch.get_num_threads(),
         "tile_sizes": "default_tile_sizes(G): " + repr(default_tile_sizes(4)) + " for G = 4",
     }
+
+
+def tile_gemm_info() -> dict[str, str]:
+    """``{"bf16": report, "fp16": report}``: which tile GEMM the native kernels use for each 16-bit dtype (MKL,
+    oneDNN's brgemm or an fp32 upcast + sgemm), picked by a short probe at first use, and the rates measured."""
+    if not native_available():
+        raise RuntimeError(f"the native CPU backend is not available: {_native.reason}")
+    lines = torch.ops.convret_cpu.tile_gemm_info().splitlines()
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def set_tile_gemm(dtype: torch.dtype, implementation: str) -> str:
+    """Force the 16-bit tile GEMM of the native kernels: ``"mkl"``, ``"onednn"``, ``"upcast"``, or ``"auto"``
+    (probe again). Also ``$CONVRET_CPU_TILE_GEMM`` pins one at the first probe. Returns the new report."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype not in names:
+        raise ValueError(f"tile GEMM selection is per 16-bit dtype (bf16, fp16), got {dtype}")
+    if not native_available():
+        raise RuntimeError(f"the native CPU backend is not available: {_native.reason}")
+    return torch.ops.convret_cpu.set_tile_gemm(names[dtype], implementation)
 
 
 # ------------------------------------------------------------------------------------------- native path

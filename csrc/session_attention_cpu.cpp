@@ -1,7 +1,7 @@
 // Native CPU session attention, forward and backward (convret issue 3).
 //
-// The mask is one int32 per key, mask_start[b, j]: query row q sees key j iff j <= q < mask_start[b, j]
-// (DESIGN.md section 2). Per key tile, tile_min / tile_max of mask_start (SessionLayout.tile_bounds) classify
+// The mask is one int32 per key, mask_start[b, j]: query row q sees key j iff j <= q < mask_start[b, j].
+// Per key tile, tile_min / tile_max of mask_start (SessionLayout.tile_bounds) classify
 // each (query tile, key tile) pair as skipped (never touched), full (no mask arithmetic) or partial.
 //
 // Work is split per (batch, kv head): the G query heads of a GQA group are stacked into one [G * rows, D]
@@ -53,6 +53,7 @@ void parallel_items(int64_t num_items, const Fn& fn) {
     for (int64_t worker = begin; worker < end; ++worker) {
       for (int64_t item = next++; item < num_items; item = next++) fn(item, scratch);
     }
+    release_tile_gemm_context();
   });
 }
 
@@ -510,6 +511,7 @@ std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "float64 is served by the PyTorch fallback");
     } else {
+      if constexpr (!std::is_same_v<scalar_t, float>) current_tile_gemm<scalar_t>();  // probe outside the pool
       forward_impl<scalar_t>(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n, out, lse);
     }
   });
@@ -532,6 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "float64 is served by the PyTorch fallback");
     } else {
+      if constexpr (!std::is_same_v<scalar_t, float>) current_tile_gemm<scalar_t>();
       backward_impl<scalar_t>(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n,
                               grad_q, grad_k, grad_v);
     }
@@ -540,6 +543,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
 }
 
 std::string blas_info() { return blas_description() + "; vector ISA: " CONVRET_VEC_ISA; }
+
+// "bf16: <choice and probe report>\nfp16: ..." (probes on first call)
+std::string tile_gemm_info() {
+  return "bf16: " + select_tile_gemm<c10::BFloat16>() + "\nfp16: " + select_tile_gemm<c10::Half>();
+}
+
+// dtype "bf16" / "fp16"; impl "auto" (probe again), "mkl", "onednn" or "upcast". Returns the new report.
+std::string set_tile_gemm(const std::string& dtype, const std::string& impl) {
+  TORCH_CHECK(dtype == "bf16" || dtype == "fp16", "dtype must be bf16 or fp16, got ", dtype);
+  return dtype == "bf16" ? select_tile_gemm<c10::BFloat16>(impl, true) : select_tile_gemm<c10::Half>(impl, true);
+}
 
 }  // namespace
 }  // namespace convret
@@ -553,6 +567,8 @@ TORCH_LIBRARY(convret_cpu, m) {
       "Tensor mask_start, Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("blas_info() -> str", &convret::blas_info);
+  m.def("tile_gemm_info() -> str", &convret::tile_gemm_info);
+  m.def("set_tile_gemm(str dtype, str impl) -> str", &convret::set_tile_gemm);
 }
 
 TORCH_LIBRARY_IMPL(convret_cpu, CPU, m) {

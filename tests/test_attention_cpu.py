@@ -248,6 +248,23 @@ def test_backend_info_native():
     assert info["threads"] == torch.get_num_threads()
 
 
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("tile_gemm", ["mkl", "onednn", "upcast"])
+def test_every_tile_gemm_matches(dtype, tile_gemm):
+    """Whatever the probe picks on a given CPU, each 16-bit tile GEMM gives oracle parity (all three exist on
+    an x86 torch; one that cannot run here raises, and the probe would then skip it)."""
+    layout = SessionLayout.from_segments([[(40, 3, 12), (9, 0, 0)], [(20, 2, 1)]], seq_len=70)
+    try:
+        report = _cpu_backend.set_tile_gemm(dtype, tile_gemm)
+        assert report.startswith(tile_gemm)
+        check_parity(layout, 4, 2, 80, dtype, "transposed", "native", TileSizes(16, 16, 16, 8))
+    finally:
+        _cpu_backend.set_tile_gemm(dtype, "auto")
+    info = backend_info()["tile_gemm"]
+    assert set(info) == {"bf16", "fp16"} and all("GFLOP/s" in line for line in info.values())
+
+
 def test_default_tile_sizes():
     assert default_tile_sizes(1).fwd_block_m == 64 and default_tile_sizes(4).fwd_block_m == 32
     assert default_tile_sizes(16).bwd_block_m == 16
