@@ -27,6 +27,10 @@ from .attention import register_backend
 from .layout import SessionLayout
 
 ENV_IMPLEMENTATION = "CONVRET_CPU_BACKEND"
+ENV_BACKWARD = "CONVRET_CPU_BACKWARD"
+# the fused backward (5 GEMMs per pair, B * Hkv work items) is used while it still has this many items per
+# thread; below that the split backward (7 GEMMs per pair, more items than the forward) keeps every core busy
+FUSED_BACKWARD_ITEMS_PER_THREAD = 4
 _LIBRARY_GLOB = "_convret_cpu*.so"
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -103,7 +107,7 @@ def _register_fake_kernels() -> None:
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # outputs keep q's layout
 
     @torch.library.register_fake("convret_cpu::session_attention_backward")
-    def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n):
+    def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n, split):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -151,6 +155,12 @@ def backend_info() -> dict[str, Any]:
         "tile_gemm": tile_gemm_info() if loaded else None,
         "threads": torch.get_num_threads(),
         "tile_sizes": "default_tile_sizes(G): " + repr(default_tile_sizes(4)) + " for G = 4",
+        "work_items": (
+            "forward: B * Hkv * ceil(L / fwd_block_m); backward: fused B * Hkv (5 GEMMs per pair), or split "
+            "B * Hkv * (ceil(L / bwd_block_n) + ceil(L / bwd_block_m)) (7 GEMMs per pair), fused while "
+            f"B * Hkv >= {FUSED_BACKWARD_ITEMS_PER_THREAD} * threads (${ENV_BACKWARD}=fused|split forces one); "
+            "at B 2, Hkv 4, L 1411, G 4: " + repr(work_items(2, 4, 1411, default_tile_sizes(4)))
+        ),
     }
 
 
@@ -175,6 +185,32 @@ def set_tile_gemm(dtype: torch.dtype, implementation: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- native path
+def backward_schedule(batch: int, num_kv_heads: int, threads: int | None = None) -> str:
+    """``"fused"`` or ``"split"``: how the native backward splits its work (``$CONVRET_CPU_BACKWARD`` forces
+    one). Fused: B * Hkv work items, each owning dK / dV of a kv head and dQ of its query heads (5 GEMMs per
+    (query tile, key tile) pair). Split: B * Hkv * ceil(L / bwd_block_n) dK / dV items, then
+    B * Hkv * ceil(L / bwd_block_m) dQ items (7 GEMMs per pair), at least the forward's B * Hkv * ceil(L /
+    fwd_block_m) items when the block sizes agree. Auto: fused while B * Hkv >= 4 * threads."""
+    forced = os.environ.get(ENV_BACKWARD, "auto").strip().lower() or "auto"
+    if forced not in ("auto", "fused", "split"):
+        raise ValueError(f"${ENV_BACKWARD} must be 'auto', 'fused' or 'split', got {forced!r}")
+    if forced != "auto":
+        return forced
+    threads = threads or torch.get_num_threads()
+    return "fused" if batch * num_kv_heads >= FUSED_BACKWARD_ITEMS_PER_THREAD * threads else "split"
+
+
+def work_items(batch: int, num_kv_heads: int, seq_len: int, tiles: TileSizes, threads: int | None = None) -> dict:
+    """The work-item counts of the native forward and backward at this shape (what ``backend_info`` shows)."""
+    def tiles_of(block: int) -> int:
+        return -(-seq_len // block)
+
+    schedule = backward_schedule(batch, num_kv_heads, threads)
+    groups = batch * num_kv_heads
+    backward = groups if schedule == "fused" else groups * (tiles_of(tiles.bwd_block_n) + tiles_of(tiles.bwd_block_m))
+    return {"forward": groups * tiles_of(tiles.fwd_block_m), "backward": backward, "backward_schedule": schedule}
+
+
 def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of D contiguous elements; any other stride pattern is kept as is."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -203,6 +239,7 @@ class _NativeSessionAttention(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.ops.convret_cpu.session_attention_backward(
             q, k, v, out, _unit_stride_d(grad_out), lse, layout.mask_start.to(torch.int32).contiguous(),
             bounds.min_mask_start, bounds.max_mask_start, ctx.scale, tiles.bwd_block_m, tiles.bwd_block_n,
+            backward_schedule(q.shape[0], k.shape[1]) == "split",
         )
         return grad_q, grad_k, grad_v, None, None, None
 
