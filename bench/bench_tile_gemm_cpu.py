@@ -8,6 +8,7 @@ schedules. Prints the CPU's flags that matter for 16-bit GEMMs.
 
     python bench/bench_tile_gemm_cpu.py                 # bf16 and fp32, 3 reps
     python bench/bench_tile_gemm_cpu.py --dtypes bf16 --reps 5
+    python bench/bench_tile_gemm_cpu.py --quick         # session 256 + 3, response 96 + 3 (docs/cpu_backend.md)
 """
 from __future__ import annotations
 
@@ -54,19 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: fp32, bf16, fp16")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="session 256, response 96: a loaded machine's size")
     args = parser.parse_args(argv)
     if not _cpu_backend.native_available():
         raise SystemExit(f"native backend not available: {_cpu_backend.backend_info()['reason']}")
     print("CPU:", cpu_flags())
     print(f"threads: {torch.get_num_threads()}")
-    layout = SessionLayout.from_segments([[(1024, 3, 387)]] * 2, seq_len=1414)
+    session, response = (256, 99) if args.quick else (1024, 387)
+    seq_len = session + 3 + response
+    layout = SessionLayout.from_segments([[(session, 3, response)]] * 2, seq_len=seq_len)
     pairs = layout.dense_mask().sum().item()
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
         generator = torch.Generator().manual_seed(0)
-        q = torch.randn(2, 16, 1414, 128, generator=generator).to(dtype).requires_grad_()
-        k = torch.randn(2, 4, 1414, 128, generator=generator).to(dtype).requires_grad_()
-        v = torch.randn(2, 4, 1414, 128, generator=generator).to(dtype).requires_grad_()
+        q = torch.randn(2, 16, seq_len, 128, generator=generator).to(dtype).requires_grad_()
+        k = torch.randn(2, 4, seq_len, 128, generator=generator).to(dtype).requires_grad_()
+        v = torch.randn(2, 4, seq_len, 128, generator=generator).to(dtype).requires_grad_()
         grad_out = torch.randn(q.shape, generator=generator).to(dtype)
 
         def forward():
