@@ -28,6 +28,10 @@ from .attention import register_backend
 from .layout import SessionLayout
 
 ENV_IMPLEMENTATION = "CONVRET_CPU_BACKEND"
+ENV_BACKWARD = "CONVRET_CPU_BACKWARD"
+# the fused backward (5 GEMMs per pair, B * Hkv work items) is used while it still has this many items per
+# thread; below that the split backward (7 GEMMs per pair, more items than the forward) keeps every core busy
+FUSED_BACKWARD_ITEMS_PER_THREAD = 4
 _LIBRARY_GLOB = "_convret_cpu*.so"
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -104,7 +108,7 @@ def _register_fake_kernels() -> None:
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # outputs keep q's layout
 
     @torch.library.register_fake("convret_cpu::session_attention_backward")
-    def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n):
+    def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n, split):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -131,8 +135,10 @@ def backend_info() -> dict[str, Any]:
     """Which CPU session-attention path ``backend="cpu"`` runs now, and why.
 
     Returns a dict with ``implementation`` (``"native"`` or ``"fallback"``), ``reason``, ``library`` (path of
-    the loaded extension or None), ``blas`` (the GEMM routines the native kernels call), ``threads``
-    (``torch.get_num_threads()``) and ``tile_sizes``.
+    the loaded extension or None), ``blas`` (the GEMM routines the native kernels can call), ``tile_gemm``
+    (per 16-bit dtype: the tile GEMM a probe picked and the rates it measured; the probe runs on first use),
+    ``threads`` (``torch.get_num_threads()``), ``tile_sizes`` and ``work_items`` (how the forward and the
+    backward split their work over threads).
     """
     requested = _requested_implementation("auto")
     loaded = native_available()
@@ -147,12 +153,65 @@ def backend_info() -> dict[str, Any]:
         "reason": reason,
         "library": _native.path if loaded else None,
         "blas": _native.blas,
+        "tile_gemm": tile_gemm_info() if loaded else None,
         "threads": torch.get_num_threads(),
         "tile_sizes": "default_tile_sizes(G): " + repr(default_tile_sizes(4)) + " for G = 4",
+        "work_items": (
+            "forward: B * Hkv * ceil(L / fwd_block_m); backward: fused B * Hkv (5 GEMMs per pair), or split "
+            "B * Hkv * (ceil(L / bwd_block_n) + ceil(L / bwd_block_m)) (7 GEMMs per pair), fused while "
+            f"B * Hkv >= {FUSED_BACKWARD_ITEMS_PER_THREAD} * threads (${ENV_BACKWARD}=fused|split forces one); "
+            "at B 2, Hkv 4, L 1411, G 4: " + repr(work_items(2, 4, 1411, default_tile_sizes(4)))
+        ),
     }
 
 
+def tile_gemm_info() -> dict[str, str]:
+    """``{"bf16": report, "fp16": report}``: which tile GEMM the native kernels use for each 16-bit dtype (MKL,
+    oneDNN's brgemm or an fp32 upcast + sgemm), picked by a short probe at first use, and the rates measured."""
+    if not native_available():
+        raise RuntimeError(f"the native CPU backend is not available: {_native.reason}")
+    lines = torch.ops.convret_cpu.tile_gemm_info().splitlines()
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def set_tile_gemm(dtype: torch.dtype, implementation: str) -> str:
+    """Force the 16-bit tile GEMM of the native kernels: ``"mkl"``, ``"onednn"``, ``"upcast"``, or ``"auto"``
+    (probe again). Also ``$CONVRET_CPU_TILE_GEMM`` pins one at the first probe. Returns the new report."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype not in names:
+        raise ValueError(f"tile GEMM selection is per 16-bit dtype (bf16, fp16), got {dtype}")
+    if not native_available():
+        raise RuntimeError(f"the native CPU backend is not available: {_native.reason}")
+    return torch.ops.convret_cpu.set_tile_gemm(names[dtype], implementation)
+
+
 # ------------------------------------------------------------------------------------------- native path
+def backward_schedule(batch: int, num_kv_heads: int, threads: int | None = None) -> str:
+    """``"fused"`` or ``"split"``: how the native backward splits its work (``$CONVRET_CPU_BACKWARD`` forces
+    one). Fused: B * Hkv work items, each owning dK / dV of a kv head and dQ of its query heads (5 GEMMs per
+    (query tile, key tile) pair). Split: B * Hkv * ceil(L / bwd_block_n) dK / dV items, then
+    B * Hkv * ceil(L / bwd_block_m) dQ items (7 GEMMs per pair), at least the forward's B * Hkv * ceil(L /
+    fwd_block_m) items when the block sizes agree. Auto: fused while B * Hkv >= 4 * threads."""
+    forced = os.environ.get(ENV_BACKWARD, "auto").strip().lower() or "auto"
+    if forced not in ("auto", "fused", "split"):
+        raise ValueError(f"${ENV_BACKWARD} must be 'auto', 'fused' or 'split', got {forced!r}")
+    if forced != "auto":
+        return forced
+    threads = threads or torch.get_num_threads()
+    return "fused" if batch * num_kv_heads >= FUSED_BACKWARD_ITEMS_PER_THREAD * threads else "split"
+
+
+def work_items(batch: int, num_kv_heads: int, seq_len: int, tiles: TileSizes, threads: int | None = None) -> dict:
+    """The work-item counts of the native forward and backward at this shape (what ``backend_info`` shows)."""
+    def tiles_of(block: int) -> int:
+        return -(-seq_len // block)
+
+    schedule = backward_schedule(batch, num_kv_heads, threads)
+    groups = batch * num_kv_heads
+    backward = groups if schedule == "fused" else groups * (tiles_of(tiles.bwd_block_n) + tiles_of(tiles.bwd_block_m))
+    return {"forward": groups * tiles_of(tiles.fwd_block_m), "backward": backward, "backward_schedule": schedule}
+
+
 def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of D contiguous elements; any other stride pattern is kept as is."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -181,6 +240,7 @@ class _NativeSessionAttention(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.ops.convret_cpu.session_attention_backward(
             q, k, v, out, _unit_stride_d(grad_out), lse, layout.mask_start.to(torch.int32).contiguous(),
             bounds.min_mask_start, bounds.max_mask_start, ctx.scale, tiles.bwd_block_m, tiles.bwd_block_n,
+            backward_schedule(q.shape[0], k.shape[1]) == "split",
         )
         return grad_q, grad_k, grad_v, None, None, None
 

@@ -7,7 +7,9 @@ innermost strides (``stride_*d``) equal to 1 become constants, and pointers and 
 arguments are marked divisible by 16. ``cuobjdump --dump-resource-usage`` (shipped in the triton wheel) then
 reads registers, shared memory and stack / local memory (spills) off the cubin.
 
-Run ``python -m convret.aot`` for the report.
+Run ``python -m convret.aot`` for the report. Session attention is checked at a representative set of head
+dims (``AOT_HEAD_DIMS``: every padded power of two, with and without masked columns); ``--all-head-dims``
+compiles every multiple of 8 up to 256 (about 6x the builds).
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ class ResourceUsage:
         return self.stack_bytes > 0 or self.local_bytes > 0
 
 
-def kernel_specs() -> list[dict]:
+def kernel_specs(head_dims: tuple[int, ...] | None = None) -> list[dict]:
+    """Every kernel module's specs; ``head_dims`` replaces session attention's default set of head dims."""
     specs = []
     for module_name in KERNEL_MODULES:
         try:
@@ -47,7 +50,10 @@ def kernel_specs() -> list[dict]:
             if error.name == module_name:
                 continue  # that kernel family is not part of this build
             raise
-        specs.extend(module.aot_specs())
+        if head_dims is not None and hasattr(module, "ALL_HEAD_DIMS"):
+            specs.extend(module.aot_specs(tuple(head_dims)))
+        else:
+            specs.extend(module.aot_specs())
     return specs
 
 
@@ -100,28 +106,42 @@ def _compiler_process() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
-def _compile_job(job: tuple[int, int]) -> ResourceUsage:
-    index, capability = job
-    return compile_spec(kernel_specs()[index], capability)
+def _compile_job(job: tuple[int, int, tuple[int, ...] | None]) -> ResourceUsage:
+    index, capability, head_dims = job
+    return compile_spec(kernel_specs(head_dims)[index], capability)
 
 
-def check_all(max_workers: int = 2):
+def check_all(max_workers: int = 2, head_dims: tuple[int, ...] | None = None):
     """Compile every spec for every target in worker processes; yields ResourceUsage in order."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     # counting needs no compiler: the specs list is the same whether or not this process runs the interpreter
-    jobs = [(index, capability) for index in range(len(kernel_specs())) for capability in TARGETS]
+    jobs = [(index, capability, head_dims) for index in range(len(kernel_specs(head_dims)))
+            for capability in TARGETS]
     with ProcessPoolExecutor(max_workers, mp_context=context, initializer=_compiler_process) as pool:
         yield from pool.map(_compile_job, jobs)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m convret.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--all-head-dims", action="store_true",
+                        help="compile session attention at every head dim (multiples of 8 up to 256), not a "
+                             "representative subset")
+    parser.add_argument("--workers", type=int, default=2, help="compiler processes (default 2)")
+    args = parser.parse_args(argv)
     rows = []
     print("| kernel | target | registers | shared memory | stack | local | spills |")
     print("|---|---|---|---|---|---|---|")
-    for usage in check_all():
+    head_dims = None
+    if args.all_head_dims:
+        from convret.kernels.session_attention import ALL_HEAD_DIMS
+
+        head_dims = ALL_HEAD_DIMS
+    for usage in check_all(args.workers, head_dims):
         rows.append(usage)
         print(f"| {usage.name} | sm_{usage.capability} | {usage.registers} | {usage.shared_bytes} B | "
               f"{usage.stack_bytes} B | {usage.local_bytes} B | {'YES' if usage.spills else 'no'} |", flush=True)

@@ -9,7 +9,10 @@ from . import _dispatch
 from .layout import SessionLayout
 
 OP = "session_attention"
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
+HEAD_DIM_MULTIPLE = 8
+MAX_HEAD_DIM = 256
+# FlashAttention-2's set: every multiple of 8 up to 256 (Phi-2: 80, Phi-3-mini: 96, Gemma: 256, test models: 8, 16)
+SUPPORTED_HEAD_DIMS = tuple(range(HEAD_DIM_MULTIPLE, MAX_HEAD_DIM + 1, HEAD_DIM_MULTIPLE))
 
 
 def register_backend(
@@ -39,7 +42,7 @@ def session_attention(
 
     Args:
         q: ``[B, Hq, L, D]``; k, v: ``[B, Hkv, L, D]`` with ``Hq % Hkv == 0`` (GQA: query head h reads kv head
-            ``h // (Hq // Hkv)``). Any strides.
+            ``h // (Hq // Hkv)``). Any strides. D is any multiple of 8 up to 256, on every backend.
         layout: the batch's layout, shape ``[B, L]``.
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpu"`` (native CPU backend),
@@ -91,8 +94,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Ses
         raise ValueError(
             f"layout shape [{layout.batch_size}, {layout.seq_len}] differs from q's [B, L] = [{batch}, {seq_len}]"
         )
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"unsupported head dim {head_dim}; supported: {SUPPORTED_HEAD_DIMS}")
+    if head_dim % HEAD_DIM_MULTIPLE != 0 or not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"unsupported head dim {head_dim}: session_attention takes multiples of {HEAD_DIM_MULTIPLE} up to "
+            f"{MAX_HEAD_DIM} (FlashAttention-2's set)"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v on mixed devices: {q.device}, {k.device}, {v.device}")
     if not (q.dtype == k.dtype == v.dtype):

@@ -1,16 +1,19 @@
 // Native CPU session attention, forward and backward (convret issue 3).
 //
-// The mask is one int32 per key, mask_start[b, j]: query row q sees key j iff j <= q < mask_start[b, j]
-// (SessionLayout's rule). Per key tile, tile_min / tile_max of mask_start (SessionLayout.tile_bounds) classify
+// The mask is one int32 per key, mask_start[b, j]: query row q sees key j iff j <= q < mask_start[b, j].
+// Per key tile, tile_min / tile_max of mask_start (SessionLayout.tile_bounds) classify
 // each (query tile, key tile) pair as skipped (never touched), full (no mask arithmetic) or partial.
 //
 // Work is split per (batch, kv head): the G query heads of a GQA group are stacked into one [G * rows, D]
 // GEMM operand, so every K / V tile is read once per group and every GEMM is G times taller.
 //   forward:  one work item per (batch, kv head, query tile), online softmax in fp32, LSE kept;
-//   backward: one work item per (batch, kv head), which owns dK / dV of its kv head and dQ of its G query
-//             heads: a single pass over (key tile, query tile) pairs, no atomics, deterministic.
-// Tile GEMMs run through tile_gemm.h (MKL from torch's own build) with fp32 accumulation. Memory: the
-// stacked copies are O(G * L * D) per thread, the score tiles O(rows * block_n); nothing is O(L^2).
+//   backward: fused, one work item per (batch, kv head) that owns dK / dV of its kv head and dQ of its G
+//             query heads (one pass, 5 GEMMs per pair); or split, dK / dV items per (batch, kv head, key tile)
+//             then dQ items per (batch, kv head, query tile) (7 GEMMs per pair, at least the forward's item
+//             count): the caller picks (see backward_impl). No atomics, deterministic either way.
+// Tile GEMMs run through tile_gemm.h (MKL, oneDNN brgemm or an fp32 upcast, picked per 16-bit dtype by a
+// probe) with fp32 accumulation. Memory: the stacked copies are O(G * L * D) per thread (split backward:
+// O(Q + dO) shared), the score tiles O(rows * block_n); nothing is O(L^2).
 #include "cpu_capability.h"  // first: picks at::vec's instruction set
 
 #include <ATen/ATen.h>
@@ -53,6 +56,7 @@ void parallel_items(int64_t num_items, const Fn& fn) {
     for (int64_t worker = begin; worker < end; ++worker) {
       for (int64_t item = next++; item < num_items; item = next++) fn(item, scratch);
     }
+    release_tile_gemm_context();
   });
 }
 
@@ -314,14 +318,148 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 // ----------------------------------------------------------------------------------------------- backward
+// Stacked, tile-major copies of one (batch, kv head)'s Q and dO, with its LSE and Delta = rowsum(dO * O):
+// the query tile starting at row q_first occupies the stacked rows [group * q_first, group * (q_first + rows)),
+// heads stacked inside it as in the forward.
+template <typename scalar_t>
+struct GroupStacks {
+  scalar_t* q;
+  scalar_t* grad_out;
+  float* lse;
+  float* delta;
+};
+
+template <typename scalar_t>
+void fill_group_stacks(const RowsView<const scalar_t>& q_rows, const RowsView<const scalar_t>& out_rows,
+                       const RowsView<const scalar_t>& grad_out_rows, const float* lse_data, int64_t b,
+                       int64_t kv_head, int64_t group, int64_t num_q_heads, int64_t seq_len, int64_t head_dim,
+                       int64_t q_first, int64_t rows, const GroupStacks<scalar_t>& stacks) {
+  const int64_t base = group * q_first;
+  stack_group_rows(q_rows, b, kv_head, group, q_first, rows, head_dim, stacks.q + base * head_dim);
+  stack_group_rows(grad_out_rows, b, kv_head, group, q_first, rows, head_dim, stacks.grad_out + base * head_dim);
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t head = kv_head * group + g;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = base + g * rows + i;
+      stacks.lse[r] = lse_data[(b * num_q_heads + head) * seq_len + q_first + i];
+      const scalar_t* o = out_rows.row(b, head, q_first + i);
+      const scalar_t* d_o = grad_out_rows.row(b, head, q_first + i);
+      float delta = 0.f;
+      for (int64_t d = 0; d < head_dim; ++d) delta += static_cast<float>(o[d]) * static_cast<float>(d_o[d]);
+      stacks.delta[r] = delta;
+    }
+  }
+}
+
+// Per-thread buffers of one (query tile, key tile) pair.
+template <typename scalar_t>
+struct PairScratch {
+  std::vector<scalar_t> probs_lowp, grad_scores_lowp;
+  std::vector<float> scores, grad_probs;
+  void resize(int64_t stacked_rows, int64_t block_n) {
+    scores.resize(stacked_rows * block_n);
+    grad_probs.resize(stacked_rows * block_n);
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      probs_lowp.resize(stacked_rows * block_n);
+      grad_scores_lowp.resize(stacked_rows * block_n);
+    }
+  }
+};
+
+// The GEMM operands of one visited pair: P and dS ([m, width], leading dimension block_n), the stacked Q and
+// dO rows of the query tile, and the visible key span.
+template <typename scalar_t>
+struct PairOperands {
+  bool visited;
+  int64_t m, col_begin, width;
+  const scalar_t* probs;
+  const scalar_t* grad_scores;
+  const scalar_t* q_tile;
+  const scalar_t* grad_out_tile;
+  const scalar_t* k_span;
+};
+
+// P = exp(scale * S - lse) and dS = P * (dP - Delta) of one (query tile, key tile) pair, both passes share it.
+template <typename scalar_t>
+PairOperands<scalar_t> pair_probs_and_grad_scores(
+    const RowsView<const scalar_t>& k_rows, const RowsView<const scalar_t>& v_rows, const TileBoundsView& bounds,
+    const int32_t* row_mask_start, const GroupStacks<scalar_t>& stacks, int64_t b, int64_t kv_head, int64_t group,
+    int64_t seq_len, int64_t head_dim, int64_t q_first, int64_t k_tile, int64_t block_m, int64_t block_n,
+    float softmax_scale, PairScratch<scalar_t>& scratch) {
+  PairOperands<scalar_t> pair{};
+  const int64_t rows = std::min(block_m, seq_len - q_first);
+  const int64_t q_last = q_first + rows - 1;
+  const int64_t k_first = k_tile * block_n;
+  const int64_t cols = std::min(block_n, seq_len - k_first);
+  const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n);
+  if (tile_class == TileClass::kSkipped) return pair;
+  int64_t col_begin = 0, width = cols;
+  if (tile_class == TileClass::kPartial) {
+    const ColumnSpan span = visible_columns(row_mask_start, q_first, q_last, k_first, cols);
+    if (span.begin == span.end) return pair;
+    col_begin = span.begin;
+    width = span.end - span.begin;
+  }
+  const int64_t key_first = k_first + col_begin;
+  const scalar_t* k_span_data = k_rows.row(b, kv_head, key_first);
+  const scalar_t* v_span_data = v_rows.row(b, kv_head, key_first);
+  const int64_t m = group * rows;
+  const int64_t base = group * q_first;
+  const scalar_t* q_tile_data = stacks.q + base * head_dim;
+  const scalar_t* grad_out_tile_data = stacks.grad_out + base * head_dim;
+  float* scores = scratch.scores.data();
+  float* grad_probs = scratch.grad_probs.data();
+
+  // P = exp(scale * S - lse), zero where masked (exp(-inf) = 0); rows with lse = +inf give zeros
+  gemm(false, true, m, width, head_dim, 1.f, q_tile_data, head_dim, k_span_data, k_rows.stride_l, 0.f, scores,
+       block_n);
+  if (tile_class == TileClass::kPartial) {
+    mask_scores(scores, block_n, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
+  }
+  for (int64_t r = 0; r < m; ++r) exp_in_place_and_sum(scores + r * block_n, width, softmax_scale, stacks.lse[base + r]);
+  // dP = dO @ V_span^T
+  gemm(false, true, m, width, head_dim, 1.f, grad_out_tile_data, head_dim, v_span_data, v_rows.stride_l, 0.f,
+       grad_probs, block_n);
+  // dS = P * (dP - Delta), written over dP
+  for (int64_t r = 0; r < m; ++r) {
+    const float* p = scores + r * block_n;
+    float* ds = grad_probs + r * block_n;
+    const float row_delta = stacks.delta[base + r];
+    at::vec::map2([row_delta](Vec p_vec, Vec dp) { return p_vec * (dp - Vec(row_delta)); }, ds, p, ds, width);
+  }
+  pair.visited = true;
+  pair.m = m;
+  pair.col_begin = col_begin;
+  pair.width = width;
+  pair.q_tile = q_tile_data;
+  pair.grad_out_tile = grad_out_tile_data;
+  pair.k_span = k_span_data;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    pair.probs = scores;
+    pair.grad_scores = grad_probs;
+  } else {
+    convert_rows(scores, block_n, scratch.probs_lowp.data(), block_n, m, width);
+    convert_rows(grad_probs, block_n, scratch.grad_scores_lowp.data(), block_n, m, width);
+    pair.probs = scratch.probs_lowp.data();
+    pair.grad_scores = scratch.grad_scores_lowp.data();
+  }
+  return pair;
+}
+
+// Two schedules, the same arithmetic per pair (so both match the oracle alike, and each is deterministic):
+//   fused (split = false): one work item per (batch, kv head) owns dK / dV of its kv head and dQ of its G query
+//     heads: one pass over (key tile, query tile) pairs, 5 GEMMs per pair. B * Hkv items.
+//   split (split = true): dK / dV items per (batch, kv head, key tile), 4 GEMMs per pair, then dQ items per
+//     (batch, kv head, query tile), 3 GEMMs per pair (S and dP computed again): B * Hkv * (L / block_n) +
+//     B * Hkv * (L / block_m) items, at least the forward's B * Hkv * (L / block_m). No atomics either way.
 template <typename scalar_t>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                    const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& mask_start,
                    const at::Tensor& tile_min, const at::Tensor& tile_max, double scale, int64_t block_m,
-                   int64_t block_n, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+                   int64_t block_n, bool split, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   const int64_t batch = q.size(0), num_q_heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
   const int64_t num_kv_heads = k.size(1), group = num_q_heads / num_kv_heads;
-  const int64_t num_k_tiles = ceil_div(seq_len, block_n);
+  const int64_t num_k_tiles = ceil_div(seq_len, block_n), num_q_tiles = ceil_div(seq_len, block_m);
   const RowsView<const scalar_t> q_rows(q), k_rows(k), v_rows(v), out_rows(out), grad_out_rows(grad_out);
   const RowsView<scalar_t> grad_q_rows(grad_q), grad_k_rows(grad_k), grad_v_rows(grad_v);
   const int32_t* mask_start_data = mask_start.data_ptr<int32_t>();
@@ -330,151 +468,152 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const float* lse_data = lse.data_ptr<float>();
   const float softmax_scale = static_cast<float>(scale);
   const int64_t stacked_rows = group * block_m;
+  const int64_t group_elems = group * seq_len * head_dim, group_rows = group * seq_len;
 
-  // Stacked, tile-major copies of the group's Q and dO: the query tile starting at row q_first occupies the
-  // stacked rows [group * q_first, group * (q_first + rows)), heads stacked inside it as in the forward.
-  struct Scratch {
-    std::vector<scalar_t> q_stack, grad_out_stack, probs_lowp, grad_scores_lowp;
-    std::vector<float> lse_stack, delta_stack, grad_q_acc, scores, grad_probs, grad_k_acc, grad_v_acc;
+  auto bounds_of = [&](int64_t b) {
+    return TileBoundsView{tile_min_data + b * num_k_tiles, tile_max_data + b * num_k_tiles};
   };
-  parallel_items<Scratch>(batch * num_kv_heads, [&](int64_t item, Scratch& scratch) {
-    auto& [q_stack, grad_out_stack, probs_lowp, grad_scores_lowp, lse_stack, delta_stack, grad_q_acc, scores,
-           grad_probs, grad_k_acc, grad_v_acc] = scratch;
-    q_stack.resize(group * seq_len * head_dim);
-    grad_out_stack.resize(group * seq_len * head_dim);
-    grad_q_acc.assign(group * seq_len * head_dim, 0.f);
-    lse_stack.resize(group * seq_len);
-    delta_stack.resize(group * seq_len);
-    scores.resize(stacked_rows * block_n);
-    grad_probs.resize(stacked_rows * block_n);
-    grad_k_acc.resize(block_n * head_dim);
-    grad_v_acc.resize(block_n * head_dim);
-    if constexpr (!std::is_same_v<scalar_t, float>) {
-      probs_lowp.resize(stacked_rows * block_n);
-      grad_scores_lowp.resize(stacked_rows * block_n);
-    }
 
-    const int64_t b = item / num_kv_heads, kv_head = item % num_kv_heads;
+  // dK / dV of one key tile of (b, kv_head): accumulates over the query tiles that can see it, then writes.
+  auto key_tile_grads = [&](int64_t b, int64_t kv_head, int64_t k_tile, const GroupStacks<scalar_t>& stacks,
+                            PairScratch<scalar_t>& pair_scratch, float* grad_k_acc, float* grad_v_acc,
+                            float* grad_q_acc) {
+    const int64_t k_first = k_tile * block_n;
+    const int64_t cols = std::min(block_n, seq_len - k_first);
+    const TileBoundsView bounds = bounds_of(b);
     const int32_t* row_mask_start = mask_start_data + b * seq_len;
-    const TileBoundsView bounds{tile_min_data + b * num_k_tiles, tile_max_data + b * num_k_tiles};
-
-    auto tile_offset = [&](int64_t q_first) { return group * q_first; };  // first stacked row of a query tile
-    for (int64_t q_first = 0; q_first < seq_len; q_first += block_m) {
-      const int64_t rows = std::min(block_m, seq_len - q_first);
-      const int64_t base = tile_offset(q_first);
-      stack_group_rows(q_rows, b, kv_head, group, q_first, rows, head_dim, q_stack.data() + base * head_dim);
-      stack_group_rows(grad_out_rows, b, kv_head, group, q_first, rows, head_dim,
-                       grad_out_stack.data() + base * head_dim);
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t head = kv_head * group + g;
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t r = base + g * rows + i;
-          lse_stack[r] = lse_data[(b * num_q_heads + head) * seq_len + q_first + i];
-          // Delta = rowsum(dO * O) in fp32
-          const scalar_t* o = out_rows.row(b, head, q_first + i);
-          const scalar_t* d_o = grad_out_rows.row(b, head, q_first + i);
-          float delta = 0.f;
-          for (int64_t d = 0; d < head_dim; ++d) delta += static_cast<float>(o[d]) * static_cast<float>(d_o[d]);
-          delta_stack[r] = delta;
-        }
+    std::fill(grad_k_acc, grad_k_acc + cols * head_dim, 0.f);
+    std::fill(grad_v_acc, grad_v_acc + cols * head_dim, 0.f);
+    // only query rows in [k_first, tile_max) can see a key of this tile
+    const int64_t visible_end = std::min<int64_t>(bounds.max_mask_start[k_tile], seq_len);
+    for (int64_t q_first = (k_first / block_m) * block_m; q_first < visible_end; q_first += block_m) {
+      const PairOperands<scalar_t> pair = pair_probs_and_grad_scores(
+          k_rows, v_rows, bounds, row_mask_start, stacks, b, kv_head, group, seq_len, head_dim, q_first, k_tile,
+          block_m, block_n, softmax_scale, pair_scratch);
+      if (!pair.visited) continue;
+      // dV_span += P^T @ dO;  dK_span += dS^T @ Q;  (fused) dQ_tile += dS @ K_span
+      gemm(true, false, pair.width, head_dim, pair.m, 1.f, pair.probs, block_n, pair.grad_out_tile, head_dim, 1.f,
+           grad_v_acc + pair.col_begin * head_dim, head_dim);
+      gemm(true, false, pair.width, head_dim, pair.m, 1.f, pair.grad_scores, block_n, pair.q_tile, head_dim, 1.f,
+           grad_k_acc + pair.col_begin * head_dim, head_dim);
+      if (grad_q_acc != nullptr) {
+        gemm(false, false, pair.m, head_dim, pair.width, 1.f, pair.grad_scores, block_n, pair.k_span,
+             k_rows.stride_l, 1.f, grad_q_acc + group * q_first * head_dim, head_dim);
       }
     }
-
-    for (int64_t k_tile = 0; k_tile < num_k_tiles; ++k_tile) {
-      const int64_t k_first = k_tile * block_n;
-      const int64_t cols = std::min(block_n, seq_len - k_first);
-      const scalar_t* k_tile_data = k_rows.row(b, kv_head, k_first);
-      const scalar_t* v_tile_data = v_rows.row(b, kv_head, k_first);
-      std::fill(grad_k_acc.begin(), grad_k_acc.begin() + cols * head_dim, 0.f);
-      std::fill(grad_v_acc.begin(), grad_v_acc.begin() + cols * head_dim, 0.f);
-
-      // only query rows in [k_first, tile_max) can see a key of this tile
-      const int64_t visible_end = std::min<int64_t>(bounds.max_mask_start[k_tile], seq_len);
-      for (int64_t q_first = (k_first / block_m) * block_m; q_first < visible_end; q_first += block_m) {
-        const int64_t rows = std::min(block_m, seq_len - q_first);
-        const int64_t q_last = q_first + rows - 1;
-        const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n);
-        if (tile_class == TileClass::kSkipped) continue;
-        // the visible columns of this pair: keys key_first .. key_first + width - 1 of the tile
-        int64_t col_begin = 0, width = cols;
-        if (tile_class == TileClass::kPartial) {
-          const ColumnSpan span = visible_columns(row_mask_start, q_first, q_last, k_first, cols);
-          if (span.begin == span.end) continue;
-          col_begin = span.begin;
-          width = span.end - span.begin;
-        }
-        const int64_t key_first = k_first + col_begin;
-        const scalar_t* k_span_data = k_tile_data + col_begin * k_rows.stride_l;
-        const scalar_t* v_span_data = v_tile_data + col_begin * v_rows.stride_l;
-        const int64_t m = group * rows;
-        const int64_t base = tile_offset(q_first);
-        const scalar_t* q_tile_data = q_stack.data() + base * head_dim;
-        const scalar_t* grad_out_tile_data = grad_out_stack.data() + base * head_dim;
-
-        // P = exp(scale * S - lse), zero where masked (exp(-inf) = 0); rows with lse = +inf give zeros
-        gemm(false, true, m, width, head_dim, 1.f, q_tile_data, head_dim, k_span_data, k_rows.stride_l, 0.f,
-             scores.data(), block_n);
-        if (tile_class == TileClass::kPartial) {
-          mask_scores(scores.data(), block_n, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
-        }
-        for (int64_t r = 0; r < m; ++r) {
-          float* s = scores.data() + r * block_n;
-          const float row_lse = lse_stack[base + r];
-          exp_in_place_and_sum(s, width, softmax_scale, row_lse);
-        }
-        // dP = dO @ V_span^T
-        gemm(false, true, m, width, head_dim, 1.f, grad_out_tile_data, head_dim, v_span_data, v_rows.stride_l, 0.f,
-             grad_probs.data(), block_n);
-        // dS = P * (dP - Delta), written over dP
-        for (int64_t r = 0; r < m; ++r) {
-          const float* p = scores.data() + r * block_n;
-          float* ds = grad_probs.data() + r * block_n;
-          const float row_delta = delta_stack[base + r];
-          at::vec::map2([row_delta](Vec p_vec, Vec dp) { return p_vec * (dp - Vec(row_delta)); }, ds, p, ds, width);
-        }
-
-        const scalar_t* probs_operand;
-        const scalar_t* grad_scores_operand;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          probs_operand = scores.data();
-          grad_scores_operand = grad_probs.data();
-        } else {
-          convert_rows(scores.data(), block_n, probs_lowp.data(), block_n, m, width);
-          convert_rows(grad_probs.data(), block_n, grad_scores_lowp.data(), block_n, m, width);
-          probs_operand = probs_lowp.data();
-          grad_scores_operand = grad_scores_lowp.data();
-        }
-        // dV_span += P^T @ dO;  dK_span += dS^T @ Q;  dQ_tile += dS @ K_span
-        gemm(true, false, width, head_dim, m, 1.f, probs_operand, block_n, grad_out_tile_data, head_dim, 1.f,
-             grad_v_acc.data() + col_begin * head_dim, head_dim);
-        gemm(true, false, width, head_dim, m, 1.f, grad_scores_operand, block_n, q_tile_data, head_dim, 1.f,
-             grad_k_acc.data() + col_begin * head_dim, head_dim);
-        gemm(false, false, m, head_dim, width, 1.f, grad_scores_operand, block_n, k_span_data, k_rows.stride_l, 1.f,
-             grad_q_acc.data() + base * head_dim, head_dim);
-      }
-
-      for (int64_t j = 0; j < cols; ++j) {
-        scalar_t* dk = grad_k_rows.row(b, kv_head, k_first + j);
-        scalar_t* dv = grad_v_rows.row(b, kv_head, k_first + j);
-        for (int64_t d = 0; d < head_dim; ++d) {
-          dk[d] = static_cast<scalar_t>(grad_k_acc[j * head_dim + d] * softmax_scale);
-          dv[d] = static_cast<scalar_t>(grad_v_acc[j * head_dim + d]);
-        }
+    for (int64_t j = 0; j < cols; ++j) {
+      scalar_t* dk = grad_k_rows.row(b, kv_head, k_first + j);
+      scalar_t* dv = grad_v_rows.row(b, kv_head, k_first + j);
+      for (int64_t d = 0; d < head_dim; ++d) {
+        dk[d] = static_cast<scalar_t>(grad_k_acc[j * head_dim + d] * softmax_scale);
+        dv[d] = static_cast<scalar_t>(grad_v_acc[j * head_dim + d]);
       }
     }
+  };
 
-    for (int64_t q_first = 0; q_first < seq_len; q_first += block_m) {
-      const int64_t rows = std::min(block_m, seq_len - q_first);
-      const int64_t base = tile_offset(q_first);
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t head = kv_head * group + g;
-        for (int64_t i = 0; i < rows; ++i) {
-          const float* acc = grad_q_acc.data() + (base + g * rows + i) * head_dim;
-          scalar_t* dq = grad_q_rows.row(b, head, q_first + i);
-          for (int64_t d = 0; d < head_dim; ++d) dq[d] = static_cast<scalar_t>(acc[d] * softmax_scale);
-        }
+  // writes dQ of one query tile from its stacked fp32 accumulator (rows base .. base + G * rows)
+  auto write_grad_q = [&](int64_t b, int64_t kv_head, int64_t q_first, const float* grad_q_tile) {
+    const int64_t rows = std::min(block_m, seq_len - q_first);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t head = kv_head * group + g;
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* acc = grad_q_tile + (g * rows + i) * head_dim;
+        scalar_t* dq = grad_q_rows.row(b, head, q_first + i);
+        for (int64_t d = 0; d < head_dim; ++d) dq[d] = static_cast<scalar_t>(acc[d] * softmax_scale);
       }
     }
+  };
+
+  if (!split) {
+    struct Scratch {
+      std::vector<scalar_t> q_stack, grad_out_stack;
+      std::vector<float> lse_stack, delta_stack, grad_q_acc, grad_k_acc, grad_v_acc;
+      PairScratch<scalar_t> pair;
+    };
+    parallel_items<Scratch>(batch * num_kv_heads, [&](int64_t item, Scratch& scratch) {
+      scratch.q_stack.resize(group_elems);
+      scratch.grad_out_stack.resize(group_elems);
+      scratch.grad_q_acc.assign(group_elems, 0.f);
+      scratch.lse_stack.resize(group_rows);
+      scratch.delta_stack.resize(group_rows);
+      scratch.grad_k_acc.resize(block_n * head_dim);
+      scratch.grad_v_acc.resize(block_n * head_dim);
+      scratch.pair.resize(stacked_rows, block_n);
+      const int64_t b = item / num_kv_heads, kv_head = item % num_kv_heads;
+      const GroupStacks<scalar_t> stacks{scratch.q_stack.data(), scratch.grad_out_stack.data(),
+                                         scratch.lse_stack.data(), scratch.delta_stack.data()};
+      for (int64_t q_first = 0; q_first < seq_len; q_first += block_m) {
+        fill_group_stacks(q_rows, out_rows, grad_out_rows, lse_data, b, kv_head, group, num_q_heads, seq_len,
+                          head_dim, q_first, std::min(block_m, seq_len - q_first), stacks);
+      }
+      for (int64_t k_tile = 0; k_tile < num_k_tiles; ++k_tile) {
+        key_tile_grads(b, kv_head, k_tile, stacks, scratch.pair, scratch.grad_k_acc.data(),
+                       scratch.grad_v_acc.data(), scratch.grad_q_acc.data());
+      }
+      for (int64_t q_first = 0; q_first < seq_len; q_first += block_m) {
+        write_grad_q(b, kv_head, q_first, scratch.grad_q_acc.data() + group * q_first * head_dim);
+      }
+    });
+    return;
+  }
+
+  // split: the stacks of every (batch, kv head) are shared by both passes (O(Q + dO) extra memory)
+  const int64_t num_groups = batch * num_kv_heads;
+  std::vector<scalar_t> q_stack(num_groups * group_elems), grad_out_stack(num_groups * group_elems);
+  std::vector<float> lse_stack(num_groups * group_rows), delta_stack(num_groups * group_rows);
+  auto stacks_of = [&](int64_t group_index) {
+    return GroupStacks<scalar_t>{q_stack.data() + group_index * group_elems,
+                                 grad_out_stack.data() + group_index * group_elems,
+                                 lse_stack.data() + group_index * group_rows,
+                                 delta_stack.data() + group_index * group_rows};
+  };
+  struct NoScratch {};
+  parallel_items<NoScratch>(num_groups * num_q_tiles, [&](int64_t item, NoScratch&) {
+    const int64_t group_index = item / num_q_tiles, q_first = (item % num_q_tiles) * block_m;
+    fill_group_stacks(q_rows, out_rows, grad_out_rows, lse_data, group_index / num_kv_heads,
+                      group_index % num_kv_heads, group, num_q_heads, seq_len, head_dim, q_first,
+                      std::min(block_m, seq_len - q_first), stacks_of(group_index));
+  });
+
+  struct KeyScratch {
+    std::vector<float> grad_k_acc, grad_v_acc;
+    PairScratch<scalar_t> pair;
+  };
+  // later key tiles are seen by fewer queries: hand out the early (expensive) ones first
+  parallel_items<KeyScratch>(num_groups * num_k_tiles, [&](int64_t item, KeyScratch& scratch) {
+    scratch.grad_k_acc.resize(block_n * head_dim);
+    scratch.grad_v_acc.resize(block_n * head_dim);
+    scratch.pair.resize(stacked_rows, block_n);
+    const int64_t k_tile = item / num_groups, group_index = item % num_groups;
+    key_tile_grads(group_index / num_kv_heads, group_index % num_kv_heads, k_tile, stacks_of(group_index),
+                   scratch.pair, scratch.grad_k_acc.data(), scratch.grad_v_acc.data(), nullptr);
+  });
+
+  struct QueryScratch {
+    std::vector<float> grad_q_acc;
+    PairScratch<scalar_t> pair;
+  };
+  // later query tiles see more keys: hand them out first
+  parallel_items<QueryScratch>(num_groups * num_q_tiles, [&](int64_t item, QueryScratch& scratch) {
+    scratch.grad_q_acc.assign(stacked_rows * head_dim, 0.f);
+    scratch.pair.resize(stacked_rows, block_n);
+    const int64_t q_tile = num_q_tiles - 1 - item / num_groups, group_index = item % num_groups;
+    const int64_t b = group_index / num_kv_heads, kv_head = group_index % num_kv_heads;
+    const int64_t q_first = q_tile * block_m;
+    const int64_t rows = std::min(block_m, seq_len - q_first);
+    const TileBoundsView bounds = bounds_of(b);
+    const int32_t* row_mask_start = mask_start_data + b * seq_len;
+    const GroupStacks<scalar_t> stacks = stacks_of(group_index);
+    const int64_t last_k_tile = std::min(num_k_tiles - 1, (q_first + rows - 1) / block_n);
+    for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
+      const PairOperands<scalar_t> pair = pair_probs_and_grad_scores(
+          k_rows, v_rows, bounds, row_mask_start, stacks, b, kv_head, group, seq_len, head_dim, q_first, k_tile,
+          block_m, block_n, softmax_scale, scratch.pair);
+      if (!pair.visited) continue;
+      gemm(false, false, pair.m, head_dim, pair.width, 1.f, pair.grad_scores, block_n, pair.k_span,
+           k_rows.stride_l, 1.f, scratch.grad_q_acc.data(), head_dim);
+    }
+    write_grad_q(b, kv_head, q_first, scratch.grad_q_acc.data());
   });
 }
 
@@ -510,6 +649,7 @@ std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "float64 is served by the PyTorch fallback");
     } else {
+      if constexpr (!std::is_same_v<scalar_t, float>) current_tile_gemm<scalar_t>();  // probe outside the pool
       forward_impl<scalar_t>(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n, out, lse);
     }
   });
@@ -519,7 +659,7 @@ std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q
 std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& grad_out,
     const at::Tensor& lse, const at::Tensor& mask_start, const at::Tensor& tile_min, const at::Tensor& tile_max,
-    double scale, int64_t block_m, int64_t block_n) {
+    double scale, int64_t block_m, int64_t block_n, bool split) {
   check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n);
   TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes(), "out / grad_out must match q");
   TORCH_CHECK(out.stride(3) == 1 && grad_out.stride(3) == 1, "out, grad_out need unit stride along D");
@@ -532,14 +672,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "float64 is served by the PyTorch fallback");
     } else {
+      if constexpr (!std::is_same_v<scalar_t, float>) current_tile_gemm<scalar_t>();
       backward_impl<scalar_t>(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n,
-                              grad_q, grad_k, grad_v);
+                              split, grad_q, grad_k, grad_v);
     }
   });
   return {grad_q, grad_k, grad_v};
 }
 
 std::string blas_info() { return blas_description() + "; vector ISA: " CONVRET_VEC_ISA; }
+
+// "bf16: <choice and probe report>\nfp16: ..." (probes on first call)
+std::string tile_gemm_info() {
+  return "bf16: " + select_tile_gemm<c10::BFloat16>() + "\nfp16: " + select_tile_gemm<c10::Half>();
+}
+
+// dtype "bf16" / "fp16"; impl "auto" (probe again), "mkl", "onednn" or "upcast". Returns the new report.
+std::string set_tile_gemm(const std::string& dtype, const std::string& impl) {
+  TORCH_CHECK(dtype == "bf16" || dtype == "fp16", "dtype must be bf16 or fp16, got ", dtype);
+  return dtype == "bf16" ? select_tile_gemm<c10::BFloat16>(impl, true) : select_tile_gemm<c10::Half>(impl, true);
+}
 
 }  // namespace
 }  // namespace convret
@@ -550,9 +702,11 @@ TORCH_LIBRARY(convret_cpu, m) {
       "Tensor tile_max, float scale, int block_m, int block_n) -> (Tensor, Tensor)");
   m.def(
       "session_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad_out, Tensor lse, "
-      "Tensor mask_start, Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n) "
+      "Tensor mask_start, Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n, bool split) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("blas_info() -> str", &convret::blas_info);
+  m.def("tile_gemm_info() -> str", &convret::tile_gemm_info);
+  m.def("set_tile_gemm(str dtype, str impl) -> str", &convret::set_tile_gemm);
 }
 
 TORCH_LIBRARY_IMPL(convret_cpu, CPU, m) {

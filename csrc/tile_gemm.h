@@ -4,15 +4,35 @@
 //
 // torch's x86 wheels link MKL statically and export its entry points; we bind them as weak symbols, so the
 // extension still loads against a torch without MKL (ARM, macOS) and then takes the at::mm_out path.
-// MKL's bf16 x bf16 -> fp32 GEMM keeps the scores in fp32; an ATen bf16 GEMM would round them to bf16.
+//
+// bf16 and fp16 tiles have several implementations, all with an fp32 C (the scores are never rounded to
+// 16 bits; at::mm would round them):
+//   mkl     MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32. On CPUs where MKL does not use the bf16
+//           units (AMD EPYC with AVX512-BF16) it runs at the fp32 rate;
+//   onednn  ATen's at::native::cpublas::brgemm (oneDNN's brgemm ukernel: AVX512-BF16, AMX, AVX512-FP16),
+//           with op(A) / op(B) copied to plain row-major and B packed to VNNI where the CPU wants it;
+//   upcast  the operands converted to fp32 in thread-local scratch, then MKL sgemm: the fastest on a CPU
+//           without 16-bit units, where MKL's 16-bit GEMM converts internally and less well.
+// The first 16-bit call (or backend_info()) runs a short probe of every available implementation at the
+// kernels' tile shapes and keeps the fastest (select_tile_gemm); the report says what was measured.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <mutex>
 #include <string>
+#include <vector>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
@@ -34,9 +54,12 @@ constexpr int kCblasTrans = 112;
 
 inline std::string blas_description() {
   std::string fp32 = sgemm_ ? "MKL sgemm" : "at::mm_out";
-  std::string bf16 = cblas_gemm_bf16bf16f32 ? "MKL gemm_bf16bf16f32" : "fp32 upcast + " + fp32;
-  std::string fp16 = cblas_gemm_f16f16f32 ? "MKL gemm_f16f16f32" : "fp32 upcast + " + fp32;
-  return "fp32: " + fp32 + "; bf16: " + bf16 + "; fp16: " + fp16;
+  std::string bf16 = std::string(cblas_gemm_bf16bf16f32 ? "MKL gemm_bf16bf16f32, " : "") +
+                     "oneDNN brgemm, fp32 upcast + " + fp32;
+  std::string fp16 = std::string(cblas_gemm_f16f16f32 ? "MKL gemm_f16f16f32, " : "") +
+                     "oneDNN brgemm, fp32 upcast + " + fp32;
+  return "fp32: " + fp32 + "; bf16: one of " + bf16 + "; fp16: one of " + fp16 +
+         " (picked by a probe at first use: tile_gemm_info)";
 }
 
 // Reads a row-major op(X) of shape [rows, cols] with leading dimension ld as a strided tensor (no copy).
@@ -74,27 +97,280 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
   gemm_with_aten(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, at::kFloat);
 }
 
-inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a,
-                 int64_t lda, const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (cblas_gemm_bf16bf16f32) {
-    cblas_gemm_bf16bf16f32(kCblasRowMajor, trans_a ? kCblasTrans : kCblasNoTrans,
-                           trans_b ? kCblasTrans : kCblasNoTrans, m, n, k, alpha,
-                           reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b), ldb,
-                           beta, c, ldc);
+// ------------------------------------------------------------------------------- 16-bit implementations
+enum class TileGemm : int { kMkl = 0, kOnednn = 1, kUpcast = 2 };
+constexpr int kNumTileGemms = 3;
+inline const char* tile_gemm_name(TileGemm impl) {
+  switch (impl) {
+    case TileGemm::kMkl: return "mkl";
+    case TileGemm::kOnednn: return "onednn";
+    default: return "upcast";
+  }
+}
+
+template <typename scalar_t>
+bool mkl_16bit_available() {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return cblas_gemm_bf16bf16f32 != nullptr;
+  else return cblas_gemm_f16f16f32 != nullptr;
+}
+
+template <typename scalar_t>
+void gemm_mkl_16bit(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const scalar_t* a,
+                    int64_t lda, const scalar_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  auto fn = std::is_same_v<scalar_t, c10::BFloat16> ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+  fn(kCblasRowMajor, trans_a ? kCblasTrans : kCblasNoTrans, trans_b ? kCblasTrans : kCblasNoTrans, m, n, k, alpha,
+     reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
+}
+
+// row-major op(X) [rows, cols] (X read with leading dimension ld) into a dense [rows, cols] buffer
+template <typename in_t, typename out_t>
+void copy_op(const in_t* x, int64_t ld, bool transposed, int64_t rows, int64_t cols, out_t* out) {
+  if (!transposed) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const in_t* from = x + r * ld;
+      out_t* to = out + r * cols;
+      for (int64_t j = 0; j < cols; ++j) to[j] = static_cast<out_t>(from[j]);
+    }
     return;
   }
-  gemm_with_aten(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, at::kBFloat16);
+  // op(X)[r, j] = X[j, r]: walk X's rows, scatter into columns
+  for (int64_t j = 0; j < cols; ++j) {
+    const in_t* from = x + j * ld;
+    for (int64_t r = 0; r < rows; ++r) out[r * cols + j] = static_cast<out_t>(from[r]);
+  }
+}
+
+template <typename scalar_t>
+void gemm_upcast(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const scalar_t* a,
+                 int64_t lda, const scalar_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  thread_local std::vector<float> a32, b32;
+  a32.resize(m * k);
+  b32.resize(k * n);
+  copy_op(a, lda, trans_a, m, k, a32.data());
+  copy_op(b, ldb, trans_b, k, n, b32.data());
+  gemm(false, false, m, n, k, alpha, a32.data(), k, b32.data(), n, beta, c, ldc);
+}
+
+template <typename scalar_t>
+void gemm_onednn(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const scalar_t* a,
+                 int64_t lda, const scalar_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  // brgemm computes C (+)= A @ B with row-major A [m, k] and B [k, n] (VNNI-packed where the CPU needs it)
+  thread_local std::vector<scalar_t> a_plain, b_plain, b_packed;
+  const scalar_t* a_use = a;
+  int64_t ld_a = lda;
+  if (trans_a) {
+    a_plain.resize(m * k);
+    copy_op(a, lda, true, m, k, a_plain.data());
+    a_use = a_plain.data();
+    ld_a = k;
+  }
+  const scalar_t* b_use = b;
+  int64_t ld_b = ldb;
+  if (trans_b) {
+    b_plain.resize(k * n);
+    copy_op(b, ldb, true, k, n, b_plain.data());
+    b_use = b_plain.data();
+    ld_b = n;
+  }
+  constexpr at::ScalarType dtype = std::is_same_v<scalar_t, c10::BFloat16> ? at::kBFloat16 : at::kHalf;
+  const bool vnni = at::native::cpublas::could_pack(dtype);
+  if (vnni) {
+    const int64_t k_padded = (k + 1) / 2 * 2;  // VNNI pairs rows of B
+    b_packed.assign(k_padded * n, scalar_t(0));
+    at::native::cpublas::pack(k, n, ld_b, n, dtype, dtype, b_use, b_packed.data());
+    b_use = b_packed.data();
+    ld_b = n;
+  }
+  TORCH_CHECK(alpha == 1.f && (beta == 0.f || beta == 1.f), "onednn tile GEMM: alpha 1, beta 0 or 1 only");
+  at::native::cpublas::brgemm(m, n, k, ld_a, ld_b, ldc, beta == 1.f, a_use, b_use, c, vnni);
+}
+
+// What the probe chose, per 16-bit dtype (-1: not probed yet), and its report.
+struct TileGemmChoice {
+  std::atomic<int> impl{-1};
+  std::mutex mutex;
+  std::string report = "not probed yet";
+};
+
+template <typename scalar_t>
+TileGemmChoice& tile_gemm_choice() {
+  static TileGemmChoice choice;
+  return choice;
+}
+
+template <typename scalar_t>
+void gemm_16bit_with(TileGemm impl, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                     const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, float beta, float* c,
+                     int64_t ldc) {
+  switch (impl) {
+    case TileGemm::kMkl:
+      if (mkl_16bit_available<scalar_t>()) {
+        gemm_mkl_16bit(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+      }
+      break;
+    case TileGemm::kOnednn:
+      gemm_onednn(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+    default:
+      break;
+  }
+  gemm_upcast(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// The kernels' three tile GEMM patterns (S = Q K^T, O += P V, dV += P^T dO) at 128 x 128 x 128.
+struct ProbeOperands {
+  static constexpr int64_t size = 128;
+  std::vector<float> c = std::vector<float>(size * size), reference = std::vector<float>(size * size);
+};
+constexpr bool kProbePatterns[3][2] = {{false, true}, {false, false}, {true, false}};
+
+// Checks one implementation against the fp32 path on the three patterns; false (with `why`) when it is
+// unavailable, throws, or is wrong.
+template <typename scalar_t>
+bool check_tile_gemm(TileGemm impl, const std::vector<scalar_t>& a, const std::vector<scalar_t>& b,
+                     std::string& why) {
+  if (impl == TileGemm::kMkl && !mkl_16bit_available<scalar_t>()) {
+    why = "not in this torch's MKL";
+    return false;
+  }
+  ProbeOperands out;
+  const int64_t size = ProbeOperands::size;
+  try {
+    for (const auto& pattern : kProbePatterns) {
+      gemm_16bit_with(impl, pattern[0], pattern[1], size, size, size, 1.f, a.data(), size, b.data(), size, 0.f,
+                      out.c.data(), size);
+      gemm_upcast(pattern[0], pattern[1], size, size, size, 1.f, a.data(), size, b.data(), size, 0.f,
+                  out.reference.data(), size);
+      for (int64_t i = 0; i < size * size; ++i) {
+        if (!(std::fabs(out.c[i] - out.reference[i]) <= 1e-3f * (1.f + std::fabs(out.reference[i])))) {
+          why = "wrong results in the probe";
+          return false;
+        }
+      }
+    }
+  } catch (const std::exception& error) {
+    why = std::string("unavailable: ") + error.what();
+    const size_t newline = why.find('\n');
+    if (newline != std::string::npos) why.resize(newline);
+    return false;
+  }
+  return true;
+}
+
+// GFLOP/s of one implementation over about 10 ms, single-threaded.
+template <typename scalar_t>
+double time_tile_gemm(TileGemm impl, const std::vector<scalar_t>& a, const std::vector<scalar_t>& b) {
+  ProbeOperands out;
+  const int64_t size = ProbeOperands::size;
+  int64_t calls = 0;
+  const auto start = std::chrono::steady_clock::now();
+  double elapsed = 0;
+  while (elapsed < 0.01 || calls < 15) {
+    for (const auto& pattern : kProbePatterns) {
+      gemm_16bit_with(impl, pattern[0], pattern[1], size, size, size, 1.f, a.data(), size, b.data(), size, 1.f,
+                      out.c.data(), size);
+    }
+    calls += 3;
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  return 2.0 * size * size * size * calls / elapsed / 1e9;
+}
+
+template <typename scalar_t>
+void probe_operands(std::vector<scalar_t>& a, std::vector<scalar_t>& b) {
+  const int64_t n = ProbeOperands::size * ProbeOperands::size;
+  a.resize(n);
+  b.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = static_cast<scalar_t>(std::sin(0.37 * i));
+    b[i] = static_cast<scalar_t>(std::cos(0.11 * i));
+  }
+}
+
+// Picks the 16-bit tile GEMM for scalar_t. `forced`: "auto" probes (once; again when asked explicitly),
+// "mkl" / "onednn" / "upcast" set it. Returns the report.
+template <typename scalar_t>
+std::string select_tile_gemm(const std::string& forced = "auto", bool reprobe = false) {
+  TileGemmChoice& choice = tile_gemm_choice<scalar_t>();
+  std::lock_guard<std::mutex> lock(choice.mutex);
+  std::vector<scalar_t> a, b;
+  probe_operands(a, b);
+  if (forced != "auto") {
+    int impl = -1;
+    for (int i = 0; i < kNumTileGemms; ++i) {
+      if (forced == tile_gemm_name(static_cast<TileGemm>(i))) impl = i;
+    }
+    TORCH_CHECK(impl >= 0, "unknown tile GEMM '", forced, "': use auto, mkl, onednn or upcast");
+    std::string why;
+    TORCH_CHECK(check_tile_gemm<scalar_t>(static_cast<TileGemm>(impl), a, b, why), "tile GEMM '", forced,
+                "' cannot run here: ", why);
+    choice.impl = impl;
+    choice.report = std::string(tile_gemm_name(static_cast<TileGemm>(impl))) + " (forced)";
+    return choice.report;
+  }
+  if (choice.impl >= 0 && !reprobe) return choice.report;
+  const char* env = std::getenv("CONVRET_CPU_TILE_GEMM");  // a site can pin one: mkl, onednn or upcast
+  std::string why[kNumTileGemms];
+  bool usable[kNumTileGemms];
+  double rate[kNumTileGemms] = {0, 0, 0};
+  for (int i = 0; i < kNumTileGemms; ++i) usable[i] = check_tile_gemm<scalar_t>(static_cast<TileGemm>(i), a, b, why[i]);
+  // three interleaved rounds, best of each: a neighbour's burst on a shared machine hits every candidate alike
+  for (int round = 0; round < 3; ++round) {
+    for (int i = 0; i < kNumTileGemms; ++i) {
+      if (usable[i]) rate[i] = std::max(rate[i], time_tile_gemm<scalar_t>(static_cast<TileGemm>(i), a, b));
+    }
+  }
+  int best = static_cast<int>(TileGemm::kUpcast);
+  std::string measured;
+  for (int i = 0; i < kNumTileGemms; ++i) {
+    char buffer[64];
+    std::snprintf(buffer, sizeof(buffer), "%.1f GFLOP/s", rate[i]);
+    measured += std::string(i ? ", " : "") + tile_gemm_name(static_cast<TileGemm>(i)) + " " +
+                (usable[i] ? std::string(buffer) : why[i]);
+    if (usable[i] && rate[i] > rate[best]) best = i;
+  }
+  bool pinned = false;
+  for (int i = 0; env && i < kNumTileGemms; ++i) {
+    if (std::string(env) == tile_gemm_name(static_cast<TileGemm>(i)) && usable[i]) {
+      best = i;
+      pinned = true;
+    }
+  }
+  choice.impl = best;
+  choice.report = std::string(tile_gemm_name(static_cast<TileGemm>(best))) +
+                  (pinned ? std::string(" ($CONVRET_CPU_TILE_GEMM=") + env + ")" : std::string(" (fastest)")) +
+                  "; probe, 1 thread, 128^3 tiles: " + measured;
+  return choice.report;
+}
+
+template <typename scalar_t>
+inline TileGemm current_tile_gemm() {
+  int impl = tile_gemm_choice<scalar_t>().impl.load(std::memory_order_relaxed);
+  if (impl < 0) {
+    select_tile_gemm<scalar_t>();
+    impl = tile_gemm_choice<scalar_t>().impl.load();
+  }
+  return static_cast<TileGemm>(impl);
+}
+
+// Called once per worker after its last tile GEMM: oneDNN's brgemm may hold AMX tile state.
+inline void release_tile_gemm_context() {
+  if (tile_gemm_choice<c10::BFloat16>().impl.load() == static_cast<int>(TileGemm::kOnednn) ||
+      tile_gemm_choice<c10::Half>().impl.load() == static_cast<int>(TileGemm::kOnednn)) {
+    at::native::cpublas::brgemm_release();
+  }
+}
+
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a,
+                 int64_t lda, const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm_16bit_with(current_tile_gemm<c10::BFloat16>(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c,
+                  ldc);
 }
 
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const c10::Half* a,
                  int64_t lda, const c10::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (cblas_gemm_f16f16f32) {
-    cblas_gemm_f16f16f32(kCblasRowMajor, trans_a ? kCblasTrans : kCblasNoTrans,
-                         trans_b ? kCblasTrans : kCblasNoTrans, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a),
-                         lda, reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
-    return;
-  }
-  gemm_with_aten(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, at::kHalf);
+  gemm_16bit_with(current_tile_gemm<c10::Half>(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 }  // namespace convret

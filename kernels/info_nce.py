@@ -26,14 +26,25 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _row_base(base, first, stride):
+    """``base + first * stride`` with the product in int64: ``P x D`` passes 2^31 elements at 2M passages of
+    dim 1024, where int32 arithmetic would wrap; the per-element offsets inside a tile stay 32-bit."""
+    return base + tl.cast(first, tl.int64) * stride
+
+
+@triton.jit
 def _score_tile(
-    Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm, stride_pn,
+    Q, P, m_first, n_first, num_queries, num_passages, dim, stride_qm, stride_pn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_N]`` fp32 tile of ``Q @ P^T`` (unscaled)."""
+    """``[BLOCK_M, BLOCK_N]`` fp32 tile of ``Q @ P^T`` (unscaled), rows ``m_first + [0, BLOCK_M)`` by columns
+    ``n_first + [0, BLOCK_N)``."""
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]
-    p_ptrs = P + offs_n[None, :] * stride_pn + offs_d[:, None]  # transposed: [BLOCK_D, BLOCK_N]
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_n = n_first + tl.arange(0, BLOCK_N)
+    q_ptrs = _row_base(Q, m_first, stride_qm) + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :]
+    # transposed: [BLOCK_D, BLOCK_N]
+    p_ptrs = _row_base(P, n_first, stride_pn) + tl.arange(0, BLOCK_N)[None, :] * stride_pn + offs_d[:, None]
     row_ok = offs_m[:, None] < num_queries
     col_ok = offs_n[None, :] < num_passages
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -74,7 +85,8 @@ def _info_nce_fwd(
     HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_first = tl.program_id(0) * BLOCK_M
+    offs_m = m_first + tl.arange(0, BLOCK_M)
     row_ok = offs_m < num_queries
     label, pos_id = _positives(LABELS, POS_IDS, offs_m, row_ok, HAS_IDS)
 
@@ -83,7 +95,7 @@ def _info_nce_fwd(
     pos_score = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n_first in range(0, num_passages, BLOCK_N):
         offs_n = n_first + tl.arange(0, BLOCK_N)
-        s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm,
+        s = _score_tile(Q, P, m_first, n_first, num_queries, num_passages, dim, stride_qm,
                         stride_pn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
         is_pos, valid = _candidate_mask(offs_n, num_passages, label, IDS, pos_id, HAS_IDS)
         pos_score += tl.sum(tl.where(is_pos, s, 0.0), 1)
@@ -114,25 +126,26 @@ def _info_nce_bwd_dq(
 ):
     """``DQ [Q, D]`` fp32, zero on entry: ``dq_i = grad_scale * sum_j g_ij p_j``; ``TAU_TERMS[i] =
     sum_j g_ij s_ij`` in base-2 score units."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_first = tl.program_id(0) * BLOCK_M
+    offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < num_queries
     label, pos_id = _positives(LABELS, POS_IDS, offs_m, row_ok, HAS_IDS)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     weight = tl.load(WEIGHT + offs_m, mask=row_ok, other=0.0)
-    dq_ptrs = DQ + offs_m[:, None] * dim + offs_d[None, :]
+    dq_ptrs = _row_base(DQ, m_first, dim) + tl.arange(0, BLOCK_M)[:, None] * dim + offs_d[None, :]
 
     tau_terms = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n_first in range(0, num_passages, BLOCK_N):
         offs_n = n_first + tl.arange(0, BLOCK_N)
-        s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm,
+        s = _score_tile(Q, P, m_first, n_first, num_queries, num_passages, dim, stride_qm,
                         stride_pn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
         is_pos, valid = _candidate_mask(offs_n, num_passages, label, IDS, pos_id, HAS_IDS)
         g = _dscores_tile(s, lse, weight, is_pos, valid)
         tau_terms += tl.sum(tl.where(valid, g * s, 0.0), 1)
         g = g.to(P.dtype.element_ty)
         col_ok = offs_n[:, None] < num_passages
-        p_ptrs = P + offs_n[:, None] * stride_pn + offs_d[None, :]
+        p_ptrs = _row_base(P, n_first, stride_pn) + tl.arange(0, BLOCK_N)[:, None] * stride_pn + offs_d[None, :]
         for d_first in range(0, dim, BLOCK_D):
             d_ok = (d_first + offs_d) < dim
             p = tl.load(p_ptrs + d_first, mask=col_ok & d_ok[None, :], other=0.0)
@@ -151,21 +164,22 @@ def _info_nce_bwd_dp(
     INPUT_PRECISION: tl.constexpr,
 ):
     """``DP [P, D]`` fp32, zero on entry: ``dp_j = grad_scale * sum_i g_ij q_i``."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_first = tl.program_id(0) * BLOCK_N
+    offs_n = n_first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < num_passages
-    dp_ptrs = DP + offs_n[:, None] * dim + offs_d[None, :]
+    dp_ptrs = _row_base(DP, n_first, dim) + tl.arange(0, BLOCK_N)[:, None] * dim + offs_d[None, :]
     for m_first in range(0, num_queries, BLOCK_M):
         offs_m = m_first + tl.arange(0, BLOCK_M)
         row_ok = offs_m < num_queries
         label, pos_id = _positives(LABELS, POS_IDS, offs_m, row_ok, HAS_IDS)
         lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
         weight = tl.load(WEIGHT + offs_m, mask=row_ok, other=0.0)
-        s = _score_tile(Q, P, offs_m, offs_n, num_queries, num_passages, dim, stride_qm,
+        s = _score_tile(Q, P, m_first, n_first, num_queries, num_passages, dim, stride_qm,
                         stride_pn, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION) * scale_log2
         is_pos, valid = _candidate_mask(offs_n, num_passages, label, IDS, pos_id, HAS_IDS)
         g_t = tl.trans(_dscores_tile(s, lse, weight, is_pos, valid).to(Q.dtype.element_ty))
-        q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :]
+        q_ptrs = _row_base(Q, m_first, stride_qm) + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :]
         for d_first in range(0, dim, BLOCK_D):
             d_ok = (d_first + offs_d) < dim
             q = tl.load(q_ptrs + d_first, mask=row_ok[:, None] & d_ok[None, :], other=0.0)

@@ -24,17 +24,71 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _head_offset(batch, head, stride_b, stride_h):
+    """Element offset of (batch, head) in a [B, H, L, D] tensor, in int64: ``B * stride_b`` passes 2^31
+    elements at 4 GiB of bf16, where int32 arithmetic would wrap and touch the wrong memory."""
+    return tl.cast(batch, tl.int64) * stride_b + tl.cast(head, tl.int64) * stride_h
+
+
+@triton.jit
+def _row_offset(first, stride_l):
+    """Element offset of row ``first`` (int64: a [B, L, H, D] view's ``L * H * D`` may pass 2^31 too)."""
+    return tl.cast(first, tl.int64) * stride_l
+
+
+@triton.jit
+def _dense_row_offset(batch, head, num_heads, seq_len, first, row_size):
+    """Offset of row ``first`` of head ``head`` in a contiguous [B, H, L, row_size] buffer, in int64."""
+    return ((tl.cast(batch, tl.int64) * num_heads + head) * seq_len + first) * row_size
+
+
+@triton.jit
+def _load_rows(ptrs, rows_ok, d_ok, MASK_ROWS: tl.constexpr, PADDED: tl.constexpr):
+    """Load a [rows, BLOCK_D] block; masked rows and the padding columns past HEAD_DIM read as 0."""
+    if MASK_ROWS:
+        if PADDED:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    elif PADDED:
+        x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _load_cols(ptrs, cols_ok, d_ok, MASK_COLS: tl.constexpr, PADDED: tl.constexpr):
+    """Load a transposed [BLOCK_D, cols] block (same masking as :func:`_load_rows`)."""
+    if MASK_COLS:
+        if PADDED:
+            x = tl.load(ptrs, mask=cols_ok[None, :] & d_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    elif PADDED:
+        x = tl.load(ptrs, mask=d_ok[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_rows(ptrs, x, rows_ok, d_ok, PADDED: tl.constexpr):
+    if PADDED:
+        tl.store(ptrs, x, mask=rows_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(ptrs, x, mask=rows_ok[:, None])
+
+
+@triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first, seq_len,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first, seq_len,
     qk_scale, stride_kl, stride_vl,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PADDED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     offs_n = k_first + tl.arange(0, BLOCK_N)
-    if MASKED:
-        in_bounds = offs_n < seq_len
-        k = tl.load(k_ptrs + k_first * stride_kl, mask=in_bounds[None, :], other=0.0)
-    else:
-        k = tl.load(k_ptrs + k_first * stride_kl)
+    in_bounds = offs_n < seq_len
+    k = _load_cols(k_ptrs + _row_offset(k_first, stride_kl), in_bounds, d_ok, MASKED, PADDED)
     qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
     if MASKED:
         mask_start = tl.load(mask_start_ptr + offs_n, mask=in_bounds, other=0)
@@ -46,10 +100,7 @@ def _fwd_tile(
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptrs + k_first * stride_vl, mask=in_bounds[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs + k_first * stride_vl)
+    v = _load_rows(v_ptrs + _row_offset(k_first, stride_vl), in_bounds, d_ok, MASKED, PADDED)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
     return acc, l_i, m_new
@@ -64,33 +115,40 @@ def _session_attn_fwd(
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_mask_b, stride_tile_b,
     seq_len, num_q_heads, group_size, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
+    # grid (query tiles, Hq, B): no B * Hq axis, whose 65535 limit a large batch would pass
     q_tile = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // num_q_heads
-    head = batch_head % num_q_heads
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
     kv_head = head // group_size
+    PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
 
     q_first = q_tile * BLOCK_M
     q_last = q_first + BLOCK_M - 1
-    offs_m = q_first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_tile = tl.arange(0, BLOCK_M)
+    offs_m = q_first + offs_tile
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < seq_len
 
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    # K is read transposed ([HEAD_DIM, BLOCK_N]); both pointer blocks start at key 0 and move by k_first rows
-    k_ptrs = K + batch * stride_kb + kv_head * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
-    v_ptrs = V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+    q_ptrs = (Q + _head_offset(batch, head, stride_qb, stride_qh) + _row_offset(q_first, stride_ql)
+              + offs_tile[:, None] * stride_ql + offs_d[None, :] * stride_qd)
+    q = _load_rows(q_ptrs, row_ok, d_ok, True, PADDED)
+    # K is read transposed ([BLOCK_D, BLOCK_N]); both pointer blocks start at key 0 and move by k_first rows
+    k_ptrs = (K + _head_offset(batch, kv_head, stride_kb, stride_kh)
+              + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd)
+    v_ptrs = (V + _head_offset(batch, kv_head, stride_vb, stride_vh)
+              + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd)
     mask_start_ptr = MASK_START + batch * stride_mask_b
     tile_min_ptr = TILE_MIN + batch * stride_tile_b
     tile_max_ptr = TILE_MAX + batch * stride_tile_b
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # causality bounds the loop: key tiles that start after the last query row are never visited
     num_k_tiles = tl.minimum(tl.cdiv(seq_len, BLOCK_N), q_last // BLOCK_N + 1)
@@ -100,32 +158,33 @@ def _session_attn_fwd(
             k_first = k_tile * BLOCK_N
             tile_min = tl.load(tile_min_ptr + k_tile)
             if (k_first + BLOCK_N - 1 <= q_first) & (tile_min > q_last):
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first,
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first,
                                           seq_len, qk_scale, stride_kl, stride_vl,
-                                          BLOCK_N, False, INPUT_PRECISION)
+                                          BLOCK_N, False, PADDED, INPUT_PRECISION)
             else:
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first,
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first,
                                           seq_len, qk_scale, stride_kl, stride_vl,
-                                          BLOCK_N, True, INPUT_PRECISION)
+                                          BLOCK_N, True, PADDED, INPUT_PRECISION)
 
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
-    o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + batch_head * seq_len + offs_m, lse, mask=row_ok)
+    o_ptrs = (O + _head_offset(batch, head, stride_ob, stride_oh) + _row_offset(q_first, stride_ol)
+              + offs_tile[:, None] * stride_ol + offs_d[None, :] * stride_od)
+    _store_rows(o_ptrs, out.to(O.dtype.element_ty), row_ok, d_ok, PADDED)
+    tl.store(LSE + _dense_row_offset(batch, head, num_q_heads, seq_len, q_first, 1) + offs_tile, lse, mask=row_ok)
 
 
 @triton.jit
 def _bwd_dkdv_tile(
-    dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n, q_first, seq_len,
+    dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n, d_ok, q_first, seq_len,
     qk_scale, stride_ql, stride_dol,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PADDED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     offs_m = q_first + tl.arange(0, BLOCK_M)
     row_ok = offs_m < seq_len
-    q = tl.load(q_ptrs + q_first * stride_ql, mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptrs + q_first * stride_dol, mask=row_ok[:, None], other=0.0)
+    q = _load_rows(q_ptrs + _row_offset(q_first, stride_ql), row_ok, d_ok, True, PADDED)
+    do = _load_rows(do_ptrs + _row_offset(q_first, stride_dol), row_ok, d_ok, True, PADDED)
     lse = tl.load(LSE_row + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_row + offs_m, mask=row_ok, other=0.0)
     # transposed scores [BLOCK_N, BLOCK_M]: keys along rows, queries along columns
@@ -150,69 +209,73 @@ def _session_attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_mask_b, stride_tile_b,
     seq_len, num_q_heads, num_kv_heads, group_size, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
-    k_tile = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // num_kv_heads
-    kv_head = batch_head % num_kv_heads
+    k_tile = tl.program_id(0)  # grid (key tiles, Hkv, B)
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2)
+    PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
 
     k_first = k_tile * BLOCK_N
     k_last = k_first + BLOCK_N - 1
-    offs_n = k_first + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_tile = tl.arange(0, BLOCK_N)
+    offs_n = k_first + offs_tile
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     offs_m = tl.arange(0, BLOCK_M)
     key_ok = offs_n < seq_len
 
-    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                mask=key_ok[:, None], other=0.0)
+    k = _load_rows(K + _head_offset(batch, kv_head, stride_kb, stride_kh) + _row_offset(k_first, stride_kl)
+                   + offs_tile[:, None] * stride_kl + offs_d[None, :] * stride_kd, key_ok, d_ok, True, PADDED)
+    v = _load_rows(V + _head_offset(batch, kv_head, stride_vb, stride_vh) + _row_offset(k_first, stride_vl)
+                   + offs_tile[:, None] * stride_vl + offs_d[None, :] * stride_vd, key_ok, d_ok, True, PADDED)
     mask_start = tl.load(MASK_START + batch * stride_mask_b + offs_n, mask=key_ok, other=0)
     tile_min = tl.load(TILE_MIN + batch * stride_tile_b + k_tile)
     tile_max = tl.load(TILE_MAX + batch * stride_tile_b + k_tile)
 
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # only query rows in [k_first, tile_max) can see a key of this tile: that range bounds the loop
     first_q_tile = k_first // BLOCK_M
     end_q_tile = tl.cdiv(tl.minimum(tile_max, seq_len), BLOCK_M)
     for group_index in range(0, group_size):
         head = kv_head * group_size + group_index
-        q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd
-        do_ptrs = DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod
-        LSE_row = LSE + (batch * num_q_heads + head) * seq_len
-        DELTA_row = DELTA + (batch * num_q_heads + head) * seq_len
+        q_ptrs = (Q + _head_offset(batch, head, stride_qb, stride_qh)
+                  + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd)
+        do_ptrs = (DO + _head_offset(batch, head, stride_dob, stride_doh)
+                   + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod)
+        LSE_row = LSE + _dense_row_offset(batch, head, num_q_heads, seq_len, 0, 1)
+        DELTA_row = DELTA + _dense_row_offset(batch, head, num_q_heads, seq_len, 0, 1)
         for q_tile in range(first_q_tile, end_q_tile):
             q_first = q_tile * BLOCK_M
             if (k_last <= q_first) & (tile_min > q_first + BLOCK_M - 1):
-                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n,
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n, d_ok,
                                         q_first, seq_len, qk_scale, stride_ql, stride_dol,
-                                        BLOCK_M, False, INPUT_PRECISION)
+                                        BLOCK_M, False, PADDED, INPUT_PRECISION)
             else:
-                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n,
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n, d_ok,
                                         q_first, seq_len, qk_scale, stride_ql, stride_dol,
-                                        BLOCK_M, True, INPUT_PRECISION)
+                                        BLOCK_M, True, PADDED, INPUT_PRECISION)
 
-    out_offsets = (batch * num_kv_heads + kv_head) * seq_len * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+    # DK, DV: contiguous [B, Hkv, L, HEAD_DIM]
+    # (pointer + int64 scalar) + int32 block: the per-element offsets stay 32-bit
+    dense_offset = _dense_row_offset(batch, kv_head, num_kv_heads, seq_len, k_first, HEAD_DIM)
+    tile_offsets = offs_tile[:, None] * HEAD_DIM + offs_d[None, :]
+    _store_rows(DK + dense_offset + tile_offsets, (dk * sm_scale).to(DK.dtype.element_ty), key_ok, d_ok, PADDED)
+    _store_rows(DV + dense_offset + tile_offsets, dv.to(DV.dtype.element_ty), key_ok, d_ok, PADDED)
 
 
 @triton.jit
 def _bwd_dq_tile(
-    dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first, seq_len,
+    dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first, seq_len,
     qk_scale, stride_kl, stride_vl,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PADDED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     offs_n = k_first + tl.arange(0, BLOCK_N)
-    if MASKED:
-        in_bounds = offs_n < seq_len
-        k_t = tl.load(k_ptrs + k_first * stride_kl, mask=in_bounds[None, :], other=0.0)
-        v_t = tl.load(v_ptrs + k_first * stride_vl, mask=in_bounds[None, :], other=0.0)
-    else:
-        k_t = tl.load(k_ptrs + k_first * stride_kl)
-        v_t = tl.load(v_ptrs + k_first * stride_vl)
+    in_bounds = offs_n < seq_len
+    k_t = _load_cols(k_ptrs + _row_offset(k_first, stride_kl), in_bounds, d_ok, MASKED, PADDED)
+    v_t = _load_cols(v_ptrs + _row_offset(k_first, stride_vl), in_bounds, d_ok, MASKED, PADDED)
     qk = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if MASKED:
@@ -234,34 +297,40 @@ def _session_attn_bwd_dq(
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_mask_b, stride_tile_b,
     seq_len, num_q_heads, group_size, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
-    q_tile = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // num_q_heads
-    head = batch_head % num_q_heads
+    q_tile = tl.program_id(0)  # grid (query tiles, Hq, B)
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
     kv_head = head // group_size
+    PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
 
     q_first = q_tile * BLOCK_M
     q_last = q_first + BLOCK_M - 1
-    offs_m = q_first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_tile = tl.arange(0, BLOCK_M)
+    offs_m = q_first + offs_tile
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < seq_len
 
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + batch_head * seq_len + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + batch_head * seq_len + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = K + batch * stride_kb + kv_head * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
-    v_ptrs = V + batch * stride_vb + kv_head * stride_vh + offs_n[None, :] * stride_vl + offs_d[:, None] * stride_vd
+    q = _load_rows(Q + _head_offset(batch, head, stride_qb, stride_qh) + _row_offset(q_first, stride_ql)
+                   + offs_tile[:, None] * stride_ql + offs_d[None, :] * stride_qd, row_ok, d_ok, True, PADDED)
+    do = _load_rows(DO + _head_offset(batch, head, stride_dob, stride_doh) + _row_offset(q_first, stride_dol)
+                    + offs_tile[:, None] * stride_dol + offs_d[None, :] * stride_dod, row_ok, d_ok, True, PADDED)
+    row_offset = _dense_row_offset(batch, head, num_q_heads, seq_len, q_first, 1)
+    lse = tl.load(LSE + row_offset + offs_tile, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_offset + offs_tile, mask=row_ok, other=0.0)
+    k_ptrs = (K + _head_offset(batch, kv_head, stride_kb, stride_kh)
+              + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd)
+    v_ptrs = (V + _head_offset(batch, kv_head, stride_vb, stride_vh)
+              + offs_n[None, :] * stride_vl + offs_d[:, None] * stride_vd)
     mask_start_ptr = MASK_START + batch * stride_mask_b
     tile_min_ptr = TILE_MIN + batch * stride_tile_b
     tile_max_ptr = TILE_MAX + batch * stride_tile_b
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     num_k_tiles = tl.minimum(tl.cdiv(seq_len, BLOCK_N), q_last // BLOCK_N + 1)
     for k_tile in range(0, num_k_tiles):
         tile_max = tl.load(tile_max_ptr + k_tile)
@@ -269,36 +338,51 @@ def _session_attn_bwd_dq(
             k_first = k_tile * BLOCK_N
             tile_min = tl.load(tile_min_ptr + k_tile)
             if (k_first + BLOCK_N - 1 <= q_first) & (tile_min > q_last):
-                dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first, seq_len,
-                                  qk_scale, stride_kl, stride_vl, BLOCK_N, False, INPUT_PRECISION)
+                dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first,
+                                  seq_len, qk_scale, stride_kl, stride_vl, BLOCK_N, False, PADDED, INPUT_PRECISION)
             else:
-                dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, k_first, seq_len,
-                                  qk_scale, stride_kl, stride_vl, BLOCK_N, True, INPUT_PRECISION)
+                dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first,
+                                  seq_len, qk_scale, stride_kl, stride_vl, BLOCK_N, True, PADDED, INPUT_PRECISION)
 
-    dq_ptrs = DQ + batch_head * seq_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    # DQ: contiguous [B, Hq, L, HEAD_DIM]
+    dq_ptrs = (DQ + _dense_row_offset(batch, head, num_q_heads, seq_len, q_first, HEAD_DIM)
+               + offs_tile[:, None] * HEAD_DIM + offs_d[None, :])
+    _store_rows(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), row_ok, d_ok, PADDED)
 
 
 # ---------------------------------------------------------------------------------------------- launch
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, picked for A100 (sm_80) and H100 (sm_90):
-# each compiles for both without spills (`python -m convret.aot`, tests/test_aot_compile.py). BLOCK_M counts
-# query rows and BLOCK_N keys in every kernel. fp32 tiles hold twice the bytes, hence their own, smaller tiles.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim BLOCK_D (the next power of two of D,
+# at least 16, the smallest tl.dot operand), picked for A100 (sm_80) and H100 (sm_90): each compiles for both
+# without spills (`python -m convret.aot`, tests/test_aot_compile.py). BLOCK_M counts query rows and BLOCK_N
+# keys in every kernel. fp32 tiles hold twice the bytes, hence their own, smaller tiles.
 CONFIGS_16BIT = {
-    "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dkdv": {32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (64, 32, 8, 2)},
-    "dq": {32: (128, 32, 4, 3), 64: (128, 32, 4, 3), 128: (64, 32, 8, 2)},
+    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
+            256: (64, 32, 8, 2)},
+    "dkdv": {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (64, 32, 8, 2),
+             256: (32, 32, 8, 1)},
+    "dq": {16: (128, 32, 4, 3), 32: (128, 32, 4, 3), 64: (128, 32, 8, 3), 128: (64, 32, 8, 2),
+           256: (32, 16, 8, 1)},
 }
 CONFIGS_FP32 = {
-    "fwd": {32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
-    "dkdv": {32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2)},
-    "dq": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 2)},
+    "fwd": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 8, 2), 256: (32, 32, 8, 1)},
+    "dkdv": {16: (32, 32, 8, 2), 32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 1)},
+    "dq": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 8, 2), 256: (16, 16, 8, 1)},
 }
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (heads and batch); axis 0 (tiles) goes to 2^31 - 1
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """BLOCK_D: the power of two the kernels compute at; columns past ``head_dim`` are masked loads / stores."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def default_configs(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for this head dim and dtype."""
+    block_d = padded_head_dim(head_dim)
     table = CONFIGS_FP32 if dtype == torch.float32 else CONFIGS_16BIT
-    return {kernel: configs[head_dim] for kernel, configs in table.items()}
+    if block_d not in table["fwd"]:
+        raise ValueError(f"unsupported head dim {head_dim}: the Triton kernels take multiples of 8 up to 256")
+    return {kernel: configs[block_d] for kernel, configs in table.items()}
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -307,6 +391,12 @@ def input_precision(dtype: torch.dtype) -> str:
     closer to fp32 but spills registers at every tile size tried for sm_80 and sm_90 (`convret.aot`). The
     Triton interpreter multiplies in exact fp32 whatever is asked."""
     return "tf32" if dtype == torch.float32 else "ieee"
+
+
+def _check_grid(batch: int, num_q_heads: int) -> None:
+    if batch > MAX_GRID_YZ or num_q_heads > MAX_GRID_YZ:
+        raise ValueError(f"batch ({batch}) and head count ({num_q_heads}) must each be at most {MAX_GRID_YZ}, "
+                         "the launch grid's limit: split the batch")
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -320,13 +410,15 @@ def _forward(q, k, v, layout, scale, config):
     out = torch.empty_like(q)  # q's memory layout: HF's [B, L, H, D] view needs no copy afterwards
     lse = torch.empty(batch, num_q_heads, seq_len, device=q.device, dtype=torch.float32)
     mask_start = layout.mask_start
-    grid = (triton.cdiv(seq_len, block_m), batch * num_q_heads)
+    _check_grid(batch, num_q_heads)
+    grid = (triton.cdiv(seq_len, block_m), num_q_heads, batch)
     _session_attn_fwd[grid](
         q, k, v, out, lse, mask_start, bounds.min_mask_start, bounds.max_mask_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         mask_start.stride(0), bounds.min_mask_start.stride(0),
         seq_len, num_q_heads, num_q_heads // k.shape[1], scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION=input_precision(q.dtype),
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        INPUT_PRECISION=input_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -345,22 +437,24 @@ def _backward(q, k, v, out, lse, grad_out, layout, scale, dkdv_config, dq_config
 
     block_m, block_n, num_warps, num_stages = dkdv_config
     bounds = layout.tile_bounds(block_n)
-    _session_attn_bwd_dkdv[(triton.cdiv(seq_len, block_n), batch * num_kv_heads)](
+    _session_attn_bwd_dkdv[(triton.cdiv(seq_len, block_n), num_kv_heads, batch)](
         q, k, v, grad_out, dk, dv, lse, delta, mask_start, bounds.min_mask_start, bounds.max_mask_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         mask_start.stride(0), bounds.min_mask_start.stride(0),
         seq_len, num_q_heads, num_kv_heads, group_size, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION=precision,
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        INPUT_PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )
     block_m, block_n, num_warps, num_stages = dq_config
     bounds = layout.tile_bounds(block_n)
-    _session_attn_bwd_dq[(triton.cdiv(seq_len, block_m), batch * num_q_heads)](
+    _session_attn_bwd_dq[(triton.cdiv(seq_len, block_m), num_q_heads, batch)](
         q, k, v, grad_out, dq, lse, delta, mask_start, bounds.min_mask_start, bounds.max_mask_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         mask_start.stride(0), bounds.min_mask_start.stride(0),
         seq_len, num_q_heads, group_size, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, INPUT_PRECISION=precision,
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        INPUT_PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv
@@ -390,7 +484,15 @@ def session_attention_triton(q, k, v, layout, scale, configs=None):
     return SessionAttentionFunction.apply(q, k, v, layout, scale, configs)
 
 
-def aot_specs() -> list[dict]:
+# Head dims the ahead-of-time check compiles: every BLOCK_D (16 .. 256) at its largest D (no padding) and, for
+# 16, 128 and 256, a padded D that exercises the masked loads and stores (8, 80, 96, 136). Register use depends on
+# BLOCK_D and the tile config, not on the exact D, so this covers every multiple of 8; `python -m convret.aot
+# --all-head-dims` compiles all 32 of them.
+AOT_HEAD_DIMS = (8, 16, 32, 64, 80, 96, 128, 136, 256)
+ALL_HEAD_DIMS = tuple(range(8, 257, 8))
+
+
+def aot_specs(head_dims: tuple[int, ...] = AOT_HEAD_DIMS) -> list[dict]:
     """Every kernel at every default config, for the ahead-of-time compile check (``convret.aot``)."""
     specs = []
     pointer_args = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
@@ -398,11 +500,11 @@ def aot_specs() -> list[dict]:
     float_args = {"qk_scale", "sm_scale"}
     kernels = {"fwd": _session_attn_fwd, "dkdv": _session_attn_bwd_dkdv, "dq": _session_attn_bwd_dq}
     for dtype, type_name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        for head_dim in (64, 128):
+        for head_dim in head_dims:
             for kernel_name, (block_m, block_n, num_warps, num_stages) in default_configs(head_dim, dtype).items():
                 fn = kernels[kernel_name]
-                constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                              "INPUT_PRECISION": input_precision(dtype)}
+                constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim), "BLOCK_M": block_m,
+                              "BLOCK_N": block_n, "INPUT_PRECISION": input_precision(dtype)}
                 signature = {}
                 for arg in fn.arg_names:
                     if arg in constexprs:

@@ -134,6 +134,22 @@ def test_parity_random_layouts(implementation, dtype, layout, group, kv_heads, m
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("head_dim", [8, 16, 80, 96, 256])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=layouts(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    memory_layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    tiles=st.sampled_from(SMALL_TILES + [None]),
+    seed=st.integers(0, 2**16),
+)
+def test_parity_every_head_dim(implementation, head_dim, layout, dtype, memory_layout, tiles, seed):
+    """Head dims of real models that are not a multiple of the vector width or of 32: 8 and 16 (tiny test
+    models), 80 (Phi-2), 96 (Phi-3-mini), 256 (Gemma)."""
+    check_parity(layout, 4, 2, head_dim, dtype, memory_layout, implementation, tiles, seed)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_parity_default_tiles_head_dim_128(implementation, dtype):
     """Default tile sizes, D = 128, GQA 4: a CSIT sample with a long session next to a short one, and a
@@ -231,6 +247,57 @@ def test_backend_info_native():
     info = backend_info()
     assert info["implementation"] == "native" and info["library"] and info["blas"]
     assert info["threads"] == torch.get_num_threads()
+    assert "backward" in info["work_items"] and set(info["tile_gemm"]) == {"bf16", "fp16"}
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("tile_gemm", ["mkl", "onednn", "upcast"])
+def test_every_tile_gemm_matches(dtype, tile_gemm):
+    """Whatever the probe picks on a given CPU, each 16-bit tile GEMM gives oracle parity (all three exist on
+    an x86 torch; one that cannot run here raises, and the probe would then skip it)."""
+    layout = SessionLayout.from_segments([[(40, 3, 12), (9, 0, 0)], [(20, 2, 1)]], seq_len=70)
+    try:
+        report = _cpu_backend.set_tile_gemm(dtype, tile_gemm)
+        assert report.startswith(tile_gemm)
+        check_parity(layout, 4, 2, 80, dtype, "transposed", "native", TileSizes(16, 16, 16, 8))
+    finally:
+        _cpu_backend.set_tile_gemm(dtype, "auto")
+    info = backend_info()["tile_gemm"]
+    assert set(info) == {"bf16", "fp16"} and all("GFLOP/s" in line for line in info.values())
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(layout=layouts(), group=st.sampled_from([1, 4]), tiles=st.sampled_from(SMALL_TILES), seed=st.integers(0, 2**16))
+def test_split_backward_matches_oracle_and_fused(monkeypatch, dtype, layout, group, tiles, seed):
+    """The split backward (dK / dV items per key tile, dQ items per query tile) matches the oracle, and the fused
+    one bit for bit: both do the same arithmetic per (query tile, key tile) pair in the same order."""
+    monkeypatch.setenv(_cpu_backend.ENV_BACKWARD, "split")
+    check_parity(layout, 2 * group, 2, 48, dtype, "transposed", "native", tiles, seed)
+    grads = {}
+    for schedule in ("split", "fused"):
+        monkeypatch.setenv(_cpu_backend.ENV_BACKWARD, schedule)
+        q, k, v = make_inputs(layout, 2 * group, 2, 48, dtype, "contiguous", seed)
+        out = session_attention_cpu(q, k, v, layout, implementation="native", tile_sizes=tiles)
+        grads[schedule] = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for split, fused in zip(grads["split"], grads["fused"]):
+        assert torch.equal(split, fused)
+
+
+def test_backward_schedule_and_work_items(monkeypatch):
+    monkeypatch.delenv(_cpu_backend.ENV_BACKWARD, raising=False)
+    tiles = default_tile_sizes(4)
+    # 5 rows x 2 kv heads on a 32-core server: fused would be 10 items; split has more than the forward
+    items = _cpu_backend.work_items(5, 2, 1411, tiles, threads=32)
+    assert items["backward_schedule"] == "split" and items["backward"] >= items["forward"] > 10
+    assert _cpu_backend.work_items(8, 8, 1411, tiles, threads=2)["backward_schedule"] == "fused"
+    monkeypatch.setenv(_cpu_backend.ENV_BACKWARD, "fused")
+    assert _cpu_backend.backward_schedule(1, 1, threads=64) == "fused"
+    monkeypatch.setenv(_cpu_backend.ENV_BACKWARD, "sideways")
+    with pytest.raises(ValueError, match="CONVRET_CPU_BACKWARD"):
+        _cpu_backend.backward_schedule(1, 1)
 
 
 def test_default_tile_sizes():

@@ -132,6 +132,34 @@ def test_parity_with_eager_dense_mask(arch, lora, checkpointing):
         assert rel_err(grads_c[name], grads_e[name]) < TOL, name
 
 
+@pytest.mark.parametrize("heads", [4, 8])
+def test_parity_small_head_dims(heads):
+    """The head dims of Hugging Face's own tiny test models: ``Qwen2Config(hidden_size=64,
+    num_attention_heads=4)`` gives head dim 16 (8 heads: 8), which session_attention once refused."""
+    config = transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
+    assert getattr(config, "head_dim", None) in (None, 64 // heads)
+    torch.manual_seed(heads)
+    model = transformers.Qwen2ForCausalLM._from_config(config, attn_implementation="convret")
+    model.train()
+    assert model.model.layers[0].self_attn.head_dim == 64 // heads
+    rng = random.Random(heads)
+    layout = random_layout(rng, batch=2, seq_len=40)
+    real = real_positions(layout)
+    input_ids = torch.randint(0, VOCAB, (layout.batch_size, layout.seq_len))
+    labels = input_ids.masked_fill(~real, -100)
+    logits_c, loss_c, grads_c = run_step(model, "convret", input_ids, labels, layout)
+    logits_e, loss_e, grads_e = run_step(model, "eager", input_ids, labels, layout)
+    assert rel_err(logits_c[real], logits_e[real]) < TOL
+    assert rel_err(loss_c, loss_e) < TOL
+    assert grads_c.keys() == grads_e.keys() and len(grads_c) > 0
+    for name in grads_c:
+        assert rel_err(grads_c[name], grads_e[name]) < TOL, name
+
+
 def test_import_convret_does_not_import_transformers():
     import subprocess
     import sys
