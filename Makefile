@@ -25,7 +25,9 @@ BENCH_OPTS ?= --benchmark-min-rounds=3 --benchmark-max-time=0.5 --benchmark-sort
 BENCH_COMPARE_FAIL ?= median:25%
 # in-run ratio threshold, for shared / CI machines: fail when a convret/peer speed-up dropped by this many percent
 BENCH_RATIO_DROP ?= 25
-MICRO := $(PYTHON) -m pytest bench/micro -q -p no:cacheprovider --benchmark-storage=file://$(BENCH_STORAGE)
+# BENCH_ARGS: extra pytest arguments, e.g. BENCH_ARGS="-k small" for the small shapes only
+BENCH_ARGS ?=
+MICRO := $(PYTHON) -m pytest bench/micro $(BENCH_ARGS) -q -p no:cacheprovider --benchmark-storage=file://$(BENCH_STORAGE)
 
 bench-micro:
 	$(MICRO) $(BENCH_OPTS) --benchmark-autosave
