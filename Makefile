@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup demo test
+.PHONY: setup demo test bench-micro bench-compare bench-compare-ratios bench-micro-smoke
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -15,3 +15,36 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# Micro-benchmarks (bench/micro, pytest-benchmark; docs/benchmarks_micro.md). Run after `make setup`.
+# Saved runs go to $(BENCH_STORAGE)/<machine>/NNNN_<commit>_<date>.json (ignored by git).
+BENCH_STORAGE ?= .benchmarks
+BENCH_OPTS ?= --benchmark-min-rounds=3 --benchmark-max-time=0.5 --benchmark-sort=name \
+	--benchmark-columns=median,iqr,min,rounds
+# absolute threshold, for a quiet dedicated machine: fail when a median got this much slower than the last run
+BENCH_COMPARE_FAIL ?= median:25%
+# in-run ratio threshold, for shared / CI machines: fail when a convret/peer speed-up dropped by this many percent
+BENCH_RATIO_DROP ?= 25
+# BENCH_ARGS: extra pytest arguments, e.g. BENCH_ARGS="-k small" for the small shapes only
+BENCH_ARGS ?=
+MICRO := $(PYTHON) -m pytest bench/micro $(BENCH_ARGS) -q -p no:cacheprovider --benchmark-storage=file://$(BENCH_STORAGE)
+
+bench-micro:
+	$(MICRO) $(BENCH_OPTS) --benchmark-autosave
+
+# runs and saves the suite again, then both checks against the previous saved run; fails if either fails
+bench-compare:
+	@$(MICRO) $(BENCH_OPTS) --benchmark-autosave --benchmark-compare --benchmark-compare-fail=$(BENCH_COMPARE_FAIL); \
+	absolute=$$?; \
+	$(PYTHON) bench/micro/compare_ratios.py --storage $(BENCH_STORAGE) --max-drop $(BENCH_RATIO_DROP); \
+	ratios=$$?; \
+	echo "bench-compare: absolute medians ($(BENCH_COMPARE_FAIL)) exit $$absolute, in-run ratios ($(BENCH_RATIO_DROP)%) exit $$ratios"; \
+	test $$absolute -eq 0 -a $$ratios -eq 0
+
+# only the in-run ratio check of the two latest saved runs (no new run): the check CI could gate on
+bench-compare-ratios:
+	$(PYTHON) bench/micro/compare_ratios.py --storage $(BENCH_STORAGE) --max-drop $(BENCH_RATIO_DROP)
+
+# CI: every micro-benchmark body once, untimed, CSIT cases at the small shape
+bench-micro-smoke:
+	$(MICRO) --benchmark-disable --micro-smoke
