@@ -44,6 +44,7 @@ def csit_loss(
     shift_labels: bool = True,
     passage_ids: torch.Tensor | None = None,
     gather: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> CSITLossOutput:
     """CSIT loss from pooled embeddings and the decoder's hidden states.
 
@@ -55,7 +56,8 @@ def csit_loss(
         lm_labels: ``[B, L]`` response token ids, -100 elsewhere. Hugging Face convention (the position that
             predicts ``labels[t]`` is ``t - 1``) when ``shift_labels``; already aligned otherwise.
         alpha: weight of the LM loss.
-        temperature, group_size, passage_ids, gather: as in :func:`convret.info_nce`.
+        temperature, group_size, labels, passage_ids, gather: as in :func:`convret.info_nce` (``labels``: the
+            index of each query's positive, for layouts with different numbers of hard negatives per query).
         label_smoothing: epsilon of the LM loss.
         normalize: L2-normalise the embeddings first (ChatRetriever does).
 
@@ -67,7 +69,7 @@ def csit_loss(
         passage_embeddings = torch.nn.functional.normalize(passage_embeddings, dim=-1)
     if query_embeddings.shape[0] > 0:
         contrastive = info_nce(query_embeddings, passage_embeddings, temperature=temperature, group_size=group_size,
-                               passage_ids=passage_ids, gather=gather)
+                               labels=labels, passage_ids=passage_ids, gather=gather)
     else:
         contrastive = query_embeddings.new_zeros((), dtype=torch.float32)
     if shift_labels:  # shift the labels, not the hidden states: slicing those would copy all of them
@@ -107,8 +109,9 @@ class CSITLoss(torch.nn.Module):
             pool_hidden(hidden, batch.passage_positions),
             hidden, head.weight, batch.labels,
             alpha=self.alpha, temperature=self.temperature, label_smoothing=self.label_smoothing,
-            group_size=batch.group_size or None, normalize=self.normalize,
-            lm_bias=getattr(head, "bias", None), gather=self.gather,
+            group_size=None if batch.positive_indices is not None else batch.group_size or None,
+            normalize=self.normalize, lm_bias=getattr(head, "bias", None), gather=self.gather,
+            labels=batch.positive_indices, passage_ids=batch.passage_ids,
         )
 
     def extra_repr(self) -> str:
