@@ -154,7 +154,7 @@ def load_retriever(
     Raises:
         ValueError: not a checkpoint, or weights and tokenizer / config that do not belong together.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     from .. import hf  # noqa: F401  (registers attn_implementation="convret")
 
@@ -163,7 +163,9 @@ def load_retriever(
         raise ValueError(f"{path} is not a convret checkpoint (no {CONFIG_NAME}); expected a directory written "
                          "by `convret train` (OUTPUT_DIR/final or OUTPUT_DIR/checkpoint-N)")
     config = RetrieverConfig.from_file(path / CONFIG_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # a plain `tokenizers` tokenizer (TokenizersBackend) must not be rebuilt as the model type's tokenizer class
+    plain = '"TokenizersBackend"' in (path / "tokenizer_config.json").read_text(encoding="utf-8")
+    tokenizer = (PreTrainedTokenizerFast if plain else AutoTokenizer).from_pretrained(path)
     dtype = dtype or getattr(torch, config.model_dtype)
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if config.adapter:
