@@ -48,3 +48,28 @@ def write_collection(path, n: int, seed: int = 0, lo: int = 3, hi: int = 40):
         for i in range(n):
             handle.write(json.dumps({"id": f"d{i}", "text": random_text(rng, lo, hi)}) + "\n")
     return path
+
+
+def write_eval_world(directory, n_conv: int = 4, turns: int = 3, seed: int = 0, shuffle_context: int | None = None):
+    """A ChatRetriever-style eval file, a collection holding every turn's gold passage plus distractors, and
+    graded qrels. ``shuffle_context``: a different, seeded history text (same qids) for robustness files."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    passages, qrels, convs = [], [], []
+    for c in range(n_conv):
+        turn_list = []
+        for t in range(1, turns + 1):
+            gold = f"g{c}_{t}"
+            passages.append({"id": gold, "text": random_text(rng, 5, 20)})
+            qrels.append(f"{c}_{t} 0 {gold} {rng.choice([1, 2])}\n")
+            ctx = random.Random((shuffle_context or 0) * 1000 + c * 10 + t)
+            turn_list.append({"turn_id": t, "question": random_text(rng, 2, 6),
+                              "response": random_text(ctx if shuffle_context else rng, 3, 9),
+                              "manual_rewrite": random_text(rng, 3, 8)})
+        convs.append({"conv_id": str(c), "turns": turn_list})
+    passages += [{"id": f"x{i}", "text": random_text(rng, 3, 30)} for i in range(20)]
+    (directory / "collection.jsonl").write_text("".join(json.dumps(p) + "\n" for p in passages))
+    (directory / "qrels.tsv").write_text("".join(qrels))
+    name = "eval.json" if shuffle_context is None else f"eval_context_{shuffle_context}.json"
+    (directory / name).write_text(json.dumps(convs))
+    return directory

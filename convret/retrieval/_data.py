@@ -47,7 +47,10 @@ def iter_collection(path: str | os.PathLike) -> Iterator[Passage]:
 
 
 def iter_conversations(path: str | os.PathLike) -> Iterator[EvalTurn]:
-    from ..data import read_conversations
+    try:
+        from ..data import read_conversations
+    except ImportError:
+        return _read_chatretriever_eval(path)
 
     return read_conversations(path, strict=True)
 
@@ -145,3 +148,18 @@ def _read_run(path):
             if len(parts) == 6:
                 run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
     return run
+
+
+def _read_chatretriever_eval(path):
+    import json
+
+    text = open(path, encoding="utf-8").read()
+    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    for obj in records:
+        history: list[Turn] = []
+        for turn in obj["turns"]:
+            yield EvalTurn(f"{obj['conv_id']}_{turn['turn_id']}", str(obj["conv_id"]), str(turn["turn_id"]),
+                           list(history), turn["question"], turn.get("manual_rewrite"), turn.get("response"))
+            history.append(Turn("user", turn["question"]))
+            if turn.get("response") is not None:
+                history.append(Turn("assistant", turn["response"]))
