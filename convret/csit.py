@@ -75,17 +75,21 @@ def contrastive_loss(
                              "pass labels or group_size")
         labels = torch.arange(num_queries, device=queries.device) * group
     zero = (queries.sum() + passages.sum()) * 0.0
+    nonfinite = ~torch.isfinite(zero.detach())  # a NaN / inf embedding: the loss is NaN (the trainer stops)
     world_size, rank = _world()
     if not gather or world_size == 1:
-        if num_queries == 0 or num_passages == 0:
+        if num_queries == 0 or num_passages == 0 or bool(nonfinite):
             return zero.float()
         return info_nce(queries, passages, temperature, labels=labels, passage_ids=passage_ids)
 
-    sizes = torch.tensor([num_queries, num_passages], device=queries.device, dtype=torch.long)
+    sizes = torch.stack([torch.tensor(num_queries, device=queries.device), torch.tensor(num_passages,
+                         device=queries.device), nonfinite.long()]).long()
     all_sizes = [torch.empty_like(sizes) for _ in range(world_size)]
     dist.all_gather(all_sizes, sizes)
     all_sizes = torch.stack(all_sizes).cpu()
     global_queries, max_passages = int(all_sizes[:, 0].sum()), int(all_sizes[:, 1].max())
+    if bool(all_sizes[:, 2].any()):
+        return zero.float() + float("nan")  # every rank returns NaN, no further collective anywhere
     if global_queries == 0 or max_passages == 0:
         return zero.float()  # the same on every rank: no further collective anywhere
     dim = passages.shape[1]

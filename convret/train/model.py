@@ -54,14 +54,19 @@ def _base_model(args: ModelArguments) -> torch.nn.Module:
     if model_type is None:
         raise ValueError(f"{path}: the model config needs a model_type (e.g. qwen2)")
     config = AutoConfig.for_model(model_type, **values)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.init_seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
 
 
 def build_model(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments) -> BuiltModel:
     """The model ready to train (summary tokens added, LoRA applied or not), its tokenizer and its
-    :class:`RetrieverConfig`."""
+    :class:`RetrieverConfig`. Every random initialisation (a model_config model, LoRA's A matrices) draws from
+    ``model_args.init_seed``, whatever the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model_args.init_seed)
+        return _build_model(model_args, data_args, loss_args)
+
+
+def _build_model(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments) -> BuiltModel:
     from ..data.summary_tokens import add_summary_tokens
 
     tokenizer = load_tokenizer(model_args)
