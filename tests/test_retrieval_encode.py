@@ -133,3 +133,32 @@ def test_two_ranks_write_their_own_shards(ckpt, tmp_path):
     got_ids, vectors, _ = read_embeddings(out)
     assert got_ids == ids
     np.testing.assert_allclose(vectors, encoder.embed_tokens(sequences), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_give_clear_errors(ckpt, tmp_path, capsys):
+    def run(*extra):
+        capsys.readouterr()
+        code = encode_main(["--model", str(ckpt), "--output", str(tmp_path / "out"), "--no-progress", *extra])
+        return code, capsys.readouterr().err
+
+    (tmp_path / "empty.jsonl").write_text("")
+    code, err = run("--collection", str(tmp_path / "empty.jsonl"))
+    assert code == 1 and "empty" in err
+    (tmp_path / "dup.jsonl").write_text('{"id": "a", "text": "w1"}\n{"id": "b", "text": "w2"}\n'
+                                        '{"id": "a", "text": "w3"}\n')
+    code, err = run("--collection", str(tmp_path / "dup.jsonl"))
+    assert code == 1 and "duplicate passage id 'a'" in err
+    assert not (tmp_path / "out" / "meta.json").exists()
+    # a checkpoint whose config names summary tokens the tokenizer and model do not have
+    bad = tmp_path / "bad"
+    import shutil
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "convret_config.json").read_text())
+    cfg["summary_token_ids"] = [i + 100 for i in cfg["summary_token_ids"]]
+    (bad / "convret_config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert encode_main(["--model", str(bad), "--collection", str(tmp_path / "dup.jsonl"), "--output",
+                        str(tmp_path / "out2")]) == 1
+    assert "do not match" in capsys.readouterr().err
+    code, err = run("--collection", str(tmp_path / "missing.jsonl"))
+    assert code == 1 and "missing.jsonl" in err

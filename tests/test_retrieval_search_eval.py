@@ -42,8 +42,8 @@ def test_search_equals_numpy_brute_force(tmp_path, ties):
     for qi, qid in enumerate(qids):
         mine = [r for r in rows if r[0] == qid]
         assert [int(r[3]) for r in mine] == list(range(1, k + 1))  # rank from 1
-        # oracle: score descending, ties by collection order
-        order = sorted(range(len(doc_ids)), key=lambda j: (-round(scores[qi, j], 4), j))[:k]
+        # oracle: score descending, ties by docid
+        order = sorted(range(len(doc_ids)), key=lambda j: (-round(scores[qi, j], 4), doc_ids[j]))[:k]
         assert [r[2] for r in mine] == [doc_ids[j] for j in order]
         np.testing.assert_allclose([float(r[4]) for r in mine], scores[qi, order], rtol=1e-4, atol=1e-4)
 

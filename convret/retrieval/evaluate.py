@@ -61,7 +61,7 @@ def _run_queries(encoder: Encoder, index: Any, doc_ids: list[str], conversations
                  query_only: bool = False, query_field: str = "query") -> dict[str, list[tuple[str, float]]]:
     qids, sequences = conversation_items(conversations, encoder, query_only, query_field)
     queries = encoder.embed_tokens(sequences)
-    scores, indices = search_index(index, queries, top_k)
+    scores, indices = search_index(index, queries, top_k, ids=doc_ids)
     return {q: [(doc_ids[j], float(s)) for s, j in zip(scores[i], indices[i]) if j >= 0]
             for i, q in enumerate(qids)}
 
