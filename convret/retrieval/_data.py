@@ -38,51 +38,36 @@ def session_ids(formatter: Any, config: Any, history: Sequence[Turn], query: str
 
 
 def iter_collection(path: str | os.PathLike) -> Iterator[Passage]:
-    try:
-        from ..data import read_collection
-    except ImportError:
-        return _read_collection(path)
+    from ..data import read_collection
 
     return read_collection(path, strict=True)
 
 
 def iter_conversations(path: str | os.PathLike) -> Iterator[EvalTurn]:
-    try:
-        from ..data import read_conversations
-    except ImportError:
-        return _read_chatretriever_eval(path)
+    from ..data import read_conversations
 
     return read_conversations(path, strict=True)
 
 
 def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
-    try:
-        from ..data import read_qrels
-    except ImportError:
-        return _read_qrels(path)
+    from ..data import read_qrels
 
     return read_qrels(path, strict=True)
 
 
 def load_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    try:
-        from ..data import read_run
-    except ImportError:
-        return _read_run(path)
+    from ..data import read_run
 
     return read_run(path, strict=True)
 
 
 def save_run(path: str | os.PathLike, results: Mapping[str, Sequence[tuple[str, float]]], tag: str) -> None:
-    try:
-        from ..data import write_run
-    except ImportError:
-        return _write_run(path, results, tag)
+    from ..data import write_run
 
     write_run(path, results, tag)
 
 
-# ---------------------------------------------------------------------- interim fallbacks (removed with d9)
+# ---------------------------------------------------------------------- interim formatter (until convret.data.sequences)
 class _ChatMLFormatter:
     def __init__(self, tokenizer, max_session_len=1024, max_passage_len=384, max_response_len=384,
                  instruction=None, passage_instruction=None):
@@ -109,57 +94,3 @@ class _ChatMLFormatter:
 
     def response(self, text):
         return self._ids(text)[: self.max_response_len]
-
-
-def _read_collection(path):
-    import json
-
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                obj = json.loads(line)
-                yield Passage(str(obj.get("id", obj.get("docid"))), obj["text"], obj.get("title", ""))
-
-
-def _read_qrels(path):
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            parts = line.split()
-            if len(parts) == 4:
-                qrels.setdefault(parts[0], {})[parts[2]] = int(parts[3])
-    return qrels
-
-
-def _write_run(path, results, tag):
-    from .._io import atomic_write
-
-    with atomic_write(path) as handle:
-        for qid, docs in results.items():
-            for rank, (doc, score) in enumerate(sorted(docs, key=lambda d: -d[1]), 1):
-                handle.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
-
-
-def _read_run(path):
-    run: dict[str, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            parts = line.split()
-            if len(parts) == 6:
-                run.setdefault(parts[0], {})[parts[2]] = float(parts[4])
-    return run
-
-
-def _read_chatretriever_eval(path):
-    import json
-
-    text = open(path, encoding="utf-8").read()
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
-    for obj in records:
-        history: list[Turn] = []
-        for turn in obj["turns"]:
-            yield EvalTurn(f"{obj['conv_id']}_{turn['turn_id']}", str(obj["conv_id"]), str(turn["turn_id"]),
-                           list(history), turn["question"], turn.get("manual_rewrite"), turn.get("response"))
-            history.append(Turn("user", turn["question"]))
-            if turn.get("response") is not None:
-                history.append(Turn("assistant", turn["response"]))
