@@ -16,13 +16,10 @@ __all__ = ["formatter_for", "iter_collection", "iter_conversations", "load_qrels
 
 def formatter_for(tokenizer: Any, config: Any) -> Any:
     """The training-time formatter for ``config`` (a :class:`RetrieverConfig`)."""
-    try:
-        from ..data.sequences import SequenceFormatter
-    except ImportError:  # until convret.data ships its formatter
-        SequenceFormatter = _ChatMLFormatter
-    return SequenceFormatter(tokenizer, max_session_len=config.max_session_len or 10**9,
-                             max_passage_len=config.max_passage_len or 10**9,
-                             max_response_len=config.max_response_len or 10**9,
+    from ..data.sequences import SequenceFormatter
+
+    return SequenceFormatter(tokenizer, max_session_len=config.max_session_len,
+                             max_passage_len=config.max_passage_len, max_response_len=config.max_response_len,
                              instruction=config.instruction, passage_instruction=config.passage_instruction)
 
 
@@ -66,31 +63,3 @@ def save_run(path: str | os.PathLike, results: Mapping[str, Sequence[tuple[str, 
 
     write_run(path, results, tag)
 
-
-# ---------------------------------------------------------------------- interim formatter (until convret.data.sequences)
-class _ChatMLFormatter:
-    def __init__(self, tokenizer, max_session_len=1024, max_passage_len=384, max_response_len=384,
-                 instruction=None, passage_instruction=None):
-        self.tokenizer, self.instruction, self.passage_instruction = tokenizer, instruction, passage_instruction
-        self.max_session_len, self.max_passage_len, self.max_response_len = (max_session_len, max_passage_len,
-                                                                             max_response_len)
-
-    def _ids(self, text):
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def session(self, history, query):
-        turns = [self._ids(f"<|im_start|>{t.role}\n{t.text}<|im_end|>\n") for t in history]
-        head = self._ids(f"<|im_start|>system\n{self.instruction}<|im_end|>\n") if self.instruction else []
-        last = self._ids(f"<|im_start|>user\n{query}<|im_end|>\n")
-        while turns and len(head) + sum(map(len, turns)) + len(last) > self.max_session_len:
-            turns.pop(0)
-        out = head + [i for t in turns for i in t] + last
-        return out if len(out) <= self.max_session_len else head + last[len(out) - self.max_session_len:]
-
-    def passage(self, passage):
-        text = passage if isinstance(passage, str) else (f"{passage.title} {passage.text}" if passage.title
-                                                          else passage.text)
-        return self._ids(f"<|im_start|>assistant\n{text}<|im_end|>\n")[: self.max_passage_len]
-
-    def response(self, text):
-        return self._ids(text)[: self.max_response_len]
