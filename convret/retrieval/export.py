@@ -118,6 +118,9 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     prompt = _prompt_text(tokenizer, prefix)
     summary = list(config.summary_token_ids) if config.summary_on_passages else []
     _template_tokenizer(tokenizer, suffix, summary)
+    # sentence-transformers applies a tokenizer's chat template to plain text itself (as a user message, without
+    # the post-processor): the exported tokenizer has none, its template already gives convret's ids
+    tokenizer.chat_template = None
     output = Path(output).resolve()
     adapter = hasattr(model, "peft_config")
     with atomic_directory(output, overwrite=overwrite) as tmp:
