@@ -13,6 +13,13 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("convret.data.cli", "data files: `convret data check FILE` validates one (formats, bad records)"),
     "demo": ("convret.demo", "session attention on a CSIT batch, time and memory beside the dense-mask baselines"),
+    "encode": ("convret.retrieval.encode", "embed a collection or conversation sessions with a checkpoint"),
+    "index": ("convret.retrieval.index", "build a faiss inner-product index over an embedding directory"),
+    "search": ("convret.retrieval.search", "top-k passages per query embedding, written as a TREC run"),
+    "eval": ("convret.retrieval.metrics", "NDCG/MRR/MAP/Recall of a TREC run against qrels (pytrec_eval, -c)"),
+    "evaluate": ("convret.retrieval.evaluate", "the whole chain from a checkpoint: encode, index, search, metrics"),
+    "export": ("convret.retrieval.export", "write a sentence-transformers model directory from a checkpoint"),
+    "generate": ("convret.retrieval.generate", "responses from the model (UniConv), ROUGE-L and token F1"),
 }
 
 

@@ -29,7 +29,7 @@ import torch
 from .._io import atomic_directory
 
 __all__ = ["RetrieverConfig", "LoadedRetriever", "save_retriever", "load_retriever", "CONFIG_NAME",
-           "is_checkpoint"]
+           "is_checkpoint", "write_retriever"]
 
 CONFIG_NAME = "convret_config.json"
 FORMAT_VERSION = 1
@@ -123,17 +123,28 @@ def save_retriever(
     atomically. ``config.adapter`` is set from the model; a LoRA model whose ``config.base_model`` is ``None``
     gets its base weights saved in ``base/``."""
     path = Path(path)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        write_retriever(tmp, model, tokenizer, config)
+    return path
+
+
+def write_retriever(
+    directory: str | os.PathLike, model: torch.nn.Module, tokenizer: Any, config: RetrieverConfig,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The files of a retriever checkpoint, written into an existing (temporary) directory, the config last.
+    Not atomic by itself: :func:`save_retriever` and the trainer's checkpoint saving call it inside a temporary
+    directory that is renamed into place afterwards."""
+    directory = Path(directory)
     config = copy.deepcopy(config)
     config.adapter = _is_peft(model)
     config.model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    with atomic_directory(path, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if config.adapter and config.base_model is None:
-            base = copy.deepcopy(model).unload()  # the base without LoRA layers, trainable-token rows as they began
-            base.save_pretrained(tmp / "base", safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / CONFIG_NAME).write_text(config.to_json(), encoding="utf-8")
-    return path
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    if config.adapter and config.base_model is None:
+        base = copy.deepcopy(model).unload()  # the base without LoRA layers, trainable-token rows as they began
+        base.save_pretrained(directory / "base", safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    (directory / CONFIG_NAME).write_text(config.to_json(), encoding="utf-8")
 
 
 def load_retriever(
@@ -154,7 +165,7 @@ def load_retriever(
     Raises:
         ValueError: not a checkpoint, or weights and tokenizer / config that do not belong together.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     from .. import hf  # noqa: F401  (registers attn_implementation="convret")
 
@@ -163,7 +174,9 @@ def load_retriever(
         raise ValueError(f"{path} is not a convret checkpoint (no {CONFIG_NAME}); expected a directory written "
                          "by `convret train` (OUTPUT_DIR/final or OUTPUT_DIR/checkpoint-N)")
     config = RetrieverConfig.from_file(path / CONFIG_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # a plain `tokenizers` tokenizer (TokenizersBackend) must not be rebuilt as the model type's tokenizer class
+    plain = '"TokenizersBackend"' in (path / "tokenizer_config.json").read_text(encoding="utf-8")
+    tokenizer = (PreTrainedTokenizerFast if plain else AutoTokenizer).from_pretrained(path)
     dtype = dtype or getattr(torch, config.model_dtype)
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if config.adapter:

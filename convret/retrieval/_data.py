@@ -1,0 +1,65 @@
+"""The data layer as retrieval sees it: readers, ``write_run`` and the sequence formatter of ``convret.data``.
+
+Every retrieval command formats text exactly as training did: :func:`formatter_for` builds
+``convret.data.SequenceFormatter`` from the checkpoint's :class:`RetrieverConfig` fields.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+from ..data.records import EvalTurn, Passage, Turn
+
+__all__ = ["formatter_for", "iter_collection", "iter_conversations", "load_qrels", "load_run", "save_run",
+           "passage_ids", "session_ids"]
+
+
+def formatter_for(tokenizer: Any, config: Any) -> Any:
+    """The training-time formatter for ``config`` (a :class:`RetrieverConfig`)."""
+    from ..data.sequences import SequenceFormatter
+
+    return SequenceFormatter(tokenizer, max_session_len=config.max_session_len,
+                             max_passage_len=config.max_passage_len, max_response_len=config.max_response_len,
+                             instruction=config.instruction, passage_instruction=config.passage_instruction)
+
+
+def passage_ids(formatter: Any, config: Any, passage: Passage | str) -> list[int]:
+    """Token ids of a passage to embed: the formatted passage, then the summary tokens when trained so."""
+    ids = list(formatter.passage(passage))
+    return ids + list(config.summary_token_ids) if config.summary_on_passages else ids
+
+
+def session_ids(formatter: Any, config: Any, history: Sequence[Turn], query: str) -> list[int]:
+    """Token ids of a session to embed: the formatted session, then the summary tokens."""
+    return list(formatter.session(history, query)) + list(config.summary_token_ids)
+
+
+def iter_collection(path: str | os.PathLike) -> Iterator[Passage]:
+    from ..data import read_collection
+
+    return read_collection(path, strict=True)
+
+
+def iter_conversations(path: str | os.PathLike) -> Iterator[EvalTurn]:
+    from ..data import read_conversations
+
+    return read_conversations(path, strict=True)
+
+
+def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
+    from ..data import read_qrels
+
+    return read_qrels(path, strict=True)
+
+
+def load_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    from ..data import read_run
+
+    return read_run(path, strict=True)
+
+
+def save_run(path: str | os.PathLike, results: Mapping[str, Sequence[tuple[str, float]]], tag: str) -> None:
+    from ..data import write_run
+
+    write_run(path, results, tag)
+

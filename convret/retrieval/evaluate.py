@@ -1,0 +1,227 @@
+"""``convret evaluate``: the whole chain from a checkpoint to a metrics table.
+
+For each model (the checkpoint, then every ``--baseline``): encode the collection (cached per model and
+collection under ``OUTPUT/cache/``), an exact inner-product index, encode the sessions, search, evaluate with
+``convret eval``'s conventions. Extra rows: the model given only the current utterance (``--query-only``), the
+model given the manual rewrite (``--rewrite``). Robustness (ChatRetriever's evaluation): NDCG@3 mean and
+standard deviation over alternative-context versions of the same turns (``--contexts``).
+
+With no data options it runs on the bundled sample world (its eval set, collection, qrels and context files).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._io import atomic_write
+from . import _data
+from .embeddings import read_embeddings
+from .encode import collection_items, conversation_items, encode_to_dir
+from .encoder import DEFAULT_TOKEN_BUDGET, Encoder
+from .metrics import evaluate_run
+from .search import search_index
+
+__all__ = ["evaluate_chain", "markdown_table", "main"]
+
+TABLE_COLUMNS = [("NDCG@3", "ndcg_cut_3"), ("NDCG@10", "ndcg_cut_10"), ("MRR@10", "recip_rank_cut_10"),
+                 ("MAP", "map"), ("R@10", "recall_10"), ("R@100", "recall_100")]
+
+
+def _fingerprint(*paths: str | os.PathLike) -> str:
+    """Cache key: resolved paths, sizes and modification times of the files that determine the embeddings."""
+    digest = hashlib.sha1()
+    for path in paths:
+        path = Path(path).resolve()
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        digest.update(str(path).encode())
+        for f in files:
+            stat = f.stat()
+            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _encoded_collection(encoder: Encoder, model: str, collection: str, cache: Path) -> tuple[list[str], np.ndarray]:
+    directory = cache / f"collection-{_fingerprint(model, collection)}"
+    if not (directory / "meta.json").is_file():
+        ids, sequences = collection_items(collection, encoder)
+        encode_to_dir(encoder, ids, sequences, directory, kind="passages", extra_meta={"source": str(collection)})
+    ids, vectors, _ = read_embeddings(directory, unique=True)
+    return ids, vectors
+
+
+def _run_queries(encoder: Encoder, index: Any, doc_ids: list[str], conversations: str, top_k: int,
+                 query_only: bool = False, query_field: str = "query") -> dict[str, list[tuple[str, float]]]:
+    qids, sequences = conversation_items(conversations, encoder, query_only, query_field)
+    queries = encoder.embed_tokens(sequences)
+    scores, indices = search_index(index, queries, top_k, ids=doc_ids)
+    return {q: [(doc_ids[j], float(s)) for s, j in zip(scores[i], indices[i]) if j >= 0]
+            for i, q in enumerate(qids)}
+
+
+def _as_run(results: dict[str, list[tuple[str, float]]]) -> dict[str, dict[str, float]]:
+    return {q: dict(docs) for q, docs in results.items()}
+
+
+def evaluate_chain(
+    model: str,
+    conversations: str,
+    collection: str,
+    qrels_path: str,
+    output: str | os.PathLike,
+    baselines: Sequence[str] = (),
+    query_only: bool = False,
+    rewrite: bool = False,
+    contexts: Sequence[str] = (),
+    top_k: int = 1000,
+    rel_threshold: int = 1,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    device: str | None = None,
+    allow_unknown_qrels: bool = False,
+) -> dict[str, Any]:
+    """Run the chain; returns ``{"rows": [{"name", "model", "measures", "queries", "run"}], "robustness": ...}``
+    and writes every run to ``OUTPUT/runs/`` and the result to ``OUTPUT/results.json``.
+
+    Raises:
+        ValueError: qrels naming queries the conversation file does not hold (unless ``allow_unknown_qrels``),
+            and every error of the steps (empty collection, duplicate ids, ...).
+    """
+    import faiss
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    output = Path(output)
+    cache = output / "cache"
+    qrels = _data.load_qrels(qrels_path)
+    turn_ids = {t.qid for t in _data.iter_conversations(conversations)}
+    unknown = sorted(set(qrels) - turn_ids)
+    if unknown and not allow_unknown_qrels:
+        raise ValueError(f"{qrels_path}: qrels for {len(unknown)} queries that {conversations} does not hold "
+                         f"(e.g. {unknown[:3]}; its query ids look like {sorted(turn_ids)[:3]}): wrong qrels or "
+                         "conversation file (--allow-unknown-qrels to evaluate anyway)")
+    if not set(qrels) & turn_ids:
+        raise ValueError(f"{qrels_path}: no query in common with {conversations}")
+    rows: list[dict[str, Any]] = []
+    robustness = None
+
+    def add_row(name: str, ckpt: str, results: dict[str, list[tuple[str, float]]]) -> None:
+        run_path = output / "runs" / f"{len(rows):02d}-{name.replace(' ', '_').replace('/', '_')}.trec"
+        _data.save_run(run_path, results, tag=name.replace(" ", "_"))
+        metrics = evaluate_run(qrels, _data.load_run(run_path), rel_threshold)
+        rows.append({"name": name, "model": ckpt, "measures": metrics["measures"], "queries": metrics["queries"],
+                     "missing": len(metrics["missing"]), "run": str(run_path)})
+
+    for position, ckpt in enumerate([model, *baselines]):
+        encoder = Encoder.from_checkpoint(ckpt, device=device, token_budget=token_budget)
+        doc_ids, vectors = _encoded_collection(encoder, ckpt, collection, cache)
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(np.ascontiguousarray(vectors))
+        label = "model" if position == 0 else f"baseline {Path(ckpt).name or ckpt}"
+        add_row(label, ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k))
+        if position == 0:
+            if query_only:
+                add_row("model, current utterance only",
+                        ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k, query_only=True))
+            if rewrite:
+                add_row("model, manual rewrite",
+                        ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k, query_field="rewrite"))
+            if contexts:
+                values = []
+                for context in contexts:
+                    metrics = evaluate_run(qrels, _as_run(_run_queries(encoder, index, doc_ids, context, top_k)),
+                                           rel_threshold)
+                    values.append(metrics["measures"]["ndcg_cut_3"])
+                robustness = {"ndcg_cut_3": values, "mean": statistics.fmean(values),
+                              "std": statistics.pstdev(values), "contexts": [str(c) for c in contexts]}
+        del encoder
+    result = {"rows": rows, "robustness": robustness, "conversations": str(conversations),
+              "collection": str(collection), "qrels": str(qrels_path), "rel_threshold": rel_threshold}
+    with atomic_write(output / "results.json") as handle:
+        json.dump(result, handle, indent=2)
+        handle.write("\n")
+    return result
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The metrics table (markdown), one row per run, then the robustness line."""
+    header = "| run | " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    for row in result["rows"]:
+        cells = " | ".join(f"{row['measures'][key]:.3f}" for _, key in TABLE_COLUMNS)
+        lines.append(f"| {row['name']} | {cells} |")
+    if result["rows"]:
+        first = result["rows"][0]
+        lines.append(f"\n{first['queries']} queries (those with a relevant passage at rel >= "
+                     f"{result['rel_threshold']}; a query without results counts 0, trec_eval -c).")
+    rob = result.get("robustness")
+    if rob:
+        lines.append(f"Robustness: NDCG@3 over {len(rob['ndcg_cut_3'])} alternative contexts: mean "
+                     f"{rob['mean']:.3f}, std {rob['std']:.3f} (population std).")
+    return "\n".join(lines)
+
+
+def _sample_world_defaults() -> dict[str, Any]:
+    try:
+        from ..data import sample_world as sw
+    except ImportError as error:
+        raise ValueError("the bundled sample world is not available in this install; give --conversations, "
+                         "--collection and --qrels") from error
+    base = Path(sw.SAMPLE_WORLD_DIR)
+    return {"conversations": str(base / sw.EVAL), "collection": str(base / sw.COLLECTION),
+            "qrels": str(base / sw.QRELS), "contexts": [str(base / c) for c in sw.EVAL_CONTEXTS]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convret evaluate",
+        description="The whole retrieval chain from a checkpoint: encode the collection (cached per model), "
+                    "exact inner-product search for every session, pytrec_eval metrics, a markdown table. With "
+                    "no data options: the bundled sample world's evaluation set (after `convret train`).")
+    p.add_argument("--model", required=True, help="checkpoint (e.g. runs/tiny/final)")
+    p.add_argument("--conversations", help="evaluation sessions (default: the sample world's eval set)")
+    p.add_argument("--collection", help="passages (default: the sample world's collection)")
+    p.add_argument("--qrels", help="TREC qrels (default: the sample world's)")
+    p.add_argument("--baseline", action="append", default=[], metavar="CKPT",
+                   help="another checkpoint for a row of its own (e.g. runs/tiny/init, the untrained model); "
+                        "repeatable")
+    p.add_argument("--query-only", action="store_true", help="add the row: the model given only the current "
+                                                             "utterance (no session)")
+    p.add_argument("--rewrite", action="store_true", help="add the row: the model given the manual rewrite")
+    p.add_argument("--contexts", nargs="*", default=None, metavar="FILE",
+                   help="alternative-context versions of the eval turns: NDCG@3 mean and std across them "
+                        "(default with the sample world: its eval_context_*.json)")
+    p.add_argument("--output", default="runs/eval", help="runs, results.json and the embedding cache")
+    p.add_argument("--top_k", "--top-k", type=int, default=1000)
+    p.add_argument("--rel_threshold", "--rel-threshold", type=int, default=1)
+    p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
+    p.add_argument("--device", default=None)
+    p.add_argument("--allow-unknown-qrels", action="store_true",
+                   help="evaluate even when the qrels name queries the conversation file lacks")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        data = {"conversations": args.conversations, "collection": args.collection, "qrels": args.qrels,
+                "contexts": args.contexts}
+        if not (args.conversations and args.collection and args.qrels):
+            if args.conversations or args.collection or args.qrels:
+                raise ValueError("give all of --conversations, --collection and --qrels, or none (sample world)")
+            defaults = _sample_world_defaults()
+            data = {**defaults, "contexts": defaults["contexts"] if args.contexts is None else args.contexts}
+        result = evaluate_chain(args.model, data["conversations"], data["collection"], data["qrels"], args.output,
+                                args.baseline, args.query_only, args.rewrite, data["contexts"] or (), args.top_k,
+                                args.rel_threshold, args.token_budget, args.device, args.allow_unknown_qrels)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"convret evaluate: error: {error}", file=sys.stderr)
+        return 1
+    print(markdown_table(result))
+    return 0

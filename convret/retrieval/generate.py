@@ -1,0 +1,144 @@
+"""``convret generate``: responses from the retriever itself (UniConv), with ROUGE-L and token F1.
+
+A response trained under the session mask sees only the t summary tokens (and earlier response tokens), never
+the session text. So after the prefill of ``[session (+ retrieved passages), EMB_1..EMB_t]`` the session's own
+keys and values are dropped from the KV cache: decoding keeps t + (response so far) entries per layer, whatever
+the session's length. The result is exactly greedy decoding under the dense session mask (tested).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+
+from .._io import atomic_write
+from . import _data
+from .encoder import decoder_of
+
+__all__ = ["generate_response", "token_f1", "main"]
+
+
+@torch.no_grad()
+def generate_response(model: torch.nn.Module, prefix: Sequence[int], summary: Sequence[int],
+                      max_new_tokens: int = 64, eos_token_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy response tokens after ``prefix + summary``, with the prefix's KV entries dropped after the
+    prefill (the response attends to the summary tokens and itself only)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    tokens = list(prefix) + list(summary)
+    t = len(summary)
+    cache = DynamicCache()
+    ids = torch.tensor([tokens], device=device)
+    out = model(input_ids=ids, position_ids=torch.arange(len(tokens), device=device)[None], past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    for layer in cache.layers:  # keep only the summary tokens' keys / values
+        layer.keys = layer.keys[:, :, -t:].contiguous()
+        layer.values = layer.values[:, :, -t:].contiguous()
+    position = len(tokens)
+    generated: list[int] = []
+    stop = set(int(i) for i in eos_token_ids)
+    next_id = int(out.logits[0, -1].argmax())
+    while True:
+        if next_id in stop or len(generated) >= max_new_tokens:
+            break
+        generated.append(next_id)
+        out = model(input_ids=torch.tensor([[next_id]], device=device),
+                    position_ids=torch.tensor([[position]], device=device), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        position += 1
+        next_id = int(out.logits[0, -1].argmax())
+    return generated
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 (lower-cased, punctuation stripped, whitespace tokens)."""
+    def norm(text: str) -> list[str]:
+        return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+    pred, ref = norm(prediction), norm(reference)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or common == 0:
+        return float(not pred and not ref)
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _passages_for(run_path: str | None, collection: str | None, k: int) -> dict[str, list[Any]]:
+    if not run_path:
+        return {}
+    if not collection:
+        raise ValueError("--run needs --collection (the passages' texts)")
+    run = _data.load_run(run_path)
+    wanted = {q: [d for d, _ in sorted(docs.items(), key=lambda x: (-x[1], x[0]))[:k]] for q, docs in run.items()}
+    needed = {d for docs in wanted.values() for d in docs}
+    texts = {p.id: p for p in _data.iter_collection(collection) if p.id in needed}
+    missing = needed - set(texts)
+    if missing:
+        raise ValueError(f"{run_path}: run names passages missing from {collection}, e.g. {sorted(missing)[:3]}")
+    return {q: [texts[d] for d in docs] for q, docs in wanted.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convret generate",
+        description="Generate a response for every evaluation turn with the retriever's own LM head (UniConv), "
+                    "optionally conditioned on its top-K retrieved passages; greedy; the session's KV cache is "
+                    "dropped after the prefill (the response sees the summary tokens only). Writes jsonl "
+                    "{qid, response, reference, rougeL, f1}; prints mean ROUGE-L and token F1.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--conversations", required=True)
+    p.add_argument("--run", default=None, help="TREC run of the same turns (convret search)")
+    p.add_argument("--collection", default=None, help="the passages of --run")
+    p.add_argument("--passages", type=int, default=3, help="top-K passages of --run put before the summary tokens")
+    p.add_argument("--output", required=True, help="jsonl file to write")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's max_response_len")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from rouge_score import rouge_scorer
+
+    from .encoder import Encoder
+
+    args = build_parser().parse_args(argv)
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        encoder = Encoder.from_checkpoint(args.model, device=device)
+        tokenizer, config, formatter = encoder.tokenizer, encoder.config, encoder.formatter
+        passages = _passages_for(args.run, args.collection, args.passages)
+        eos = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+               if isinstance(i, int) and i >= 0]
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        rows = []
+        for turn in _data.iter_conversations(args.conversations):
+            prefix = list(formatter.session(turn.history, turn.query))
+            for passage in passages.get(turn.qid, []):
+                prefix += list(formatter.passage(passage))
+            ids = generate_response(encoder.model, prefix, config.summary_token_ids,
+                                    args.max_new_tokens or config.max_response_len or 128, eos)
+            response = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            row = {"qid": turn.qid, "response": response, "reference": turn.response}
+            if turn.response:
+                row["rougeL"] = scorer.score(turn.response, response)["rougeL"].fmeasure
+                row["f1"] = token_f1(response, turn.response)
+            rows.append(row)
+        with atomic_write(args.output) as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in rows)
+    except (ValueError, OSError) as error:
+        print(f"convret generate: error: {error}", file=sys.stderr)
+        return 1
+    scored = [r for r in rows if "rougeL" in r]
+    if scored:
+        print(f"ROUGE-L {statistics.fmean(r['rougeL'] for r in scored):.4f}  token F1 "
+              f"{statistics.fmean(r['f1'] for r in scored):.4f}  ({len(scored)} turns with a reference)")
+    print(f"{len(rows)} responses written to {args.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,276 @@
+"""``convret train``: train a conversational retriever (CSIT or UniConv) with the Hugging Face Trainer.
+
+    convret train                                  # the embedded default: tiny Qwen2, bundled sample world, CPU
+    convret train --config cfg.yaml --max_steps 100 --output_dir runs/x
+    torchrun --nproc_per_node 8 -m convret train --config convret/resources/configs/chatretriever-qwen-7b.yaml
+
+Flags override the config's fields; every ``transformers.TrainingArguments`` option keeps its name. Outputs in
+``OUTPUT_DIR``: ``init/`` (the model before training), ``checkpoint-N/`` (Trainer checkpoints that are also
+retriever checkpoints), ``final/``, ``log.jsonl``. See docs/train.md.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_trainer", "prepare_output_dir", "run"]
+
+EXIT_NONFINITE = 3
+
+
+def _split_config(argv: Sequence[str]) -> tuple[str | None, list[str], bool]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("-h", "--help", action="store_true")
+    known, rest = pre.parse_known_args(list(argv))
+    return known.config, rest, known.help
+
+
+def _help() -> str:
+    from .arguments import make_parser
+
+    parser = make_parser()
+    parser.prog = "convret train"
+    parser.description = (
+        "Train a conversational dense retriever (recipes csit = ChatRetriever, uniconv = UniConv) with the Hugging "
+        "Face Trainer. --config FILE.yaml sets fields, flags override them (the Trainer's own names: --output_dir, "
+        "--max_steps, --save_steps, --logging_steps, --seed, --per_device_train_batch_size, --learning_rate, ...). "
+        "No config: the embedded tiny default (convret/resources/configs/tiny.yaml). --resume auto (default) "
+        "continues from the newest complete checkpoint in output_dir, --resume PATH from that one, --resume none "
+        "starts fresh (an error if output_dir holds checkpoints, unless --overwrite_output_dir, which deletes "
+        "them first and never resumes).")
+    return parser.format_help()
+
+
+def prepare_output_dir(train_args: Any, is_main: bool) -> str | None:
+    """Decide where to resume from (or nothing) and clear the output directory when asked.
+
+    - ``--overwrite_output_dir``: delete ``checkpoint-*``, staging directories, ``init/``, ``final/`` and
+      ``log.jsonl``, then start fresh. Never resumes (an explicit ``--resume PATH`` with it is an error) --
+      except in a torchrun elastic restart (``TORCHELASTIC_RESTART_COUNT > 0``), where deleting the run's own
+      checkpoints would lose it: there it resumes like ``auto``.
+    - ``--resume auto`` (the default): the newest complete checkpoint, or a fresh start when there is none.
+    - ``--resume PATH``: that checkpoint (it must be complete).
+    - ``--resume none``: a fresh start; an error when ``output_dir`` already holds checkpoints.
+    """
+    from .trainer import LOG_NAME, STAGING_PREFIX, complete_checkpoints, last_complete_checkpoint
+
+    output_dir = Path(train_args.output_dir)
+    resume = train_args.resume if train_args.resume is not None else "auto"
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    if train_args.overwrite_output_dir and not restarted:
+        if resume not in ("auto", "none"):
+            raise ValueError("--overwrite_output_dir starts over: it cannot be combined with --resume PATH")
+        if is_main and output_dir.is_dir():
+            for child in output_dir.iterdir():
+                if (child.name.startswith(("checkpoint-", STAGING_PREFIX)) or child.name in ("init", "final")) \
+                        and child.is_dir():
+                    shutil.rmtree(child)
+                elif child.name == LOG_NAME:
+                    child.unlink()
+        return None
+    if resume == "none":
+        if complete_checkpoints(output_dir):
+            raise ValueError(f"{output_dir} already holds checkpoints: pass --resume auto to continue the run, or "
+                             "--overwrite_output_dir to delete them and start over")
+        return None
+    if resume == "auto":
+        last = last_complete_checkpoint(output_dir)
+        return None if last is None else str(last)
+    path = Path(resume)
+    if not path.is_dir() or path not in complete_checkpoints(path.parent):
+        raise ValueError(f"--resume {resume}: not a complete checkpoint directory (checkpoint-N with "
+                         "convret_config.json and trainer_state.json)")
+    return str(path)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they are trained again)."""
+    from .._io import atomic_write
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    with atomic_write(path) as handle:
+        handle.write("".join(line + "\n" for line in kept))
+
+
+def _default_train_file(recipe: str) -> str:
+    from ..data import sample_world
+
+    name = sample_world.TRAIN_TRIPLETS if recipe == "uniconv" else sample_world.TRAIN_ULTRACHAT
+    return str(Path(sample_world.SAMPLE_WORLD_DIR) / name)
+
+
+def read_examples(data_args: Any, loss_args: Any) -> list:
+    """All training examples of ``data_args.train_file`` (the sample world's by default), with a report."""
+    from ..data import ReadReport, read_training
+
+    path = data_args.train_file or _default_train_file(loss_args.recipe)
+    report = ReadReport()
+    examples = []
+    for example in read_training(path, format=data_args.train_format, corpus=data_args.corpus, report=report):
+        examples.append(example)
+        if data_args.max_examples is not None and len(examples) >= data_args.max_examples:
+            break
+    if report.skipped:
+        print(report.summary(), file=sys.stderr)
+    if loss_args.recipe == "uniconv":
+        if report.format == "ultrachat":
+            raise ValueError(f"{path}: the uniconv recipe trains on (session, gold passage, response) triplets "
+                             "(QReCC / TopiOCQA style); UltraChat data uses the response itself as the positive")
+        examples = [ex for ex in examples if ex.positive is None or ex.response is None
+                    or ex.positive.text.strip() != ex.response.strip()]
+    if not examples:
+        raise ValueError(f"{path}: no usable training examples")
+    return examples
+
+
+def _max_len(data_args: Any, num_summary: int, recipe: str) -> int:
+    if data_args.max_len is not None:
+        return data_args.max_len
+    longest = max(data_args.max_session_len + data_args.max_response_len + 2 * num_summary,
+                  data_args.max_passage_len + num_summary)
+    if recipe == "uniconv":
+        longest = max(longest, data_args.max_session_len + data_args.max_passage_len + num_summary)
+    return -(-longest // 16) * 16
+
+
+def build_trainer(model_args, data_args, loss_args, train_args, examples=None, formatter=None, built=None):
+    """The :class:`ConvretTrainer` for parsed arguments. ``examples`` / ``formatter`` / ``built`` replace the
+    data read from ``train_file``, the :class:`convret.data.SequenceFormatter` and the model (tests)."""
+    from transformers import set_seed
+
+    from ..collate import CSITCollator
+    from .data import TrainingCollator, TrainingDataset
+    from .model import build_model
+    from .recipes import make_recipe
+    from .trainer import LOG_NAME, ConvretTrainer, JsonlLogCallback
+
+    set_seed(train_args.seed)
+    if built is None:
+        built = build_model(model_args, data_args, loss_args)
+    model, tokenizer, retriever_config = built
+    if formatter is None:
+        from ..data import SequenceFormatter
+
+        formatter = SequenceFormatter(tokenizer, max_session_len=data_args.max_session_len,
+                                      max_passage_len=data_args.max_passage_len,
+                                      max_response_len=data_args.max_response_len,
+                                      instruction=data_args.instruction,
+                                      passage_instruction=data_args.passage_instruction)
+    if examples is None:
+        examples = read_examples(data_args, loss_args)
+    collator = TrainingCollator(
+        formatter,
+        CSITCollator(retriever_config.summary_token_ids, tokenizer.pad_token_id,
+                     max_len=_max_len(data_args, len(retriever_config.summary_token_ids), loss_args.recipe),
+                     max_passage_len=data_args.max_passage_len, max_response_len=data_args.max_response_len,
+                     summary_on_passages=data_args.summary_on_passages),
+        recipe=loss_args.recipe, num_negatives=data_args.num_negatives)
+    return ConvretTrainer(
+        model=model, args=train_args, train_dataset=TrainingDataset(examples), data_collator=collator,
+        processing_class=tokenizer, callbacks=[JsonlLogCallback(Path(train_args.output_dir) / LOG_NAME)],
+        recipe=make_recipe(loss_args), retriever_config=retriever_config,
+        gradcache_chunk_rows=loss_args.gradcache_chunk_rows,
+    )
+
+
+def finalize_training_args(train_args: Any, model_args: Any) -> Any:
+    """convret's defaults on top of the Trainer's: mixed precision where supported, non-reentrant
+    checkpointing, no column removal, the CPU when there is no GPU."""
+    import torch
+
+    mode = model_args.mixed_precision
+    if mode not in ("auto", "bf16", "fp16", "no"):
+        raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {mode!r}")
+    if not (train_args.bf16 or train_args.fp16):
+        if mode == "bf16" or (mode == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            train_args.bf16 = True
+        elif mode == "fp16":
+            train_args.fp16 = True
+    if train_args.gradient_checkpointing_kwargs is None:
+        train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    train_args.remove_unused_columns = False
+    return train_args
+
+
+def run(model_args, data_args, loss_args, train_args, examples=None, formatter=None, built=None) -> int:
+    """Train: prepare the output directory, save ``init/``, train (resuming when asked), save ``final/``."""
+    from .checkpoint import save_retriever
+    from .trainer import LOG_NAME, NonFiniteLossError
+
+    train_args = finalize_training_args(train_args, model_args)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    resume = prepare_output_dir(train_args, is_main)
+    trainer = build_trainer(model_args, data_args, loss_args, train_args, examples, formatter, built)
+    output_dir = Path(train_args.output_dir)
+    try:
+        if trainer.is_world_process_zero():
+            if resume is None and not (output_dir / "init").exists():
+                save_retriever(output_dir / "init", trainer.model, trainer.processing_class,
+                               trainer.current_retriever_config())
+            if resume is not None:
+                step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+                _truncate_log(output_dir / LOG_NAME, int(step))
+                print(f"convret train: resuming from {resume} (step {step})", file=sys.stderr)
+        start = time.perf_counter()
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except NonFiniteLossError as error:
+            print(f"convret train: {error}", file=sys.stderr)
+            return EXIT_NONFINITE
+        if trainer.is_world_process_zero():
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            save_retriever(output_dir / "final", model, trainer.processing_class, trainer.current_retriever_config())
+            print(f"convret train: {trainer.state.global_step} steps in {time.perf_counter() - start:.1f} s; "
+                  f"final weights in {output_dir / 'final'}", file=sys.stderr)
+        return 0
+    finally:
+        _shutdown(trainer)
+
+
+def _shutdown(trainer: Any) -> None:
+    """Free DDP and the process group before the interpreter finalises (gloo aborts otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        trainer.model_wrapped = None
+        trainer.accelerator.free_memory()
+        gc.collect()
+        dist.destroy_process_group()
+        gc.collect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .arguments import parse_arguments
+
+    argv = sys.argv[1:] if argv is None else argv
+    config, rest, want_help = _split_config(argv)
+    if want_help:
+        print(_help())
+        return 0
+    try:
+        model_args, data_args, loss_args, train_args = parse_arguments(rest, config)
+    except ValueError as error:
+        print(f"convret train: {error}", file=sys.stderr)
+        return 2
+    try:
+        return run(model_args, data_args, loss_args, train_args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"convret train: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,103 @@
+"""Building the model to train: base weights (a hub id / directory, or a JSON config for a random init), the
+summary tokens, LoRA through PEFT or full fine-tuning, and the :class:`RetrieverConfig` that goes into every
+checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .arguments import DataArguments, LossArguments, ModelArguments
+from .checkpoint import RetrieverConfig
+
+__all__ = ["BuiltModel", "build_model", "load_tokenizer", "trainable_parameter_count"]
+
+
+class BuiltModel(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: Any
+    config: RetrieverConfig
+
+
+def load_tokenizer(args: ModelArguments) -> Any:
+    from transformers import AutoTokenizer
+
+    source = args.tokenizer_name_or_path or args.model_name_or_path
+    if source is None:
+        raise ValueError("no tokenizer: set tokenizer_name_or_path (or model_name_or_path)")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _base_model(args: ModelArguments) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .. import hf  # noqa: F401  (registers attn_implementation="convret")
+
+    kwargs = {"attn_implementation": "convret", "trust_remote_code": args.trust_remote_code}
+    if args.model_name_or_path is not None:
+        # fp32 master weights: mixed precision is autocast on top (TrainingArguments.bf16)
+        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32, **kwargs)
+    if args.model_config is None:
+        raise ValueError("set model_name_or_path (pretrained weights) or model_config (a JSON config to build "
+                         "a randomly initialised model from)")
+    path = Path(args.model_config)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable model config ({error})") from error
+    model_type = values.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{path}: the model config needs a model_type (e.g. qwen2)")
+    config = AutoConfig.for_model(model_type, **values)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments) -> BuiltModel:
+    """The model ready to train (summary tokens added, LoRA applied or not), its tokenizer and its
+    :class:`RetrieverConfig`. Every random initialisation (a model_config model, LoRA's A matrices) draws from
+    ``model_args.init_seed``, whatever the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model_args.init_seed)
+        return _build_model(model_args, data_args, loss_args)
+
+
+def _build_model(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments) -> BuiltModel:
+    from ..data.summary_tokens import add_summary_tokens
+
+    tokenizer = load_tokenizer(model_args)
+    model = _base_model(model_args)
+    model.config.use_cache = False  # with a cache, HF models ignore packed position_ids
+    if getattr(model.config, "attention_dropout", 0.0):
+        model.config.attention_dropout = 0.0  # not supported with session layouts
+    summary = add_summary_tokens(model, tokenizer, model_args.num_summary_tokens,
+                                 reuse=model_args.reuse_summary_tokens)
+    if model_args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora_kwargs: dict[str, Any] = {}
+        if model_args.train_summary_tokens:
+            lora_kwargs["trainable_token_indices"] = {"embed_tokens": list(summary.ids)}
+        lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                          lora_dropout=model_args.lora_dropout, target_modules=list(model_args.lora_target_modules),
+                          task_type="CAUSAL_LM", **lora_kwargs)
+        model = get_peft_model(model, lora)
+    config = RetrieverConfig(
+        summary_tokens=list(summary.tokens), summary_token_ids=list(summary.ids), recipe=loss_args.recipe,
+        base_model=model_args.model_name_or_path, normalize=loss_args.normalize,
+        temperature=float(loss_args.temperature), max_session_len=data_args.max_session_len,
+        max_passage_len=data_args.max_passage_len, max_response_len=data_args.max_response_len,
+        instruction=data_args.instruction, passage_instruction=data_args.passage_instruction,
+        summary_on_passages=data_args.summary_on_passages,
+    )
+    return BuiltModel(model, tokenizer, config)
+
+
+def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

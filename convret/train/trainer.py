@@ -1,0 +1,335 @@
+"""``ConvretTrainer``: ``transformers.Trainer`` with the one-pass CSIT / UniConv step.
+
+What the subclass changes (everything else, DDP / FSDP / DeepSpeed under torchrun, gradient accumulation,
+schedules, clipping, ``report_to``, checkpoint rotation, optimizer / scheduler / RNG state and the skipping of
+consumed batches on resume, comes from the Trainer as it is):
+
+- :meth:`compute_loss` runs a :class:`convret.train.recipes.Recipe` on the packed batch (under the
+  accelerator's autocast), records the loss parts, and stops on a NaN / inf loss;
+- :meth:`training_step` runs GradCache instead when ``gradcache_chunk_rows`` is set;
+- :meth:`_get_train_sampler`: a shuffle that is a function of (seed, epoch), so that resume replays it;
+- checkpoints: every ``checkpoint-N`` is also a retriever checkpoint (``convret_config.json``, tokenizer with
+  its summary tokens, safetensors weights or adapter) and is written into a hidden staging directory, flushed
+  and renamed (:meth:`_save_checkpoint`, :meth:`_save`);
+- :meth:`create_optimizer` adds a learnable temperature; :meth:`log` adds the loss parts, tokens/s and the
+  packing fill to the Trainer's log.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .._io import fsync_tree
+from .checkpoint import CONFIG_NAME, RetrieverConfig, is_checkpoint, write_retriever
+from .data import EpochShuffleSampler
+from .gradcache import gradcache_step
+from .recipes import Recipe
+
+__all__ = ["ConvretTrainer", "NonFiniteLossError", "JsonlLogCallback", "ProgressBarCallback",
+           "complete_checkpoints", "last_complete_checkpoint", "LOG_NAME", "STAGING_PREFIX"]
+
+LOG_NAME = "log.jsonl"
+STAGING_PREFIX = ".staging-"
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; nothing of that step was applied.
+
+    Attributes:
+        step: the optimizer step that produced it (the global step before it).
+        terms: the loss parts of that micro-batch.
+        last_checkpoint: the newest complete checkpoint (untouched), or ``None``.
+    """
+
+    def __init__(self, step: int, terms: dict[str, float], last_checkpoint: str | None):
+        self.step, self.terms, self.last_checkpoint = step, terms, last_checkpoint
+        parts = ", ".join(f"{k}={v}" for k, v in terms.items())
+        where = last_checkpoint or "none (no checkpoint was written yet)"
+        super().__init__(f"non-finite loss at step {step} ({parts}); training stopped. Last good checkpoint: {where}")
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-N`` directories of ``output_dir`` that are complete (a retriever config and the Trainer
+    state inside), oldest step first. Staging directories of interrupted saves are never listed."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and is_checkpoint(child) and (child / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class ConvretTrainer(Trainer):
+    """The Hugging Face Trainer training a conversational retriever with a convret recipe.
+
+    Args:
+        recipe: the :class:`Recipe` (``make_recipe(loss_args)``).
+        retriever_config: what goes into every checkpoint's ``convret_config.json``.
+        gradcache_chunk_rows: run each batch as GradCache in chunks of this many packed rows (0: off).
+        **kwargs: ``transformers.Trainer`` arguments (``model``, ``args``, ``train_dataset``,
+            ``data_collator``, ``processing_class`` = the tokenizer, ``callbacks``, ...).
+    """
+
+    def __init__(self, *args: Any, recipe: Recipe, retriever_config: RetrieverConfig,
+                 gradcache_chunk_rows: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe.to(self.args.device)
+        self.retriever_config = retriever_config
+        self.gradcache_chunk_rows = int(gradcache_chunk_rows)
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+        self._staging_dir: str | None = None
+        self._reset_log_sums()
+        if self.args.disable_tqdm is False:
+            self.remove_callback(ProgressCallback)
+            self.add_callback(ProgressBarCallback())
+
+    # ------------------------------------------------------------------ data
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochShuffleSampler(len(dataset), seed)
+
+    # ------------------------------------------------------------------ optimisation
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        extra = [p for p in self.recipe.parameters() if p.requires_grad]
+        if extra and not any(p is q for group in optimizer.param_groups for p in extra for q in group["params"]):
+            optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = inputs["batch"].to(self.args.device)
+        with self.accelerator.autocast():
+            out = self.recipe(model, batch)
+        self._record(out.terms, out.loss, batch)
+        return (out.loss, out.terms) if return_outputs else out.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.gradcache_chunk_rows:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        batch = inputs["batch"].to(self.args.device)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        no_sync = (lambda: self.accelerator.no_sync(model)) if _world()[0] > 1 else None
+        with self.accelerator.autocast():
+            out = gradcache_step(model, self.recipe, batch, self.gradcache_chunk_rows,
+                                 backward=self.accelerator.backward, no_sync=no_sync, loss_scale=scale)
+        self._record(out.terms, out.loss, batch)  # raises before the optimizer step applies anything
+        return out.loss.detach() * scale
+
+    def _record(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, batch) -> None:
+        """Accumulate the loss parts (reduced over ranks) for the next log; raise on a non-finite loss before
+        anything is back-propagated. Every rank reaches the same verdict (the values are all-reduced)."""
+        names = ["loss", *terms]
+        values = torch.stack([loss.detach().float().reshape(()), *[t.detach().float().reshape(()) for t in
+                                                                   terms.values()]])
+        stats = torch.tensor([float(batch.stats.get("real_tokens", 0)), float(batch.stats.get("fill", 0.0))],
+                             device=values.device)
+        packed = torch.cat([values, stats])
+        world_size, _ = _world()
+        if world_size > 1:
+            dist.all_reduce(packed)
+            packed[: len(names)] /= world_size
+            packed[-1] /= world_size
+        packed = packed.cpu()
+        if self.args.stop_on_nonfinite and not bool(torch.isfinite(packed[: len(names)]).all()):
+            last = last_complete_checkpoint(self.args.output_dir)
+            raise NonFiniteLossError(self.state.global_step + 1,
+                                     {n: float(v) for n, v in zip(names, packed[: len(names)])},
+                                     None if last is None else str(last))
+        for name, value in zip(names, packed[: len(names)].tolist()):
+            self._log_sums[name] = self._log_sums.get(name, 0.0) + value
+        self._log_count += 1
+        self._log_tokens += float(packed[-2])
+        self._log_fill += float(packed[-1])
+
+    def _reset_log_sums(self) -> None:
+        self._log_sums: dict[str, float] = {}
+        self._log_count = 0
+        self._log_tokens = 0.0
+        self._log_fill = 0.0
+        self._log_time = time.perf_counter()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._log_count:
+            for name, total in self._log_sums.items():
+                if name != "loss":
+                    logs[name] = total / self._log_count
+            elapsed = max(time.perf_counter() - self._log_time, 1e-9)
+            logs["tokens_per_s"] = self._log_tokens / elapsed
+            logs["fill"] = self._log_fill / self._log_count
+            logs["temperature"] = self.recipe.temperature_value()
+            self._reset_log_sums()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+    def current_retriever_config(self) -> RetrieverConfig:
+        config = RetrieverConfig(**{**self.retriever_config.__dict__})
+        config.temperature = self.recipe.temperature_value()
+        config.extra = {**config.extra, "log_temperature": float(self.recipe.log_temperature.detach()),
+                        "global_step": int(self.state.global_step)}
+        return config
+
+    def _get_output_dir(self, trial) -> str:
+        if self._staging_dir is not None:
+            return self._staging_dir
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into ``OUTPUT_DIR/.staging-N/checkpoint-N``, flushed, then renamed
+        to ``OUTPUT_DIR/checkpoint-N``; rotation (``save_total_limit``) runs on complete checkpoints only."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{STAGING_PREFIX}{self.state.global_step}"
+        world_size, _ = _world()
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        if world_size > 1:
+            dist.barrier()
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        if world_size > 1:
+            dist.barrier()  # every rank's RNG state is in
+        if self.args.should_save:
+            fsync_tree(staging)
+            final = run_dir / name
+            if final.exists():  # the same step saved again (a resumed run): replace it
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            _fsync_dir(run_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate(run_dir)
+        if world_size > 1:
+            dist.barrier()
+
+    def _rotate(self, run_dir: Path) -> None:
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        for old in complete_checkpoints(run_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Weights (safetensors: the full model or the PEFT adapter), the tokenizer and convret_config.json: a
+        retriever checkpoint. Atomicity comes from the caller (:meth:`_save_checkpoint`, ``save_retriever``)."""
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.args.should_save:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        write_retriever(output_dir, model, self.processing_class, self.current_retriever_config(),
+                        state_dict=state_dict)
+        torch.save(self.args, output_dir / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        config = RetrieverConfig.from_file(Path(resume_from_checkpoint) / CONFIG_NAME)
+        log_tau = config.extra.get("log_temperature")
+        if log_tau is not None:
+            with torch.no_grad():
+                self.recipe.log_temperature.fill_(float(log_tau))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every training log as one JSON object per line to ``OUTPUT_DIR/log.jsonl``: ``step``, ``loss``,
+    ``contrastive``, ``generation`` (``cii`` for UniConv), ``lr``, ``grad_norm``, ``tokens_per_s``, ``fill``,
+    ``temperature``, ``epoch``. Main process only; each line is flushed and fsynced."""
+
+    KEYS = {"learning_rate": "lr"}
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        record = {"step": state.global_step}
+        for key, value in logs.items():
+            if key == "total_flos":
+                continue
+            key = self.KEYS.get(key, key)
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            if isinstance(value, float) and not math.isfinite(value):
+                value = str(value)
+            record[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+class ProgressBarCallback(TrainerCallback):
+    """A tqdm bar over the optimizer steps showing the latest loss parts and tokens/s."""
+
+    SHOWN = (("loss", "loss"), ("contrastive", "con"), ("generation", "gen"), ("cii", "cii"),
+             ("tokens_per_s", "tok/s"))
+
+    def __init__(self):
+        self.bar = None
+        self.current = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+            self.current = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.current)
+            self.current = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            shown = {label: logs[key] for key, label in self.SHOWN if key in logs}
+            self.bar.set_postfix({k: (f"{v:.0f}" if k == "tok/s" else f"{v:.4g}") for k, v in shown.items()},
+                                 refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,51 @@
+"""Runs `convret train` on the test world (tests/_train_world.py) in its own process: for the resume test
+(killed with SIGKILL) and the multi-process test (under torchrun).
+
+    python tests/_train_driver.py WORLD_DIR [--examples N] [--triplets] -- [convret train flags]
+
+WORLD_DIR holds tok/ (a tokenizer) and model.json (made by the test). CONVRET_TEST_KILL_IN_SAVE=N kills the
+process with SIGKILL in the middle of saving checkpoint-N (model files written, not yet renamed)."""
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _train_world import WordFormatter, make_examples  # noqa: E402
+
+
+def main() -> int:
+    world = Path(sys.argv[1])
+    rest = sys.argv[2:]
+    split = rest.index("--") if "--" in rest else len(rest)
+    opts, flags = rest[:split], rest[split + 1:]
+    num_examples = int(opts[opts.index("--examples") + 1]) if "--examples" in opts else 24
+    triplets = "--triplets" in opts
+
+    from convret.train import trainer as trainer_module
+    from convret.train.arguments import parse_arguments
+    from convret.train.main import run
+    from convret.train.model import build_model
+
+    kill_step = os.environ.get("CONVRET_TEST_KILL_IN_SAVE")
+    if kill_step:
+        original = trainer_module.ConvretTrainer._save_rng_state
+
+        def save_then_die(self, output_dir):
+            original(self, output_dir)
+            if self.state.global_step == int(kill_step):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        trainer_module.ConvretTrainer._save_rng_state = save_then_die
+
+    argv = ["--model_config", str(world / "model.json"), "--tokenizer_name_or_path", str(world / "tok"),
+            "--max_session_len", "48", "--max_passage_len", "16", "--max_response_len", "16", *flags]
+    m, d, l, t = parse_arguments(argv)
+    built = build_model(m, d, l)
+    examples = make_examples(num_examples, negatives=d.num_negatives, triplets=triplets)
+    return run(m, d, l, t, examples=examples, formatter=WordFormatter(built.tokenizer), built=built)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
