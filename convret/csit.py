@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from .collate import IGNORE_INDEX, CSITBatch, pool_hidden
-from .contrastive import _GatherWithGradient, info_nce
+from ._info_nce_gather import _GatherWithGradient
+from .contrastive import info_nce
 from .lm_loss import linear_cross_entropy
 
 __all__ = ["CSITLoss", "CSITLossOutput", "csit_loss", "contrastive_loss", "generation_loss", "decoder_of",
