@@ -89,14 +89,16 @@ setup(
     python_requires=">=3.10",
     # kernels/ sits at the top of the repository (design card) but is installed as convret.kernels:
     # a top-level package named `kernels` would shadow the PyPI package of that name, which transformers probes.
-    packages=find_packages(include=["convret", "convret.*"]) + ["convret.kernels"],
-    package_dir={"convret.kernels": "kernels"},
+    # bench/ likewise becomes convret.bench, so that `convret bench` (the console script) can import it.
+    packages=find_packages(include=["convret", "convret.*"]) + ["convret.kernels", "convret.bench"],
+    package_dir={"convret.kernels": "kernels", "convret.bench": "bench"},
     ext_modules=[CMakeExtension("convret._convret_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={
         "hf": ["transformers>=4.57", "peft>=0.17", "safetensors"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors"],
+        "bench": ["matplotlib", "tqdm"],
+        "test": ["matplotlib", "tqdm", "pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors"],
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )
