@@ -112,7 +112,7 @@ def check_against_oracle(args, dtype_name: str, device: torch.device, peer_names
         out.backward(grad)
         errors = {}
         for label, got, want in zip(("out", "dq", "dk", "dv"), (out, qg.grad, kg.grad, vg.grad), oracle):
-            errors[label] = float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12))
+            errors[label] = float((got.detach().double() - want).abs().max() / want.abs().max().clamp_min(1e-12))
         worst = max(errors.values())
         results[name] = {"status": H.OK, "relative_max_error": errors, "tolerance": TOLERANCE[key],
                          "passed": bool(worst <= TOLERANCE[key])}
@@ -325,6 +325,8 @@ def run(args, argv: list[str]) -> int:
         unavailable = {FLASH: flash_attn_status(device)}
         sweeps = ("session",) if args.smoke else ("session", "packed")
         memory_jobs = [(case, name) for case in cases if case["sweep"] in sweeps for name in peer_names]
+        if args.smoke:  # the longest session only: every child is a fresh interpreter
+            memory_jobs = [(case, name) for case, name in memory_jobs if case is cases[len(args.sessions) - 1]]
         child_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list, type(None)))}
         for case, name in H.progress(memory_jobs, "peak memory (fresh processes)"):
             layout = case_layout(case, args)

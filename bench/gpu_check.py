@@ -122,6 +122,7 @@ def check_hf_parity(device) -> dict:
     import convret.hf  # noqa: F401
     from convret import SessionLayout
     from convret.baselines import additive_mask
+    from convret.csit import decoder_of
 
     config = transformers.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
@@ -141,7 +142,7 @@ def check_hf_parity(device) -> dict:
         model.set_attn_implementation(impl)
         kwargs = ({"session_layout": layout} if impl == "convret"
                   else {"attention_mask": additive_mask(layout, torch.float32)})
-        hidden = model.model(input_ids=ids, position_ids=layout.position_ids(), use_cache=False, **kwargs).last_hidden_state
+        hidden = decoder_of(model)(input_ids=ids, position_ids=layout.position_ids(), use_cache=False, **kwargs).last_hidden_state
         real = (layout.dense_mask().any(-1))  # padding rows differ by convention: compare real tokens only
         (hidden[real] ** 2).mean().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
