@@ -109,7 +109,7 @@ def run(args, argv: list[str]) -> int:
         lengths, args.hidden, args.layers, args.reps, args.warmup = [256, 512, 1024, 2048], 128, 2, 3, 1
     shape = {"hidden": args.hidden, "layers": args.layers, "heads": max(1, args.hidden // 64), "vocab": args.vocab,
              "batch": args.batch}
-    payload: dict[str, Any] = {"benchmark": NAME, "command": H.command_line("convret bench encode", argv),
+    payload: dict[str, Any] = {"benchmark": NAME, "command": H.command_line("convret bench", argv),
                                "environment": H.environment("cpu"), "shape": shape, "reps": args.reps,
                                "warmup": args.warmup, "results": [],
                                "gemm_ceiling": {"fp32": H.gemm_ceiling(torch.float32, "cpu",

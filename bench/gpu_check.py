@@ -260,7 +260,7 @@ def run(args, argv: list[str]) -> int:
                                           if interpret else ""))
     else:
         code, verdict = EXIT_OK, f"PASSED: all {len(items)} checks on {env['gpu']['name']}"
-    payload = {"benchmark": NAME, "command": H.command_line("convret bench gpu-check", argv), "environment": env,
+    payload = {"benchmark": NAME, "command": H.command_line("convret bench", argv), "environment": env,
                "interpreter": interpret, "checks": items, "timing": timing, "verdict": verdict, "exit_code": code,
                "seconds": time.perf_counter() - started, "plots": []}
     if timing.get("results") and os.path.exists(timing["results"]):

@@ -116,7 +116,7 @@ def run(args, argv: list[str]) -> int:
         sessions = [256, 1024]
     elif args.quick:
         args.kernels = args.kernels or "[fp16,d128|cross_entropy_rows[fp16,grad=1|info_nce_fwd[fp16"
-    payload: dict[str, Any] = {"benchmark": NAME, "command": H.command_line("convret bench gpu-report", argv),
+    payload: dict[str, Any] = {"benchmark": NAME, "command": H.command_line("convret bench", argv),
                                "environment": H.environment("cpu"), "sm_limits": SM_LIMITS,
                                "kernel_filter": args.kernels, "compile": [], "tiles": []}
     if not args.no_compile:

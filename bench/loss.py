@@ -217,7 +217,7 @@ def run(args, argv: list[str]) -> int:
     dtype = DTYPES[args.dtype]
     guard = H.memory_guard_bytes(args.max_memory_gib, device)
     payload: dict[str, Any] = {
-        "benchmark": NAME, "command": H.command_line("convret bench loss", argv), "environment": H.environment(device),
+        "benchmark": NAME, "command": H.command_line("convret bench", argv), "environment": H.environment(device),
         "shape": {"group_size": args.group_size, "dim": args.dim, "hidden": args.hidden, "vocab": args.vocab,
                   "dtype": args.dtype, "temperature": TEMPERATURE, "label_smoothing": LABEL_SMOOTHING},
         "memory_guard_bytes": guard, "reps": args.reps, "warmup": args.warmup,

@@ -244,7 +244,7 @@ def run(args, argv: list[str]) -> int:
         args.reps, args.warmup = 2, 1
     shape = shape_of(args)
     payload: dict[str, Any] = {
-        "benchmark": NAME, "command": H.command_line("convret bench step", argv), "environment": H.environment("cpu"),
+        "benchmark": NAME, "command": H.command_line("convret bench", argv), "environment": H.environment("cpu"),
         "shape": shape, "reps": args.reps, "warmup": args.warmup,
         "gemm_ceiling": {"fp32": H.gemm_ceiling(torch.float32, "cpu", size=1024 if args.smoke else 2048)},
         "ablation": [dict(c.__dict__) for c in ABLATION],
