@@ -89,17 +89,25 @@ setup(
     python_requires=">=3.10",
     # kernels/ sits at the top of the repository (design card) but is installed as convret.kernels:
     # a top-level package named `kernels` would shadow the PyPI package of that name, which transformers probes.
-    packages=find_packages(include=["convret", "convret.*"]) + ["convret.kernels"],
-    package_dir={"convret.kernels": "kernels"},
+    # bench/ likewise becomes convret.bench, so that `convret bench` (the console script) can import it.
+    packages=find_packages(include=["convret", "convret.*"]) + ["convret.kernels", "convret.bench"],
+    package_dir={"convret.kernels": "kernels", "convret.bench": "bench"},
     # the bundled sample world, its tokenizer and the tiny model configs (convret.data.sample_world)
-    package_data={"convret": ["resources/sample_world/*", "resources/tokenizer/*", "resources/models/*.json"]},
+    package_data={"convret": ["resources/sample_world/*", "resources/tokenizer/*", "resources/models/*.json",
+                              "resources/configs/*.yaml"]},
     ext_modules=[CMakeExtension("convret._convret_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
     extras_require={
         "hf": ["transformers>=4.57", "peft>=0.17", "safetensors", "tokenizers"],
         "data": ["datasets"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors"],
+        "train": ["transformers>=4.57", "peft>=0.17", "safetensors", "tokenizers", "accelerate>=1.0", "pyyaml",
+                  "tqdm"],
+        "retrieval": ["faiss-cpu", "pytrec-eval-terrier", "sentence-transformers", "rouge-score"],
+        "bench": ["matplotlib", "tqdm"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors",
+                 "tokenizers", "accelerate>=1.0", "pyyaml", "tqdm", "datasets", "faiss-cpu", "pytrec-eval-terrier",
+                 "sentence-transformers", "rouge-score", "matplotlib"],
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )

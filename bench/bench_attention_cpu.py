@@ -10,6 +10,9 @@ forward, 14 * D forward + backward.
     python bench/bench_attention_cpu.py                      # both layouts, fp32 and bf16, + peak memory
     python bench/bench_attention_cpu.py --layouts csit --dtypes fp32 --reps 5
     python bench/bench_attention_cpu.py --quick              # small shapes, for iterating on the kernel
+
+The full sweep (session 256 .. 8192, response 128 .. 1024, JSON and plots) is ``convret bench attention``;
+both take their timing and memory helpers from convret.bench.harness.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import convret
 from convret import SessionLayout
 from convret._cpu_backend import fallback_session_attention, session_attention_cpu
 from convret.baselines import additive_mask, dense_mask_eager_attention, sdpa_dense_mask_attention
+from convret.bench import harness as H
 
 BATCH, Q_HEADS, KV_HEADS, HEAD_DIM = 2, 16, 4, 128
 SUMMARY = 3
@@ -87,29 +91,12 @@ def make_peers(layout: SessionLayout, dtype: torch.dtype, with_flex: bool,
 
 # ------------------------------------------------------------------------------------------------ timing
 def median_ms(fn: Callable[[], object], reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return H.median_ms(fn, reps, warmup)
 
 
 def gemm_ceiling_gflops(dtype: torch.dtype, reps: int) -> float:
-    """Best of ``2 * reps`` warmed-up 2048^3 matmuls: on a shared machine the best run is the closest to the
-    hardware's rate, which makes the shares reported against it conservative."""
-    a = torch.randn(2048, 2048, dtype=dtype)
-    b = torch.randn(2048, 2048, dtype=dtype)
-    for _ in range(3):
-        torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(2 * reps):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best / 1e9
+    """Best of ``2 * reps`` warmed-up 2048^3 matmuls (see convret.bench.harness.gemm_ceiling)."""
+    return H.gemm_ceiling(dtype, "cpu", size=2048, reps=2 * reps)["gflops"]
 
 
 def visible_pairs(layout: SessionLayout) -> int:
@@ -200,14 +187,6 @@ def cpu_time_shares(layout_names: list[str], dtype_names: list[str], reps: int) 
 
 
 # ------------------------------------------------------------------------------------------ peak memory
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def peak_memory_child(impl: str, layout_name: str) -> None:
     """Runs one forward + backward in this (fresh) process and prints VmHWM, whole process and above the
     RSS it had with inputs allocated."""
@@ -224,9 +203,9 @@ def peak_memory_child(impl: str, layout_name: str) -> None:
     else:
         def fn():
             return session_attention_cpu(q, k, v, layout, scale)
-    base_kib = _vm_kib("VmRSS")
+    base_kib = H.rss_bytes() // 1024
     fn().backward(grad)
-    peak_kib = _vm_kib("VmHWM")
+    peak_kib = H.peak_rss_bytes() // 1024
     print(json.dumps({"impl": impl, "peak_mib": peak_kib / 1024, "above_inputs_mib": (peak_kib - base_kib) / 1024}))
 
 

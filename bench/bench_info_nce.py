@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import convret
+from convret.bench import harness as H
 
 TEMPERATURE = 0.01
 
@@ -50,32 +51,15 @@ def convret_step(queries, passages, group_size):
 METHODS = {"naive": naive_step, "convret-cpu": convret_step}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    """Set VmHWM back to the current RSS (Linux >= 4.0), so earlier set-up spikes do not count."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        pass
-
-
 def measure_memory(method: str, num_queries: int, group_size: int, dim: int) -> dict:
     """Run in a fresh process: one step of ``method``; bytes of peak RSS above the inputs."""
     queries, passages = make_inputs(num_queries, group_size, dim)
-    _reset_peak()
-    base_kib = _status_kib("VmRSS")
+    H.reset_peak_rss()
+    base_kib = H.rss_bytes() // 1024
     start = time.perf_counter()
     loss = METHODS[method](queries, passages, group_size)
     seconds = time.perf_counter() - start
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = H.peak_rss_bytes() // 1024
     return {"method": method, "peak_above_inputs_bytes": (peak_kib - base_kib) * 1024, "seconds": seconds,
             "loss": loss.item()}
 

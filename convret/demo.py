@@ -12,22 +12,7 @@ import torch
 from . import SessionLayout, session_attention
 from .attention import resolve_backend
 from .baselines import additive_mask, dense_mask_eager_attention, sdpa_dense_mask_attention
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
+from .bench.harness import peak_rss_bytes as _peak_rss_bytes, reset_peak_rss as _reset_peak_rss
 
 
 def _demo_inputs(args, device):

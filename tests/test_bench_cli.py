@@ -1,0 +1,155 @@
+"""`convret bench SUBCOMMAND --smoke` end to end: exit code, JSON schema, convret's numerical check against
+its reference, the PNG plots, and OOM reporting (forced with a tiny --max-memory-gib guard).
+
+The decomposition peers are checked against the oracle here too: the flash-attn varlen decomposition runs on
+CPU with a plain-PyTorch ``flash_attn_varlen_func`` stand-in, which tests its index plan.
+"""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from convret import SessionLayout
+from convret.attention import reference_attention
+from convret.bench import harness
+from convret.bench.peers import reference_varlen_attention, varlen_decomposition, varlen_plan, visible_pairs
+from convret.cli import main
+
+
+def bench(tmp_path, *argv):
+    code = main(["bench", *argv, "--out", str(tmp_path)])
+    name = argv[0]
+    with open(tmp_path / f"{name}.json") as f:
+        payload = json.load(f)
+    assert (tmp_path / f"{name}.md").read_text().startswith("Command: `convret bench " + name)
+    for plot in payload["plots"]:
+        assert os.path.getsize(plot) > 1000 and plot.endswith(".png")
+    return code, payload
+
+
+def check_environment(payload):
+    env = payload["environment"]
+    for key in ("device", "versions", "cpu_flags", "cpu", "torch_threads", "load_average"):
+        assert key in env
+    assert env["versions"]["torch"] == torch.__version__
+
+
+def test_bench_help_lists_subcommands(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("attention", "loss", "step", "encode", "gpu-report", "gpu-check"):
+        assert f"  {name} " in out
+    assert main(["bench", "nope"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "attention", "--help"])
+    assert exit_info.value.code == 0
+    assert "--max-memory-gib" in capsys.readouterr().out
+
+
+def test_attention_smoke_reports_oom_under_a_tiny_guard(tmp_path, capsys):
+    code, payload = bench(tmp_path, "attention", "--smoke", "--max-memory-gib", "0.0001",
+                          "--peers", "eager,sdpa-decomposition,flash-varlen,convret")
+    assert code == 0
+    check_environment(payload)
+    assert payload["gemm_ceiling"]["fp32"]["gflops"] > 0
+    assert payload["passed"] and payload["checks"]["fp32"]["convret"]["passed"]
+    assert payload["checks"]["fp32"]["SDPA decomposition"]["passed"]
+    assert len(payload["results"]) == 3  # two session lengths + a packed row
+    for result in payload["results"]:
+        peers = result["peers"]
+        assert peers["dense-mask eager"]["status"] == "oom"  # over the guard: reported, not dropped
+        assert peers["convret"]["fwd_ms"] > 0 and peers["convret"]["fwd_bwd_ms"] > 0
+        assert 0 < peers["convret"]["fwd_gemm_share"]
+        assert result["useful_gflop_fwd"] > 0
+        if not torch.cuda.is_available():
+            assert peers["flash-attn varlen"]["status"] == "skipped"
+    memory = {(m["peer"], m["seq_len"]): m for m in payload["memory"]}
+    assert all(m["status"] == "oom" for (peer, _), m in memory.items() if peer == "dense-mask eager")
+    assert all(m["peak_above_inputs_bytes"] > 0 for (peer, _), m in memory.items() if peer == "convret")
+    assert "| OOM |" in capsys.readouterr().out
+
+
+def test_loss_smoke(tmp_path):
+    code, payload = bench(tmp_path, "loss", "--smoke", "--no-memory", "--max-memory-gib", "0.002")
+    assert code == 0 and payload["passed"]
+    check_environment(payload)
+    for kind, ours in (("info_nce", "convret.info_nce"), ("lm", "convret.linear_cross_entropy")):
+        assert payload["checks"][kind]["passed"]
+        small, large = payload["results"][kind]
+        naive = next(iter(small["methods"]))
+        assert small["methods"][naive]["ms"] > 0
+        assert large["methods"][naive]["status"] == "oom"  # its logits exceed the 2 MiB guard
+        assert large["methods"][ours]["ms"] > 0
+        assert abs(small["methods"][naive]["loss"] - small["methods"][ours]["loss"]) < 1e-4 * abs(
+            small["methods"][naive]["loss"])
+
+
+def test_step_smoke_ablation_rows_match_the_reference(tmp_path):
+    code, payload = bench(tmp_path, "step", "--smoke", "--no-memory")
+    assert code == 0 and payload["passed"]
+    rows = payload["results"]
+    assert rows[0]["config"]["name"].startswith("reference")
+    assert len(rows) >= 5
+    for row in rows:
+        assert row["ms"] > 0 and row["loss_relative_error"] <= 1e-4 and row["grad_relative_max_error"] <= 2e-3
+
+
+def test_encode_smoke(tmp_path):
+    code, payload = bench(tmp_path, "encode", "--smoke", "--no-memory")
+    missing = importlib.util.find_spec("convret.retrieval") is None
+    assert code == (3 if missing else 0)
+    assert payload["passed"]
+    for result in payload["results"]:
+        assert set(result["methods"]) == {"HF padded, eager", "HF padded, sdpa", "convret packed"}
+        assert all(r["tokens_per_s"] > 0 for r in result["methods"].values())
+
+
+def test_gpu_report_smoke(tmp_path):
+    code, payload = bench(tmp_path, "gpu-report", "--smoke")
+    assert code == 0
+    assert {row["target"] for row in payload["compile"]} == {"sm_80", "sm_90"}
+    for row in payload["compile"]:
+        assert 0 < row["occupancy"] <= 1 and row["blocks_per_sm"] >= 1 and not row["spills"]
+    assert any(row["skipped_fraction"] > 0.5 for row in payload["tiles"])
+
+
+def test_gpu_check_without_cuda_is_incomplete_not_a_pass(tmp_path):
+    if torch.cuda.is_available():
+        code, payload = bench(tmp_path, "gpu-check", "--smoke", "--no-timing")
+        assert code == 0, payload["verdict"]
+        return
+    code, payload = bench(tmp_path, "gpu-check", "--smoke", "--interpret", "--no-timing")
+    assert code == 4 and payload["verdict"].startswith("INCOMPLETE")
+    status = {item["check"]: item["status"] for item in payload["checks"]}
+    assert status["session attention fwd+bwd, D=64, fp32"] == "pass"
+    assert status["linear cross-entropy fwd+bwd, fp16"] == "pass"
+    assert status["InfoNCE fwd+bwd, bf16"] == "not run"
+    assert not any(s == "FAIL" for s in status.values())
+
+
+def test_varlen_decomposition_index_plan_matches_the_oracle():
+    torch.manual_seed(0)
+    layout = SessionLayout.from_segments([[(20, 3, 9), (11, 3, 0)], [(7, 3, 14 + 3), (5, 2, 0)]], 50)
+    q = torch.randn(2, 4, 50, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 50, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 50, 16, dtype=torch.float64, requires_grad=True)
+    plan = varlen_plan(layout, "cpu")
+    got = varlen_decomposition(q, k, v, plan, 0.25, varlen_fn=reference_varlen_attention)
+    want = reference_attention(q, k, v, layout, 0.25)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), grad)
+    for g, w in zip(grads, torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(g, w)
+    assert visible_pairs(layout) == int(layout.dense_mask().sum())
+
+
+def test_harness_oom_detection_and_guard():
+    assert harness.is_oom(torch.OutOfMemoryError("CUDA out of memory"))
+    assert harness.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 5 GB"))
+    assert not harness.is_oom(ValueError("shape mismatch"))
+    assert harness.memory_guard_bytes(0.5) == 2**29
+    record = harness.oom_result(2**31, 2**30)
+    assert record["status"] == "oom" and "guard" in record["reason"]
