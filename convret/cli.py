@@ -11,6 +11,7 @@ import sys
 
 # name -> (module, one-line summary); the module's main(argv) does the work
 COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("convret.data.cli", "data files: `convret data check FILE` validates one (formats, bad records)"),
     "demo": ("convret.demo", "session attention on a CSIT batch, time and memory beside the dense-mask baselines"),
     "train": ("convret.train.main", "train a conversational retriever (CSIT / UniConv) with the HF Trainer"),
 }

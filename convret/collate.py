@@ -15,29 +15,22 @@ response to its session.
 """
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence  # noqa: F401
 
 import torch
 
+from .data.records import CSITExample  # defined with the other records: data never imports collate
 from .layout import SessionLayout
 
 IGNORE_INDEX = -100
 
-__all__ = ["CSITBatch", "CSITCollator", "CSITExample", "pool_hidden"]
+__all__ = ["CSITBatch", "CSITCollator", "CSITExample", "pool_hidden", "stable_passage_id", "NEGATIVE_MODES"]
 
-
-@dataclass
-class CSITExample:
-    """One training example, already tokenised (ids, no special summary tokens).
-
-    ``positive`` / ``negatives`` make it a retrieval example (its session is embedded as a query);
-    ``response`` makes it an LM example. An example may be both, or either."""
-
-    session: Sequence[int]
-    positive: Sequence[int] | None = None
-    negatives: Sequence[Sequence[int]] = ()
-    response: Sequence[int] | None = None
+#: how :class:`CSITCollator` lays out examples with different numbers of hard negatives
+NEGATIVE_MODES = ("flat", "resample", "error")
 
 
 @dataclass
@@ -51,10 +44,16 @@ class CSITBatch:
         layout: the :class:`SessionLayout` of the rows.
         query_positions: LongTensor ``[Q, 2]`` (row, position of the last summary token), one per retrieval
             example, in example order.
-        passage_positions: LongTensor ``[Q * group_size, 2]``, Tevatron order ``[pos, neg_1..neg_k]`` per query.
-        group_size: ``1 + k`` passages per query (0 when the batch has no retrieval example).
+        passage_positions: LongTensor ``[P, 2]``: per query, in query order, ``[pos, neg_1..neg_k]`` (k may
+            differ between queries in the flat layout).
+        group_size: ``1 + k`` when every query has the same k (the Tevatron grouped layout, ``P = Q * (1 + k)``);
+            0 when the counts differ or the batch has no retrieval example.
         num_lm_samples: LM sequences in the batch.
         stats: packing statistics (rows, seq_len, real_tokens, fill, lm_tokens) for logging.
+        passage_ids: LongTensor ``[P]`` of stable 63-bit ids (:func:`stable_passage_id`: equal on every rank
+            and in every process for equal string ids), or ``None`` when no example carries ``passage_ids``.
+        positive_indices: LongTensor ``[Q]``: index into the passages of each query's positive, the
+            ``labels`` of :func:`convret.info_nce` (``arange(Q) * group_size`` in the grouped layout).
     """
 
     input_ids: torch.Tensor
@@ -66,6 +65,12 @@ class CSITBatch:
     group_size: int
     num_lm_samples: int
     stats: dict[str, float] = field(default_factory=dict)
+    passage_ids: torch.Tensor | None = None
+    positive_indices: torch.Tensor | None = None
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.query_positions.shape[0])
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments for ``model(**batch.model_inputs())`` / ``model.model(...)``."""
@@ -81,6 +86,8 @@ class CSITBatch:
             self.input_ids.to(device), self.position_ids.to(device), self.labels.to(device), self.layout.to(device),
             self.query_positions.to(device), self.passage_positions.to(device), self.group_size,
             self.num_lm_samples, dict(self.stats),
+            None if self.passage_ids is None else self.passage_ids.to(device),
+            None if self.positive_indices is None else self.positive_indices.to(device),
         )
 
 
@@ -105,8 +112,7 @@ class CSITCollator:
     """Builds a :class:`CSITBatch` from :class:`CSITExample` (or dicts with the same keys).
 
     Args:
-        summary_token_ids: the t summary tokens ``EMB_1..EMB_t`` (t >= 1). ChatRetriever-compatible variant:
-            include the separator token as the first id.
+        summary_token_ids: the t summary tokens ``EMB_1..EMB_t`` (t >= 1).
         pad_token_id: id written on padding positions.
         max_len: row length budget; every sample must fit in one row.
         max_session_len, max_passage_len, max_response_len: truncation (sessions keep their last tokens, the
@@ -118,6 +124,25 @@ class CSITCollator:
             LM sequence's first summary block instead of packing the session a second time. Exact (the
             summary tokens only see the session in both) and saves one session per example; off by default to
             keep the reference's data flow.
+        negatives: examples with different numbers of hard negatives. ``"flat"`` (default): each query keeps
+            all of its own (ChatRetriever samples up to 4 and uses all when fewer exist); passages are laid out
+            query after query and ``positive_indices`` says where each positive is. ``"resample"``: the grouped
+            Tevatron layout with ``num_negatives`` per query (default: the most in the batch); a query with
+            fewer draws extra ones from its own negatives with replacement (seeded by ``seed``: the same batch
+            always gives the same layout), one with more keeps its first ``num_negatives``; a query with none
+            is an error. ``"error"``: every query must have exactly ``num_negatives`` (default: as many as the
+            first), else ``ValueError``. Fixed-size groups are what ``gather=True`` across ranks needs.
+        num_negatives: the group's hard-negative count for ``"resample"`` / ``"error"``.
+        separator_token_id: ChatRetriever-compatible sequences: its released code puts a separator token
+            between the session and the summary tokens, inside the span the response can see. When given, this
+            token is placed first in every summary block (``[SEP, EMB_1..EMB_t]``), for queries, passages and LM
+            samples alike, so the response attends to it as in the released code.
+        seed: seed of the ``"resample"`` draws.
+
+    Passage ids: when some example carries ``passage_ids``, ``batch.passage_ids`` holds
+    :func:`stable_passage_id` of each; passages of examples without ids get an id hashed from their token ids
+    (equal content, equal id). Equal ids of a query's positive elsewhere in the batch are masked out of its
+    negatives by :func:`convret.info_nce`.
     """
 
     def __init__(
@@ -131,12 +156,25 @@ class CSITCollator:
         pad_to_multiple_of: int = 16,
         summary_on_passages: bool = True,
         query_from_lm_sample: bool = False,
+        negatives: str = "flat",
+        num_negatives: int | None = None,
+        separator_token_id: int | None = None,
+        seed: int = 0,
     ):
         if len(summary_token_ids) == 0:
             raise ValueError("summary_token_ids must hold at least one token (t >= 1)")
+        if negatives not in NEGATIVE_MODES:
+            raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
+        if num_negatives is not None and num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
         if max_len <= 0 or pad_to_multiple_of <= 0:
             raise ValueError("max_len and pad_to_multiple_of must be positive")
         self.summary_token_ids = [int(t) for t in summary_token_ids]
+        if separator_token_id is not None:
+            self.summary_token_ids = [int(separator_token_id)] + self.summary_token_ids
+        self.negatives = negatives
+        self.num_negatives = num_negatives
+        self.seed = int(seed)
         self.pad_token_id = int(pad_token_id)
         self.max_len = int(max_len)
         self.max_session_len = max_session_len
@@ -149,8 +187,15 @@ class CSITCollator:
     def __call__(self, examples: Sequence[CSITExample | Mapping[str, Any]]) -> CSITBatch:
         examples = [_as_example(e) for e in examples]
         if not examples:
-            raise ValueError("empty batch")
-        samples, group_size = self._samples(examples)
+            raise ValueError("empty batch: no examples")
+        for i, ex in enumerate(examples):
+            if ex.positive is None and ex.response is None:
+                raise ValueError(f"example {i} has neither a positive nor a response: nothing to train on (a "
+                                 "session to embed alone is encoding's job, not the training collator's)")
+            if ex.positive is None and len(ex.negatives):
+                raise ValueError(f"example {i} has hard negatives but no positive")
+        examples = self._fix_negatives(examples)
+        samples, group_size, positive_indices, passage_keys = self._samples(examples)
         rows = _first_fit_decreasing(samples, self.max_len)
         used = max(sum(len(s.tokens) for s in row) for row in rows)
         seq_len = min(self.max_len, -(-used // self.pad_to_multiple_of) * self.pad_to_multiple_of)
@@ -185,15 +230,54 @@ class CSITCollator:
         real_tokens = sum(len(s.tokens) for s in samples)
         stats = {"rows": batch, "seq_len": seq_len, "real_tokens": real_tokens,
                  "fill": real_tokens / (batch * seq_len), "lm_tokens": int((labels != IGNORE_INDEX).sum())}
+        passage_ids = None
+        if any(ex.passage_ids is not None for ex in examples if ex.positive is not None):
+            passage_ids = torch.tensor([stable_passage_id(key) for key in passage_keys], dtype=torch.long)
         return CSITBatch(input_ids, layout.position_ids().clone(), labels, layout, query_positions,
-                         passage_positions, group_size, sum(1 for s in samples if s.role == "lm"), stats)
+                         passage_positions, group_size, sum(1 for s in samples if s.role == "lm"), stats,
+                         passage_ids, torch.tensor(positive_indices, dtype=torch.long))
+
+    # ------------------------------------------------------------------ negatives
+    def _fix_negatives(self, examples: list[CSITExample]) -> list[CSITExample]:
+        retrieval = [(i, ex) for i, ex in enumerate(examples) if ex.positive is not None]
+        for i, ex in retrieval:
+            if ex.passage_ids is not None and len(ex.passage_ids) != 1 + len(ex.negatives):
+                raise ValueError(f"example {i}: {len(ex.passage_ids)} passage_ids for 1 positive + "
+                                 f"{len(ex.negatives)} negatives")
+        if self.negatives == "flat" or not retrieval:
+            return examples
+        counts = [len(ex.negatives) for _, ex in retrieval]
+        if self.negatives == "error":
+            k = self.num_negatives if self.num_negatives is not None else counts[0]
+            for (i, _), count in zip(retrieval, counts):
+                if count != k:
+                    raise ValueError(f"example {i} has {count} hard negatives, the grouped layout needs the same "
+                                     f"number per query ({k}); use negatives='flat' or 'resample'")
+            return examples
+        k = self.num_negatives if self.num_negatives is not None else max(counts)
+        rng = random.Random(self.seed)
+        out = list(examples)
+        for (i, ex), count in zip(retrieval, counts):
+            if count == k:
+                continue
+            if count == 0:
+                raise ValueError(f"example {i} has no hard negative to resample from (negatives='resample' needs "
+                                 f"{k} per query); use negatives='flat'")
+            order = list(range(min(count, k))) + [rng.randrange(count) for _ in range(k - count)]
+            ids = None
+            if ex.passage_ids is not None:
+                ids = [ex.passage_ids[0]] + [ex.passage_ids[1 + j] for j in order]
+            out[i] = CSITExample(ex.session, ex.positive, [ex.negatives[j] for j in order], ex.response, ids)
+        return out
 
     # ------------------------------------------------------------------ samples
-    def _samples(self, examples: list[CSITExample]) -> tuple[list[_Sample], int]:
+    def _samples(self, examples: list[CSITExample]) -> tuple[list[_Sample], int, list[int], list[str]]:
         summary = self.summary_token_ids
         t = len(summary)
         samples: list[_Sample] = []
-        group_size = None
+        group_sizes = set()
+        positive_indices: list[int] = []
+        passage_keys: list[str] = []
         num_queries = num_passages = num_lm = 0
         for i, ex in enumerate(examples):
             session = _keep_last(list(ex.session), self.max_session_len)
@@ -203,13 +287,13 @@ class CSITCollator:
             shared_query = is_retrieval and ex.response is not None and self.query_from_lm_sample
             if is_retrieval:
                 group = [ex.positive, *ex.negatives]
-                if group_size is None:
-                    group_size = len(group)
-                elif len(group) != group_size:
-                    raise ValueError(
-                        f"example {i} has {len(group) - 1} hard negatives, earlier ones {group_size - 1}: the Tevatron "
-                        "layout needs the same number per query"
-                    )
+                group_sizes.add(len(group))
+                positive_indices.append(num_passages)
+                for j, passage in enumerate(group):
+                    if ex.passage_ids is not None:
+                        passage_keys.append(str(ex.passage_ids[j]))
+                    else:
+                        passage_keys.append("\x00tokens:" + ",".join(map(str, passage)))  # never a real id
                 if not shared_query:
                     samples.append(_Sample(session + summary, (len(session), t, 0), "query", num_queries))
                 for passage in group:
@@ -234,7 +318,15 @@ class CSITCollator:
         for s in samples:
             if len(s.tokens) > self.max_len:
                 raise ValueError(f"a {s.role} sample of {len(s.tokens)} tokens does not fit max_len={self.max_len}")
-        return samples, group_size or 0
+        group_size = group_sizes.pop() if len(group_sizes) == 1 else 0
+        return samples, group_size, positive_indices, passage_keys
+
+
+def stable_passage_id(passage_id: Hashable) -> int:
+    """A 63-bit non-negative integer for a passage id: the same in every process, on every rank and in every
+    Python run (``hash()`` of a string is salted per process; this is BLAKE2b of ``str(passage_id)``)."""
+    digest = hashlib.blake2b(str(passage_id).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def _first_fit_decreasing(samples: list[_Sample], max_len: int) -> list[list[_Sample]]:
@@ -267,5 +359,6 @@ def _as_example(example: CSITExample | Mapping[str, Any]) -> CSITExample:
         return CSITExample(
             session=example["session"], positive=example.get("positive"),
             negatives=example.get("negatives", ()) or (), response=example.get("response"),
+            passage_ids=example.get("passage_ids"),
         )
     raise TypeError(f"examples must be CSITExample or mappings, got {type(example).__name__}")

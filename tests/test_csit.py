@@ -95,8 +95,9 @@ def test_collator_truncation_and_errors():
     b, p = batch.query_positions[0].tolist()
     assert batch.input_ids[b, p - 6 : p - 2].tolist() == [7, 8, 9, 10]  # sessions keep their most recent tokens
     assert int((batch.labels != -100).sum()) == 2
-    with pytest.raises(ValueError, match="same number"):
-        collate([CSITExample([1], [2], [[3]]), CSITExample([1], [2], [])])
+    with pytest.raises(ValueError, match="same number"):  # the grouped layout refuses, by option
+        CSITCollator(SUMMARY, PAD, max_len=16, negatives="error")([CSITExample([1], [2], [[3]]),
+                                                                  CSITExample([1], [2], [])])
     with pytest.raises(ValueError, match="does not fit"):
         CSITCollator(SUMMARY, PAD, max_len=8)([CSITExample(list(range(1, 10)), [2])])
     with pytest.raises(ValueError, match="summary"):

@@ -5,12 +5,15 @@
 - :class:`TrainingExample`: one training example: a session (earlier turns + the current user query), its
   gold passage, hard negatives and the response the LM loss learns.
 - :class:`EvalTurn`: one evaluation query: a session to embed, with its query id for qrels and runs.
+- :class:`CSITExample`: a training example once tokenised (:class:`convret.data.SequenceFormatter` makes
+  them, :class:`convret.CSITCollator` packs them; also importable as ``convret.CSITExample``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Hashable, Sequence
 
-__all__ = ["Passage", "Turn", "TrainingExample", "EvalTurn", "USER", "ASSISTANT"]
+__all__ = ["Passage", "Turn", "TrainingExample", "EvalTurn", "CSITExample", "USER", "ASSISTANT"]
 
 USER = "user"
 ASSISTANT = "assistant"
@@ -81,3 +84,21 @@ class EvalTurn:
     rewrite: str | None = None
     response: str | None = None
     positive_texts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CSITExample:
+    """One training example, already tokenised (ids, no special summary tokens).
+
+    ``positive`` / ``negatives`` make it a retrieval example (its session is embedded as a query);
+    ``response`` makes it an LM example. An example may be both, or either.
+
+    ``passage_ids``: ids of ``[positive, *negatives]`` (strings or any hashable with a stable ``str``), used to
+    keep a passage that is also another query's positive out of that query's negatives (several turns of one
+    conversation often share a gold passage). Without them the collator identifies passages by content."""
+
+    session: Sequence[int]
+    positive: Sequence[int] | None = None
+    negatives: Sequence[Sequence[int]] = ()
+    response: Sequence[int] | None = None
+    passage_ids: Sequence[Hashable] | None = None
