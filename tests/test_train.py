@@ -248,7 +248,7 @@ def test_gradcache_through_the_trainer_matches_the_plain_step(world, tmp_path):
 def test_uniconv_trains_on_triplets_with_cii_term(world, tmp_path):
     out = tmp_path / "uniconv"
     flags = ["--recipe", "uniconv", "--max_steps", "12", "--save_steps", "100", "--logging_steps", "4",
-             "--learning_rate", "3e-3", "--num_negatives", "0"]
+             "--learning_rate", "3e-3", "--num_negatives", "2"]
     assert _run(world, out, *flags, triplets=True) == 0
     logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     for r in logs:
