@@ -91,11 +91,14 @@ setup(
     # a top-level package named `kernels` would shadow the PyPI package of that name, which transformers probes.
     packages=find_packages(include=["convret", "convret.*"]) + ["convret.kernels"],
     package_dir={"convret.kernels": "kernels"},
+    # the bundled sample world, its tokenizer and the tiny model configs (convret.data.sample_world)
+    package_data={"convret": ["resources/sample_world/*", "resources/tokenizer/*", "resources/models/*.json"]},
     ext_modules=[CMakeExtension("convret._convret_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={
-        "hf": ["transformers>=4.57", "peft>=0.17", "safetensors"],
+        "hf": ["transformers>=4.57", "peft>=0.17", "safetensors", "tokenizers"],
+        "data": ["datasets"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors"],
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
