@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("convret.retrieval.export", "write a sentence-transformers model directory from a checkpoint"),
     "generate": ("convret.retrieval.generate", "responses from the model (UniConv), ROUGE-L and token F1"),
     "bench": ("convret.bench.cli", "benchmarks vs every peer (attention, loss, step, encode, gpu-report, gpu-check)"),
+    "train": ("convret.train.main", "train a conversational retriever (CSIT / UniConv) with the HF Trainer"),
 }
 
 

@@ -84,7 +84,8 @@ def contrastive_loss(
         return info_nce(queries, passages, temperature, labels=labels, passage_ids=passage_ids)
 
     sizes = torch.stack([torch.tensor(num_queries, device=queries.device), torch.tensor(num_passages,
-                         device=queries.device), nonfinite.long()]).long()
+                         device=queries.device), nonfinite.long(),
+                         torch.tensor(int(passage_ids is not None), device=queries.device)]).long()
     all_sizes = [torch.empty_like(sizes) for _ in range(world_size)]
     dist.all_gather(all_sizes, sizes)
     all_sizes = torch.stack(all_sizes).cpu()
@@ -102,9 +103,12 @@ def contrastive_loss(
                       for r, n in enumerate(all_sizes[:, 1].tolist())])
     global_passages = gathered.index_select(0, keep)
     global_ids = None
-    if passage_ids is not None:
-        ids = passage_ids.new_zeros(max_passages)
-        ids[:num_passages] = passage_ids
+    if bool(all_sizes[:, 3].any()):  # decided from the gathered flags: every rank joins the id all-gather
+        ids = torch.zeros(max_passages, dtype=torch.long, device=queries.device)
+        if passage_ids is not None:
+            ids[:num_passages] = passage_ids
+        else:  # passages without ids: negative ids, unique over ranks, never equal to a real (63-bit) id
+            ids[:num_passages] = -1 - (torch.arange(num_passages, device=queries.device) + rank * max_passages)
         id_list = [torch.empty_like(ids) for _ in range(world_size)]
         dist.all_gather(id_list, ids)
         global_ids = torch.cat(id_list).index_select(0, keep)

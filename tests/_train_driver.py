@@ -22,6 +22,7 @@ def main() -> int:
     opts, flags = rest[:split], rest[split + 1:]
     num_examples = int(opts[opts.index("--examples") + 1]) if "--examples" in opts else 24
     triplets = "--triplets" in opts
+    lm_only = [int(i) for i in opts[opts.index("--lm-only") + 1].split(",")] if "--lm-only" in opts else []
 
     from convret.train import trainer as trainer_module
     from convret.train.arguments import parse_arguments
@@ -43,7 +44,7 @@ def main() -> int:
             "--max_session_len", "48", "--max_passage_len", "16", "--max_response_len", "16", *flags]
     m, d, l, t = parse_arguments(argv)
     built = build_model(m, d, l)
-    examples = make_examples(num_examples, negatives=d.num_negatives, triplets=triplets)
+    examples = make_examples(num_examples, negatives=d.num_negatives, triplets=triplets, lm_only=lm_only)
     return run(m, d, l, t, examples=examples, formatter=WordFormatter(built.tokenizer), built=built)
 
 

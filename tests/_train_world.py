@@ -47,7 +47,7 @@ class WordFormatter:
             response=None if ex.response is None else self.response(ex.response), **kwargs)
 
 
-def make_examples(n=24, negatives=2, seed=0, triplets=False):
+def make_examples(n=24, negatives=2, seed=0, triplets=False, lm_only=()):
     """Sessions about an entity wK; the positive names it, negatives name others; response differs from the
     passage in triplet mode."""
     rng = random.Random(seed)
@@ -62,6 +62,8 @@ def make_examples(n=24, negatives=2, seed=0, triplets=False):
             other = (entity + rng.randrange(1, 40)) % 40
             negs.append(Passage(f"p{other}_{attr}", f"w{other} w{attr} w{rng.randrange(60)}"))
         response = f"w{attr} w{entity} the" if triplets else positive.text
+        if i in lm_only:  # an LM-only example: no positive, no negatives
+            positive, negs = None, []
         out.append(TrainingExample(f"c{i}_1", history, f"the w{attr}", positive, negs, response))
     return out
 

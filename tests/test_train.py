@@ -230,3 +230,31 @@ def test_arguments_configs_and_unknown_keys(tmp_path):
         parse_arguments(["--max_stepz", "3"])
     with pytest.raises(ValueError, match="unknown recipe"):
         parse_arguments(["--recipe", "nope"])
+
+
+def test_gradcache_through_the_trainer_matches_the_plain_step(world, tmp_path):
+    flags = ["--max_steps", "3", "--save_steps", "100", "--logging_steps", "1", "--learnable_temperature", "true"]
+    assert _run(world, tmp_path / "plain", *flags) == 0
+    assert _run(world, tmp_path / "cached", *flags, "--gradcache_chunk_rows", "1") == 0
+    a, b = _weights(tmp_path / "plain" / "final"), _weights(tmp_path / "cached" / "final")
+    flat_a = torch.cat([a[k].reshape(-1) for k in a])
+    flat_b = torch.cat([b[k].reshape(-1) for k in a])
+    assert float((flat_a - flat_b).norm() / flat_a.norm()) <= 1e-4
+    logs = [json.loads(x) for x in (tmp_path / "cached" / "log.jsonl").read_text().splitlines()]
+    plain = [json.loads(x) for x in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
+    assert abs(logs[0]["loss"] - plain[0]["loss"]) <= 1e-4 * abs(plain[0]["loss"])
+
+
+def test_uniconv_trains_on_triplets_with_cii_term(world, tmp_path):
+    out = tmp_path / "uniconv"
+    flags = ["--recipe", "uniconv", "--max_steps", "12", "--save_steps", "100", "--logging_steps", "4",
+             "--learning_rate", "3e-3", "--num_negatives", "2"]
+    assert _run(world, out, *flags, triplets=True) == 0
+    logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    for r in logs:
+        assert {"contrastive", "generation", "cii"} <= set(r)
+        assert abs(r["loss"] - (r["contrastive"] + r["generation"] + 0.5 * r["cii"])) < 1e-4 * max(1.0, r["loss"])
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    from convret.train import load_retriever
+
+    assert load_retriever(out / "final").config.recipe == "uniconv"

@@ -42,8 +42,8 @@ class Recipe(torch.nn.Module):
     Args:
         weights: weight of each term by name.
         temperature: InfoNCE tau (initial value when learnable).
-        learnable_temperature: tau is a parameter (stored as log tau); under DDP its gradient is averaged by a
-            hook, as DDP does for the model's parameters.
+        learnable_temperature: tau is a parameter (stored as log tau); under DDP call
+            :meth:`average_gradients` after each backward.
         label_smoothing: LM label smoothing.
         normalize: L2-normalise embeddings.
         gather: cross-rank negatives and global normalisation under ``torch.distributed``.
@@ -64,7 +64,6 @@ class Recipe(torch.nn.Module):
         log_tau = torch.tensor(math.log(temperature), dtype=torch.float32)
         if learnable_temperature:
             self.log_temperature = torch.nn.Parameter(log_tau)
-            self.log_temperature.register_post_accumulate_grad_hook(_average_across_ranks)
         else:
             self.register_buffer("log_temperature", log_tau, persistent=False)
         self._fixed_temperature = float(temperature)
@@ -119,8 +118,17 @@ class Recipe(torch.nn.Module):
                 f"learnable_temperature={self.learnable_temperature}, label_smoothing={self.label_smoothing}")
 
 
-def _average_across_ranks(param: torch.Tensor) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and param.grad is not None:
+    def average_gradients(self) -> None:
+        """Average the learnable temperature's gradient over ranks, as DDP does for the model's parameters.
+        Call it on every rank after each backward (outside autograd: a collective inside a backward hook would
+        interleave with DDP's bucket all-reduces in a different order on each rank). A rank whose batch had no
+        query contributes zero."""
+        if not (self.learnable_temperature and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return
+        param = self.log_temperature
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
         dist.all_reduce(param.grad)
         param.grad /= dist.get_world_size()
 

@@ -115,6 +115,8 @@ class ConvretTrainer(Trainer):
     # ------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "sequential":
+            return torch.utils.data.SequentialSampler(dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return EpochShuffleSampler(len(dataset), seed)
 
@@ -135,7 +137,9 @@ class ConvretTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.gradcache_chunk_rows:
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.recipe.average_gradients()
+            return loss
         model.train()
         batch = inputs["batch"].to(self.args.device)
         scale = 1.0 / self.current_gradient_accumulation_steps
@@ -144,6 +148,7 @@ class ConvretTrainer(Trainer):
             out = gradcache_step(model, self.recipe, batch, self.gradcache_chunk_rows,
                                  backward=self.accelerator.backward, no_sync=no_sync, loss_scale=scale)
         self._record(out.terms, out.loss, batch)  # raises before the optimizer step applies anything
+        self.recipe.average_gradients()
         return out.loss.detach() * scale
 
     def _record(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, batch) -> None:
