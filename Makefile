@@ -10,8 +10,13 @@ setup:
 	@$(PIP) install -q "setuptools>=70"
 	@$(PIP) install -q --no-build-isolation -e ".[test]"
 
+# the main job: train the tiny retriever on the bundled sample world (CPU, about 2 minutes; rerun: resumes),
+# then evaluate it beside the untrained model, the current utterance alone and the manual rewrite
+DEMO_DIR ?= runs/tiny
 demo: setup
-	$(PYTHON) -m convret demo
+	$(PYTHON) -m convret train --output_dir $(DEMO_DIR)
+	$(PYTHON) -m convret evaluate --model $(DEMO_DIR)/final --baseline $(DEMO_DIR)/init --query-only --rewrite \
+		--output $(DEMO_DIR)/eval
 
 test: setup
 	$(PYTHON) -m pytest -q tests
