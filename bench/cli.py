@@ -3,9 +3,8 @@
 Every subcommand prints a markdown table on stdout and writes ``--out/NAME.json`` (device, versions, CPU
 flags, shapes, every measurement, the in-run GEMM ceiling), ``--out/NAME.md`` and PNG plots.
 
-Exit codes: 0 done (and every numerical check passed); 1 a numerical check failed; 2 bad usage;
-3 ``encode``: ``convret.retrieval`` is not installed (its measurement core still ran and was written);
-4 ``gpu-check``: nothing failed, but the CUDA checks could not run (no CUDA device).
+Exit codes: 0 done (and every numerical check passed); 1 a numerical check failed (for ``encode``: convret's
+encoder and the plain HF way give different embeddings); 2 bad usage; 4 ``gpu-check``: nothing failed, but the CUDA checks could not run (no CUDA device).
 """
 from __future__ import annotations
 
@@ -21,12 +20,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "attention": ("convret.bench.attention", "session attention vs dense eager, SDPA, FlexAttention, flash-attn"),
     "loss": ("convret.bench.loss", "InfoNCE vs naive logits; LM loss vs full-logit cross-entropy"),
     "step": ("convret.bench.step", "the CSIT training step: reference vs convret, with an ablation of its parts"),
-    "encode": ("convret.bench.encode", "embedding memory and throughput vs session length"),
+    "encode": ("convret.bench.encode", "convret's retrieval encoder vs plain HF: passages/s, peak memory per session length"),
     "gpu-report": ("convret.bench.gpu_report", "AOT compile report, occupancy estimate, tile-skip fractions"),
     "gpu-check": ("convret.bench.gpu_check", "on CUDA: every kernel vs its oracle in fp16/bf16/fp32, then timings"),
 }
 
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_NO_RETRIEVAL, EXIT_NO_CUDA = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_NO_CUDA = 0, 1, 2, 4
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
