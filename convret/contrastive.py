@@ -91,7 +91,40 @@ def info_nce(
     return loss
 
 
-class InfoNCELoss(nn.Module):
+class TemperatureMixin:
+    """The InfoNCE temperature of a loss module, fixed or learnable, as ``log_temperature``.
+
+    Learnable: ``log_temperature`` is a parameter (``log tau``, so tau stays positive; add the module's
+    parameters to the optimizer). Fixed: a non-persistent float64 buffer, and :attr:`temperature` is the exact
+    Python float, so that casting the module (``.float()``, ``.half()``) never rounds it. Call
+    :meth:`_init_temperature` from ``__init__`` after ``nn.Module.__init__``.
+    """
+
+    log_temperature: torch.Tensor
+    learnable_temperature: bool
+
+    def _init_temperature(self, temperature: float, learnable: bool) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.learnable_temperature = bool(learnable)
+        self._fixed_temperature = float(temperature)
+        if learnable:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature), dtype=torch.float32))
+        else:
+            self.register_buffer("log_temperature", torch.tensor(math.log(temperature), dtype=torch.float64),
+                                 persistent=False)
+
+    @property
+    def temperature(self) -> float | torch.Tensor:
+        """The current tau: a 0-d tensor with gradient when learnable, the exact float when fixed."""
+        return self.log_temperature.exp() if self.learnable_temperature else self._fixed_temperature
+
+    def temperature_value(self) -> float:
+        """The current tau as a float (for logging and saving)."""
+        return float(self.log_temperature.detach().exp())
+
+
+class InfoNCELoss(TemperatureMixin, nn.Module):
     """Contrastive loss of a dense retriever: each query against its positive, its hard negatives and every
     other passage of the (optionally global, multi-GPU) batch, computed without the ``[Q, P]`` score matrix.
 
@@ -127,23 +160,13 @@ class InfoNCELoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.group_size = group_size
         self.gather = gather
         self.reduction = reduction
         self.backend = backend
-        if learnable_temperature:
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
-        else:
-            # float64, so that a float64 loss sees the exact temperature (``.float()`` on the module rounds it)
-            self.register_buffer("log_temperature", torch.tensor(math.log(temperature), dtype=torch.float64))
-
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp()
+        self._init_temperature(temperature, learnable_temperature)
 
     def forward(
         self,
@@ -157,7 +180,7 @@ class InfoNCELoss(nn.Module):
                         backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature.item():.4g}, group_size={self.group_size}, gather={self.gather}, "
+        return (f"temperature={self.temperature_value():.4g}, group_size={self.group_size}, gather={self.gather}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 

@@ -15,7 +15,6 @@ passages and label tokens, none at all included: every rank enters the same coll
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from .collate import IGNORE_INDEX, CSITBatch, pool_hidden
 from ._info_nce_gather import _GatherWithGradient
-from .contrastive import info_nce
+from .contrastive import TemperatureMixin, info_nce
 from .lm_loss import linear_cross_entropy
 
 __all__ = ["CSITLoss", "CSITLossOutput", "csit_loss", "contrastive_loss", "generation_loss", "decoder_of",
@@ -198,7 +197,7 @@ def csit_loss(
     return CSITLossOutput(contrastive + alpha * generation, contrastive, generation)
 
 
-class CSITLoss(torch.nn.Module):
+class CSITLoss(TemperatureMixin, torch.nn.Module):
     """One-pass CSIT step: ``CSITLoss(...)(model, batch)`` runs the decoder once over a
     :class:`convret.collate.CSITBatch` and returns :class:`CSITLossOutput`.
 
@@ -225,24 +224,11 @@ class CSITLoss(torch.nn.Module):
     def __init__(self, alpha: float = 0.2, temperature: float = 0.01, label_smoothing: float = 0.0,
                  normalize: bool = True, gather: bool = False, learnable_temperature: bool = False):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.alpha = alpha
         self.label_smoothing = label_smoothing
         self.normalize = normalize
         self.gather = gather
-        self.learnable_temperature = learnable_temperature
-        log_tau = torch.tensor(math.log(temperature), dtype=torch.float32)
-        if learnable_temperature:
-            self.log_temperature = torch.nn.Parameter(log_tau)
-        else:
-            self.register_buffer("log_temperature", log_tau, persistent=False)
-            self._fixed_temperature = float(temperature)
-
-    @property
-    def temperature(self) -> float | torch.Tensor:
-        """The current temperature: a float when fixed, a 0-d tensor with gradient when learnable."""
-        return self.log_temperature.exp() if self.learnable_temperature else self._fixed_temperature
+        self._init_temperature(temperature, learnable_temperature)
 
     def forward(self, model: torch.nn.Module, batch: CSITBatch) -> CSITLossOutput:
         hidden = decoder_hidden(model, batch)
@@ -261,8 +247,7 @@ class CSITLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        tau = float(self.log_temperature.detach().exp())
-        return (f"alpha={self.alpha}, temperature={tau:.4g}, learnable_temperature={self.learnable_temperature}, "
+        return (f"alpha={self.alpha}, temperature={self.temperature_value():.4g}, learnable_temperature={self.learnable_temperature}, "
                 f"label_smoothing={self.label_smoothing}, gather={self.gather}")
 
 

@@ -112,6 +112,26 @@ def test_encode_smoke(tmp_path):
         assert record["status"] == "ok" and record["peak_above_model_bytes"] >= 0 and record["seconds"] > 0
 
 
+def test_attention_peak_child_runs_every_cpu_peer():
+    """The fresh-process peak measurement, in-process: forward-only peers (FlexAttention on CPU) must not be
+    handed inputs that require grad."""
+    import argparse
+
+    from convret.bench import attention, cli
+
+    parser = argparse.ArgumentParser()
+    attention.add_arguments(parser)
+    cli.common_arguments(parser)
+    ns = parser.parse_args(["--smoke"])
+    attention.apply_presets(ns)
+    args = vars(ns)
+    case = {"name": "session 32", "sweep": "session", "session": 32, "response": 16, "packed": False}
+    for peer in ("compiled FlexAttention", "dense-mask eager", "convret"):
+        record = attention.peak_child(case, args, "fp32", peer, "cpu")
+        assert record["status"] == "ok", record
+        assert record["mode"] == ("fwd" if peer == "compiled FlexAttention" else "fwd+bwd")
+
+
 def test_gpu_report_smoke(tmp_path):
     code, payload = bench(tmp_path, "gpu-report", "--smoke")
     assert code == 0

@@ -218,6 +218,7 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
     resume = prepare_output_dir(train_args, is_main)
     trainer = build_trainer(model_args, data_args, loss_args, train_args, examples, formatter, built)
     output_dir = Path(train_args.output_dir)
+    start_step = 0
     try:
         if trainer.is_world_process_zero():
             if resume is None and not (output_dir / "init").exists():
@@ -225,6 +226,7 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
                                trainer.current_retriever_config())
             if resume is not None:
                 step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+                start_step = int(step)
                 _truncate_log(output_dir / LOG_NAME, int(step))
                 print(f"convret train: resuming from {resume} (step {step})", file=sys.stderr)
         start = time.perf_counter()
@@ -236,7 +238,9 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
         if trainer.is_world_process_zero():
             model = trainer.accelerator.unwrap_model(trainer.model)
             save_retriever(output_dir / "final", model, trainer.processing_class, trainer.current_retriever_config())
-            print(f"convret train: {trainer.state.global_step} steps in {time.perf_counter() - start:.1f} s; "
+            done = trainer.state.global_step
+            ran = f"{done - start_step} in this run" if start_step else f"{done} steps"
+            print(f"convret train: step {done} reached ({ran}, {time.perf_counter() - start:.1f} s); "
                   f"final weights in {output_dir / 'final'}", file=sys.stderr)
         return 0
     finally:

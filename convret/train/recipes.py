@@ -14,13 +14,13 @@ hidden states (:meth:`Recipe.generation`); :meth:`Recipe.forward` runs them on t
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ..collate import IGNORE_INDEX, CSITBatch
+from ..contrastive import TemperatureMixin
 from ..csit import contrastive_loss, decoder_hidden, generation_loss, unwrap_model
 from .arguments import LossArguments
 from .data import NUM_CII_KEY
@@ -36,7 +36,7 @@ class RecipeOutput(NamedTuple):
     terms: dict[str, torch.Tensor]
 
 
-class Recipe(torch.nn.Module):
+class Recipe(TemperatureMixin, torch.nn.Module):
     """Base of the recipes: weights of the terms, the (optionally learnable) temperature.
 
     Args:
@@ -54,26 +54,11 @@ class Recipe(torch.nn.Module):
     def __init__(self, weights: dict[str, float], temperature: float = 0.01, learnable_temperature: bool = False,
                  label_smoothing: float = 0.0, normalize: bool = True, gather: bool = True):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weights = dict(weights)
-        self.learnable_temperature = learnable_temperature
         self.label_smoothing = label_smoothing
         self.normalize = normalize
         self.gather = gather
-        log_tau = torch.tensor(math.log(temperature), dtype=torch.float32)
-        if learnable_temperature:
-            self.log_temperature = torch.nn.Parameter(log_tau)
-        else:
-            self.register_buffer("log_temperature", log_tau, persistent=False)
-        self._fixed_temperature = float(temperature)
-
-    @property
-    def temperature(self) -> float | torch.Tensor:
-        return self.log_temperature.exp() if self.learnable_temperature else self._fixed_temperature
-
-    def temperature_value(self) -> float:
-        return float(self.log_temperature.detach().exp())
+        self._init_temperature(temperature, learnable_temperature)
 
     # ------------------------------------------------------------------ pieces (GradCache uses them one by one)
     def embedding_positions(self, batch: CSITBatch) -> dict[str, torch.Tensor]:
