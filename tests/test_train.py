@@ -99,6 +99,13 @@ def test_checkpoints_are_retriever_checkpoints_and_log(world, tmp_path):
         for key in ("step", "loss", "contrastive", "generation", "lr", "grad_norm", "tokens_per_s", "fill"):
             assert key in r, key
         assert abs(r["loss"] - (r["contrastive"] + 0.2 * r["generation"])) < 1e-4 * max(1.0, r["loss"])
+    # a rerun of the finished run (--resume auto) trains no further step and leaves the weights as they were
+    final_before = _weights(out / "final")
+    assert _run(world, out, "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--resume", "auto") == 0
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert _max_diff(final_before, _weights(out / "final")) == 0.0
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     # no silent resume: --resume none on a directory with checkpoints is an error, --overwrite_output_dir clears
     from convret.train.main import prepare_output_dir
 

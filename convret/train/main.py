@@ -219,19 +219,26 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
     trainer = build_trainer(model_args, data_args, loss_args, train_args, examples, formatter, built)
     output_dir = Path(train_args.output_dir)
     start_step = 0
+    if resume is not None:  # every rank reads it: all of them must agree on whether to train
+        start_step = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
+    # the Trainer resumed at max_steps still runs one more step: a finished run is only loaded and saved again
+    finished = resume is not None and 0 < train_args.max_steps <= start_step
     try:
         if trainer.is_world_process_zero():
             if resume is None and not (output_dir / "init").exists():
                 save_retriever(output_dir / "init", trainer.model, trainer.processing_class,
                                trainer.current_retriever_config())
             if resume is not None:
-                step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
-                start_step = int(step)
-                _truncate_log(output_dir / LOG_NAME, int(step))
-                print(f"convret train: resuming from {resume} (step {step})", file=sys.stderr)
+                _truncate_log(output_dir / LOG_NAME, start_step)
+                state = "already finished" if finished else "resuming"
+                print(f"convret train: {state}: {resume} (step {start_step})", file=sys.stderr)
         start = time.perf_counter()
         try:
-            trainer.train(resume_from_checkpoint=resume)
+            if finished:
+                trainer._load_from_checkpoint(resume)
+                trainer.state.global_step = start_step
+            else:
+                trainer.train(resume_from_checkpoint=resume)
         except NonFiniteLossError as error:
             print(f"convret train: {error}", file=sys.stderr)
             return EXIT_NONFINITE
@@ -239,7 +246,7 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
             model = trainer.accelerator.unwrap_model(trainer.model)
             save_retriever(output_dir / "final", model, trainer.processing_class, trainer.current_retriever_config())
             done = trainer.state.global_step
-            ran = f"{done - start_step} in this run" if start_step else f"{done} steps"
+            ran = f"{done - start_step} in this run" if resume is not None else f"{done} steps"
             print(f"convret train: step {done} reached ({ran}, {time.perf_counter() - start:.1f} s); "
                   f"final weights in {output_dir / 'final'}", file=sys.stderr)
         return 0
