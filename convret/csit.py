@@ -247,8 +247,9 @@ class CSITLoss(TemperatureMixin, torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, temperature={self.temperature_value():.4g}, learnable_temperature={self.learnable_temperature}, "
-                f"label_smoothing={self.label_smoothing}, gather={self.gather}")
+        return (f"alpha={self.alpha}, temperature={self.temperature_value():.4g}, "
+                f"learnable_temperature={self.learnable_temperature}, label_smoothing={self.label_smoothing}, "
+                f"gather={self.gather}")
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
