@@ -189,15 +189,24 @@ class SessionEncoder:
         return self.encode_requests([self.session_request(None, turns)])[0][0]
 
     def cache_info(self) -> dict:
-        """The cache's counters and size, as a dict (``bytes`` never exceeds ``budget_bytes``)."""
-        with self._lock:
-            self.stats.conversations = len(self._cache)
-            return dict(self.stats.__dict__)
+        """The cache's counters and size, as a dict (``bytes`` never exceeds ``budget_bytes``). Lock-free (a
+        snapshot of plain integers), so that a server's event loop never waits for a forward pass."""
+        self.stats.conversations = len(self._cache)
+        return dict(self.stats.__dict__)
 
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
             self.stats.bytes = 0
+
+    def estimate_new_tokens(self, request: SessionRequest | PassageRequest) -> int:
+        """Tokens the request would run now (its tokens minus the cached prefix it shares); a hint for
+        batching, read without the lock."""
+        if isinstance(request, SessionRequest) and request.conversation_id is not None:
+            entry = self._cache.get(request.conversation_id)
+            if entry is not None:
+                return len(request.tokens) - min(_common_prefix(entry.tokens, request.tokens), request.session_len)
+        return len(request.tokens)
 
     def cached_tokens(self, conversation_id: str) -> int:
         entry = self._cache.get(conversation_id)
