@@ -300,7 +300,7 @@ def test_api_key_and_sigterm_drains_in_flight_requests(world, tmp_path):
     # binds every interface, but the test only ever connects to 127.0.0.1; a batch waits up to 3 s for company,
     # so that all 12 requests are in flight when SIGTERM arrives
     srv = Server(base_args(world, port) + ["--host", "0.0.0.0", "--api-key-file", str(key_file),
-                                           "--max-wait-ms", "3000"], port)
+                                           "--max-wait-ms", "3000", "--always-wait"], port)
     try:
         srv.wait_ready()
         auth = {"Authorization": f"Bearer {key}"}

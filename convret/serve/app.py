@@ -55,6 +55,7 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     max_batch_tokens: int = 16384
     max_batch_requests: int = 64
+    always_wait: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- schemas
@@ -140,7 +141,7 @@ def create_app(service: SearchService, settings: ServeSettings | None = None) ->
     limits = settings.limits
     metrics = Metrics(service.encoder)
     batcher = Batcher(service.run_batch, settings.max_wait_ms, settings.max_batch_tokens,
-                      settings.max_batch_requests, metrics)
+                      settings.max_batch_requests, metrics, settings.always_wait)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads of the forward pass (default: torch's; on a CPU shared with other work, "
                         "fewer threads avoid OpenMP stalls)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the first request of a batch waits for others (default 5)")
+                   help="how long the first request of a batch waits for others under load (default 5)")
+    p.add_argument("--always-wait", action="store_true",
+                   help="every batch waits --max-wait-ms for company (default: only under load, so that a lone "
+                        "request is not delayed)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="new tokens per batch (default 16384)")
     p.add_argument("--max-batch-requests", type=int, default=64, help="requests per batch (default 64)")
     p.add_argument("--no-batching", action="store_true", help="one request per forward pass")
@@ -123,7 +126,7 @@ def main(argv: list[str]) -> int:
     limits = Limits(args.max_body_bytes, args.max_turns, args.max_text_chars, args.max_tokens, args.max_top_k,
                     args.max_items)
     settings = ServeSettings(limits, api_key, args.cors_origin, args.max_wait_ms, args.max_batch_tokens,
-                             1 if args.no_batching else args.max_batch_requests)
+                             1 if args.no_batching else args.max_batch_requests, args.always_wait)
     app = create_app(service, settings)
     print(f"convret serve: {len(service.doc_ids)} passages, model {args.model}, cache {args.cache_mb:g} MiB, "
           f"http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), file=sys.stderr,

@@ -173,13 +173,15 @@ class Batcher:
 
     Args:
         run_batch: ``run_batch(jobs) -> [result or exception]`` (called in the worker thread).
-        max_wait_ms: how long the first job of a batch waits for company.
+        max_wait_ms: how long the first job of a batch waits for company, under load (when the previous batch
+            held more than one job or jobs are queued); a lone request runs at once.
         max_batch_tokens: new tokens per batch (a job larger than that runs alone).
         max_batch_requests: jobs per batch (1: batching off).
+        always_wait: every batch waits ``max_wait_ms`` for company, also a lone request's.
     """
 
     def __init__(self, run_batch, max_wait_ms: float = 5.0, max_batch_tokens: int = 16384,
-                 max_batch_requests: int = 64, metrics: Metrics | None = None):
+                 max_batch_requests: int = 64, metrics: Metrics | None = None, always_wait: bool = False):
         self.run_batch = run_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_batch_tokens = max_batch_tokens
@@ -188,6 +190,8 @@ class Batcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._carry: Job | None = None
+        self._last_size = 0
+        self.always_wait = always_wait
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="convret-forward")
 
     async def start(self) -> None:
@@ -215,7 +219,11 @@ class Batcher:
         if first is None:
             return None
         batch, tokens = [first], first.cost
-        deadline = time.monotonic() + self.max_wait
+        # wait for company only under load (the previous batch was shared or jobs are queued): a lone client
+        # pays no batching delay, and while a forward runs the next jobs queue up by themselves
+        under_load = self.always_wait or self._last_size > 1 or not self._queue.empty()
+        wait = self.max_wait if under_load else 0.0
+        deadline = time.monotonic() + wait
         while len(batch) < self.max_batch_requests:
             try:
                 if self._queue.empty():
@@ -235,6 +243,7 @@ class Batcher:
                 break
             batch.append(job)
             tokens += job.cost
+        self._last_size = len(batch)
         return batch
 
     async def _loop(self) -> None:
