@@ -136,12 +136,11 @@ def test_passages_and_responses_carry_no_system_prompt_and_one_bos_at_most(name,
     in_context = render(tok, probe + [msg(ASSISTANT, text)])
     assert in_context[: len(head)] == head
     start = [tok.bos_token_id] if writes_bos(tok) else []
-    passage = fmt.passage(PASSAGE)
-    assert passage == start + in_context[len(head):]  # BOS + the assistant message as the template writes it
-    response = fmt.response(RESPONSE)
+    passage, response = fmt.passage(PASSAGE), fmt.response(RESPONSE)
     for ids in (passage, response):
         decoded = tok.decode(ids, skip_special_tokens=False)
         assert not any(marker in decoded for marker in INJECTED), decoded
+    assert passage == start + in_context[len(head):]  # BOS + the assistant message as the template writes it
     if tok.bos_token_id is not None:
         assert passage.count(tok.bos_token_id) == len(start) and tok.bos_token_id not in response
     # the LM sequence continues the session exactly as the template continues the conversation
@@ -199,7 +198,7 @@ def test_no_doubled_bos_in_training_and_uniconv_sequences(name, tokenizers):
     from convret.train.data import TrainingCollator
 
     tok = tokenizers(name)
-    fmt = SequenceFormatter(tok, max_session_len=None, max_passage_len=128, max_response_len=32)
+    fmt = SequenceFormatter(tok, max_session_len=None, max_passage_len=128, max_response_len=None)
     history = [Turn(role, text) for role, text in SHAPES["starts with assistant"]]
     example = TrainingExample("c_1", history, QUERY, PASSAGE, [Passage("d2", "Mount Kenya is in Kenya.")], RESPONSE)
     recorder = _Recorder()
