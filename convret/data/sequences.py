@@ -172,7 +172,7 @@ class SequenceFormatter:
         return front + self._wrap[0], list(self._wrap[1])
 
     # ------------------------------------------------------------------ sessions
-    def exchanges(self, history: Sequence[Turn], query: str) -> tuple[list[tuple[str, str]], list[str]]:
+    def exchanges(self, history: Sequence[Turn]) -> tuple[list[tuple[str, str]], list[str]]:
         """The history as alternating exchanges: ``([(user text, assistant text), ...], pending)`` where
         ``pending`` are the user texts merged in front of the query (module docstring)."""
         for t in history:
@@ -191,7 +191,7 @@ class SequenceFormatter:
 
     def session_messages(self, history: Sequence[Turn], query: str) -> list[dict[str, str]]:
         """The untruncated messages of a session (alternating, first and last a user message)."""
-        exchanges, pending = self.exchanges(history, query)
+        exchanges, pending = self.exchanges(history)
         return self._messages(exchanges, pending, query)
 
     def _messages(self, exchanges: Sequence[tuple[str, str]], pending: Sequence[str],
@@ -210,7 +210,7 @@ class SequenceFormatter:
         """
         if not query or not query.strip():
             raise ValueError("empty query")
-        exchanges, pending = self.exchanges(history, query)
+        exchanges, pending = self.exchanges(history)
         limit = self.max_session_len
         ids = self.render(self._messages(exchanges, pending, query))
         if limit is None or len(ids) <= limit:
