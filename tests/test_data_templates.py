@@ -238,3 +238,23 @@ def test_docs_show_the_renderings_of_every_family(tokenizers):
     assert block, "docs/data.md lacks the families block"
     assert block.group(1) == family_renderings(tokenizers), (
         "docs/data.md's per-family renderings are stale; the current ones:\n" + family_renderings(tokenizers))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_sample_worlds_training_and_eval_files_format_under_every_template(name, tokenizers):
+    """Every record of the sample world's triplet file and evaluation file, at the bundled configs' budgets."""
+    from itertools import islice
+
+    from convret.data import read_conversations, read_training
+    from convret.data.sample_world import EVAL, SAMPLE_WORLD_DIR, TRAIN_TRIPLETS
+    from convret.train.data import TrainingCollator
+
+    tok = tokenizers(name)
+    fmt = SequenceFormatter(tok, max_session_len=64, max_passage_len=48, max_response_len=32,
+                            instruction="Find the passage.")
+    recorder = _Recorder()
+    examples = list(islice(read_training(SAMPLE_WORLD_DIR / TRAIN_TRIPLETS, strict=True), 64))
+    TrainingCollator(fmt, recorder, recipe="uniconv")(examples)
+    assert len(recorder.sequences) > len(examples)
+    for turn in islice(read_conversations(SAMPLE_WORLD_DIR / EVAL, strict=True), 64):
+        assert len(fmt.session(turn.history, turn.query)) <= 64
