@@ -161,9 +161,8 @@ BAD_ULTRACHAT = {
     "empty text": (json.dumps(_conv(text="   ")), "empty text in field 'text' of conversation[0]"),
     "empty negative": (json.dumps({"conv_id": "c", "conversation": [
         GOOD_CONV["conversation"][0], {"role": "Assistant", "text": "x", "neg_texts": [""]}]}), "empty text"),
-    "user without assistant": (json.dumps({"conv_id": "c", "conversation": [
-        GOOD_CONV["conversation"][0], GOOD_CONV["conversation"][1], {"role": "User", "text": "and then?"}]}),
-        "User turn 2 (conversation[2]) has no following Assistant turn"),
+    "user turn alone": (json.dumps({"conv_id": "c", "conversation": [{"role": "User", "text": "and then?"}]}),
+                        "no User turn followed by an Assistant turn"),
     "two user turns in a row": (json.dumps({"conv_id": "c", "conversation": [
         {"role": "User", "text": "a"}, *GOOD_CONV["conversation"]]}), "User turn 1 (conversation[0]) has no following"),
     "unknown role": (json.dumps(_conv(role="System")), "unknown role 'System'"),
