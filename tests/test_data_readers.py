@@ -20,7 +20,7 @@ FIX = Path(__file__).parent / "fixtures" / "data"
     ("ultrachat.jsonl", "ultrachat"), ("tevatron_legacy.jsonl", "tevatron"), ("tevatron_new.jsonl", "tevatron"),
     ("chatretriever_eval.json", "chatretriever-eval"), ("qrecc.json", "qrecc"), ("topiocqa.json", "topiocqa"),
     ("cast.json", "cast"), ("collection.jsonl", "collection"), ("tevatron_corpus.jsonl", "collection"),
-    ("collection.tsv", "collection"), ("qrels.txt", "qrels"), ("run.trec", "run"),
+    ("collection.tsv", "tsv"), ("qrels.txt", "qrels"), ("run.trec", "run"),
 ])
 def test_detect_format(name, fmt):
     assert detect_format(FIX / name) == fmt
@@ -209,7 +209,7 @@ def test_bad_eval_records(tmp_path, name, record, reason):
 def test_bad_collection_qrels_run_lines(tmp_path):
     (tmp_path / "c.tsv").write_text("1\tgood text\n2\t  \n3 no tab\n4\tfine\n")
     report = ReadReport()
-    assert [p.id for p in read_collection(tmp_path / "c.tsv", report=report)] == ["1", "4"]
+    assert [p.id for p in read_collection(tmp_path / "c.tsv", format="collection", report=report)] == ["1", "4"]
     assert [line for line, _ in report.errors] == [2, 3]
     (tmp_path / "q.txt").write_text("1 0 d1 1\n1 0 d2 high\n1 0 d3\n1 0 d1 2\n")
     report = ReadReport()

@@ -56,10 +56,10 @@ MAX_REPORTED_ERRORS = 100
 TRAINING_FORMATS = ("ultrachat", "tevatron", "qrecc", "topiocqa")
 #: formats of evaluation conversations (:func:`read_conversations`)
 CONVERSATION_FORMATS = ("chatretriever-eval", "qrecc", "topiocqa", "cast", "cast2022", "cast2022-flat", "ikat",
-                        "convdr", "t5qr", "scai-qrecc", "beir-queries")
+                        "convdr", "t5qr", "scai-qrecc", "beir-queries", "tsv")
 #: formats of passage collections (:func:`read_collection`)
-COLLECTION_FORMATS = ("collection", "beir-corpus", "msmarco-v2-passage", "msmarco-v2.1-segmented", "ikat-passages",
-                      "pyserini", "dpr-tsv")
+COLLECTION_FORMATS = ("collection", "tsv", "beir-corpus", "msmarco-v2-passage", "msmarco-v2.1-segmented",
+                      "ikat-passages", "pyserini", "dpr-tsv")
 #: formats of relevance judgements (:func:`read_qrels`)
 QRELS_FORMATS = ("qrels", "beir-qrels")
 #: every format name, in one place (``--format`` choices of ``convret data check`` / ``encode`` / ``evaluate``)
@@ -351,8 +351,8 @@ _DETECT_LINES = 20  # text files: this many leading lines must all fit the forma
 
 def detect_format(path: PathLike) -> str:
     """The format of ``path`` (one of :data:`FORMATS`): JSON from its first record's fields, text files from their
-    first lines (a header, or :data:`_DETECT_LINES` lines that all fit). Only an exact fit counts: a file that fits
-    no format, or fits one only loosely, is an error asking for ``format=`` rather than a guess.
+    first lines (a header; or the first line and 3 in 4 of the first :data:`_DETECT_LINES` fit the format exactly).
+    A file that fits no format is an error asking for ``format=``, never a guess.
 
     Raises:
         DataError: the file is empty, or it fits no known format.
@@ -383,12 +383,10 @@ def detect_format(path: PathLike) -> str:
     if [col.lower() for col in header] == list(_DPR_HEADER):
         return "dpr-tsv"
     body = [text for _, text in lines if not text.lstrip().startswith("#")]
-    if body and all(_is_qrels_line(text) for text in body):
-        return "qrels"
-    if body and all(_is_run_line(text) for text in body):
-        return "run"
-    if all(_is_id_text_line(text) for _, text in lines):
-        return "collection"
+    for fmt, fits in (("qrels", _is_qrels_line), ("run", _is_run_line), ("tsv", _is_id_text_line)):
+        # the first line and at least 3 in 4 of the leading lines fit (the others are bad records, reported later)
+        if body and fits(body[0]) and sum(map(fits, body)) * 4 >= len(body) * 3:
+            return fmt
     raise DataError(path, lines[0][0], "cannot detect the format of this text file: its first lines are not all "
                                        "TREC qrels ('qid 0 docid rel'), a TREC run ('qid Q0 docid rank score tag'), "
                                        "an 'id<TAB>text' TSV, nor headed by a BEIR qrels or DPR TSV header; pass "
@@ -749,14 +747,14 @@ def read_conversations(
              "cast2022-flat": _cast2022_flat_parser(), "ikat": _parse_ikat, "convdr": _parse_convdr,
              "t5qr": _parse_t5qr, "scai-qrecc": _parse_scai_qrecc, "beir-queries": _parse_beir_query,
              }.get(fmt, _parse_qa_turn)
+    if fmt == "tsv":
+        return _drive(path, fmt, _iter_lines(path), _parse_query_tsv, strict, report)
     return _drive(path, fmt, iter_records(path), parse, strict, report)
 
 
 def _parse_chatretriever_eval(obj: Any) -> list[EvalTurn]:
     conv_id = _ident(obj, "conv_id")
-    turns = _field(obj, "turns", list)
-    if not turns:
-        raise _Bad("empty 'turns'")
+    turns = _field(obj, "turns", list)  # may be empty (LLM4CS's CAsT-21 files have such a conversation): no turn
     out: list[EvalTurn] = []
     history: list[Turn] = []
     seen = set()
@@ -1029,6 +1027,22 @@ def _mtrag_turns(text: str) -> list[Turn] | None:
     return [Turn(role, body) for role, body in turns]
 
 
+def _parse_query_tsv(line: str) -> list[EvalTurn]:
+    """``qid<TAB>text``: a single-turn query (no history); ``{conv}_{turn}`` qids are split into their parts."""
+    qid, sep, text = line.partition("\t")
+    qid = qid.strip()
+    if not sep:
+        raise _Bad("expected 'qid<TAB>text'")
+    if not qid:
+        raise _Bad("empty qid")
+    if not text.strip():
+        raise _Bad("empty text")
+    conv_id, sep, turn_id = qid.rpartition("_")
+    if not sep or not conv_id or not turn_id:
+        conv_id, turn_id = qid, ""
+    return [EvalTurn(qid, conv_id, turn_id, [], text.strip())]
+
+
 def _parse_beir_query(obj: Any) -> list[EvalTurn]:
     """BEIR queries ``{"_id", "text"}``: the qid is ``_id`` as is (mt-rag's ``{conversation}<::>{turn}`` too); an
     mt-rag text of ``|user|: ...`` lines is split into a session."""
@@ -1072,7 +1086,7 @@ def read_collection(
     fmt = _resolve(path, format, COLLECTION_FORMATS, "passages")
     if fmt == "dpr-tsv":
         return _drive(path, fmt, _iter_quoted_tsv(path), _dpr_parser(), strict, report)
-    if fmt == "collection" and _first_char(path) not in "[{":
+    if fmt == "tsv" or (fmt == "collection" and _first_char(path) not in "[{"):
         return _drive(path, fmt, _iter_lines(path), _parse_passage_tsv, strict, report)
     return _drive(path, fmt, iter_records(path), _PASSAGE_PARSERS[fmt], strict, report)
 
