@@ -486,7 +486,7 @@ def _is_float(text: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ the driver
-def _drive(path: PathLike, fmt: str, records: Iterable[tuple[int, Any]], parse: Callable[[Any], list],
+def _drive(path: PathLike, fmt: str, records: Iterable[tuple[int, Any]], parse: Callable[[Any], list | None],
            strict: bool, report: ReadReport | None) -> Iterator[Any]:
     report = report if report is not None else ReadReport()
     report.format, report.path = fmt, str(path)
@@ -494,13 +494,15 @@ def _drive(path: PathLike, fmt: str, records: Iterable[tuple[int, Any]], parse: 
         try:
             if isinstance(obj, _Bad):
                 raise obj
-            items = parse(obj)
+            items = parse(obj)  # None: a header line, not a record
         except _Bad as bad:
             if strict:
                 raise DataError(path, line, bad.reason) from None
             report.add_error(line, bad.reason)
             if bad.fatal:
                 break
+            continue
+        if items is None:
             continue
         report.records += 1
         for item in items:
@@ -1123,13 +1125,13 @@ def _dpr_parser() -> Callable[[Any], list[Passage]]:
     columns = {name: j for j, name in enumerate(_DPR_HEADER)}
     state = {"first": True}
 
-    def parse(fields: list[str]) -> list[Passage]:
+    def parse(fields: list[str]) -> list[Passage] | None:
         if state["first"]:
             state["first"] = False
             names = [f.strip().lower() for f in fields]
             if sorted(names) == sorted(_DPR_HEADER):
                 columns.update({name: j for j, name in enumerate(names)})
-                return []
+                return None
         if len(fields) != len(_DPR_HEADER):
             raise _Bad(f"expected 3 tab-separated fields 'id<TAB>text<TAB>title', got {len(fields)}")
         pid, text, title = (fields[columns[name]] for name in _DPR_HEADER)
@@ -1173,12 +1175,12 @@ def read_qrels(path: PathLike, strict: bool = False, report: ReadReport | None =
     beir = format == "beir-qrels"
     state = {"first": True}
 
-    def parse(line: str) -> list:
+    def parse(line: str) -> list | None:
         if beir:
             first, state["first"] = state["first"], False
             cols = [c.strip() for c in line.split("\t")]
             if first and tuple(cols) == _BEIR_QRELS_HEADER:
-                return []
+                return None
             if len(cols) != 3:
                 raise _Bad(f"expected 3 tab-separated columns 'query-id<TAB>corpus-id<TAB>score', got {len(cols)}")
             qid, docid, rel = cols
