@@ -241,8 +241,14 @@ def test_topiocqa_file_with_false_everywhere_reads_every_turn(tmp_path):
                 "Answer": "an answer " + "y" * (i % 53), "Context": ["q", "a"] * (i % 10),
                 "Gold_passage": {"id": f"wiki:{i}", "title": "T", "text": "passage text " * 40}, "is_nq": False,
                 "Topic": "T", "Topic_section": "S"} for i in range(3000)]
+    text = json.dumps(records, indent=2)
+    # pad the first question so that the reader's first 1 MiB chunk ends inside a 'false' ('fa|lse')
+    cut = (1 << 20) - 2
+    records[0]["Question"] += " " * (cut - text.rindex("false", 0, cut))
+    text = json.dumps(records, indent=2)
+    assert text[cut:cut + 5] == "false" and text.isascii()
     path = tmp_path / "topiocqa.json"
-    path.write_text(json.dumps(records, indent=2))
+    path.write_text(text)
     assert path.stat().st_size > 1 << 20
     report = ReadReport()
     assert len(list(read_training(path, report=report))) == 3000
