@@ -5,22 +5,23 @@ incrementally too). A malformed record is reported with file, line and reason (`
 ``convret.data`` logger), skipped and counted in a :class:`ReadReport`; a one-line summary follows at the end
 when anything was skipped. ``strict=True`` raises :class:`DataError` at the first bad record instead.
 
-Formats (``detect_format`` names):
+Formats (``detect_format`` names; the tuples :data:`FORMATS`, :data:`TRAINING_FORMATS`, :data:`CONVERSATION_FORMATS`,
+:data:`COLLECTION_FORMATS`, :data:`QRELS_FORMATS` list them; docs/data.md has an example of each):
 
-- ``ultrachat``: ChatRetriever's training jsonl ``{"conv_id", "conversation": [{"role", "text", "rewrite"?,
-  "neg_texts"?}]}`` -> :class:`TrainingExample` per User turn.
-- ``tevatron``: Tevatron training jsonl, legacy ``{"query_id", "query", "positive_passages",
-  "negative_passages"}`` or new ``{"query_id", "query_text", "positive_document_ids",
-  "negative_document_ids"}`` (joined with a corpus by docid).
-- ``chatretriever-eval``: ``[{"conv_id", "turns": [{"turn_id", "question", "manual_rewrite"?, "response"?,
-  "pos_psg_text"?}]}]``.
-- ``qrecc`` / ``topiocqa``: one record per turn ``{"Conversation_no", "Turn_no", "Question", "Answer",
-  "Rewrite"?, "Context"}`` (+ ``Gold_passage`` in TopiOCQA): evaluation turns, or training triplets.
-- ``cast``: TREC CAsT topics ``[{"number", "turn": [{"number", "raw_utterance",
-  "manual_rewritten_utterance"?, "passage"?}]}]``.
-- ``collection``: jsonl ``{"id", "text", "title"?}``, Tevatron corpus ``{"docid", "title", "text"}`` or TSV
-  ``pid<TAB>text``.
-- ``qrels`` (``qid 0 docid rel``) and ``run`` (``qid Q0 docid rank score tag``).
+- training: ``ultrachat`` (ChatRetriever), ``tevatron`` (legacy and new schema), ``qrecc`` / ``topiocqa``
+  (triplets).
+- evaluation conversations: ``chatretriever-eval``, ``qrecc`` / ``topiocqa``, ``cast`` (CAsT 2019-21),
+  ``cast2022`` (tree, sessions follow ``parent``) / ``cast2022-flat``, ``ikat`` (TREC iKAT 2023-25, PTKB in
+  :attr:`EvalTurn.ptkb`), ``convdr`` (ConvDR / COTED), ``t5qr`` (T5QR / ConvGQR), ``scai-qrecc``, ``beir-queries``
+  (BEIR, mt-rag), ``tsv`` (``qid<TAB>text``, single-turn).
+- collections: ``collection`` (``{"id"|"docid", "text", "title"?}`` jsonl or ``pid<TAB>text``), ``tsv``,
+  ``beir-corpus``, ``msmarco-v2-passage``, ``msmarco-v2.1-segmented``, ``ikat-passages``, ``pyserini``
+  (``contents``), ``dpr-tsv`` (``id<TAB>text<TAB>title`` with its header, csv quoting).
+- ``qrels`` (TREC ``qid 0 docid rel``), ``beir-qrels`` (TSV with the header ``query-id corpus-id score``) and
+  ``run`` (``qid Q0 docid rank score tag``).
+
+Detection fits a format exactly (a JSON record's identifying fields; a text file's header, or its first lines),
+never by a guess: a file that fits none is a :class:`DataError` asking for ``format=``.
 
 A "record" is one line of a jsonl / TSV / TREC file, or one element of a JSON array (a conversation, a topic or
 a turn, as the format nests them); the line of an array element is the line its ``{`` is on.
