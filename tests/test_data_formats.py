@@ -18,8 +18,9 @@ FIX = Path(__file__).parent / "fixtures" / "data" / "formats"
 
 @pytest.mark.parametrize("name, fmt", [
     ("ikat_2023.json", "ikat"), ("ikat_2025.json", "ikat"), ("cast2022_tree.json", "cast2022"),
-    ("cast2022_flat.json", "cast2022-flat"), ("beir_corpus.jsonl", "beir-corpus"), ("beir_queries.jsonl", "beir-queries"),
-    ("beir_qrels.tsv", "beir-qrels"), ("convdr.jsonl", "convdr"), ("t5qr.json", "t5qr"), ("scai_qrecc.json", "scai-qrecc"),
+    ("cast2022_flat.json", "cast2022-flat"), ("beir_corpus.jsonl", "beir-corpus"),
+    ("beir_queries.jsonl", "beir-queries"), ("beir_qrels.tsv", "beir-qrels"), ("convdr.jsonl", "convdr"),
+    ("t5qr.json", "t5qr"), ("scai_qrecc.json", "scai-qrecc"),
     ("msmarco_v2_passage.jsonl", "msmarco-v2-passage"), ("msmarco_v21_segmented.jsonl", "msmarco-v2.1-segmented"),
     ("ikat_passages.jsonl", "ikat-passages"), ("pyserini.jsonl", "pyserini"), ("dpr.tsv", "dpr-tsv"),
     ("queries.tsv", "tsv"), ("qrels_comments.txt", "qrels"),
@@ -71,7 +72,8 @@ def test_ikat_2023_and_2024_topics():
     assert third.response == "Protein and carbohydrates within an hour."
     assert [h.role for h in third.history] == [USER, ASSISTANT, USER, ASSISTANT]
     assert third.history[2] == Turn(USER, "What about before a race?")
-    assert third.ptkb == ["I live in Utrecht.", "I am vegetarian.", "I run marathons."]  # numbered order, not "10" < "2"
+    # numbered order ("10" after "2")
+    assert third.ptkb == ["I live in Utrecht.", "I am vegetarian.", "I run marathons."]
     assert all(t.ptkb == turns[0].ptkb for t in turns[:3]) and turns[3].ptkb == ["I have two sisters."]
 
 
@@ -79,7 +81,8 @@ def test_ikat_2025_topics_renamed_fields():
     turns, _ = _read("ikat_2025.json")
     assert [t.qid for t in turns] == ["1-1_1", "1-1_2"]
     assert turns[1].query == "Yes." and turns[1].rewrite == "Yes, stomach acid reflux."
-    assert turns[1].history == [Turn(USER, "Foods good for acid reflux?"), Turn(ASSISTANT, "Do you mean stomach acid reflux?")]
+    assert turns[1].history == [Turn(USER, "Foods good for acid reflux?"),
+                                Turn(ASSISTANT, "Do you mean stomach acid reflux?")]
     assert turns[1].ptkb == ["I eat dinner late at night.", "I don't like Apple products."]
 
 
@@ -117,16 +120,19 @@ def test_convdr_both_variants():
     turns, _ = _read("convdr.jsonl")
     assert [(t.qid, t.conv_id, t.turn_id) for t in turns] == [("31_1", "31", "1"), ("31_2", "31", "2"),
                                                               ("81_1", "81", "1"), ("81_2", "81", "2")]
-    assert turns[1].history == [Turn(USER, "What is throat cancer?")] and turns[1].rewrite == "Is throat cancer treatable?"
+    assert turns[1].history == [Turn(USER, "What is throat cancer?")]
+    assert turns[1].rewrite == "Is throat cancer treatable?"
     assert turns[2].rewrite is None  # null oracle_query
-    assert turns[3].history == [Turn(USER, "How do garage door openers fail?"), Turn(ASSISTANT, "The logic board may fail.")]
+    assert turns[3].history == [Turn(USER, "How do garage door openers fail?"),
+                                Turn(ASSISTANT, "The logic board may fail.")]
 
 
 def test_t5qr_ids_drop_the_set_prefix():
     turns, _ = _read("t5qr.json")
     assert [t.qid for t in turns] == ["81_1", "81_2", "7625_3"]  # CAsT-20 qrels: '81_1'; QReCC: '7625_3'
     assert turns[0].history == []  # ctx_resps_text [""]: no response
-    assert turns[1].history == [Turn(USER, "How do garage door openers fail?"), Turn(ASSISTANT, "The logic board may fail.")]
+    assert turns[1].history == [Turn(USER, "How do garage door openers fail?"),
+                                Turn(ASSISTANT, "The logic board may fail.")]
     assert [h.role for h in turns[2].history] == [USER, ASSISTANT, USER, ASSISTANT]
     assert turns[2].rewrite == "Who directed Amadeus?"
 
@@ -158,15 +164,19 @@ def test_tsv_queries():
 
 # ------------------------------------------------------------------------------------------ collections, qrels
 @pytest.mark.parametrize("name, expected", [
-    ("beir_corpus.jsonl", [Passage("822086267_7384-8758-0-1374", "Week Date Opponent Result ...", "2017 Arizona Cardinals season"),
+    ("beir_corpus.jsonl", [Passage("822086267_7384-8758-0-1374", "Week Date Opponent Result ...",
+                                   "2017 Arizona Cardinals season"),
                            Passage("MED-10", "Statin use and breast cancer survival.")]),
     ("msmarco_v2_passage.jsonl", [Passage("msmarco_passage_00_0", "0-60 Times - 0-60 | 0 to 60 Times."),
-                                  Passage("msmarco_passage_00_172", "Some still feel \u2013 however \u2013 that one time is not indicative.")]),
-    ("msmarco_v21_segmented.jsonl", [Passage("msmarco_v2.1_doc_00_0#0_0", "0-60 Times\nThere are many ways to measure power.", "0-60 Times")]),
+                                  Passage("msmarco_passage_00_172",
+                                          "Some still feel \u2013 however \u2013 that one time is not indicative.")]),
+    ("msmarco_v21_segmented.jsonl", [Passage("msmarco_v2.1_doc_00_0#0_0",
+                                             "0-60 Times\nThere are many ways to measure power.", "0-60 Times")]),
     ("ikat_passages.jsonl", [Passage("clueweb22-en0000-32-08101:4", "\nEmail is more efficient than social media."),
                              Passage("clueweb22-en0000-32-08101:5", "Email marketing isn\u2019t dead.")]),
     ("pyserini.jsonl", [Passage("doc1", "title1\ncontents of doc one."), Passage("doc2", "contents of document two.")]),
-    ("dpr.tsv", [Passage("1", 'Aaron Aaron ( or ; "Ahärôn") is a prophet, high priest, and the brother of Moses.', "Aaron"),
+    ("dpr.tsv", [Passage("1", 'Aaron Aaron ( or ; "Ahärôn") is a prophet, high priest, and the brother of Moses.',
+                         "Aaron"),
                  Passage("2", "A text with\ta tab and a line\nbreak inside its quotes.", "Title, quoted"),
                  Passage("3", "Unquoted text: donâ€™t panic.", "Mojibake")]),
 ])
@@ -200,7 +210,8 @@ def test_bare_carriage_return_inside_a_text_does_not_split_the_record(tmp_path):
 def test_beir_qrels_and_trec_qrels_with_comments():
     report = ReadReport()
     qrels = read_qrels(FIX / "beir_qrels.tsv", report=report)
-    assert qrels == {"dd6b6ffd<::>2": {"822086267_7384-8758-0-1374": 1}, "dd6b6ffd<::>3": {"822086267_7384-8758-0-1374": 2},
+    assert qrels == {"dd6b6ffd<::>2": {"822086267_7384-8758-0-1374": 1},
+                     "dd6b6ffd<::>3": {"822086267_7384-8758-0-1374": 2},
                      "PLAIN-2": {"MED-10": 1}}
     assert (report.format, report.records, report.skipped) == ("beir-qrels", 3, 0)
     report = ReadReport()

@@ -18,7 +18,8 @@ from convret.data import DataError, ReadReport, detect_format, read_conversation
 from convret.data.cli import check_file
 
 # ``../shared/realdata`` beside the repository (CI's layout); CONVRET_REALDATA overrides (a git worktree elsewhere)
-REALDATA = Path(os.environ.get("CONVRET_REALDATA") or Path(__file__).resolve().parents[1].parent / "shared" / "realdata")
+REALDATA = Path(os.environ.get("CONVRET_REALDATA")
+                or Path(__file__).resolve().parents[1].parent / "shared" / "realdata")
 pytestmark = pytest.mark.skipif(not (REALDATA / "SOURCES.md").is_file(), reason=f"{REALDATA} is absent")
 
 # the format of every file convret reads; every other file of SOURCES.md must fail detection

@@ -32,13 +32,15 @@ import itertools
 import json
 import logging
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .._io import atomic_write
+from ._parsing import PathLike, _Bad, _context_turns, _field, _ident, _open, _passage_obj, _text
+from .conversations import (_cast2022_flat_parser, _parse_beir_query, _parse_cast2022_tree, _parse_convdr, _parse_ikat,
+                            _parse_query_tsv, _parse_scai_qrecc, _parse_t5qr)
+from .passages import _DPR_HEADER, _PASSAGE_PARSERS, _dpr_parser, _iter_quoted_tsv, _parse_passage_tsv
 from .records import ASSISTANT, USER, EvalTurn, Passage, TrainingExample, Turn
 
 __all__ = [
@@ -65,9 +67,6 @@ COLLECTION_FORMATS = ("collection", "tsv", "beir-corpus", "msmarco-v2-passage", 
 QRELS_FORMATS = ("qrels", "beir-qrels")
 #: every format name, in one place (``--format`` choices of ``convret data check`` / ``encode`` / ``evaluate``)
 FORMATS = tuple(dict.fromkeys((*TRAINING_FORMATS, *CONVERSATION_FORMATS, *COLLECTION_FORMATS, *QRELS_FORMATS, "run")))
-
-PathLike = str | os.PathLike
-
 
 class DataError(ValueError):
     """A malformed record: ``str()`` is ``"{path}:{line}: {reason}"``."""
@@ -121,23 +120,10 @@ class ReadReport:
                 "errors": [{"line": line, "reason": reason} for line, reason in self.errors]}
 
 
-class _Bad(Exception):
-    """Raised by a record parser: the record is malformed for ``reason``."""
-
-    def __init__(self, reason: str, fatal: bool = False):
-        super().__init__(reason)
-        self.reason = reason
-        self.fatal = fatal  # the rest of the file cannot be read (a syntax error inside a JSON array)
-
-
 # ------------------------------------------------------------------------------------------ raw records
 # ``strict=False``: a raw control character (a tab, a bare carriage return) inside a JSON string is read as itself
 # instead of making the record invalid; writers outside Python leave them unescaped now and then.
 _DECODER = json.JSONDecoder(strict=False)
-
-
-def _open(path: PathLike, newline: str = ""):
-    return open(path, "r", encoding="utf-8", newline=newline)
 
 
 def _first_char(path: PathLike) -> str:
@@ -269,83 +255,6 @@ def iter_records(path: PathLike) -> Iterator[tuple[int, Any]]:
     return _iter_jsonl(path)
 
 
-_TSV_MAX_RECORD_LINES = 1000
-
-
-def _split_quoted_tsv(text: str) -> list[str] | None:
-    """Fields of one TSV record written by Python's ``csv`` module (``delimiter='\t'``, minimal quoting): a field
-    that starts with ``"`` is quoted, ``""`` inside it is one ``"``. ``None``: a quoted field is still open at the
-    end of ``text`` (it goes on on the next line)."""
-    fields: list[str] = []
-    i, n = 0, len(text)
-    while True:
-        if i < n and text[i] == '"':
-            j, parts = i + 1, []
-            while True:
-                k = text.find('"', j)
-                if k < 0:
-                    return None
-                if k + 1 < n and text[k + 1] == '"':
-                    parts.append(text[j:k + 1])
-                    j = k + 2
-                    continue
-                parts.append(text[j:k])
-                i = k + 1
-                break
-            fields.append("".join(parts))
-            if i < n and text[i] != "\t":
-                raise _Bad(f"field {len(fields)}: text after its closing quote")
-        else:
-            k = text.find("\t", i)
-            if k < 0:
-                fields.append(text[i:])
-                return fields
-            fields.append(text[i:k])
-            i = k
-        if i >= n:
-            return fields
-        i += 1
-        if i == n:
-            fields.append("")
-            return fields
-
-
-def _iter_quoted_tsv(path: PathLike) -> Iterator[tuple[int, Any]]:
-    """``(line, fields)`` of a ``csv``-quoted TSV file (DPR's passage files); a quoted field may hold tabs, quotes
-    and line breaks. A record that cannot be split comes as ``(line, _Bad)``."""
-    with _open(path, newline="\n") as handle:
-        start, pending = 0, None
-        for number, raw in enumerate(handle, 1):
-            raw = raw.rstrip("\n")
-            if raw.endswith("\r"):
-                raw = raw[:-1]
-            if number == 1:
-                raw = raw.lstrip("\ufeff")
-            if pending is None:
-                if not raw.strip():
-                    continue
-                start, text = number, raw
-            else:
-                text = pending + "\n" + raw
-            try:
-                fields = _split_quoted_tsv(text)
-            except _Bad as bad:
-                pending = None
-                yield start, bad
-                continue
-            if fields is None:
-                if number - start >= _TSV_MAX_RECORD_LINES:
-                    pending = None
-                    yield start, _Bad(f"a quoted field is not closed within {_TSV_MAX_RECORD_LINES} lines", fatal=True)
-                    return
-                pending = text
-                continue
-            pending = None
-            yield start, fields
-        if pending is not None:
-            yield start, _Bad("a quoted field is not closed at the end of the file", fatal=True)
-
-
 # ------------------------------------------------------------------------------------------ format detection
 _DETECT_LINES = 20  # text files: this many leading lines must all fit the format
 
@@ -395,7 +304,6 @@ def detect_format(path: PathLike) -> str:
 
 
 _BEIR_QRELS_HEADER = ("query-id", "corpus-id", "score")
-_DPR_HEADER = ("id", "text", "title")
 
 
 def _is_qrels_line(text: str) -> bool:
@@ -526,51 +434,6 @@ def _resolve(path: PathLike, fmt: str, allowed: Sequence[str], what: str) -> str
     return fmt
 
 
-# ------------------------------------------------------------------------------------------ field helpers
-def _field(obj: Any, key: str, kind: type | tuple[type, ...], where: str = "", optional: bool = False) -> Any:
-    if not isinstance(obj, dict):
-        raise _Bad(f"{where or 'record'} must be a JSON object, got {type(obj).__name__}")
-    if key not in obj or obj[key] is None:
-        if optional:
-            return None
-        raise _Bad(f"missing field {key!r}" + (f" in {where}" if where else ""))
-    value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, (int, str), (str, int)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise _Bad(f"field {key!r}" + (f" in {where}" if where else "") +
-                   f" must be {names}, got {type(value).__name__}")
-    return value
-
-
-def _text(obj: Any, key: str, where: str = "", optional: bool = False) -> str | None:
-    value = _field(obj, key, str, where, optional)
-    if value is None:
-        return None
-    if not value.strip():
-        if optional:
-            return None
-        raise _Bad(f"empty text in field {key!r}" + (f" of {where}" if where else ""))
-    return value
-
-
-def _ident(obj: Any, key: str, where: str = "") -> str:
-    value = _field(obj, key, (str, int), where)
-    value = str(value).strip()
-    if not value:
-        raise _Bad(f"empty id in field {key!r}" + (f" of {where}" if where else ""))
-    return value
-
-
-def _passage_obj(obj: Any, where: str, id_keys: Sequence[str] = ("docid", "id", "passage_id")) -> Passage:
-    if not isinstance(obj, dict):
-        raise _Bad(f"{where} must be a JSON object, got {type(obj).__name__}")
-    key = next((k for k in id_keys if obj.get(k) is not None), None)
-    if key is None:
-        raise _Bad(f"missing field {id_keys[0]!r} in {where}")
-    text_key = "text" if "text" in obj else "contents" if "contents" in obj else "text"
-    return Passage(_ident(obj, key, where), _text(obj, text_key, where), _field(obj, "title", str, where, True) or "")
-
-
 # ------------------------------------------------------------------------------------------ training
 def read_training(
     path: PathLike,
@@ -696,18 +559,6 @@ def _parse_tevatron(obj: Any, corpus: Mapping[str, Passage] | None) -> list[Trai
     return [TrainingExample(qid, [], query, pos[0], neg, None, None)]
 
 
-def _context_turns(obj: Any) -> list[Turn]:
-    context = _field(obj, "Context", list, optional=True) or []
-    turns = []
-    for j, text in enumerate(context):
-        if not isinstance(text, str):
-            raise _Bad(f"Context[{j}] must be str, got {type(text).__name__}")
-        if not text.strip():
-            raise _Bad(f"empty text in Context[{j}]")
-        turns.append(Turn(USER if j % 2 == 0 else ASSISTANT, text))
-    return turns
-
-
 def _parse_triplet(obj: Any) -> list[TrainingExample]:
     qid = f"{_ident(obj, 'Conversation_no')}_{_ident(obj, 'Turn_no')}"
     query = _text(obj, "Question")
@@ -813,257 +664,6 @@ def _parse_cast(obj: Any) -> list[EvalTurn]:
     return out
 
 
-def _str_list(obj: Any, key: str, where: str = "", allow_empty: bool = False) -> list[str]:
-    """A list of texts (absent or null: empty); ``allow_empty``: empty strings are kept as ``""``."""
-    values = _field(obj, key, list, where, optional=True) or []
-    for j, value in enumerate(values):
-        if not isinstance(value, str):
-            raise _Bad(f"{key}[{j}]" + (f" in {where}" if where else "") + f" must be str, got {type(value).__name__}")
-        if not allow_empty and not value.strip():
-            raise _Bad(f"empty text in {key}[{j}]" + (f" of {where}" if where else ""))
-    return values
-
-
-def _ikat_ptkb(obj: Any) -> list[str]:
-    ptkb = obj.get("ptkb")
-    if ptkb is None:
-        return []
-    if isinstance(ptkb, dict):  # 2023 / 2024: {"1": statement, ...}, in the order of the statement numbers
-        keys = sorted(ptkb, key=lambda k: (0, int(k), "") if str(k).strip().isdigit() else (1, 0, str(k)))
-        items = [(f"ptkb[{k!r}]", ptkb[k]) for k in keys]
-    elif isinstance(ptkb, list):  # 2025: a list
-        items = [(f"ptkb[{j}]", value) for j, value in enumerate(ptkb)]
-    else:
-        raise _Bad(f"field 'ptkb' must be an object or a list, got {type(ptkb).__name__}")
-    for where, value in items:
-        if not isinstance(value, str) or not value.strip():
-            raise _Bad(f"{where} must be a non-empty str")
-    return [value for _, value in items]
-
-
-def _parse_ikat(obj: Any) -> list[EvalTurn]:
-    """TREC iKAT topics: 2023 / 2024 ``turns`` of ``utterance``, 2025 ``responses`` of ``user_utterance``."""
-    conv_id = _ident(obj, "number")
-    key, utterance_key = ("responses", "user_utterance") if "responses" in obj else ("turns", "utterance")
-    turns = _field(obj, key, list)
-    if not turns:
-        raise _Bad(f"empty {key!r}")
-    ptkb = _ikat_ptkb(obj)
-    out: list[EvalTurn] = []
-    history: list[Turn] = []
-    seen = set()
-    for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
-        turn_id = _ident(turn, "turn_id", where)
-        if turn_id in seen:
-            raise _Bad(f"duplicate turn_id {turn_id!r} in {where}")
-        seen.add(turn_id)
-        utterance = _text(turn, utterance_key, where)
-        response = _text(turn, "response", where, optional=True)
-        out.append(EvalTurn(f"{conv_id}_{turn_id}", conv_id, turn_id, list(history), utterance,
-                            _text(turn, "resolved_utterance", where, optional=True), response, [], ptkb=list(ptkb)))
-        history.append(Turn(USER, utterance))
-        if response is not None:
-            history.append(Turn(ASSISTANT, response))
-    return out
-
-
-def _parse_cast2022_tree(obj: Any) -> list[EvalTurn]:
-    """CAsT 2022 tree topics: every turn names its ``parent``; a User turn's session is its ancestors."""
-    conv_id = _ident(obj, "number")
-    turns = _field(obj, "turn", list)
-    if not turns:
-        raise _Bad("empty 'turn'")
-    nodes: dict[str, tuple[str, str, str | None, Any, str]] = {}
-    for i, turn in enumerate(turns):
-        where = f"turn[{i}]"
-        number = _ident(turn, "number", where)
-        if number in nodes:
-            raise _Bad(f"duplicate turn number {number!r} in {where}")
-        participant = _field(turn, "participant", str, where).lower()
-        if participant == "user":
-            role, text = USER, _text(turn, "utterance", where)
-        elif participant == "system":
-            role, text = ASSISTANT, _text(turn, "response", where)
-        else:
-            raise _Bad(f"unknown participant {turn['participant']!r} in {where} (expected 'User' or 'System')")
-        parent = _field(turn, "parent", (str, int), where, optional=True)
-        nodes[number] = (role, text, None if parent is None else str(parent), turn, where)
-    answers: dict[str, str] = {}
-    for number, (role, text, parent, _, where) in nodes.items():
-        if parent is not None and parent not in nodes:
-            raise _Bad(f"{where}: parent {parent!r} is not a turn of topic {conv_id}")
-        if role == ASSISTANT and parent is not None:
-            answers.setdefault(parent, text)
-    out: list[EvalTurn] = []
-    for number, (role, text, parent, turn, where) in nodes.items():
-        if role != USER:
-            continue
-        chain, visited = [], {number}
-        while parent is not None:
-            if parent in visited:
-                raise _Bad(f"{where}: its parent chain loops at {parent!r}")
-            visited.add(parent)
-            parent_role, parent_text, parent, _, _ = nodes[parent]
-            chain.append(Turn(parent_role, parent_text))
-        chain.reverse()
-        out.append(EvalTurn(f"{conv_id}_{number}", conv_id, number, chain, text,
-                            _text(turn, "manual_rewritten_utterance", where, optional=True), answers.get(number), []))
-    if not out:
-        raise _Bad("no User turn in 'turn'")
-    return out
-
-
-def _cast2022_flat_parser() -> Callable[[Any], list[EvalTurn]]:
-    """CAsT 2022 flattened topics: one record per path of the tree, so a turn shared by several paths comes once
-    per path (with the same session); each qid is yielded once, from the first path that holds it."""
-    yielded: set[str] = set()
-
-    def parse(obj: Any) -> list[EvalTurn]:
-        conv_id = _ident(obj, "number")
-        turns = _field(obj, "turn", list)
-        if not turns:
-            raise _Bad("empty 'turn'")
-        out: list[EvalTurn] = []
-        history: list[Turn] = []
-        seen = set()
-        for i, turn in enumerate(turns):
-            where = f"turn[{i}]"
-            number = _ident(turn, "number", where)
-            if isinstance(turn, dict) and "participant" in turn:
-                raise _Bad(f"{where} has a 'participant': this is a CAsT 2022 tree file (format 'cast2022')")
-            if number in seen:
-                raise _Bad(f"duplicate turn number {number!r} in {where}")
-            seen.add(number)
-            utterance = _text(turn, "utterance", where)
-            response = _text(turn, "response", where, optional=True)
-            qid = f"{conv_id}_{number}"
-            if qid not in yielded:
-                out.append(EvalTurn(qid, conv_id, number, list(history), utterance,
-                                    _text(turn, "manual_rewritten_utterance", where, optional=True), response, []))
-            history.append(Turn(USER, utterance))
-            if response is not None:
-                history.append(Turn(ASSISTANT, response))
-        yielded.update(turn.qid for turn in out)
-        return out
-
-    return parse
-
-
-def _split_turn_id(text: str, what: str) -> tuple[str, str]:
-    conv_id, sep, turn_id = text.rpartition("_")
-    if not sep or not conv_id or not turn_id:
-        raise _Bad(f"{what} {text!r} is not '{{conversation}}_{{turn}}'")
-    return conv_id, turn_id
-
-
-def _parse_convdr(obj: Any) -> list[EvalTurn]:
-    """ConvDR / COTED eval jsonl: ``turn_id`` is the qrels' qid; history = ``context_qs`` (+ the previous turn's
-    ``last_manual_response``, CAsT-20)."""
-    qid = _ident(obj, "turn_id")
-    query = _text(obj, "query")
-    conv_id, turn_id = obj.get("topic_number"), obj.get("query_number")
-    if conv_id is None or turn_id is None:
-        conv_id, turn_id = _split_turn_id(qid, "turn_id")
-    else:
-        conv_id, turn_id = _ident(obj, "topic_number"), _ident(obj, "query_number")
-    history = [Turn(USER, text) for text in _str_list(obj, "context_qs")]
-    last_response = _text(obj, "last_manual_response", optional=True)
-    if last_response is not None and history:
-        history.append(Turn(ASSISTANT, last_response))
-    return [EvalTurn(qid, conv_id, turn_id, history, query, _text(obj, "oracle_query", optional=True), None, [])]
-
-
-def _parse_t5qr(obj: Any) -> list[EvalTurn]:
-    """T5QR / ConvGQR jsonl: ``sample_id`` ``{set}_{conv}_{turn}`` (``CAsT20-test_81_1``); the qid drops the set
-    prefix (``81_1``, as the set's qrels spell it)."""
-    sample_id = _ident(obj, "sample_id")
-    parts = sample_id.rsplit("_", 2)
-    if len(parts) < 2 or not all(parts):
-        raise _Bad(f"sample_id {sample_id!r} is not '{{set}}_{{conversation}}_{{turn}}'")
-    conv_id, turn_id = parts[-2], parts[-1]
-    query = _text(obj, "cur_utt_text")
-    utterances = _str_list(obj, "ctx_utts_text")
-    responses = _str_list(obj, "ctx_resps_text", allow_empty=True)
-    # responses pair with the latest utterances (T5QR writes [""] for a first turn; some files keep the last only)
-    extra = len(responses) - len(utterances)
-    if extra > 0:
-        if any(r.strip() for r in responses[:extra]):
-            raise _Bad(f"{len(responses)} ctx_resps_text for {len(utterances)} ctx_utts_text")
-        responses = responses[extra:]
-    offset = len(utterances) - len(responses)
-    history: list[Turn] = []
-    for j, utterance in enumerate(utterances):
-        history.append(Turn(USER, utterance))
-        if j >= offset and responses[j - offset].strip():
-            history.append(Turn(ASSISTANT, responses[j - offset]))
-    return [EvalTurn(f"{conv_id}_{turn_id}", conv_id, turn_id, history, query,
-                     _text(obj, "oracle_utt_text", optional=True), None, [])]
-
-
-def _parse_scai_qrecc(obj: Any) -> list[EvalTurn]:
-    """SCAI-QReCC: ``Truth_rewrite``, ``Truth_answer``, ``Truth_passages`` (ids ``{URL}_p{N}``). Its ground-truth file
-    has no question: the query is then the rewrite, with ``Question`` / ``Context`` used when present."""
-    conv_id, turn_id = _ident(obj, "Conversation_no"), _ident(obj, "Turn_no")
-    rewrite = _text(obj, "Truth_rewrite")
-    question = _text(obj, "Question", optional=True)
-    return [EvalTurn(f"{conv_id}_{turn_id}", conv_id, turn_id, _context_turns(obj), question or rewrite, rewrite,
-                     _text(obj, "Truth_answer", optional=True), [],
-                     positive_ids=list(_str_list(obj, "Truth_passages")))]
-
-
-_MTRAG_SPEAKER = re.compile(r"\|(user|agent|assistant)\|: ?")
-
-
-def _mtrag_turns(text: str) -> list[Turn] | None:
-    """mt-rag's query text ``|user|: q1\n|user|: q2`` as turns (a line without a speaker continues the turn before);
-    ``None`` when the text does not start with a speaker."""
-    turns: list[list[str]] = []
-    for line in text.split("\n"):
-        match = _MTRAG_SPEAKER.match(line)
-        if match:
-            turns.append([USER if match.group(1) == "user" else ASSISTANT, line[match.end():]])
-        elif turns:
-            turns[-1][1] += "\n" + line
-        else:
-            return None
-    return [Turn(role, body) for role, body in turns]
-
-
-def _parse_query_tsv(line: str) -> list[EvalTurn]:
-    """``qid<TAB>text``: a single-turn query (no history); ``{conv}_{turn}`` qids are split into their parts."""
-    qid, sep, text = line.partition("\t")
-    qid = qid.strip()
-    if not sep:
-        raise _Bad("expected 'qid<TAB>text'")
-    if not qid:
-        raise _Bad("empty qid")
-    if not text.strip():
-        raise _Bad("empty text")
-    conv_id, sep, turn_id = qid.rpartition("_")
-    if not sep or not conv_id or not turn_id:
-        conv_id, turn_id = qid, ""
-    return [EvalTurn(qid, conv_id, turn_id, [], text.strip())]
-
-
-def _parse_beir_query(obj: Any) -> list[EvalTurn]:
-    """BEIR queries ``{"_id", "text"}``: the qid is ``_id`` as is (mt-rag's ``{conversation}<::>{turn}`` too); an
-    mt-rag text of ``|user|: ...`` lines is split into a session."""
-    qid = _ident(obj, "_id")
-    text = _text(obj, "text")
-    conv_id, sep, turn_id = qid.rpartition("<::>")
-    if not sep:
-        conv_id, turn_id = qid, ""
-    turns = _mtrag_turns(text)
-    if turns is None:
-        return [EvalTurn(qid, conv_id, turn_id, [], text)]
-    if turns[-1].role != USER or not turns[-1].text.strip():
-        raise _Bad("the last '|speaker|:' turn of 'text' is not a non-empty '|user|:' turn")
-    if any(not turn.text.strip() for turn in turns):
-        raise _Bad("an empty '|speaker|:' turn in 'text'")
-    return [EvalTurn(qid, conv_id, turn_id, turns[:-1], turns[-1].text)]
-
-
 # ------------------------------------------------------------------------------------------ collections
 def read_collection(
     path: PathLike,
@@ -1092,68 +692,6 @@ def read_collection(
     if fmt == "tsv" or (fmt == "collection" and _first_char(path) not in "[{"):
         return _drive(path, fmt, _iter_lines(path), _parse_passage_tsv, strict, report)
     return _drive(path, fmt, iter_records(path), _PASSAGE_PARSERS[fmt], strict, report)
-
-
-def _parse_passage_json(obj: Any) -> list[Passage]:
-    return [_passage_obj(obj, "record", id_keys=("id", "docid", "_id", "pid"))]
-
-
-def _passage_parser(id_key: str, text_key: str, title_key: str | None = None) -> Callable[[Any], list[Passage]]:
-    def parse(obj: Any) -> list[Passage]:
-        title = _field(obj, title_key, str, optional=True) if title_key else None
-        return [Passage(_ident(obj, id_key), _text(obj, text_key), title or "")]
-
-    return parse
-
-
-def _parse_ikat_passage(obj: Any) -> list[Passage]:
-    docid, passage_id = _ident(obj, "doc_id"), _ident(obj, "passage_id")
-    return [Passage(f"{docid}:{passage_id}", _text(obj, "passage_text"))]
-
-
-_PASSAGE_PARSERS: dict[str, Callable[[Any], list[Passage]]] = {
-    "collection": _parse_passage_json,
-    "beir-corpus": _passage_parser("_id", "text", "title"),
-    "msmarco-v2-passage": _passage_parser("pid", "passage"),
-    "msmarco-v2.1-segmented": _passage_parser("docid", "segment", "title"),
-    "ikat-passages": _parse_ikat_passage,
-    "pyserini": _passage_parser("id", "contents"),
-}
-
-
-def _dpr_parser() -> Callable[[Any], list[Passage]]:
-    """Rows of a DPR TSV; the header (first row ``id<TAB>text<TAB>title``) is no passage and sets the columns."""
-    columns = {name: j for j, name in enumerate(_DPR_HEADER)}
-    state = {"first": True}
-
-    def parse(fields: list[str]) -> list[Passage] | None:
-        if state["first"]:
-            state["first"] = False
-            names = [f.strip().lower() for f in fields]
-            if sorted(names) == sorted(_DPR_HEADER):
-                columns.update({name: j for j, name in enumerate(names)})
-                return None
-        if len(fields) != len(_DPR_HEADER):
-            raise _Bad(f"expected 3 tab-separated fields 'id<TAB>text<TAB>title', got {len(fields)}")
-        pid, text, title = (fields[columns[name]] for name in _DPR_HEADER)
-        if not pid.strip():
-            raise _Bad("empty id")
-        if not text.strip():
-            raise _Bad("empty text")
-        return [Passage(pid.strip(), text, title)]
-
-    return parse
-
-
-def _parse_passage_tsv(line: str) -> list[Passage]:
-    pid, sep, text = line.partition("\t")
-    if not sep:
-        raise _Bad("expected 'pid<TAB>text'")
-    if not pid.strip():
-        raise _Bad("empty pid")
-    if not text.strip():
-        raise _Bad("empty text")
-    return [Passage(pid.strip(), text)]
 
 
 # ------------------------------------------------------------------------------------------ qrels and runs
