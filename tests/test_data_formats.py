@@ -280,6 +280,17 @@ def test_ultrachat_conversation_ending_on_a_user_turn_keeps_its_earlier_turns(tm
     assert (report.records, report.skipped) == (1, 0)
 
 
+def test_pretty_printed_object_vs_a_truncated_first_jsonl_line(tmp_path):
+    path = tmp_path / "one.json"  # compact pretty-printing: the first line is not just '{'
+    path.write_text('{"conv_id": "1",\n "turns": [{"turn_id": 1, "question": "q"}]}\n')
+    with pytest.raises(DataError, match="one JSON object spread over several lines"):
+        detect_format(path)
+    path.write_text('{"conv_id": "1", "turns": [\n{"conv_id": "2", "turns": [{"turn_id": 1, "question": "q"}]}\n')
+    report = ReadReport()  # a broken first line of a jsonl file is one bad record, the rest is read
+    assert [t.qid for t in read_conversations(path, format="chatretriever-eval", report=report)] == ["2_1"]
+    assert report.skipped == 1 and "invalid JSON" in report.errors[0][1]
+
+
 def test_pretty_printed_object_is_rejected_clearly_when_a_format_is_forced():
     report = ReadReport()
     assert list(read_conversations(FIX / "pretty_object.json", format="chatretriever-eval", report=report)) == []

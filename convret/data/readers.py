@@ -157,6 +157,21 @@ _PRETTY_OBJECT = ("the file is one JSON object spread over several lines (a pret
                   "object")
 
 
+def _is_multiline_object(path: PathLike, limit: int = 1 << 20) -> bool:
+    """Whether the file starts with one JSON object spread over several lines: it parses within its first ``limit``
+    characters and holds a line break, or it opens with a line that is just ``{`` (a longer pretty-printed object).
+    A truncated one-line record is not one (it fails to parse before the next line's record)."""
+    with _open(path) as handle:
+        text = handle.read(limit).lstrip("\ufeff \t\r\n")
+    if text.split("\n", 1)[0].strip() == "{":
+        return True
+    try:
+        _, end = _DECODER.raw_decode(text)
+    except json.JSONDecodeError:
+        return False
+    return "\n" in text[:end]
+
+
 def _iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
     first = True
     for number, line in _iter_lines(path):
@@ -166,8 +181,7 @@ def _iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
                 raise json.JSONDecodeError("Extra data", line, end)
             yield number, value
         except json.JSONDecodeError as error:
-            if first and line.lstrip().startswith("{") and error.pos >= len(line.rstrip()) - 1:
-                # the first object does not end on its line: a pretty-printed JSON object, not JSONL
+            if first and line.lstrip().startswith("{") and _is_multiline_object(path):
                 yield number, _Bad(_PRETTY_OBJECT, fatal=True)
                 return
             yield number, _Bad(f"invalid JSON: {error.msg} at column {error.colno}")
