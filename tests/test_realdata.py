@@ -226,3 +226,16 @@ def test_query_ids_are_the_ids_of_the_sets_qrels(topics, qrels):
                                         for c in last_turn)]
     assert qids & set(judged)
     assert set(covered) <= qids, sorted(set(covered) - qids)[:5]
+
+
+@pytest.mark.parametrize("topics, run", [
+    ("ikat/2023/2023_test_topics.json", "ikat/2023/sample_run.json"),  # '9-1_1'
+    ("ikat/2024/2024_test_topics.json", "ikat/2024/sample_run.json"),  # integer topic numbers: '0_1'
+])
+def test_ikat_qids_are_the_turn_ids_of_ikat_runs(topics, run):
+    """iKAT's own run files (validated against its topics by its organisers' script) carry the qids of its qrels."""
+    turns = list(read_conversations(REALDATA / topics, strict=True))
+    convs = {t.conv_id for t in turns}
+    run_ids = [t["turn_id"] for t in json.loads((REALDATA / run).read_text(encoding="utf-8"))["turns"]]
+    covered = {qid for qid in run_ids if qid.rsplit("_", 1)[0] in convs}
+    assert covered and covered <= {t.qid for t in turns}

@@ -270,7 +270,7 @@ def iter_records(path: PathLike) -> Iterator[tuple[int, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ format detection
-_DETECT_LINES = 20  # text files: this many leading lines must all fit the format
+_DETECT_LINES = 20  # text files: the leading lines a layout must fit (the first one and 3 in 4)
 
 
 def detect_format(path: PathLike) -> str:
@@ -311,9 +311,9 @@ def detect_format(path: PathLike) -> str:
         # the first line and at least 3 in 4 of the leading lines fit (the others are bad records, reported later)
         if body and fits(body[0]) and sum(map(fits, body)) * 4 >= len(body) * 3:
             return fmt
-    raise DataError(path, lines[0][0], "cannot detect the format of this text file: its first lines are not all "
+    raise DataError(path, lines[0][0], "cannot detect the format of this text file: its first lines fit neither "
                                        "TREC qrels ('qid 0 docid rel'), a TREC run ('qid Q0 docid rank score tag'), "
-                                       "an 'id<TAB>text' TSV, nor headed by a BEIR qrels or DPR TSV header; pass "
+                                       "an 'id<TAB>text' TSV, nor a BEIR qrels or DPR TSV header; pass "
                                        "format=... (--format)")
 
 
