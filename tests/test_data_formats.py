@@ -305,3 +305,17 @@ def test_data_check_format_names(capsys):
     assert json.loads(capsys.readouterr().out)["format"] == "beir-qrels"
     assert cli_main(["data", "check", str(FIX / "ikat_judgements.tsv")]) == 2
     assert "--format" in capsys.readouterr().err
+
+
+def test_arrow_collection_gives_what_read_collection_gives(tmp_path):
+    pytest.importorskip("datasets")
+    from convret.data.arrow import iter_passages, load_collection
+
+    crlf = tmp_path / "cr.tsv"  # CRLF line ends and a bare CR inside a text
+    crlf.write_bytes(b"1\tfirst part\rsecond part\r\n2\tplain\r\n")
+    for path in [FIX / name for name in ("beir_corpus.jsonl", "msmarco_v2_passage.jsonl", "msmarco_v21_segmented.jsonl",
+                                         "ikat_passages.jsonl", "pyserini.jsonl")] + [crlf]:
+        expected = list(read_collection(path, strict=True))
+        assert list(iter_passages(load_collection(path, cache_dir=tmp_path / "cache"))) == expected, path.name
+    with pytest.raises(DataError, match="read_collection"):
+        load_collection(FIX / "dpr.tsv", cache_dir=tmp_path / "cache")
