@@ -153,8 +153,6 @@ FAMILY_WORDS = ["tell", "me", "about", "the", "lighthouse", "color", "and", "wha
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_matrix_family(family, model_family, tmp_path):
-    from jinja2.exceptions import TemplateError
-
     encoder = Encoder.from_checkpoint(family_checkpoint(model_family(family), tmp_path / "ck", 180))
     se = SessionEncoder(encoder, cache_mb=8)
     rng = random.Random(4)
@@ -165,9 +163,6 @@ def test_model_matrix_family(family, model_family, tmp_path):
     vec, info = se.encode("c", edited)
     np.testing.assert_allclose(vec, full(encoder, edited), atol=TOL, rtol=0)
     assert info.cache == "changed" and info.reused_tokens > 0
-    # grow until truncation drops the oldest turns
-    try:
-        _, infos = grow_and_check(encoder, se, rng, conv="long", turns_n=8, words=FAMILY_WORDS)
-    except TemplateError as error:  # the formatter itself cannot render the truncated session
-        pytest.skip(f"{family}: SequenceFormatter.session cannot truncate this template's sessions ({error})")
+    # grow until truncation drops the oldest exchanges
+    _, infos = grow_and_check(encoder, se, rng, conv="long", turns_n=8, words=FAMILY_WORDS)
     assert any(i.cache == "changed" for i in infos), "the session never reached max_session_len"
