@@ -290,7 +290,8 @@ class SessionEncoder:
         if plan.new_kv is not None and plan.new_kv.shape[3]:
             parts.append(plan.new_kv)
         tokens = request.tokens[: request.session_len]
-        kv = torch.cat(parts, dim=3).clone() if len(parts) > 1 else (parts[0].clone() if parts else None)
+        # a copy either way: the entry must not keep the previous (longer) entry's storage alive
+        kv = torch.cat(parts, dim=3) if len(parts) > 1 else (parts[0].clone() if parts else None)
         self._store(request.conversation_id, tokens, kv)
 
     def _store(self, conversation_id: str, tokens: list[int], kv: torch.Tensor | None) -> None:

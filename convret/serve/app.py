@@ -13,6 +13,8 @@ No request field names a file or a path: the model, index and collection are fix
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hmac
 import json
 import re
@@ -25,7 +27,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.concurrency import run_in_threadpool
 
 from ..retrieval.session_encoder import turns_of
 from .service import Batcher, Job, Metrics, SearchService
@@ -140,6 +141,12 @@ def create_app(service: SearchService, settings: ServeSettings | None = None) ->
     settings = settings or ServeSettings()
     limits = settings.limits
     metrics = Metrics(service.encoder)
+    # tokenising holds the GIL: two threads keep the event loop and the forward thread responsive, where
+    # starlette's default pool of 40 would let 32 concurrent tokenisations starve both
+    tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="convret-tokenize")
+
+    async def run_in_threadpool(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
     batcher = Batcher(service.run_batch, settings.max_wait_ms, settings.max_batch_tokens,
                       settings.max_batch_requests, metrics, settings.always_wait)
 
@@ -148,6 +155,7 @@ def create_app(service: SearchService, settings: ServeSettings | None = None) ->
         await batcher.start()
         yield
         await batcher.stop()
+        tokenize_pool.shutdown(wait=False)
 
     app = FastAPI(title="convret serve", version="1", lifespan=lifespan,
                   description="Conversational dense retrieval; each new turn is encoded on top of the cached "
