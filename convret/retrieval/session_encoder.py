@@ -132,7 +132,8 @@ class SessionEncoder:
     Args:
         encoder: a loaded :class:`Encoder` (model, tokenizer, training-time formatter).
         cache_mb: the cache's byte budget in MiB (0: no caching).
-        token_budget: key positions per packed row (as ``convret encode``'s ``--token-budget``).
+        token_budget: tokens run per packed row (as ``convret encode``'s ``--token-budget``; cached tokens do
+            not count: they add keys and values, not activations).
 
     Thread-safe: one lock serialises encodes (one forward at a time is what the hardware does anyway).
     """
@@ -170,15 +171,17 @@ class SessionEncoder:
     def encode_requests(self, requests: Sequence[SessionRequest | PassageRequest]
                         ) -> tuple[np.ndarray, list[EncodeInfo]]:
         """Embeddings ``[n, dim]`` (float32) of prepared requests and how each was encoded, in one forward
-        pass: the requests are packed into rows of at most ``token_budget`` key positions (cached + new
-        tokens; a longer one gets a row of its own) exactly as ``convret encode`` packs, and only their new
-        tokens run. Afterwards every session request's cache entry is replaced by its new session."""
+        pass: the requests are packed into rows of at most ``token_budget`` tokens to run (a longer one gets a
+        row of its own; with nothing cached this is exactly ``convret encode``'s packing), each row holding
+        its requests' cached keys / values beside them, and only the new tokens run. Afterwards every session request's cache entry is replaced by its new session."""
         if not requests:
             return np.zeros((0, self.encoder.dim), dtype=np.float32), []
         with self._lock, torch.inference_mode():
             plans = [self._plan(r) for r in requests]
             out = torch.empty(len(requests), self.encoder.dim, dtype=torch.float32)
-            rows = pack_by_budget([p.key_len for p in plans], self.token_budget)
+            # rows hold at most token_budget tokens that run (the activations' memory; a cached prefix only
+            # adds its keys / values): without a cache this is exactly convret encode's packing
+            rows = pack_by_budget([len(p.new_tokens) for p in plans], self.token_budget)
             self._run(requests, plans, rows, out)
             for request, plan in zip(requests, plans):
                 self._account(request, plan)
