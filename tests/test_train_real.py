@@ -159,3 +159,136 @@ def test_gradcache_scales_once_under_a_loss_scaler():
         assert want[name].abs().max() > 0, name
         err = float((got[name] - want[name]).norm() / want[name].norm())
         assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------- negatives
+def _rich_example(index=0, negatives=10, positives=3):
+    from convret.data.records import Passage, TrainingExample, Turn
+
+    return TrainingExample(f"q{index}", [Turn("user", "w1")], "w2", Passage("pos0", "w3"),
+                           [Passage(f"neg{j}", f"w{10 + j}") for j in range(negatives)], "w3",
+                           positives=[Passage(f"pos{j}", f"w{3 + j}") for j in range(positives)])
+
+
+def test_negatives_and_positives_are_drawn_per_epoch_from_seed_epoch_and_index():
+    from convret.train.data import EpochShuffleSampler, TrainingDataset
+
+    data = TrainingDataset([_rich_example(0), _rich_example(1)], num_negatives=3, seed=11)
+    draws = [data[(epoch, 0)] for epoch in range(16)]
+    sets = [tuple(n.id for n in ex.negatives) for ex in draws]
+    assert all(len(s) == 3 and len(set(s)) == 3 for s in sets)  # without replacement
+    assert sets[0] != sets[1], "the negatives do not rotate across epochs"
+    assert {n for s in sets for n in s} == {f"neg{j}" for j in range(10)}, "some negatives are never drawn"
+    assert {ex.positive.id for ex in draws} == {"pos0", "pos1", "pos2"}, "one positive only"
+    # a function of (seed, epoch, index) alone: another dataset object, another order of lookups
+    again = TrainingDataset([_rich_example(0), _rich_example(1)], num_negatives=3, seed=11)
+    assert [tuple(n.id for n in again[(e, 0)].negatives) for e in reversed(range(16))] == sets[::-1]
+    assert data[0] == data[(0, 0)]
+    other_index = [tuple(n.id for n in data[(e, 1)].negatives) for e in range(16)]
+    other_seed = TrainingDataset([_rich_example(0)], num_negatives=3, seed=12)
+    assert other_index != sets and [tuple(n.id for n in other_seed[(e, 0)].negatives) for e in range(16)] != sets
+    # sampling off: the first ones, every epoch
+    fixed = TrainingDataset([_rich_example(0)], num_negatives=3, seed=11, sample=False)
+    assert {tuple(n.id for n in fixed[(e, 0)].negatives) for e in range(4)} == {("neg0", "neg1", "neg2")}
+    assert {fixed[(e, 0)].positive.id for e in range(4)} == {"pos0"}
+    # the sampler hands the epoch to the dataset
+    sampler = EpochShuffleSampler(2, seed=3)
+    sampler.set_epoch(5)
+    assert sorted(sampler) == [(5, 0), (5, 1)]
+
+
+class _SeenNegatives(TrainerCallback):
+    """Wraps the Trainer's collator: the negatives' ids each example was trained with, per step."""
+
+    def __init__(self, trainer):
+        self.seen: dict[str, list[tuple[str, ...]]] = {}
+        collate = trainer.data_collator
+
+        def recording(examples):
+            for ex in examples:
+                self.seen.setdefault(ex.id, []).append(tuple(n.id for n in ex.negatives))
+            return collate(examples)
+
+        trainer.data_collator = recording
+        _SeenNegatives.last = self
+
+
+def test_trainer_rotates_the_negatives_across_epochs(world, tmp_path):  # noqa: F811
+    examples = make_examples(8, negatives=6)
+    flags = ["--max_steps", "6", "--save_steps", "100", "--num_negatives", "2"]  # 3 epochs of 2 batches
+    assert _train(world, tmp_path / "run", *flags, examples=examples, callback=_SeenNegatives) == 0
+    seen = _SeenNegatives.last.seen
+    assert sorted(seen) == sorted(ex.id for ex in examples) and all(len(v) == 3 for v in seen.values())
+    for ex in examples:
+        draws = seen[ex.id]
+        assert all(len(d) == 2 and set(d) <= {n.id for n in ex.negatives} for d in draws)
+        assert len({n for d in draws for n in d}) > 2, f"{ex.id}: the same negatives every epoch"
+
+
+def test_tevatron_reader_keeps_every_positive(tmp_path):
+    from convret.data import read_training
+
+    path = tmp_path / "train.jsonl"
+    record = {"query_id": "q1", "query": "what is w1",
+              "positive_passages": [{"docid": "d1", "text": "w1 is"}, {"docid": "d2", "text": "w1 was"}],
+              "negative_passages": [{"docid": "d3", "text": "w2"}]}
+    single = {**record, "query_id": "q2", "positive_passages": record["positive_passages"][:1]}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(single) + "\n")
+    first, second = list(read_training(path, format="tevatron"))
+    assert first.positive.id == "d1" and [p.id for p in first.positives] == ["d1", "d2"]
+    assert second.positive.id == "d1" and second.positives == []
+
+
+# ---------------------------------------------------------------------------------------------- compat flags
+class _Batches(TrainerCallback):
+    def __init__(self, trainer):
+        self.batches = []
+        collate = trainer.data_collator
+
+        def recording(examples):
+            out = collate(examples)
+            self.batches.append(out["batch"])
+            return out
+
+        trainer.data_collator = recording
+        _Batches.last = self
+
+
+def test_chatretriever_compat_from_convret_train_to_the_batch_and_encode(world, tmp_path):  # noqa: F811
+    """--chatretriever_compat / --separator_token reach the training batch ([SEP, EMB_1..EMB_t] before every
+    pooled position) and the checkpoint, whose encoder embeds sessions and passages with the same block."""
+    from convret.retrieval.encoder import Encoder
+    from convret.train.checkpoint import RetrieverConfig
+
+    out = tmp_path / "compat"
+    flags = ["--max_steps", "1", "--save_steps", "100", "--chatretriever_compat", "true",
+             "--separator_token", "<|im_start|>"]
+    assert _train(world, out, *flags, callback=_Batches) == 0
+    config = RetrieverConfig.from_file(out / "final" / "convret_config.json")
+    encoder = Encoder.from_checkpoint(out / "final")
+    sep = encoder.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert (config.chatretriever_compat, config.separator_token, config.separator_token_id) == \
+        (True, "<|im_start|>", sep)
+    block = [sep, *config.summary_token_ids]
+    batch = _Batches.last.batches[0]
+    positions = torch.cat([batch.query_positions, batch.passage_positions])
+    assert positions.shape[0] > 0
+    for row, pos in positions.tolist():
+        assert batch.input_ids[row, pos - len(block) + 1: pos + 1].tolist() == block
+    from convret.data.records import Turn
+
+    session = encoder.session_tokens([Turn("user", "w1"), Turn("assistant", "w2")], "w3")
+    passage = encoder.passage_tokens("w4 w5")
+    assert session[-len(block):] == block and passage[-len(block):] == block
+    # without compat: no separator, and a separator_token alone is an error
+    assert RetrieverConfig.from_file(out / "init" / "convret_config.json").summary_block() == block
+    m, d, l, t = _args(world, tmp_path / "x", "--separator_token", "<|im_start|>")
+    from convret.train.model import build_model
+
+    with pytest.raises(ValueError, match="only used with chatretriever_compat"):
+        build_model(m, d, l)
+    m, d, l, t = _args(world, tmp_path / "x", "--chatretriever_compat", "true", "--separator_token", "nope")
+    with pytest.raises(ValueError, match="'nope' is not a token"):
+        build_model(m, d, l)
+    m, d, l, t = _args(world, tmp_path / "x", "--chatretriever_compat", "true")
+    assert build_model(m, d, l).config.separator_token == "<|im_end|>"  # the tokenizer's EOS by default

@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
             prefix = list(formatter.session(turn.history, turn.query))
             for passage in passages.get(turn.qid, []):
                 prefix += list(formatter.passage(passage))
-            ids = generate_response(encoder.model, prefix, config.summary_token_ids,
+            ids = generate_response(encoder.model, prefix, config.summary_block(),
                                     args.max_new_tokens or config.max_response_len or 128, eos)
             response = tokenizer.decode(ids, skip_special_tokens=True).strip()
             row = {"qid": turn.qid, "response": response, "reference": turn.response}

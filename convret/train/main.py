@@ -175,15 +175,20 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
                                       passage_instruction=data_args.passage_instruction)
     if examples is None:
         examples = read_examples(data_args, loss_args)
+    data_seed = train_args.data_seed if train_args.data_seed is not None else train_args.seed
     collator = TrainingCollator(
         formatter,
         CSITCollator(retriever_config.summary_token_ids, tokenizer.pad_token_id,
-                     max_len=_max_len(data_args, len(retriever_config.summary_token_ids), loss_args.recipe),
+                     max_len=_max_len(data_args, len(retriever_config.summary_block()), loss_args.recipe),
                      max_passage_len=data_args.max_passage_len, max_response_len=data_args.max_response_len,
-                     summary_on_passages=data_args.summary_on_passages),
+                     summary_on_passages=data_args.summary_on_passages,
+                     separator_token_id=retriever_config.separator_token_id
+                     if retriever_config.chatretriever_compat else None),
         recipe=loss_args.recipe, num_negatives=data_args.num_negatives)
     return ConvretTrainer(
-        model=model, args=train_args, train_dataset=TrainingDataset(examples), data_collator=collator,
+        model=model, args=train_args, data_collator=collator,
+        train_dataset=TrainingDataset(examples, num_negatives=data_args.num_negatives, seed=data_seed,
+                                      sample=data_args.sample_negatives),
         processing_class=tokenizer, callbacks=[JsonlLogCallback(Path(train_args.output_dir) / LOG_NAME)],
         recipe=make_recipe(loss_args), retriever_config=retriever_config,
         gradcache_chunk_rows=loss_args.gradcache_chunk_rows,
