@@ -88,6 +88,22 @@ def test_explicit_bf16_flag_and_bad_mode(world, tmp_path):  # noqa: F811
         finalize_training_args(t, m)
 
 
+def test_auto_is_bf16_on_a_bf16_gpu_and_the_7b_configs_ask_for_auto(world, tmp_path, monkeypatch):  # noqa: F811
+    """What auto resolves to where a CUDA GPU is (faked: there is none here), and the bundled 7B configs."""
+    from convret.train.arguments import CONFIG_DIR, parse_arguments
+    from convret.train.main import resolve_mixed_precision
+
+    for name in ("chatretriever-qwen-7b.yaml", "uniconv-mistral-7b.yaml"):
+        assert parse_arguments([], CONFIG_DIR / name)[0].mixed_precision == "auto"
+    m, d, l, t = _args(world, tmp_path / "x", "--use_cpu", "false")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_mixed_precision("auto", t) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_mixed_precision("auto", t) == "no"
+    assert resolve_mixed_precision("fp16", t) == "fp16"
+
+
 # ---------------------------------------------------------------------------------------------- GradCache
 class _FirstStepGradients(TrainerCallback):
     """The gradients of every trainable parameter and of the learnable temperature just before the first

@@ -49,7 +49,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, key: int | tuple[int, int]) -> TrainingExample:
-        epoch, index = (0, key) if isinstance(key, int) else (int(key[0]), int(key[1]))
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (0, int(key))
         return self.draw(index, epoch)
 
     def draw(self, index: int, epoch: int = 0) -> TrainingExample:
