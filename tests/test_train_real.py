@@ -133,7 +133,8 @@ def _nonzero_lora_b(model):
 
 
 @pytest.mark.parametrize("accumulation", [1, 2, 4])
-def test_gradcache_under_accumulation_equals_the_plain_step_through_the_trainer(world, tmp_path, accumulation):  # noqa: F811
+def test_gradcache_under_accumulation_equals_the_plain_step_through_the_trainer(world, tmp_path,  # noqa: F811
+                                                                               accumulation):
     """One optimizer step of LoRA + summary rows + learnable temperature, gradient accumulation 1 / 2 / 4 (the
     Trainer's loop, accelerator.backward): GradCache in chunks of one row gives the unchunked step's gradients
     for every trainable parameter and the temperature (the contrastive part was 1/GA^2 before the fix)."""
