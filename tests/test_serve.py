@@ -335,3 +335,21 @@ def test_api_key_and_sigterm_drains_in_flight_requests(world, tmp_path):
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
     finally:
         srv.stop()
+
+
+def test_a_failing_request_fails_alone_in_its_batch(world):
+    """The batch path itself: one job whose forward raises (a token id outside the vocabulary) gets its error,
+    the others of the same batch their results (equal to their results alone)."""
+    from convret.retrieval.session_encoder import PassageRequest
+    from convret.serve.service import Job, SearchService
+
+    service = SearchService.load(world["model"], world["index"], world["collection"], cache_mb=1)
+    good = [Job([service.encoder.session_request(f"c{i}", [{"role": "user", "text": f"w{i} w7"}])], top_k=3)
+            for i in range(3)]
+    bad = Job([PassageRequest([10**7])])
+    results = service.run_batch([good[0], bad, good[1], good[2]])
+    assert isinstance(results[1], Exception)
+    alone = SearchService.load(world["model"], world["index"], world["collection"], cache_mb=1)
+    for job, result in zip(good, [results[0], results[2], results[3]]):
+        expected = alone.run_batch([job])[0]
+        assert [h[0] for h in result.hits] == [h[0] for h in expected.hits]
