@@ -192,6 +192,53 @@ void convert_rows(const float* src, int64_t ld_src, scalar_t* dst, int64_t ld_ds
   }
 }
 
+// K^T and V of every (batch, kv head), packed once into the VNNI pairs of the brgemm ukernel's B operand:
+//   keys_t: [D / 2, L', 2] per group (B of S = Q K^T; pairs along D; L' = L rounded up to even, ld L'),
+//   values: [L' / 2, D, 2] per group (B of O += P V; pairs of consecutive keys, a zero key past an odd L).
+// Extra memory: one copy of K and V.
+template <typename scalar_t>
+struct PackedKeysValues {
+  at::Tensor keys_t_buffer, values_buffer;
+  int64_t ld_keys_t = 0, group_elems = 0;
+  // B of S for keys key_first .. (column span of the packed K^T)
+  const scalar_t* keys_t(int64_t group_index, int64_t key_first) const {
+    return keys_t_buffer.data_ptr<scalar_t>() + group_index * group_elems + 2 * key_first;
+  }
+  // B of P V for keys key_first .. (key_first even)
+  const scalar_t* values(int64_t group_index, int64_t key_first) const {
+    return values_buffer.data_ptr<scalar_t>() + group_index * group_elems + key_first * (group_elems / ld_keys_t);
+  }
+};
+
+template <typename scalar_t>
+PackedKeysValues<scalar_t> pack_keys_values(const at::Tensor& k, const at::Tensor& v) {
+  const int64_t batch = k.size(0), num_kv_heads = k.size(1), seq_len = k.size(2), head_dim = k.size(3);
+  PackedKeysValues<scalar_t> packed;
+  packed.ld_keys_t = seq_len + seq_len % 2;
+  packed.group_elems = packed.ld_keys_t * head_dim;
+  packed.keys_t_buffer = at::empty({batch * num_kv_heads * packed.group_elems}, k.options().memory_format(at::MemoryFormat::Contiguous));
+  packed.values_buffer = at::empty({batch * num_kv_heads * packed.group_elems}, v.options().memory_format(at::MemoryFormat::Contiguous));
+  const RowsView<const scalar_t> k_rows(k), v_rows(v);
+  scalar_t* keys_t = packed.keys_t_buffer.template data_ptr<scalar_t>();
+  scalar_t* values = packed.values_buffer.template data_ptr<scalar_t>();
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b = g / num_kv_heads, kv_head = g % num_kv_heads;
+      scalar_t* kt = keys_t + g * packed.group_elems;
+      pack_transposed_vnni(k_rows.row(b, kv_head, 0), k_rows.stride_l, seq_len, head_dim, kt, packed.ld_keys_t);
+      if (packed.ld_keys_t != seq_len) {  // the padding key column: zeros
+        for (int64_t pair = 0; pair < head_dim / 2; ++pair) {
+          kt[pair * 2 * packed.ld_keys_t + 2 * seq_len] = scalar_t(0);
+          kt[pair * 2 * packed.ld_keys_t + 2 * seq_len + 1] = scalar_t(0);
+        }
+      }
+      pack_rows_vnni(v_rows.row(b, kv_head, 0), v_rows.stride_l, seq_len, head_dim,
+                     values + g * packed.group_elems, head_dim);
+    }
+  });
+  return packed;
+}
+
 // ------------------------------------------------------------------------------------------------ forward
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
@@ -208,6 +255,15 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   float* lse_data = lse.data_ptr<float>();
   const float softmax_scale = static_cast<float>(scale);
   const int64_t stacked_rows = group * block_m;
+  // The packed path (16-bit, where the probe picked it): K^T and V of each (batch, kv head) packed once into
+  // VNNI pairs, read by every query tile and head of the group through the brgemm ukernel. A key span then
+  // starts at an even key (V pairs keys), so score rows get two spare columns.
+  const bool packed = use_packed_path<scalar_t>() && block_n % 2 == 0;
+  const int64_t score_ld = packed ? block_n + 2 : block_n;
+  PackedKeysValues<scalar_t> packed_kv;
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (packed) packed_kv = pack_keys_values<scalar_t>(k, v);
+  }
 
   // Later query tiles see more keys: hand them out first.
   const int64_t num_items = batch * num_kv_heads * num_q_tiles;
@@ -218,11 +274,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   parallel_items<Scratch>(num_items, [&](int64_t item, Scratch& scratch) {
     auto& [q_stack, probs_lowp, scores, acc, row_max, row_sum] = scratch;
     q_stack.resize(stacked_rows * head_dim);
-    scores.resize(stacked_rows * block_n);
+    scores.resize(stacked_rows * score_ld);
     acc.resize(stacked_rows * head_dim);
     row_max.resize(stacked_rows);
     row_sum.resize(stacked_rows);
-    if constexpr (!std::is_same_v<scalar_t, float>) probs_lowp.resize(stacked_rows * block_n);
+    if constexpr (!std::is_same_v<scalar_t, float>) probs_lowp.resize(stacked_rows * score_ld);
 
     const int64_t q_tile = num_q_tiles - 1 - item / (batch * num_kv_heads);
     const int64_t b = (item % (batch * num_kv_heads)) / num_kv_heads;
@@ -250,6 +306,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         if (span.begin == span.end) continue;
         key_first = k_first + span.begin;
         width = span.end - span.begin;
+        if (packed && key_first % 2 == 1) {  // V pairs start at even keys; the mask hides the extra key
+          --key_first;
+          ++width;
+        }
       }
       const scalar_t* k_span_data = k_rows.row(b, kv_head, key_first);
       const scalar_t* v_span_data = v_rows.row(b, kv_head, key_first);
@@ -260,15 +320,26 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
 
       // scores[m, width] = Q_stack @ K_span^T, unscaled
-      gemm(false, true, m, width, head_dim, 1.f, q_stack.data(), head_dim, k_span_data, k_rows.stride_l, 0.f,
-           scores.data(), block_n);
+      bool scored = false;
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (packed) {
+          gemm_packed(m, width, head_dim, q_stack.data(), head_dim,
+                      packed_kv.keys_t(b * num_kv_heads + kv_head, key_first), packed_kv.ld_keys_t, scores.data(),
+                      score_ld, false);
+          scored = true;
+        }
+      }
+      if (!scored) {
+        gemm(false, true, m, width, head_dim, 1.f, q_stack.data(), head_dim, k_span_data, k_rows.stride_l, 0.f,
+             scores.data(), score_ld);
+      }
       if (tile_class == TileClass::kPartial) {
-        mask_scores(scores.data(), block_n, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
+        mask_scores(scores.data(), score_ld, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
       }
 
       // online softmax, one stacked row at a time; p = exp(scale * (s - max))
       for (int64_t r = 0; r < m; ++r) {
-        float* s = scores.data() + r * block_n;
+        float* s = scores.data() + r * score_ld;
         float tile_max_score = at::vec::reduce_all<float>(
             [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, width);
         const float new_max = std::max(row_max[r], tile_max_score);
@@ -288,12 +359,21 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
       // acc[m, D] += P @ V_span
       if constexpr (std::is_same_v<scalar_t, float>) {
-        gemm(false, false, m, head_dim, width, 1.f, scores.data(), block_n, v_span_data, v_rows.stride_l, 1.f,
+        gemm(false, false, m, head_dim, width, 1.f, scores.data(), score_ld, v_span_data, v_rows.stride_l, 1.f,
              acc.data(), head_dim);
       } else {
-        convert_rows(scores.data(), block_n, probs_lowp.data(), block_n, m, width);
-        gemm(false, false, m, head_dim, width, 1.f, probs_lowp.data(), block_n, v_span_data, v_rows.stride_l, 1.f,
-             acc.data(), head_dim);
+        convert_rows(scores.data(), score_ld, probs_lowp.data(), score_ld, m, width);
+        if (packed) {  // an odd span takes one more key pair: its P column is zero (its V row is a key or padding)
+          const int64_t paired = width + width % 2;
+          if (paired != width) {
+            for (int64_t r = 0; r < m; ++r) probs_lowp[r * score_ld + width] = scalar_t(0);
+          }
+          gemm_packed(m, head_dim, paired, probs_lowp.data(), score_ld,
+                      packed_kv.values(b * num_kv_heads + kv_head, key_first), head_dim, acc.data(), head_dim, true);
+        } else {
+          gemm(false, false, m, head_dim, width, 1.f, probs_lowp.data(), score_ld, v_span_data, v_rows.stride_l,
+               1.f, acc.data(), head_dim);
+        }
       }
     }
 
