@@ -409,6 +409,12 @@ std::string select_tile_gemm(const std::string& forced = "auto", bool reprobe = 
       choice.report = std::string(tile_gemm_name(static_cast<TileGemm>(forced_impl))) + " (forced)";
       return choice.report;
     }
+    if (choice.impl >= 0) {  // packed, with the per-tile GEMM already chosen: no new probe
+      choice.packed = true;
+      choice.report = std::string("packed (forced), per-tile GEMM elsewhere: ") +
+                      tile_gemm_name(static_cast<TileGemm>(choice.impl.load()));
+      return choice.report;
+    }
   }
   const char* env = std::getenv("CONVRET_CPU_TILE_GEMM");  // a site can pin one: mkl, onednn, upcast, packed
   std::string why[kNumTileGemms];
