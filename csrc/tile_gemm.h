@@ -477,7 +477,8 @@ inline bool use_packed_path() {
     return false;
   } else {
     current_tile_gemm<scalar_t>();
-    return tile_gemm_choice<scalar_t>().packed.load();
+    // oneDNN switched off after the probe (torch.backends.mkldnn): the ukernel would refuse, take the per-tile GEMM
+    return tile_gemm_choice<scalar_t>().packed.load() && at::globalContext().userEnabledMkldnn();
   }
 }
 

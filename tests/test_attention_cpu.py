@@ -295,10 +295,15 @@ def test_packed_path_matches_oracle(layout, group, tiles, memory_layout, seed):
 
 @requires_native
 def test_probe_never_picks_a_packed_path_that_cannot_run():
-    """With oneDNN switched off (torch.backends.mkldnn), the ukernel cannot run: the probe reports why, keeps a
-    per-tile GEMM, forcing the packed path raises, and the kernels still match the oracle."""
+    """With oneDNN switched off (torch.backends.mkldnn), the ukernel cannot run: a packed path picked before falls
+    back to the per-tile GEMM, the probe reports why, keeps a per-tile GEMM, forcing the packed path raises, and
+    the kernels still match the oracle."""
     layout = SessionLayout.from_segments([[(40, 3, 12), (9, 0, 0)], [(20, 2, 1)]], seq_len=70)
     try:
+        if _packed_path_runs(torch.bfloat16):  # picked while oneDNN was on, then oneDNN switched off
+            _cpu_backend.set_tile_gemm(torch.bfloat16, "packed")
+            with torch.backends.mkldnn.flags(enabled=False):
+                check_parity(layout, 4, 2, 64, torch.bfloat16, "contiguous", "native", TileSizes(16, 16, 16, 8))
         with torch.backends.mkldnn.flags(enabled=False):
             report = _cpu_backend.set_tile_gemm(torch.bfloat16, "auto")
             assert re.search(r"packed unavailable", report) and not report.startswith("packed"), report
