@@ -202,3 +202,17 @@ def test_harness_oom_detection_and_guard():
     assert harness.memory_guard_bytes(0.5) == 2**29
     record = harness.oom_result(2**31, 2**30)
     assert record["status"] == "oom" and "guard" in record["reason"]
+
+
+def test_serve_smoke(tmp_path):
+    pytest.importorskip("fastapi")
+    code, payload = bench(tmp_path, "serve", "--smoke", "--threads", "1", "--server-threads", "1")
+    assert code == 0 and payload["passed"]
+    check_environment(payload)
+    assert [r["target"] for r in payload["per_turn"]] == [256, 512]
+    for row in payload["per_turn"]:
+        assert row["max_abs_diff"] <= 1e-5 and row["mean_computed"] < row["mean_tokens"]
+        assert row["incremental_median_ms"] > 0 and row["full_median_ms"] > 0
+    assert {(r["batching"], r["concurrency"]) for r in payload["service"]} == {(b, c) for b in (True, False)
+                                                                                for c in (1, 4)}
+    assert all(r["errors"] == 0 and r["requests"] == 3 * r["concurrency"] for r in payload["service"])
