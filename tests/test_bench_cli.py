@@ -252,3 +252,21 @@ def test_trainer_overhead_smoke(tmp_path):
     assert payload["bare_ms"] > 0 and payload["trainer_ms"] > 0
     assert len(payload["bare_runs_ms"]) == len(payload["trainer_runs_ms"]) == 2  # 1 warm-up + 1 timed
     assert payload["first_loss"]["bare"] == pytest.approx(payload["first_loss"]["trainer"], abs=1e-4)
+
+
+def test_every_bench_script_is_a_one_line_wrapper_of_a_subcommand():
+    """One way to run each benchmark: a bench/bench_*.py script only hands its arguments to a subcommand."""
+    import ast
+    import pathlib
+
+    from convret.bench.cli import SUBCOMMANDS
+
+    scripts = sorted((pathlib.Path(__file__).resolve().parents[1] / "bench").glob("bench_*.py"))
+    assert len(scripts) >= 7
+    for script in scripts:
+        tree = ast.parse(script.read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))], script.name
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "main"]
+        assert len(calls) == 1, script.name
+        first = calls[0].args[0].elts[0]
+        assert isinstance(first, ast.Constant) and first.value in SUBCOMMANDS, script.name
