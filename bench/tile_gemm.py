@@ -129,9 +129,6 @@ def measure_dtype(args, dtype_name: str, clock: Callable[[], float]) -> dict[str
         variants.update({n: ("packed", t) for n, t in parse_tiles(args.tiles).items()})
 
     def convret_method(impl: str, tiles: TileSizes | None):
-        if impl == "auto":  # probe once here; the timed rounds force what it picked
-            impl = _cpu_backend.set_tile_gemm(dtype, "auto").split()[0]
-
         def setup():
             if impl != "fp32":
                 _cpu_backend.set_tile_gemm(dtype, impl)
@@ -149,8 +146,12 @@ def measure_dtype(args, dtype_name: str, clock: Callable[[], float]) -> dict[str
         return setup, fwd, fwd_bwd
 
     for name, (impl, tiles) in variants.items():
-        setup, fwd, fwd_bwd = convret_method(impl, tiles)
+        picked = None
         try:
+            if impl == "auto":  # probe once here; the timed rounds force what it picked
+                picked = _cpu_backend.set_tile_gemm(dtype, "auto").split(";")[0]
+                impl = picked.split()[0]
+            setup, fwd, fwd_bwd = convret_method(impl, tiles)
             setup()
         except RuntimeError as error:  # e.g. packed where oneDNN has no 16-bit ukernel on this CPU
             records[name] = {"status": H.SKIPPED, "reason": str(error).splitlines()[0]}
@@ -159,8 +160,8 @@ def measure_dtype(args, dtype_name: str, clock: Callable[[], float]) -> dict[str
         error = float((out - oracle).abs().max() / oracle.abs().max().clamp_min(1e-12))
         records[name] = {"status": H.OK, "kind": "convret", "relative_max_error": error,
                          "tolerance": TOLERANCE[dtype_name], "passed": bool(error <= TOLERANCE[dtype_name])}
-        if impl != "fp32":
-            records[name]["picked"] = _cpu_backend.tile_gemm_info()[dtype_name].split(";")[0]
+        if picked:
+            records[name]["picked"] = picked
         methods[name] = (setup, fwd, fwd_bwd if backward else None)
 
     peer_names = [SHORT_NAMES[p] for p in filter(None, args.peers.split(","))]
