@@ -40,12 +40,13 @@ __all__ = ["encode_to_dir", "encode_stream", "encode_fingerprint", "checkpoint_i
 DEFAULT_SHARD_SIZE = 50_000
 
 
-def collection_items(path: str | os.PathLike, encoder: Encoder) -> tuple[list[str], list[list[int]]]:
-    """``(ids, token sequences)`` of a collection. Raises ``ValueError`` on duplicate ids or an empty file."""
+def collection_items(path: str | os.PathLike, encoder: Encoder, fmt: str = "auto") -> tuple[list[str], list[list[int]]]:
+    """``(ids, token sequences)`` of a small collection, whole in memory (``convret encode`` streams instead:
+    :func:`collection_records`). Raises ``ValueError`` on duplicate ids or an empty file."""
     ids: list[str] = []
     sequences: list[list[int]] = []
     seen: dict[str, int] = {}
-    for n, passage in enumerate(_data.iter_collection(path)):
+    for n, passage in enumerate(_data.iter_collection(path, fmt)):
         if passage.id in seen:
             raise ValueError(f"{path}: duplicate passage id {passage.id!r} (passages {seen[passage.id] + 1} and "
                              f"{n + 1}): ids must be unique")
@@ -58,7 +59,7 @@ def collection_items(path: str | os.PathLike, encoder: Encoder) -> tuple[list[st
 
 
 def conversation_items(path: str | os.PathLike, encoder: Encoder, query_only: bool = False,
-                       query_field: str = "query") -> tuple[list[str], list[list[int]]]:
+                       query_field: str = "query", fmt: str = "auto") -> tuple[list[str], list[list[int]]]:
     """``(qids, token sequences)`` of a conversation file's sessions.
 
     Args:
@@ -67,7 +68,7 @@ def conversation_items(path: str | os.PathLike, encoder: Encoder, query_only: bo
     """
     ids: list[str] = []
     sequences: list[list[int]] = []
-    for turn in _data.iter_conversations(path):
+    for turn in _data.iter_conversations(path, fmt):
         ids.append(turn.qid)
         sequences.append(turn_tokens(encoder, turn, query_only, query_field, path))
     if not ids:
