@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -134,10 +133,9 @@ def dir_bytes(path: str | os.PathLike) -> int:
 
 # ------------------------------------------------------------------------------------------------- helpers
 def synthesise(embeddings: Path, out: Path, total: int, seed: int = 0, shard_size: int = 100_000) -> int:
-    """Extend the embedding directory ``embeddings`` to ``total`` vectors into ``out`` (encoded shards linked,
+    """Extend the embedding directory ``embeddings`` to ``total`` vectors into ``out`` (encoded shards copied,
     the rest synthesised near encoded vectors). Returns how many were synthesised."""
-    from convret.retrieval.embeddings import iter_shards, read_meta, write_shard
-    from convret.retrieval.embeddings import META, FORMAT_VERSION, shard_name
+    from convret.retrieval.embeddings import FORMAT_VERSION, META, iter_shards, read_meta, shard_name, write_shard
 
     meta = read_meta(embeddings)
     out.mkdir(parents=True, exist_ok=True)

@@ -122,8 +122,9 @@ def test_torchrun_two_processes_equal_one(ckpt, tmp_path):
          "--shard-size", "4", "--token-budget", "256", "--no-progress"],
         capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    fingerprints = {json.loads(p.read_text())["fingerprint"]["checkpoint"] for p in (tmp_path / "two").glob("part-*.json")}
-    assert len(fingerprints) == 1 and len(list((tmp_path / "two").glob("part-*.json"))) == 6
+    records = [json.loads(p.read_text()) for p in (tmp_path / "two").glob("part-*.json")]
+    fingerprints = {r["fingerprint"]["checkpoint"] for r in records}
+    assert len(fingerprints) == 1 and len(records) == 6
     one_ids, one, one_meta = read_embeddings(tmp_path / "one")
     two_ids, two, two_meta = read_embeddings(tmp_path / "two")
     assert two_ids == one_ids and two_meta["count"] == 23

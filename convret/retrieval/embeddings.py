@@ -9,7 +9,8 @@ Layout of ``DIR/``::
     part-00001.npy ...
 
 Each shard file is written under a temporary name and renamed, ``.ids`` first, then ``.npy``, then ``.json``:
-a shard whose ``.json`` exists (and whose counts agree) is complete. ``meta.json`` is written last, when every shard is there; a directory without it
+a shard whose ``.json`` exists (and whose counts agree) is complete. ``meta.json`` is written last, when every
+shard is there; a directory without it
 is unfinished (``convret encode`` run again completes it).
 """
 from __future__ import annotations
@@ -154,7 +155,8 @@ def iter_shards(directory: str | os.PathLike, meta: dict[str, Any] | None = None
             try:
                 vectors = np.load(npy, allow_pickle=False, mmap_mode="r")
             except (OSError, ValueError, EOFError) as error:
-                raise EmbeddingsError(f"{npy}: unreadable embedding shard ({error}); re-run `convret encode`") from error
+                raise EmbeddingsError(f"{npy}: unreadable embedding shard ({error}); re-run `convret encode`"
+                                      ) from error
             if vectors.ndim != 2 or vectors.shape[1] != meta["dim"]:
                 raise EmbeddingsError(f"{npy}: shape {vectors.shape}, expected [n, {meta['dim']}]")
             shard_ids = []

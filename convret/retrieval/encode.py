@@ -284,7 +284,8 @@ def encode_stream(
     finally:
         bar.close()
     if count == 0:
-        raise ValueError(f"{source or 'input'}: empty {'collection (no passages)' if kind == 'passages' else 'input (no ' + kind + ')'}")
+        what = "collection (no passages)" if kind == "passages" else f"input (no {kind})"
+        raise ValueError(f"{source or 'input'}: empty {what}")
     if not finish:
         return None
     if barrier is not None and world_size > 1:

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from .._io import atomic_write
 from . import _data
@@ -149,12 +148,12 @@ def evaluate_chain(
             if rewrite:
                 add_row("model, manual rewrite",
                         ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k, query_field="rewrite",
-                                     fmt=fmt))
+                                           fmt=fmt))
             if contexts:
                 values = []
                 for context in contexts:
-                    metrics = evaluate_run(qrels, _as_run(_run_queries(encoder, index, doc_ids, context, top_k, fmt=fmt)),
-                                           rel_threshold)
+                    run = _run_queries(encoder, index, doc_ids, context, top_k, fmt=fmt)
+                    metrics = evaluate_run(qrels, _as_run(run), rel_threshold)
                     values.append(metrics["measures"]["ndcg_cut_3"])
                 robustness = {"ndcg_cut_3": values, "mean": statistics.fmean(values),
                               "std": statistics.pstdev(values), "contexts": [str(c) for c in contexts]}

@@ -2,8 +2,8 @@
 
 Index shards (``convret index --shard-size``) are searched one after the other and their candidates merged:
 over Flat shards the run equals one Flat index's, ties included. IVF ``nprobe`` and HNSW ``efSearch`` are set
-from ``--nprobe`` / ``--ef-search``. The run's rank starts at 1 and its score is the real inner product of query and passage embeddings (cosine
-similarity for normalised models). Equal scores are ordered by docid (as ``write_run`` orders a run file),
+from ``--nprobe`` / ``--ef-search``. The run's rank starts at 1 and its score is the real inner product of query
+and passage embeddings (cosine similarity for normalised models). Equal scores are ordered by docid (as ``write_run`` orders a run file),
 also at the top-k cut-off, so a run is reproducible.
 """
 from __future__ import annotations
