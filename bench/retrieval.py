@@ -39,7 +39,7 @@ from . import harness as H
 NAME = "retrieval"
 TOPICS = 256
 VOCAB_WORDS = 500
-NPROBES = (1, 8, 32, 64, 128, 256)
+NPROBES = (1, 8, 32, 64, 128, 256, 512)
 EF_SEARCHES = (64, 128, 256, 512)
 
 
@@ -164,13 +164,21 @@ def synthesise(embeddings: Path, out: Path, total: int, seed: int = 0, shard_siz
     return done - len(base)
 
 
-def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
-    k = exact.shape[1]
-    return float(np.mean([len(set(a[a >= 0]) & set(e)) / k for a, e in zip(approx, exact)]))
+def recall_at(approx: np.ndarray, kth: np.ndarray, docs: np.ndarray, queries: np.ndarray) -> float:
+    """recall@k against exact search, counting ties: a returned passage counts when its true inner product
+    reaches the k-th exact score (less 1e-5), so equal or float-noise-equal scores at the cut-off are not
+    misses. The true scores are recomputed from the vectors (PQ's returned scores are approximations)."""
+    k = approx.shape[1]
+    hits = 0
+    for q, row in enumerate(approx):
+        row = row[row >= 0]
+        hits += int(np.sum(docs[row] @ queries[q] >= kth[q] - 1e-5))
+    return hits / (k * len(approx))
 
 
-def sweep(index_dir: Path, queries: np.ndarray, exact: np.ndarray, param: str, values: tuple[int, ...],
-          k: int) -> list[dict[str, Any]]:
+def sweep(index_dir: Path, queries: np.ndarray, exact: tuple[np.ndarray, np.ndarray], param: str,
+          values: tuple[int, ...], k: int) -> list[dict[str, Any]]:
+    """``exact``: (k-th exact score per query, the passage vectors)."""
     from convret.retrieval.index import configure_search, load_index
     from convret.retrieval.search import search_index
 
@@ -182,7 +190,8 @@ def sweep(index_dir: Path, queries: np.ndarray, exact: np.ndarray, param: str, v
         started = time.perf_counter()
         _, indices = search_index(shards, queries, k)
         seconds = time.perf_counter() - started
-        out.append({param: value, "recall": recall_at(indices, exact), "queries_per_s": len(queries) / seconds,
+        out.append({param: value, "recall": recall_at(indices, exact[0], exact[1], queries),
+                    "queries_per_s": len(queries) / seconds,
                     "ms_per_query": 1e3 * seconds / len(queries)})
     return out
 
@@ -207,7 +216,8 @@ def sample_world_sweep(ckpt: Path, work: Path, k: int) -> dict[str, Any]:
     _, queries, _ = read_embeddings(work / "queries")
     build_index(work / "docs", work / "flat")
     shards, _, _ = load_index(work / "flat", use_gpu=False)
-    _, exact = search_index(shards, queries, min(k, n))
+    scores, _ = search_index(shards, queries, min(k, n))
+    exact = (scores[:, -1], read_embeddings(work / "docs")[1])
     result: dict[str, Any] = {"passages": n, "queries": len(queries), "results": {}}
     for factory, param, values in ((f"IVF{nlist},Flat", "nprobe", tuple(p for p in NPROBES if p <= nlist)),
                                    ("HNSW32", "ef_search", EF_SEARCHES)):
@@ -279,7 +289,7 @@ def run(args, argv: list[str]) -> int:
     steps.update(1)
 
     from convret.retrieval.embeddings import read_embeddings, read_meta
-    from convret.retrieval.index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE
+    from convret.retrieval.index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, default_nprobe
 
     dim = read_meta(embeddings)["dim"]
     n = args.passages
@@ -307,8 +317,9 @@ def run(args, argv: list[str]) -> int:
 
     shards, _, _ = load_index(flat_dir, use_gpu=False)
     started = time.perf_counter()
-    _, exact = search_index(shards, queries, args.top_k)
+    scores, _ = search_index(shards, queries, args.top_k)
     flat_seconds = time.perf_counter() - started
+    exact = (scores[:, -1], read_embeddings(embeddings)[1])
     payload["search"] = {"Flat": [{"recall": 1.0, "queries_per_s": len(queries) / flat_seconds,
                                    "ms_per_query": 1e3 * flat_seconds / len(queries)}]}
     for factory in factories[1:]:
@@ -325,7 +336,8 @@ def run(args, argv: list[str]) -> int:
         payload["search_cli"][factory] = run_stage(
             ["search", "--index", str(out), "--queries", str(work / "queries"), "--top_k", str(args.top_k),
              "--output", str(work / f"run-{factory.replace(',', '_')}.trec"), "--no-progress", "--cpu"], threads)
-    payload["defaults"] = {"nprobe": DEFAULT_NPROBE, "ef_search": DEFAULT_EF_SEARCH}
+    payload["defaults"] = {"nprobe": f"max({DEFAULT_NPROBE}, nlist / 8) = {default_nprobe(nlist)}",
+                           "ef_search": DEFAULT_EF_SEARCH}
     payload["sample_world"] = None if args.smoke else sample_world_sweep(ckpt, work / "sample-world", args.top_k)
     steps.update(2)
     steps.close()
@@ -366,7 +378,8 @@ def format_report(payload: dict) -> str:
             setting = next((f"{k} {v}" for k, v in r.items() if k in ("nprobe", "ef_search")), "exact")
             rows.append([factory, setting, f"{r['recall']:.3f}", f"{r['queries_per_s']:,.0f}",
                          f"{r['ms_per_query']:.2f}"])
-    lines += ["", f"Search, recall@{payload['top_k']} against Flat (in-process, CPU, all queries in one batch):", "",
+    lines += ["", f"Search, recall@{payload['top_k']} against Flat (ties at the cut-off count as hits; in-process, "
+                  "CPU, all queries in one batch):", "",
               H.markdown_table(["index", "setting", f"recall@{payload['top_k']}", "queries/s", "ms/query"], rows)]
     world = payload.get("sample_world")
     if world:

@@ -32,10 +32,11 @@ from .._io import atomic_directory
 from .embeddings import EmbeddingsError, find_duplicate_id, iter_shards, read_meta
 
 __all__ = ["build_index", "load_index", "main", "gpu_count", "default_train_sample", "configure_search",
+           "default_nprobe",
            "DEFAULT_NPROBE", "DEFAULT_EF_SEARCH"]
 
 # chosen from the recall-vs-time tables in docs/retrieval.md (recall@100 against Flat >= 0.95 on the sample
-# world and the synthetic benchmark collection); nprobe is capped at the index's nlist
+# world and the synthetic benchmark collections): nprobe = max(DEFAULT_NPROBE, nlist / 8), at most nlist
 DEFAULT_NPROBE = 128
 DEFAULT_EF_SEARCH = 256
 ADD_BLOCK = 65536  # rows converted to float32 and added at once
@@ -64,10 +65,17 @@ def default_train_sample(factory: str, count: int) -> int:
     return min(count, want or 65_536)
 
 
-def configure_search(index: Any, nprobe: int | None = DEFAULT_NPROBE, ef_search: int | None = DEFAULT_EF_SEARCH
+def default_nprobe(nlist: int) -> int:
+    """The default IVF ``nprobe``: an eighth of the lists, at least 128, at most all of them (recall@100 0.98
+    against Flat at nlist 1,024 on the synthetic benchmark; see docs/retrieval.md)."""
+    return max(1, min(nlist, max(DEFAULT_NPROBE, nlist // 8)))
+
+
+def configure_search(index: Any, nprobe: int | None = None, ef_search: int | None = DEFAULT_EF_SEARCH
                      ) -> dict[str, int]:
-    """Set IVF ``nprobe`` (capped at nlist) and HNSW ``efSearch`` on ``index`` where it has them (through
-    pre-transforms and refinement wrappers). Returns what was set, e.g. ``{"nprobe": 64}``."""
+    """Set IVF ``nprobe`` (``None``: :func:`default_nprobe`; capped at nlist) and HNSW ``efSearch`` on ``index``
+    where it has them (through pre-transforms and refinement wrappers). Returns what was set, e.g.
+    ``{"nprobe": 64}``."""
     import faiss
 
     done: dict[str, int] = {}
@@ -75,8 +83,8 @@ def configure_search(index: Any, nprobe: int | None = DEFAULT_NPROBE, ef_search:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
         ivf = None
-    if ivf is not None and nprobe is not None:
-        ivf.nprobe = max(1, min(int(nprobe), ivf.nlist))
+    if ivf is not None:
+        ivf.nprobe = default_nprobe(ivf.nlist) if nprobe is None else max(1, min(int(nprobe), ivf.nlist))
         done["nprobe"] = int(ivf.nprobe)
     inner = faiss.downcast_index(index)
     while inner is not None and not hasattr(inner, "hnsw"):

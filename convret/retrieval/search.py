@@ -3,8 +3,8 @@
 Index shards (``convret index --shard-size``) are searched one after the other and their candidates merged:
 over Flat shards the run equals one Flat index's, ties included. IVF ``nprobe`` and HNSW ``efSearch`` are set
 from ``--nprobe`` / ``--ef-search``. The run's rank starts at 1 and its score is the real inner product of query
-and passage embeddings (cosine similarity for normalised models). Equal scores are ordered by docid (as ``write_run`` orders a run file),
-also at the top-k cut-off, so a run is reproducible.
+and passage embeddings (cosine similarity for normalised models). Equal scores are ordered by docid (as
+``write_run`` orders a run file), also at the top-k cut-off, so a run is reproducible.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _id_ranks(ids: list[str]) -> np.ndarray:
 
 
 def search(index_dir: str, queries_dir: str, top_k: int, output: str, tag: str = "convret",
-           nprobe: int | None = DEFAULT_NPROBE, ef_search: int | None = DEFAULT_EF_SEARCH, batch_size: int = 4096,
+           nprobe: int | None = None, ef_search: int | None = DEFAULT_EF_SEARCH, batch_size: int = 4096,
            use_gpu: bool | None = None, progress: bool = False, log: Callable[[str], Any] | None = None) -> int:
     """Search ``queries_dir`` against ``index_dir``; write the run to ``output``. Returns the number of queries."""
     shards, doc_ids, meta = load_index(index_dir, use_gpu=use_gpu, log=log)
@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", "--top-k", type=int, default=1000, help="passages per query (default 1000)")
     p.add_argument("--output", required=True, help="TREC run file to write")
     p.add_argument("--tag", default="convret", help="run tag (last column)")
-    p.add_argument("--nprobe", type=int, default=DEFAULT_NPROBE,
-                   help=f"IVF indexes: inverted lists visited per query (default {DEFAULT_NPROBE}, capped at nlist; "
+    p.add_argument("--nprobe", type=int, default=None,
+                   help=f"IVF indexes: inverted lists visited per query (default max({DEFAULT_NPROBE}, nlist / 8), "
+                        "at most nlist; "
                         "see docs/retrieval.md for recall vs time)")
     p.add_argument("--ef-search", type=int, default=DEFAULT_EF_SEARCH,
                    help=f"HNSW indexes: search-time candidate list size (default {DEFAULT_EF_SEARCH}; raise it "
