@@ -371,9 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--collection", help="passages: jsonl {id,text,title?}, Tevatron corpus or TSV pid<TAB>text")
     src.add_argument("--conversations", help="evaluation sessions: ChatRetriever eval JSON, QReCC, TopiOCQA, CAsT")
-    p.add_argument("--format", default="auto",
-                   help="input format name passed to convret's readers (default: auto, detected from the first "
-                        "record; see `convret data check`)")
+    from ..data.readers import COLLECTION_FORMATS, CONVERSATION_FORMATS
+
+    p.add_argument("--format", default="auto", choices=["auto", *dict.fromkeys((*COLLECTION_FORMATS,
+                                                                               *CONVERSATION_FORMATS))],
+                   metavar="FORMAT",
+                   help="input format passed to convret's readers (default: auto, detected from the first record). "
+                        f"Collections: {', '.join(COLLECTION_FORMATS)}; conversations: "
+                        f"{', '.join(CONVERSATION_FORMATS)}")
     p.add_argument("--output", required=True, help="embedding directory to write")
     p.add_argument("--overwrite", action="store_true",
                    help="re-encode when the directory holds shards of another model / input / setting")

@@ -225,10 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype to run the model in (default: the saved dtype), e.g. bfloat16 for a 7B on a GPU")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float32",
                    help="dtype of the stored passage vectors (as convret encode --dtype)")
-    p.add_argument("--format", default="auto",
-                   help="format of --conversations / --contexts, passed to convret's readers (default: auto)")
-    p.add_argument("--collection-format", default="auto",
-                   help="format of --collection, passed to convret's readers (default: auto)")
+    from ..data.readers import COLLECTION_FORMATS, CONVERSATION_FORMATS
+
+    p.add_argument("--format", default="auto", choices=["auto", *CONVERSATION_FORMATS], metavar="FORMAT",
+                   help="format of --conversations / --contexts, passed to convret's readers (default: auto; "
+                        f"{', '.join(CONVERSATION_FORMATS)})")
+    p.add_argument("--collection-format", default="auto", choices=["auto", *COLLECTION_FORMATS], metavar="FORMAT",
+                   help=f"format of --collection (default: auto; {', '.join(COLLECTION_FORMATS)})")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                    help="passages per embedding shard: the collection is encoded and indexed shard by shard")
     p.add_argument("--allow-unknown-qrels", action="store_true",
