@@ -39,7 +39,7 @@ __all__ = ["build_index", "load_index", "main", "gpu_count", "default_train_samp
 # world and the synthetic benchmark collections): nprobe = max(DEFAULT_NPROBE, nlist / 8), at most nlist
 DEFAULT_NPROBE = 128
 DEFAULT_EF_SEARCH = 256
-ADD_BLOCK = 65536  # rows converted to float32 and added at once
+ADD_BLOCK = 16384  # rows converted to float32 and added at once
 
 
 def gpu_count() -> int:
@@ -173,6 +173,14 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, factor
             pending: tuple[int, np.ndarray] | None = None
             for name, (a, b) in zip(names, bounds):
                 index = faiss.clone_index(empty)
+                flat = faiss.downcast_index(index)
+                # a flat-codes index (Flat, SQfp16, SQ8) is filled in place: its code buffer sized once, so that
+                # std::vector growth never holds the old and the new buffer (up to 2x the index) at once
+                direct = isinstance(flat, faiss.IndexFlatCodes) and type(flat) is not faiss.IndexFlatCodes
+                if direct:
+                    flat.codes.resize((b - a) * flat.code_size)
+                    buffer = faiss.rev_swig_ptr(flat.codes.data(), (b - a) * flat.code_size)
+                    filled = 0
                 while True:
                     if pending is None:
                         pending = next(blocks, None)
@@ -180,7 +188,13 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, factor
                             break
                     start, block = pending
                     take = block[max(0, a - start) : max(0, b - start)]
-                    if len(take):
+                    if len(take) and direct:
+                        codes = flat.sa_encode(take).reshape(-1)
+                        buffer[filled : filled + len(codes)] = codes
+                        filled += len(codes)
+                        flat.ntotal = filled // flat.code_size
+                        bar.update(len(take))
+                    elif len(take):
                         index.add(take)
                         bar.update(len(take))
                     if start + len(block) > b:
