@@ -243,3 +243,24 @@ def test_search_says_where_it_runs(tmp_path, capsys):
     capsys.readouterr()
     _run(tmp_path, "flat", "r", k=5)
     assert "searching on CPU" in capsys.readouterr().err
+
+
+def test_evaluate_takes_dtypes_and_streams_the_collection(ckpt, tmp_path):
+    from convret.retrieval.evaluate import main as evaluate_main
+
+    world = write_eval_world(tmp_path / "w", n_conv=3, turns=2)
+    out = tmp_path / "eval"
+    argv = ["--model", str(ckpt), "--conversations", str(world / "eval.json"), "--collection",
+            str(world / "collection.jsonl"), "--qrels", str(world / "qrels.tsv"), "--contexts", "--top_k", "10"]
+    assert evaluate_main(argv + ["--output", str(out), "--model-dtype", "float32", "--dtype", "float16",
+                                 "--shard-size", "7", "--format", "chatretriever-eval"]) == 0
+    (cache,) = (out / "cache").iterdir()
+    assert cache.name.endswith("-float16")
+    parts = sorted((cache / "embeddings").glob("part-*.npy"))
+    assert len(parts) == 4 and np.load(parts[0]).dtype == np.float16  # 26 passages in shards of 7
+    index_meta = json.loads((cache / "index" / "meta.json").read_text())
+    assert index_meta["count"] == 26 and index_meta["factory"] == "Flat"
+    full = json.loads((out / "results.json").read_text())["rows"][0]["measures"]
+    assert evaluate_main(argv + ["--output", str(tmp_path / "eval32")]) == 0
+    full32 = json.loads((tmp_path / "eval32" / "results.json").read_text())["rows"][0]["measures"]
+    assert full == pytest.approx(full32, abs=0.05)
