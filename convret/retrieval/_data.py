@@ -35,16 +35,16 @@ def session_ids(formatter: Any, config: Any, history: Sequence[Turn], query: str
     return list(formatter.session(history, query)) + config.summary_block()
 
 
-def iter_collection(path: str | os.PathLike) -> Iterator[Passage]:
+def iter_collection(path: str | os.PathLike, format: str = "auto") -> Iterator[Passage]:
     from ..data import read_collection
 
-    return read_collection(path, strict=True)
+    return read_collection(path, format=format, strict=True)
 
 
-def iter_conversations(path: str | os.PathLike) -> Iterator[EvalTurn]:
+def iter_conversations(path: str | os.PathLike, format: str = "auto") -> Iterator[EvalTurn]:
     from ..data import read_conversations
 
-    return read_conversations(path, strict=True)
+    return read_conversations(path, format=format, strict=True)
 
 
 def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
