@@ -45,17 +45,23 @@ def generate_response(model: torch.nn.Module, prefix: Sequence[int], summary: Se
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    tokens = list(prefix) + list(summary) + list(forced)
-    keep = len(summary) + len(forced)
+    tokens = list(prefix) + list(summary)
+    t = len(summary)
     cache = DynamicCache()
     ids = torch.tensor([tokens], device=device)
     out = model(input_ids=ids, position_ids=torch.arange(len(tokens), device=device)[None], past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    for layer in cache.layers:  # keep only the summary tokens' (and the forced start's) keys / values
-        layer.keys = layer.keys[:, :, -keep:].contiguous()
-        layer.values = layer.values[:, :, -keep:].contiguous()
+    for layer in cache.layers:  # keep only the summary tokens' keys / values
+        layer.keys = layer.keys[:, :, -t:].contiguous()
+        layer.values = layer.values[:, :, -t:].contiguous()
     position = len(tokens)
+    if forced:  # after the drop: the given start sees the summary tokens and itself only
+        out = model(input_ids=torch.tensor([list(forced)], device=device),
+                    position_ids=torch.arange(position, position + len(forced), device=device)[None],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        position += len(forced)
     generated: list[int] = []
     stop = set(int(i) for i in eos_token_ids)
     stop_sequence = list(stop_sequence)
