@@ -1,4 +1,5 @@
-"""convret export: SentenceTransformer(OUT).encode equals convret encode, merged and base + adapter."""
+"""convret export: SentenceTransformer(OUT) encodes passages (encode / encode_document) and sessions (encode_query)
+like convret encode, merged and base + adapter, on inputs longer than the training budgets, for every family."""
 import json
 import random
 
@@ -10,7 +11,7 @@ from convret.data.records import Turn
 from convret.retrieval.encoder import Encoder
 from convret.retrieval.export import export_sentence_transformers, main as export_main, session_text
 
-from _retrieval_fixtures import random_text, tiny_checkpoint
+from _retrieval_fixtures import family_checkpoint, random_text, tiny_checkpoint, xfail_on_known_template_error
 
 
 def _adapter_loading_supported():
@@ -40,16 +41,61 @@ def test_sentence_transformers_encode_equals_convret(tmp_path, lora, merge):
     assert (out / "adapter_config.json").exists() == (lora and not merge)
     encoder = Encoder.from_checkpoint(ckpt)
     st = SentenceTransformer(str(out), device="cpu")
-    rng = random.Random(0)
-    passages = [random_text(rng, 1, 30) for _ in range(5)]
-    history = [Turn("user", random_text(rng, 2, 6)), Turn("assistant", random_text(rng, 4, 12))]
-    sessions = [(history, random_text(rng, 2, 5)), ([], random_text(rng, 2, 5))]
-    # same input ids as convret's formatter
-    assert st.tokenize([st.prompts["document"] + passages[0]])["input_ids"][0].tolist() == \
-        encoder.passage_tokens(passages[0])
+    check_export_equals_convret(st, encoder, random.Random(0), random_text)
+
+
+def check_export_equals_convret(st, encoder, rng, text):
+    """encode / encode_document on passages longer than max_passage_len, encode_query on sessions longer than
+    max_session_len (through session_text) and on lone queries: equal to convret's embeddings."""
+    config = encoder.config
+    passages = [text(rng, 1, 6), text(rng, config.max_passage_len, config.max_passage_len * 2), text(rng, 5, 30)]
+    assert len(encoder.tokenizer(passages[1], add_special_tokens=False)["input_ids"]) > config.max_passage_len
+    # same input ids as convret's formatter, the long passage cut where convret cuts it
+    for passage in passages:
+        assert st.tokenize([st.prompts["document"] + passage])["input_ids"][0].tolist() == \
+            encoder.passage_tokens(passage)
     expected_p = encoder.encode_passages(passages)
-    got_p = st.encode(passages, convert_to_numpy=True, batch_size=3)
-    np.testing.assert_allclose(got_p, expected_p, rtol=1e-4, atol=1e-5)
-    texts = [session_text(encoder.tokenizer, encoder.config, h, q) for h, q in sessions]
-    got_s = st.encode_query(texts, convert_to_numpy=True)
-    np.testing.assert_allclose(got_s, encoder.encode_sessions(sessions), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(st.encode(passages, convert_to_numpy=True, batch_size=2), expected_p,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(st.encode_document(passages, convert_to_numpy=True), expected_p, rtol=1e-4, atol=1e-5)
+    turns = []
+    while len(encoder.session_tokens(turns, "and then?")) <= config.max_session_len:
+        turns += [Turn("user", text(rng, 2, 8)), Turn("assistant", text(rng, 5, 20))]
+    sessions = [(turns, text(rng, 2, 5)), (turns[:2], text(rng, 2, 5)), ([], text(rng, 2, 5))]
+    try:
+        texts = [session_text(encoder.tokenizer, config, h, q) for h, q in sessions]
+    except ValueError as error:
+        if "does not start" in str(error) and not hasattr(encoder.formatter, "exchanges"):
+            pytest.xfail("issue 18 item 3 (sequences.py, templates branch): truncation drops one turn at a time, "
+                         "a truncated session can start with an assistant turn")
+        raise
+    expected_s = encoder.encode_sessions(sessions)
+    np.testing.assert_allclose(st.encode_query(texts, convert_to_numpy=True), expected_s, rtol=1e-4, atol=1e-5)
+    # a lone query is its own session text: encode_query(query) is convret's session without history
+    assert texts[2] == sessions[2][1]
+    np.testing.assert_allclose(st.encode_query([q for _, q in sessions], convert_to_numpy=True),
+                               encoder.encode_sessions([([], q) for _, q in sessions]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama3", "llama3-tied", "mistral"])
+def test_export_every_family(tmp_path, model_family, family):
+    """A retriever of every model-matrix family, with an instruction and a passage instruction (prompts)."""
+    from sentence_transformers import SentenceTransformer
+
+    ckpt = family_checkpoint(tmp_path / "ckpt", model_family(family), max_passage_len=72, max_session_len=96,
+                             instruction="Find the passage that answers the last question.",
+                             passage_instruction="Represent this passage.")
+    out = tmp_path / "st"
+    xfail_on_known_template_error(lambda: export_sentence_transformers(ckpt, out, merge=True))
+    st = SentenceTransformer(str(out), device="cpu")
+    assert st.max_seq_length == 72 + 3
+    words = "the river runs north past old towns where bridges and mills stand by the water".split()
+    check_export_equals_convret(st, Encoder.from_checkpoint(ckpt), random.Random(1),
+                                lambda rng, lo, hi: " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))))
+
+
+def test_summary_on_passages_false_is_refused(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", seed=3, summary_on_passages=False)
+    with pytest.raises(ValueError, match="summary_on_passages false"):
+        export_sentence_transformers(ckpt, tmp_path / "st")
+    assert not (tmp_path / "st").exists()

@@ -9,7 +9,8 @@ from convret.layout import SessionLayout
 from convret.retrieval.generate import generate_response, main as generate_main, token_f1
 from convret.train.checkpoint import load_retriever
 
-from _retrieval_fixtures import tiny_checkpoint, write_eval_world
+from _retrieval_fixtures import family_checkpoint, tiny_checkpoint, write_eval_world, \
+    xfail_on_known_template_error
 
 
 def _dense_greedy(model, prefix, summary, steps, forced=()):
@@ -69,36 +70,6 @@ def test_generate_cli(tmp_path, capsys):
     assert generate_main(["--model", str(ckpt), "--conversations", str(root / "eval.json"), "--run", str(run),
                           "--collection", str(root / "collection.jsonl"), "--output", str(tmp_path / "g2.jsonl")]) == 1
     assert not (tmp_path / "g2.jsonl").exists()
-
-
-def family_checkpoint(path, family_dir, **config):
-    """A retriever checkpoint of a model-matrix family (random weights, summary tokens added)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from convret.data.summary_tokens import add_summary_tokens
-    from convret.train.checkpoint import RetrieverConfig, save_retriever
-
-    tokenizer = AutoTokenizer.from_pretrained(family_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32)
-    summary = add_summary_tokens(model, tokenizer, 3)
-    defaults = dict(max_session_len=256, max_passage_len=128, max_response_len=128)
-    save_retriever(path, model, tokenizer, RetrieverConfig(summary.tokens, summary.ids, **{**defaults, **config}))
-    return path
-
-
-def xfail_on_known_template_error(call):
-    """Mistral's strict-alternation template rejects a lone assistant message until sequences.py renders
-    passages and responses differently (issue 18 item 3, another branch): xfail on exactly that error."""
-    from jinja2.exceptions import TemplateError
-
-    try:
-        return call()
-    except TemplateError as error:
-        if "alternate" in str(error):
-            pytest.xfail(f"issue 18 item 3 (sequences.py): {error}")
-        raise
 
 
 @pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama3", "mistral"])
