@@ -44,15 +44,18 @@ def text_wrapping(tokenizer: Any, render: Callable[[str], Sequence[int]]) -> tup
     """
     special = set(tokenizer.all_special_ids)
     plain = [i for i in range(min(len(tokenizer), 4096)) if i not in special]
-    probes = [tokenizer.decode(plain[5:8]), "hello world", "x"]
-    for probe in probes:
-        text_ids = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-        if not text_ids:
-            continue
-        ids = list(render(probe))
+    probes = [tokenizer.decode(plain[5:8]), "hello world", "x", "Paris is a city"]
+    tokens = {probe: list(tokenizer(probe, add_special_tokens=False)["input_ids"]) for probe in probes}
+    rendered = {probe: list(render(probe)) for probe in probes if tokens[probe]}
+    for probe, ids in rendered.items():
+        text_ids = tokens[probe]
         for start in range(len(ids) - len(text_ids), -1, -1):  # the last occurrence: the message comes last
-            if ids[start : start + len(text_ids)] == text_ids:
-                return ids[:start], ids[start + len(text_ids):]
+            if ids[start : start + len(text_ids)] != text_ids:
+                continue
+            prefix, suffix = ids[:start], ids[start + len(text_ids):]
+            # the same wrapper around every other probe, or the match was a coincidence
+            if all(other == prefix + tokens[p] + suffix for p, other in rendered.items() if p != probe):
+                return prefix, suffix
     raise ValueError("cannot locate a text's tokens inside its formatted ids: this tokenizer re-tokenizes a "
                      "message's text together with the template around it")
 
