@@ -53,7 +53,7 @@ def check_export_equals_convret(st, encoder, rng, text):
     assert len(encoder.tokenizer(passages[1], add_special_tokens=False)["input_ids"]) > config.max_passage_len
     # same input ids as convret's formatter, the long passage cut where convret cuts it
     for passage in passages:
-        assert st.tokenize([st.prompts["document"] + passage])["input_ids"][0].tolist() == \
+        assert st.tokenize([st.prompts["document"] + passage], task="document")["input_ids"][0].tolist() == \
             encoder.passage_tokens(passage)
     expected_p = encoder.encode_passages(passages)
     np.testing.assert_allclose(st.encode(passages, convert_to_numpy=True, batch_size=2), expected_p,
@@ -89,8 +89,15 @@ def test_export_every_family(tmp_path, model_family, family):
                                 lambda rng, lo, hi: " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))))
 
 
-def test_summary_on_passages_false_is_refused(tmp_path):
+def test_summary_on_passages_false_routes_queries_and_documents(tmp_path):
+    """Sessions end with the summary tokens, passages do not: a Router with a tokenizer per task (merged)."""
+    from sentence_transformers import SentenceTransformer
+
     ckpt = tiny_checkpoint(tmp_path / "ckpt", seed=3, summary_on_passages=False)
-    with pytest.raises(ValueError, match="summary_on_passages false"):
-        export_sentence_transformers(ckpt, tmp_path / "st")
-    assert not (tmp_path / "st").exists()
+    lora = tiny_checkpoint(tmp_path / "lora", seed=3, lora=True, summary_on_passages=False)
+    with pytest.raises(ValueError, match="--merge"):
+        export_sentence_transformers(lora, tmp_path / "st-lora")
+    assert not (tmp_path / "st-lora").exists()
+    assert export_main([str(ckpt), str(tmp_path / "st")]) == 0
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    check_export_equals_convret(st, Encoder.from_checkpoint(ckpt), random.Random(2), random_text)

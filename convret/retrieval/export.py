@@ -129,22 +129,24 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     formatter = _data.formatter_for(tokenizer, config)
     prefix, suffix = passage_wrapping(tokenizer, formatter)
     query_prefix, query_suffix = query_wrapping(tokenizer, formatter)
-    if not config.summary_on_passages:
-        raise ValueError(f"{checkpoint} was trained with summary_on_passages false: sessions end with the summary "
-                         "tokens and passages do not, which one sentence-transformers tokenizer cannot express; "
-                         "encode with `convret encode`")
-    if query_suffix != suffix:
-        raise ValueError(f"{checkpoint}: with this chat template a session ends with {query_suffix} and a passage "
-                         f"with {suffix}, which one sentence-transformers tokenizer cannot express; encode with "
-                         "`convret encode`")
     prompts = {"document": _prompt_text(tokenizer, prefix, "passage"),
                "query": _prompt_text(tokenizer, query_prefix, "query")}
     summary = list(config.summary_token_ids)
-    _template_tokenizer(tokenizer, suffix, summary)
+    passage_summary = summary if config.summary_on_passages else []
     # sentence-transformers truncates to these (prompt and appended tokens included): a passage keeps its first
     # tokens within max_passage_len as in convret; a session from session_text() is already truncated
-    document_length = (config.max_passage_len or tokenizer.model_max_length) + len(summary)
+    document_length = (config.max_passage_len or tokenizer.model_max_length) + len(passage_summary)
     query_length = (config.max_session_len or tokenizer.model_max_length) + len(summary)
+    if query_suffix != suffix or not config.summary_on_passages:
+        if hasattr(model, "peft_config"):
+            raise ValueError(f"{checkpoint}: sessions and passages end differently (a template such as Mistral's, "
+                             "or summary_on_passages false): the export needs a model per route; use --merge")
+        return _export_routed(model, tokenizer, config, output, overwrite, prompts,
+                              {"query": (query_suffix + summary, query_length),
+                               "document": (suffix + passage_summary, document_length)},
+                              {"checkpoint": str(checkpoint), "merged": True, "passage_prefix": prefix,
+                               "query_prefix": query_prefix})
+    _template_tokenizer(tokenizer, suffix, summary)
     tokenizer.model_max_length = document_length
     # sentence-transformers applies a tokenizer's chat template to plain text itself (as a user message, without
     # the post-processor): the exported tokenizer has none, its template already gives convret's ids
@@ -201,6 +203,56 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
             {"checkpoint": str(checkpoint), "merged": not adapter, "passage_prefix": prefix,
              "query_prefix": query_prefix, "appended": suffix + summary, "document_length": document_length,
              "query_length": query_length}, indent=2) + "\n", encoding="utf-8")
+    return output
+
+
+def _export_routed(model: Any, tokenizer: Any, config: Any, output: str | os.PathLike, overwrite: bool,
+                   prompts: dict[str, str], routes: dict[str, tuple[list[int], int]], info: dict[str, Any]) -> Path:
+    """Sessions and passages that end differently: a sentence-transformers ``Router`` with a Transformer per
+    task (``encode_query`` / ``encode_document``; plain ``encode`` = documents), each with its own tokenizer
+    appending its task's end and max length. The weights are written once per route."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.normalize import Normalize
+    from sentence_transformers.base.modules.router import Router
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+
+    from .._io import atomic_directory
+
+    tokenizer.chat_template = None
+    output = Path(output).resolve()
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as staging:
+            modules = {}
+            for task, (appended, length) in routes.items():
+                _template_tokenizer(tokenizer, appended, [])
+                tokenizer.model_max_length = length
+                directory = Path(staging) / task
+                model.save_pretrained(directory, safe_serialization=True)
+                tokenizer.save_pretrained(directory)
+                modules[task] = Transformer(str(directory), max_seq_length=length,
+                                            model_kwargs={"attn_implementation": "sdpa"})
+            dim = model.config.hidden_size
+            pipeline = [Router.for_query_document([modules["query"]], [modules["document"]]),
+                        Pooling(dim, pooling_mode="lasttoken")]
+            if config.normalize:
+                pipeline.append(Normalize())
+            st = SentenceTransformer(modules=pipeline, device="cpu", prompts=prompts, default_prompt_name="document",
+                                     similarity_fn_name="cosine" if config.normalize else "dot")
+            st.save(str(tmp))
+        for task, (appended, length) in routes.items():
+            # our tokenizer files, loaded through the plain `tokenizers` backend (see export_sentence_transformers)
+            route_dir = tmp / f"{task}_0_Transformer"
+            _template_tokenizer(tokenizer, appended, [])
+            tokenizer.model_max_length = length
+            tokenizer.save_pretrained(route_dir)
+            bert_config = json.loads((route_dir / "sentence_bert_config.json").read_text(encoding="utf-8"))
+            bert_config.setdefault("processor_kwargs", {})["tokenizer_type"] = "gpt_bigcode"
+            (route_dir / "sentence_bert_config.json").write_text(json.dumps(bert_config, indent=4) + "\n",
+                                                                 encoding="utf-8")
+        (tmp / "convret_export.json").write_text(json.dumps(
+            {**info, "routes": {task: {"appended": appended, "max_length": length}
+                                for task, (appended, length) in routes.items()}}, indent=2) + "\n", encoding="utf-8")
     return output
 
 
