@@ -22,9 +22,12 @@
   OUT over the base model in ``OUT/base`` (its absolute path is written into ``adapter_config.json``: move the
   directory and re-export, or use ``--merge``).
 
-Not expressible (``ValueError``, encode with convret): passages and sessions that end differently (one
-tokenizer appends one end to both), and ``summary_on_passages: false`` (sessions end with the summary tokens,
-passages do not).
+Sessions and passages that end differently (Mistral's ``[/INST]`` vs ``</s>``, or ``summary_on_passages:
+false``: sessions end with the summary tokens, passages do not) need a tokenizer per task: the export is then a
+sentence-transformers ``Router`` with a Transformer per task (``query_0_Transformer``, ``document_0_Transformer``,
+the merged weights written in each: ``--merge`` is required). Not expressible (``ValueError``): a template that
+tokenizes the query together with what precedes it (Mistral with an ``instruction``: it is merged into the
+query's message).
 """
 from __future__ import annotations
 
@@ -128,7 +131,13 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     model, tokenizer, config = loaded
     formatter = _data.formatter_for(tokenizer, config)
     prefix, suffix = passage_wrapping(tokenizer, formatter)
-    query_prefix, query_suffix = query_wrapping(tokenizer, formatter)
+    try:
+        query_prefix, query_suffix = query_wrapping(tokenizer, formatter)
+    except ValueError as error:
+        raise ValueError(f"{checkpoint}: with this chat template the query is not tokenized on its own inside a "
+                         "session (e.g. Mistral's template merges the instruction into the query's message): no "
+                         "sentence-transformers prompt can express it; encode sessions with `convret encode`") \
+            from error
     prompts = {"document": _prompt_text(tokenizer, prefix, "passage"),
                "query": _prompt_text(tokenizer, query_prefix, "query")}
     summary = list(config.summary_token_ids)
