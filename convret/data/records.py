@@ -51,6 +51,9 @@ class TrainingExample:
         response: the text the session-masked LM loss learns to generate from the summary tokens, or ``None``.
             UltraChat: the positive's text; triplet data (QReCC, TopiOCQA, the sample world): the answer.
         rewrite: a manual, self-contained rewrite of the query, when the data has one.
+        positives: every gold passage when the data gives several (Tevatron's ``positive_passages``;
+            ``positive`` is the first of them); empty when there is only ``positive``. Training samples one of
+            them per epoch (:class:`convret.train.data.TrainingDataset`).
     """
 
     id: str
@@ -60,6 +63,7 @@ class TrainingExample:
     negatives: list[Passage] = field(default_factory=list)
     response: str | None = None
     rewrite: str | None = None
+    positives: list[Passage] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +78,11 @@ class EvalTurn:
         rewrite: the manual rewrite, when present (the "oracle" query of the field's tables).
         response: the reference response, when present (generation metrics).
         positive_texts: gold passage texts carried by the file itself, when present.
+        ptkb: the user's personal text knowledge base (TREC iKAT's PTKB statements, in the topic's order), when
+            the file has one: optional context a caller may add to the session (e.g. as an instruction);
+            readers never put it into ``history``.
+        positive_ids: gold passage ids carried by the file itself (SCAI-QReCC's ``Truth_passages``), when
+            present: the same as the set's qrels for this qid.
     """
 
     qid: str
@@ -84,6 +93,8 @@ class EvalTurn:
     rewrite: str | None = None
     response: str | None = None
     positive_texts: list[str] = field(default_factory=list)
+    ptkb: list[str] = field(default_factory=list)
+    positive_ids: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -140,7 +140,7 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
             from error
     prompts = {"document": _prompt_text(tokenizer, prefix, "passage"),
                "query": _prompt_text(tokenizer, query_prefix, "query")}
-    summary = list(config.summary_token_ids)
+    summary = config.summary_block()
     passage_summary = summary if config.summary_on_passages else []
     # sentence-transformers truncates to these (prompt and appended tokens included): a passage keeps its first
     # tokens within max_passage_len as in convret; a session from session_text() is already truncated

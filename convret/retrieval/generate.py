@@ -167,10 +167,8 @@ def main(argv: list[str]) -> int:
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         rows = []
         for turn in _data.iter_conversations(args.conversations):
-            prefix = list(formatter.session(turn.history, turn.query))
-            for passage in passages.get(turn.qid, []):
-                prefix += list(formatter.passage(passage))
-            ids = generate_response(encoder.model, prefix, config.summary_token_ids, budget, eos, forced=start,
+            prefix = list(formatter.session_with_passages(turn.history, turn.query, passages.get(turn.qid, [])))
+            ids = generate_response(encoder.model, prefix, config.summary_block(), budget, eos, forced=start,
                                     stop_sequence=end)
             response = response_text(tokenizer, start + ids, wrapper, eos)
             row = {"qid": turn.qid, "response": response, "reference": turn.response}
