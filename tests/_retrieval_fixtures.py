@@ -52,35 +52,11 @@ def family_checkpoint(path, family_dir, **config):
     return path
 
 
-def xfail_on_known_template_error(call):
-    """Mistral's strict-alternation template rejects a lone assistant message until sequences.py renders
-    passages and responses differently (issue 18 item 3, another branch): xfail on exactly that error."""
-    import pytest
-    from jinja2.exceptions import TemplateError
-
-    try:
-        return call()
-    except TemplateError as error:
-        if "alternate" in str(error):
-            pytest.xfail(f"issue 18 item 3 (sequences.py): {error}")
-        raise
-
-
-
 def session_texts(encoder, sessions):
-    """session_text() of ``(history, query)`` sessions; xfails on main's known truncation defect (a truncated
-    session may start with an assistant turn until sequences.py drops whole exchanges: issue 18 item 3)."""
-    import pytest
-
+    """session_text() of ``(history, query)`` sessions (the text to give ``SentenceTransformer.encode_query``)."""
     from convret.retrieval.export import session_text
 
-    try:
-        return [session_text(encoder.tokenizer, encoder.config, h, q) for h, q in sessions]
-    except ValueError as error:
-        if "does not start" in str(error) and not hasattr(encoder.formatter, "exchanges"):
-            pytest.xfail("issue 18 item 3 (sequences.py, templates branch): truncation drops one turn at a time, "
-                         "a truncated session can start with an assistant turn")
-        raise
+    return [session_text(encoder.tokenizer, encoder.config, h, q) for h, q in sessions]
 
 
 def random_text(rng: random.Random, lo: int, hi: int) -> str:

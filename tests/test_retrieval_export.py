@@ -11,8 +11,7 @@ from convret.data.records import Turn
 from convret.retrieval.encoder import Encoder
 from convret.retrieval.export import export_sentence_transformers, main as export_main
 
-from _retrieval_fixtures import family_checkpoint, random_text, session_texts, tiny_checkpoint, \
-    xfail_on_known_template_error
+from _retrieval_fixtures import family_checkpoint, random_text, session_texts, tiny_checkpoint
 
 
 def _adapter_loading_supported():
@@ -83,12 +82,12 @@ def test_export_every_family(tmp_path, model_family, family):
     if family == "mistral":  # the instruction is merged into the query's message: not a prompt, a clear error
         ckpt = family_checkpoint(tmp_path / "instructed", model_family(family), **instructions)
         with pytest.raises(ValueError, match="not tokenized on its own"):
-            xfail_on_known_template_error(lambda: export_sentence_transformers(ckpt, out, merge=True))
+            export_sentence_transformers(ckpt, out, merge=True)
         assert not out.exists()
         instructions = dict(passage_instruction="Represent this passage.")
     ckpt = family_checkpoint(tmp_path / "ckpt", model_family(family), max_passage_len=72, max_session_len=96,
                              **instructions)
-    xfail_on_known_template_error(lambda: export_sentence_transformers(ckpt, out, merge=True))
+    export_sentence_transformers(ckpt, out, merge=True)
     st = SentenceTransformer(str(out), device="cpu")
     if family != "mistral":  # one Transformer (mistral: a Router, its sessions end with [/INST], passages </s>)
         assert st.max_seq_length == 72 + 3
