@@ -268,9 +268,11 @@ def _export_routed(model: Any, tokenizer: Any, config: Any, output: str | os.Pat
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convret export",
-        description="Write a directory that SentenceTransformer(OUT) loads and that encodes passages and "
-                    "formatted sessions to the same vectors as `convret encode` (last-token pooling at the summary "
-                    "token, appended by the saved tokenizer). LoRA checkpoints: base + adapter, or --merge.")
+        description="Write a directory that SentenceTransformer(OUT) loads and that encodes like `convret encode`: "
+                    "encode / encode_document on passages (prompt 'document', cut at max_passage_len), encode_query "
+                    "on sessions (prompt 'query'; a session with history as convret.retrieval.export.session_text "
+                    "gives it). Last-token pooling at the summary token, appended by the saved tokenizer. LoRA "
+                    "checkpoints: base + adapter, or --merge. docs/retrieval.md lists what it reproduces.")
     p.add_argument("checkpoint", help="convret checkpoint directory")
     p.add_argument("output", help="directory to write")
     p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the weights")
