@@ -85,10 +85,10 @@ def test_not_a_checkpoint_and_mismatched_config(tmp_path):
 
 
 @pytest.mark.parametrize("family,train_summary", [("llama3", True), ("llama3-tied", True), ("llama3-tied", False),
-                                                  ("qwen2.5", False)])
+                                                  ("mistral", True), ("qwen2.5", False)])
 def test_lora_training_reloads_to_the_trained_model(tmp_path, model_family, family, train_summary):
     """LoRA `convret train` -> final/ -> load_retriever embeds exactly like the model in memory: the resize the
-    summary tokens needed (Llama-3: rows = tokenizer size) is redone on the base, and the summary rows, trained
+    summary tokens needed (Llama-3, Mistral: rows = tokenizer size) is redone on the base, and the summary rows, trained
     or only mean-initialised (Qwen2.5's spare rows), are restored."""
     from safetensors import safe_open
 
