@@ -40,7 +40,8 @@ def check_environment(payload):
 def test_bench_help_lists_subcommands(capsys):
     assert main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("attention", "loss", "step", "trainer-overhead", "tile-gemm", "encode", "gpu-report", "gpu-check"):
+    for name in ("attention", "loss", "step", "trainer-overhead", "tile-gemm", "encode", "retrieval", "gpu-report",
+                 "gpu-check"):
         assert f"  {name} " in out
     assert main(["bench", "nope"]) == 2
     with pytest.raises(SystemExit) as exit_info:
@@ -193,6 +194,23 @@ def test_varlen_decomposition_index_plan_matches_the_oracle():
     for g, w in zip(grads, torch.autograd.grad(want, (q, k, v), grad)):
         torch.testing.assert_close(g, w)
     assert visible_pairs(layout) == int(layout.dense_mask().sum())
+
+
+def test_retrieval_smoke(tmp_path):
+    code, payload = bench(tmp_path, "retrieval", "--smoke")
+    assert code == 0 and payload["passed"]
+    check_environment(payload)
+    enc = payload["encode"]
+    assert enc["large"]["passages"] == 3000 and enc["large"]["passages_per_s"] > 0
+    assert enc["large"]["peak_rss_bytes"] > 0 and enc["small"]["peak_rss_bytes"] > 0
+    assert list(payload["index"]) == ["Flat", "IVF64,Flat"]
+    for record in payload["index"].values():
+        assert record["peak_rss_bytes"] > 0 and record["index_bytes"] > 0
+    flat, ivf = payload["search"]["Flat"], payload["search"]["IVF64,Flat"]
+    assert flat[0]["recall"] == 1.0
+    recalls = [r["recall"] for r in ivf]
+    assert recalls[-1] == pytest.approx(1.0) and recalls[0] < recalls[-1]  # nprobe = nlist is exact
+    assert not (tmp_path / "retrieval-work").exists()
 
 
 def test_harness_oom_detection_and_guard():

@@ -294,3 +294,15 @@ def test_cpu_training_uses_the_caching_allocator_unless_turned_off(world, tmp_pa
     assert seen == [expected, expected]
     assert not cpu_caching_allocator_stats().active
 
+
+
+def test_a_model_given_by_flag_brings_its_own_tokenizer():
+    """`convret train --model_name_or_path DIR` (no config) must not keep the embedded default's tokenizer."""
+    from convret.train.arguments import parse_arguments
+
+    model_args, *_ = parse_arguments(["--model_name_or_path", "/models/Qwen2.5-7B-Instruct"])
+    assert model_args.tokenizer_name_or_path is None
+    model_args, *_ = parse_arguments(["--model_name_or_path=/m", "--tokenizer_name_or_path", "/t"])
+    assert model_args.tokenizer_name_or_path == "/t"
+    model_args, *_ = parse_arguments([])
+    assert model_args.tokenizer_name_or_path.endswith("tokenizer")

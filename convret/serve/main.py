@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "non-loopback --host)")
     p.add_argument("--cache-mb", type=float, default=256.0,
                    help="byte budget of the session cache in MiB (LRU over conversations; 0 disables it)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="IVF indexes: inverted lists probed per query (default: as `convret search`, max(128, nlist/8))")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="HNSW indexes: efSearch (default: as `convret search`)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="dtype to run the model in (default: the saved dtype)")
@@ -119,7 +123,8 @@ def main(argv: list[str]) -> int:
     try:
         service = SearchService.load(args.model, args.index, args.collection, cache_mb=args.cache_mb, device=device,
                                      dtype=getattr(torch, args.model_dtype) if args.model_dtype else None,
-                                     token_budget=args.token_budget)
+                                     token_budget=args.token_budget, nprobe=args.nprobe,
+                                     ef_search=args.ef_search)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"convret serve: error: {error}", file=sys.stderr)
         return 1

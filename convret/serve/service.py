@@ -94,14 +94,16 @@ class SearchService:
 
     Args:
         encoder: the :class:`SessionEncoder` (model + cache).
-        index, doc_ids: a faiss index and its passage ids (``convret.retrieval.index.load_index``).
+        index, doc_ids: a faiss index or a list of index shards, and its passage ids
+            (``convret.retrieval.index.load_index``).
         texts: passage id -> ``(text, title)`` of the collection.
     """
 
     def __init__(self, encoder: SessionEncoder, index: Any, doc_ids: list[str], texts: dict[str, tuple[str, str]],
                  model_path: str = "", index_path: str = ""):
-        if index.d != encoder.encoder.dim:
-            raise ValueError(f"the index holds vectors of dimension {index.d} but the model embeds in "
+        index = list(index) if isinstance(index, (list, tuple)) else [index]
+        if index[0].d != encoder.encoder.dim:
+            raise ValueError(f"the index holds vectors of dimension {index[0].d} but the model embeds in "
                              f"{encoder.encoder.dim}: they were not built from the same model")
         missing = [i for i in doc_ids if i not in texts]
         if missing:
@@ -117,17 +119,20 @@ class SearchService:
     @classmethod
     def load(cls, model: str | os.PathLike, index: str | os.PathLike, collection: str | os.PathLike,
              cache_mb: float = 256.0, device: str = "cpu", dtype: Any = None,
-             token_budget: int | None = None) -> "SearchService":
+             token_budget: int | None = None, nprobe: int | None = None,
+             ef_search: int | None = None) -> "SearchService":
         from ..retrieval import _data
         from ..retrieval.encoder import Encoder
-        from ..retrieval.index import load_index
+        from ..retrieval.index import DEFAULT_EF_SEARCH, configure_search, load_index
 
         encoder = Encoder.from_checkpoint(model, device=device, dtype=dtype)
         for p in encoder.model.parameters():
             p.requires_grad_(False)
-        faiss_index, doc_ids, _ = load_index(index)
+        shards, doc_ids, _ = load_index(index)
+        for shard in shards:  # the same search settings as `convret search` (IVF nprobe, HNSW efSearch)
+            configure_search(shard, nprobe, DEFAULT_EF_SEARCH if ef_search is None else ef_search)
         texts = {p.id: (p.text, p.title or "") for p in _data.iter_collection(collection)}
-        return cls(SessionEncoder(encoder, cache_mb=cache_mb, token_budget=token_budget), faiss_index, doc_ids,
+        return cls(SessionEncoder(encoder, cache_mb=cache_mb, token_budget=token_budget), shards, doc_ids,
                    texts, str(model), str(index))
 
     def run_batch(self, jobs: Sequence[Job]) -> list[JobResult | BaseException]:

@@ -179,6 +179,11 @@ def parse_arguments(
         raise ValueError(f"unknown arguments {remaining}; valid options: "
                          + ", ".join(f"--{k}" for k in valid_keys()))
     model_args, data_args, loss_args, train_args = parsed
+    flags = {arg.split("=", 1)[0] for arg in argv or [] if arg.startswith("--")}
+    if "--model_name_or_path" in flags and "--tokenizer_name_or_path" not in flags:
+        # the user's model comes with its own tokenizer: never the config's (the embedded default names the
+        # sample world's, which would silently mismatch the model's vocabulary)
+        model_args.tokenizer_name_or_path = None
     for key in ("model_config", "tokenizer_name_or_path", "train_file", "corpus"):
         for obj in (model_args, data_args):
             value = getattr(obj, key, None)
