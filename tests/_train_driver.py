@@ -1,7 +1,7 @@
 """Runs `convret train` on the test world (tests/_train_world.py) in its own process: for the resume test
 (killed with SIGKILL) and the multi-process test (under torchrun).
 
-    python tests/_train_driver.py WORLD_DIR [--examples N] [--triplets] -- [convret train flags]
+    python tests/_train_driver.py WORLD_DIR [--examples N] [--triplets] [--mixture W1,W2] -- [flags]
 
 WORLD_DIR holds tok/ (a tokenizer) and model.json (made by the test). CONVRET_TEST_KILL_IN_SAVE=N kills the
 process with SIGKILL in the middle of saving checkpoint-N (model files written, not yet renamed)."""
@@ -45,6 +45,11 @@ def main() -> int:
     m, d, l, t = parse_arguments(argv)
     built = build_model(m, d, l)
     examples = make_examples(num_examples, negatives=d.num_negatives, triplets=triplets, lm_only=lm_only)
+    if "--mixture" in opts:  # two sources: these examples and a second set, weights W1,W2
+        from _train_world import make_mixture
+
+        examples = make_mixture(examples, [float(w) for w in opts[opts.index("--mixture") + 1].split(",")],
+                                negatives=d.num_negatives)
     return run(m, d, l, t, examples=examples, formatter=WordFormatter(built.tokenizer), built=built)
 
 

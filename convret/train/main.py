@@ -157,6 +157,7 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
     from ..collate import CSITCollator
     from .data import TrainingCollator, TrainingDataset
     from .model import build_model
+    from .arguments import CONFIG_DIR
     from .recipes import make_recipe
     from .trainer import LOG_NAME, ConvretTrainer, JsonlLogCallback
 
@@ -172,8 +173,11 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
                                       max_response_len=data_args.max_response_len,
                                       instruction=data_args.instruction,
                                       passage_instruction=data_args.passage_instruction)
+    from .mixture import MixtureCollator, MixtureDataset, read_mixture
+
     if examples is None:
-        examples = read_examples(data_args, loss_args)
+        examples = (read_mixture(data_args, loss_args, CONFIG_DIR.parent) if data_args.train_files is not None
+                    else read_examples(data_args, loss_args))
     collator = TrainingCollator(
         formatter,
         CSITCollator(retriever_config.summary_token_ids, tokenizer.pad_token_id,
@@ -181,8 +185,12 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
                      max_passage_len=data_args.max_passage_len, max_response_len=data_args.max_response_len,
                      summary_on_passages=data_args.summary_on_passages),
         recipe=loss_args.recipe, num_negatives=data_args.num_negatives)
+    if isinstance(examples, MixtureDataset):  # several sources: homogeneous batches, counted per source
+        dataset, collator = examples, MixtureCollator(collator, len(examples.source_names))
+    else:
+        dataset = TrainingDataset(examples)
     return ConvretTrainer(
-        model=model, args=train_args, train_dataset=TrainingDataset(examples), data_collator=collator,
+        model=model, args=train_args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=[JsonlLogCallback(Path(train_args.output_dir) / LOG_NAME)],
         recipe=make_recipe(loss_args), retriever_config=retriever_config,
         gradcache_chunk_rows=loss_args.gradcache_chunk_rows,
@@ -249,6 +257,11 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
             ran = f"{done - start_step} in this run" if resume is not None else f"{done} steps"
             print(f"convret train: step {done} reached ({ran}, {time.perf_counter() - start:.1f} s); "
                   f"final weights in {output_dir / 'final'}", file=sys.stderr)
+            if trainer.source_totals is not None:
+                total = max(sum(trainer.source_totals), 1)
+                print("convret train: examples per source in this run: " + ", ".join(
+                    f"{name} {n} ({n / total:.1%})" for name, n in zip(trainer.train_dataset.source_names,
+                                                                        trainer.source_totals)), file=sys.stderr)
         return 0
     finally:
         _shutdown(trainer)
