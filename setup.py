@@ -103,11 +103,11 @@ setup(
         "data": ["datasets"],
         "train": ["transformers>=4.57", "peft>=0.17", "safetensors", "tokenizers", "accelerate>=1.0", "pyyaml",
                   "tqdm"],
-        "retrieval": ["faiss-cpu", "pytrec-eval-terrier", "sentence-transformers", "rouge-score"],
+        "retrieval": ["faiss-cpu", "pytrec-eval-terrier", "sentence-transformers", "rouge-score", "bm25s>=0.2"],
         "bench": ["matplotlib", "tqdm"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors",
                  "tokenizers", "accelerate>=1.0", "pyyaml", "tqdm", "datasets", "faiss-cpu", "pytrec-eval-terrier",
-                 "sentence-transformers", "rouge-score", "matplotlib"],
+                 "sentence-transformers", "rouge-score", "matplotlib", "bm25s>=0.2"],
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )
