@@ -3,7 +3,6 @@ per-source counts in log.jsonl, exact resume after SIGKILL, train_files in the Y
 from __future__ import annotations
 
 import json
-import math
 import random
 import signal
 import time
@@ -44,21 +43,21 @@ def test_sampler_blocks_are_homogeneous_stratified_and_seeded():
 
 
 def test_training_logs_per_source_counts_in_the_configured_proportions(world, tmp_path):  # noqa: F811
-    """Weights 0.7 / 0.3, 24 + 12 examples, batches of 4: an epoch is 9 batches, 6 from a (6.3 rounded) and 3
-    from b. 18 steps = 2 epochs: the totals are exact (a: 48 examples, b: 24); each 3-step log window is a draw
-    without replacement from its epoch, checked within 4 standard deviations of the hypergeometric law."""
+    """Weights 0.25 / 0.75 over sources of 24 and 12 examples (the weights, not the sizes, decide), batches of 4:
+    an epoch is 9 batches, 2 from a (2.25 rounded) and 7 from b (6.75). Logging every step shows each batch
+    homogeneous (4 + 0); the counts are stratified, so the bound is exact per epoch: after 9 and 18 steps a has
+    8 and 16 examples, b 28 and 56 (each within one batch of weight x batches, here 0.25 x 9 x 4 = 9 examples)."""
     out = tmp_path / "run"
     first = make_examples(24, negatives=2)
-    mixture = make_mixture(first, [0.7, 0.3], negatives=2)
-    assert _run(world, out, "--max_steps", "18", "--logging_steps", "3", examples=mixture) == 0
+    mixture = make_mixture(first, [0.25, 0.75], negatives=2)
+    assert _run(world, out, "--max_steps", "18", "--logging_steps", "1", examples=mixture) == 0
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logs] == [3, 6, 9, 12, 15, 18]
-    assert all(r["examples/a"] + r["examples/b"] == 12 for r in logs)
-    assert sum(r["examples/a"] for r in logs) == 48 and sum(r["examples/b"] for r in logs) == 24
-    n, big, good = 3, 9, 6  # batches per window, per epoch, of source a per epoch
-    sd = math.sqrt(n * good / big * (1 - good / big) * (big - n) / (big - 1))
-    for r in logs:
-        assert abs(r["examples/a"] / 4 - n * good / big) <= 4 * sd + 1e-9
+    assert [r["step"] for r in logs] == list(range(1, 19))
+    assert all(sorted([r["examples/a"], r["examples/b"]]) == [0, 4] for r in logs)  # one source per batch
+    for steps, a, b in ((9, 8, 28), (18, 16, 56)):
+        assert sum(r["examples/a"] for r in logs[:steps]) == a
+        assert sum(r["examples/b"] for r in logs[:steps]) == b
+        assert abs(a - 0.25 * steps * 4) <= 4 and abs(b - 0.75 * steps * 4) <= 4
 
 
 def test_mixture_resume_after_sigkill_is_exact(world, tmp_path):  # noqa: F811
@@ -100,3 +99,26 @@ def test_train_files_from_yaml_and_flag(tmp_path):
                          (["--train_files", f"{a}:1,{a}:2"], "repeat")):
         with pytest.raises(ValueError, match=message):
             parse_arguments([*bad, "--output_dir", str(tmp_path)])
+
+
+def test_convret_train_reads_train_files_from_disk(tmp_path, capsys):
+    """The command itself on the sample world's two training files (the ad-hoc one mined by BM25 first), with
+    the embedded default's tiny model: both sources are read with their formats, counted and reported."""
+    pytest.importorskip("bm25s")
+    from convret.data import sample_world as sw
+    from convret.retrieval.mine import main as mine_main
+    from convret.train.main import main
+
+    world = Path(sw.SAMPLE_WORLD_DIR)
+    mined = tmp_path / "adhoc.jsonl"
+    assert mine_main(["--train-file", str(world / sw.TRAIN_ADHOC), "--corpus", str(world / sw.COLLECTION),
+                      "--retriever", "bm25", "--output", str(mined), "--num-negatives", "1", "--no-progress"]) == 0
+    out = tmp_path / "run"
+    assert main(["--train_files", f"{world / sw.TRAIN_ULTRACHAT}:0.5,{mined}:0.5:tevatron", "--max_examples", "40",
+                 "--max_steps", "10", "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_steps",
+                 "100", "--output_dir", str(out), "--disable_tqdm", "true"]) == 0
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {k for k in logs[0] if k.startswith("examples/")} == {"examples/train", "examples/adhoc"}
+    # 80 examples in batches of 8: one epoch of 10 batches, 5 from each source
+    assert sum(r["examples/train"] for r in logs) == sum(r["examples/adhoc"] for r in logs) == 40
+    assert "examples per source in this run: train 40 (50.0%), adhoc 40 (50.0%)" in capsys.readouterr().err
