@@ -196,3 +196,35 @@ def test_records_round_trip_each_format(tmp_path):
         path = tmp_path / f"{fmt}.jsonl"
         path.write_text("".join(json.dumps(mine_module.record_of([e], fmt)) + "\n" for e in examples))
         assert list(read_training(path, strict=True)) == examples
+
+
+def test_sentence_transformers_directory_as_the_retriever(files, checkpoint, tmp_path):
+    """A sentence-transformers directory (the tiny checkpoint exported): its negatives come from the window of a
+    numpy ranking of its own embeddings (encode_query on the rewrite, encode_document on the passages)."""
+    from sentence_transformers import SentenceTransformer
+
+    from convret.retrieval.export import export_sentence_transformers
+
+    st_dir = export_sentence_transformers(checkpoint, tmp_path / "st", merge=True)
+    lines = CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join((files / "triplets.jsonl").read_text().splitlines(keepends=True)[:30]))
+    wanted = {e.positive.id for e in read_training(source)}
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(line for n, line in enumerate(lines) if n < 200 or json.loads(line)["id"] in wanted))
+    out = tmp_path / "mined.jsonl"
+    assert mine_module.main(["--train-file", str(source), "--corpus", str(corpus), "--retriever", str(st_dir),
+                             "--output", str(out), "--window", "3-12", "--num-negatives", "3", "--no-progress"]) == 0
+    after = _check_common(source, out, 3)
+    model = SentenceTransformer(str(st_dir), device="cpu")
+    passages = list(read_collection(corpus))
+    ids = [p.id for p in passages]
+    row = {p.id: i for i, p in enumerate(passages)}
+    P = model.encode_document([p.text for p in passages], normalize_embeddings=True).astype(np.float64)
+    Q = model.encode_query([ex.rewrite for ex in after], normalize_embeddings=True).astype(np.float64)
+    for q, ex in zip(Q, after):
+        scores = P @ q
+        ranks, by_rank = _ranks(scores, ids), np.sort(scores)[::-1]
+        for n in ex.negatives:
+            s = scores[row[n.id]]
+            assert 3 <= ranks[row[n.id]] <= 12 or by_rank[11] - 1e-5 <= s <= by_rank[2] + 1e-5, (ex.id, n.id)

@@ -185,7 +185,8 @@ class _SentenceTransformerEncoder:
         self.source = str(path)
         normalize = str(getattr(self.model, "similarity_fn_name", "") or "").lower() == "cosine"
         self.config = SimpleNamespace(normalize=normalize)
-        get_dim = getattr(self.model, "get_sentence_embedding_dimension", None)
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or \
+            getattr(self.model, "get_sentence_embedding_dimension", None)
         self.dim = int(get_dim()) if get_dim else int(self.model.encode(["x"]).shape[1])
 
     def _encode(self, texts: Sequence[str], kind: str) -> np.ndarray:
