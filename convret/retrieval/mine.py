@@ -285,8 +285,8 @@ def make_retriever(spec: str, device: str | None = None, token_budget: int | Non
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def _draw(example: TrainingExample, position: int, ids: Sequence[str], passages: Sequence[Passage],
-          rows: np.ndarray, scores: np.ndarray, positive_score: float, settings: MineSettings) -> tuple[list[int], int]:
+def _draw(example: TrainingExample, position: int, passages: Sequence[Passage], rows: np.ndarray,
+          scores: np.ndarray, positive_score: float, settings: MineSettings) -> tuple[list[int], int]:
     """Corpus rows of the negatives of one example, and how many window candidates the ratio filter dropped."""
     lo, hi = settings.window
     positive = example.positive
@@ -319,12 +319,11 @@ def mine_examples(examples: Sequence[TrainingExample], positions: Sequence[int],
         return out, stats
     queries = [query_of(examples[i], settings.query) for i in todo]
     scores, rows, pos_scores = retriever.rank(queries, [examples[i].positive for i in todo], settings.window[1])
-    ids = [p.id for p in passages]
     for j, i in enumerate(todo):
         ex = examples[i]
         if settings.max_positive_ratio is not None and not np.isfinite(pos_scores[j]):
             stats["unscored"] += 1
-        chosen, filtered = _draw(ex, positions[i], ids, passages, rows[j], scores[j], float(pos_scores[j]), settings)
+        chosen, filtered = _draw(ex, positions[i], passages, rows[j], scores[j], float(pos_scores[j]), settings)
         stats["filtered"] += filtered
         out[i] = TrainingExample(ex.id, ex.history, ex.query, ex.positive, [passages[r] for r in chosen],
                                  ex.response, ex.rewrite)
