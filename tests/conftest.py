@@ -20,3 +20,22 @@ settings.load_profile("convret")
 
 def triton_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_family(tmp_path_factory):
+    """``model_family(name) -> Path``: the local model directory of a family of the model matrix
+    (tests/_model_matrix.py), built once per test session."""
+    from _model_matrix import build_family
+
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build_family(name, tmp_path_factory.mktemp(f"model-{name}"))
+        return built[name]
+
+    return get

@@ -20,7 +20,7 @@ FIX = Path(__file__).parent / "fixtures" / "data"
     ("ultrachat.jsonl", "ultrachat"), ("tevatron_legacy.jsonl", "tevatron"), ("tevatron_new.jsonl", "tevatron"),
     ("chatretriever_eval.json", "chatretriever-eval"), ("qrecc.json", "qrecc"), ("topiocqa.json", "topiocqa"),
     ("cast.json", "cast"), ("collection.jsonl", "collection"), ("tevatron_corpus.jsonl", "collection"),
-    ("collection.tsv", "collection"), ("qrels.txt", "qrels"), ("run.trec", "run"),
+    ("collection.tsv", "tsv"), ("qrels.txt", "qrels"), ("run.trec", "run"),
 ])
 def test_detect_format(name, fmt):
     assert detect_format(FIX / name) == fmt
@@ -161,9 +161,8 @@ BAD_ULTRACHAT = {
     "empty text": (json.dumps(_conv(text="   ")), "empty text in field 'text' of conversation[0]"),
     "empty negative": (json.dumps({"conv_id": "c", "conversation": [
         GOOD_CONV["conversation"][0], {"role": "Assistant", "text": "x", "neg_texts": [""]}]}), "empty text"),
-    "user without assistant": (json.dumps({"conv_id": "c", "conversation": [
-        GOOD_CONV["conversation"][0], GOOD_CONV["conversation"][1], {"role": "User", "text": "and then?"}]}),
-        "User turn 2 (conversation[2]) has no following Assistant turn"),
+    "user turn alone": (json.dumps({"conv_id": "c", "conversation": [{"role": "User", "text": "and then?"}]}),
+                        "no User turn followed by an Assistant turn"),
     "two user turns in a row": (json.dumps({"conv_id": "c", "conversation": [
         {"role": "User", "text": "a"}, *GOOD_CONV["conversation"]]}), "User turn 1 (conversation[0]) has no following"),
     "unknown role": (json.dumps(_conv(role="System")), "unknown role 'System'"),
@@ -210,7 +209,7 @@ def test_bad_eval_records(tmp_path, name, record, reason):
 def test_bad_collection_qrels_run_lines(tmp_path):
     (tmp_path / "c.tsv").write_text("1\tgood text\n2\t  \n3 no tab\n4\tfine\n")
     report = ReadReport()
-    assert [p.id for p in read_collection(tmp_path / "c.tsv", report=report)] == ["1", "4"]
+    assert [p.id for p in read_collection(tmp_path / "c.tsv", format="collection", report=report)] == ["1", "4"]
     assert [line for line, _ in report.errors] == [2, 3]
     (tmp_path / "q.txt").write_text("1 0 d1 1\n1 0 d2 high\n1 0 d3\n1 0 d1 2\n")
     report = ReadReport()

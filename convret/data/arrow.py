@@ -17,39 +17,68 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .readers import DataError, _first_char
+from .readers import COLLECTION_FORMATS, DataError, _first_char, detect_format
 from .records import Passage
 
 __all__ = ["load_collection", "shard_for_rank", "iter_passages"]
 
 
+# JSON collection formats: their (id, text, title) columns; ikat-passages' id is built from two columns
+_JSON_COLUMNS = {
+    "collection": (("id", "docid"), ("text", "contents"), "title"),
+    "beir-corpus": (("_id",), ("text",), "title"),
+    "msmarco-v2-passage": (("pid",), ("passage",), None),
+    "msmarco-v2.1-segmented": (("docid",), ("segment",), "title"),
+    "ikat-passages": ((), ("passage_text",), None),
+    "pyserini": (("id",), ("contents",), None),
+}
+
+
 def load_collection(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, rank: int | None = None,
-                    world_size: int | None = None, num_proc: int | None = None) -> Any:
+                    world_size: int | None = None, num_proc: int | None = None, format: str = "auto") -> Any:
     """A collection file as a memory-mapped ``datasets.Dataset`` with string columns ``id``, ``title``, ``text``.
 
     Args:
-        path: jsonl ``{"id", "text", "title"?}``, Tevatron corpus jsonl ``{"docid", "title", "text"}`` or TSV
-            ``pid<TAB>text``.
+        path: a collection in one of :data:`~convret.data.COLLECTION_FORMATS` but ``dpr-tsv`` (read that one with
+            :func:`~convret.data.read_collection`): jsonl / JSON array ``{"id"|"docid", "text"|"contents",
+            "title"?}``, BEIR, MS MARCO v2 / v2.1, iKAT passages (id ``{doc_id}:{passage_id}``), pyserini, or TSV
+            ``pid<TAB>text``; ids and texts are those :func:`~convret.data.read_collection` gives.
         cache_dir: where the Arrow files go (``datasets``' default cache when ``None``).
         rank, world_size: return only this rank's contiguous shard (see :func:`shard_for_rank`).
         num_proc: processes for the one-time conversion.
+        format: ``"auto"`` (detected as by :func:`~convret.data.detect_format`) or a collection format's name.
     """
     import datasets
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt not in COLLECTION_FORMATS or fmt == "dpr-tsv":
+        raise DataError(path, 0, f"format {fmt!r}: load_collection reads {', '.join(_JSON_COLUMNS)} and tsv "
+                                 "(read other formats, DPR's quoted TSV among them, with read_collection)")
     cache = None if cache_dir is None else str(cache_dir)
-    if _first_char(path) == "{":
+    if fmt in _JSON_COLUMNS and _first_char(path) in "[{":
         ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache, num_proc=num_proc)
-        if "docid" in ds.column_names and "id" not in ds.column_names:
-            ds = ds.rename_column("docid", "id")
-        if "contents" in ds.column_names and "text" not in ds.column_names:
-            ds = ds.rename_column("contents", "text")
+        id_keys, text_keys, title_key = _JSON_COLUMNS[fmt]
+        if fmt == "ikat-passages":
+            ds = ds.map(lambda row: {"id": f"{row['doc_id']}:{row['passage_id']}"}, num_proc=num_proc)
+        names = set(ds.column_names)
+        for target, keys in (("id", id_keys), ("text", text_keys)):
+            source = next((k for k in keys if k in names), None)
+            if target not in names and source is not None:
+                ds = ds.rename_column(source, target)
+                names = set(ds.column_names)
+        if title_key is None and "title" in names:
+            ds = ds.remove_columns("title")
     else:
+        # lines end at '\n' only (a bare '\r' inside a text is text, as in read_collection); a CRLF's '\r' is dropped
         features = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")})
         ds = datasets.load_dataset("csv", data_files=str(path), split="train", cache_dir=cache, delimiter="\t",
-                                   column_names=["id", "text"], features=features, quoting=3, num_proc=num_proc)
+                                   column_names=["id", "text"], features=features, quoting=3, lineterminator="\n",
+                                   num_proc=num_proc)
+        ds = ds.map(lambda row: {"id": row["id"].strip(), "text": row["text"][:-1] if row["text"].endswith("\r")
+                                 else row["text"]}, num_proc=num_proc)
     missing = {"id", "text"} - set(ds.column_names)
     if missing:
         raise DataError(path, 0, f"collection lacks the column(s) {sorted(missing)}; has {ds.column_names}")

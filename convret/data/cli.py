@@ -5,8 +5,9 @@ import argparse
 import json
 import sys
 
-from .readers import (CONVERSATION_FORMATS, FORMATS, MAX_REPORTED_ERRORS, DataError, ReadReport, detect_format,
-                      read_collection, read_conversations, read_qrels, read_run, read_training)
+from .readers import (COLLECTION_FORMATS, CONVERSATION_FORMATS, FORMATS, MAX_REPORTED_ERRORS, QRELS_FORMATS, DataError,
+                      ReadReport, detect_format, read_collection, read_conversations, read_qrels, read_run,
+                      read_training)
 
 DESCRIPTION = f"""\
 Validate a data file: read every record, report each malformed one with its line and reason.
@@ -28,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("file", help="the file to check")
     check.add_argument("--format", default="auto", choices=("auto", *FORMATS),
-                       help="the file's format (default: detected from its first record)")
+                       help="the file's format (default: detected from its first record or lines; a file that fits "
+                            "no format exactly is an error that asks for this option). Names: docs/data.md")
     check.add_argument("--corpus", default=None,
                        help="for Tevatron's new schema: the collection its document ids must resolve in")
     check.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -43,11 +45,11 @@ def check_file(path: str, format: str = "auto", corpus: str | None = None, stric
     fmt = detect_format(path) if format == "auto" else format
     report = report if report is not None else ReadReport()
     report.format, report.path = fmt, str(path)
-    if fmt == "qrels":
-        read_qrels(path, strict=strict, report=report)
+    if fmt in QRELS_FORMATS:
+        read_qrels(path, strict=strict, report=report, format=fmt)
     elif fmt == "run":
         read_run(path, strict=strict, report=report)
-    elif fmt == "collection":
+    elif fmt in COLLECTION_FORMATS:  # ``tsv`` (id<TAB>text) is checked as a collection; it reads as queries too
         for _ in read_collection(path, fmt, strict=strict, report=report):
             pass
     elif fmt in CONVERSATION_FORMATS:

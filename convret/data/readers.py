@@ -5,41 +5,47 @@ incrementally too). A malformed record is reported with file, line and reason (`
 ``convret.data`` logger), skipped and counted in a :class:`ReadReport`; a one-line summary follows at the end
 when anything was skipped. ``strict=True`` raises :class:`DataError` at the first bad record instead.
 
-Formats (``detect_format`` names):
+Formats (``detect_format`` names; the tuples :data:`FORMATS`, :data:`TRAINING_FORMATS`, :data:`CONVERSATION_FORMATS`,
+:data:`COLLECTION_FORMATS`, :data:`QRELS_FORMATS` list them; docs/data.md has an example of each):
 
-- ``ultrachat``: ChatRetriever's training jsonl ``{"conv_id", "conversation": [{"role", "text", "rewrite"?,
-  "neg_texts"?}]}`` -> :class:`TrainingExample` per User turn.
-- ``tevatron``: Tevatron training jsonl, legacy ``{"query_id", "query", "positive_passages",
-  "negative_passages"}`` or new ``{"query_id", "query_text", "positive_document_ids",
-  "negative_document_ids"}`` (joined with a corpus by docid).
-- ``chatretriever-eval``: ``[{"conv_id", "turns": [{"turn_id", "question", "manual_rewrite"?, "response"?,
-  "pos_psg_text"?}]}]``.
-- ``qrecc`` / ``topiocqa``: one record per turn ``{"Conversation_no", "Turn_no", "Question", "Answer",
-  "Rewrite"?, "Context"}`` (+ ``Gold_passage`` in TopiOCQA): evaluation turns, or training triplets.
-- ``cast``: TREC CAsT topics ``[{"number", "turn": [{"number", "raw_utterance",
-  "manual_rewritten_utterance"?, "passage"?}]}]``.
-- ``collection``: jsonl ``{"id", "text", "title"?}``, Tevatron corpus ``{"docid", "title", "text"}`` or TSV
-  ``pid<TAB>text``.
-- ``qrels`` (``qid 0 docid rel``) and ``run`` (``qid Q0 docid rank score tag``).
+- training: ``ultrachat`` (ChatRetriever), ``tevatron`` (legacy and new schema), ``qrecc`` / ``topiocqa``
+  (triplets).
+- evaluation conversations: ``chatretriever-eval``, ``qrecc`` / ``topiocqa``, ``cast`` (CAsT 2019-21),
+  ``cast2022`` (tree, sessions follow ``parent``) / ``cast2022-flat``, ``ikat`` (TREC iKAT 2023-25, PTKB in
+  :attr:`EvalTurn.ptkb`), ``convdr`` (ConvDR / COTED), ``t5qr`` (T5QR / ConvGQR), ``scai-qrecc``, ``beir-queries``
+  (BEIR, mt-rag), ``tsv`` (``qid<TAB>text``, single-turn).
+- collections: ``collection`` (``{"id"|"docid", "text", "title"?}`` jsonl or ``pid<TAB>text``), ``tsv``,
+  ``beir-corpus``, ``msmarco-v2-passage``, ``msmarco-v2.1-segmented``, ``ikat-passages``, ``pyserini``
+  (``contents``), ``dpr-tsv`` (``id<TAB>text<TAB>title`` with its header, csv quoting).
+- ``qrels`` (TREC ``qid 0 docid rel``), ``beir-qrels`` (TSV with the header ``query-id corpus-id score``) and
+  ``run`` (``qid Q0 docid rank score tag``).
+
+Detection fits a format exactly (a JSON record's identifying fields; a text file's header, or its first lines),
+never by a guess: a file that fits none is a :class:`DataError` asking for ``format=``.
 
 A "record" is one line of a jsonl / TSV / TREC file, or one element of a JSON array (a conversation, a topic or
 a turn, as the format nests them); the line of an array element is the line its ``{`` is on.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .._io import atomic_write
+from ._parsing import PathLike, _Bad, _context_turns, _field, _ident, _open, _passage_obj, _text
+from .conversations import (_cast2022_flat_parser, _parse_beir_query, _parse_cast2022_tree, _parse_convdr, _parse_ikat,
+                            _parse_query_tsv, _parse_scai_qrecc, _parse_t5qr)
+from .passages import _DPR_HEADER, _PASSAGE_PARSERS, _dpr_parser, _iter_quoted_tsv, _parse_passage_tsv
 from .records import ASSISTANT, USER, EvalTurn, Passage, TrainingExample, Turn
 
 __all__ = [
     "DataError", "ReadReport", "MAX_REPORTED_ERRORS", "FORMATS", "TRAINING_FORMATS", "CONVERSATION_FORMATS",
+    "COLLECTION_FORMATS", "QRELS_FORMATS",
     "detect_format", "read_training", "read_conversations", "read_collection", "read_qrels", "read_run",
     "write_run", "write_qrels", "iter_records",
 ]
@@ -49,12 +55,18 @@ logger = logging.getLogger("convret.data")
 #: errors kept (and logged) per file; ``ReadReport.skipped`` still counts every bad record
 MAX_REPORTED_ERRORS = 100
 
-FORMATS = ("ultrachat", "tevatron", "chatretriever-eval", "qrecc", "topiocqa", "cast", "collection", "qrels", "run")
+#: formats of training examples (:func:`read_training`)
 TRAINING_FORMATS = ("ultrachat", "tevatron", "qrecc", "topiocqa")
-CONVERSATION_FORMATS = ("chatretriever-eval", "qrecc", "topiocqa", "cast")
-
-PathLike = str | os.PathLike
-
+#: formats of evaluation conversations (:func:`read_conversations`)
+CONVERSATION_FORMATS = ("chatretriever-eval", "qrecc", "topiocqa", "cast", "cast2022", "cast2022-flat", "ikat",
+                        "convdr", "t5qr", "scai-qrecc", "beir-queries", "tsv")
+#: formats of passage collections (:func:`read_collection`)
+COLLECTION_FORMATS = ("collection", "tsv", "beir-corpus", "msmarco-v2-passage", "msmarco-v2.1-segmented",
+                      "ikat-passages", "pyserini", "dpr-tsv")
+#: formats of relevance judgements (:func:`read_qrels`)
+QRELS_FORMATS = ("qrels", "beir-qrels")
+#: every format name, in one place (``--format`` choices of ``convret data check`` / ``encode`` / ``evaluate``)
+FORMATS = tuple(dict.fromkeys((*TRAINING_FORMATS, *CONVERSATION_FORMATS, *COLLECTION_FORMATS, *QRELS_FORMATS, "run")))
 
 class DataError(ValueError):
     """A malformed record: ``str()`` is ``"{path}:{line}: {reason}"``."""
@@ -108,18 +120,10 @@ class ReadReport:
                 "errors": [{"line": line, "reason": reason} for line, reason in self.errors]}
 
 
-class _Bad(Exception):
-    """Raised by a record parser: the record is malformed for ``reason``."""
-
-    def __init__(self, reason: str, fatal: bool = False):
-        super().__init__(reason)
-        self.reason = reason
-        self.fatal = fatal  # the rest of the file cannot be read (a syntax error inside a JSON array)
-
-
 # ------------------------------------------------------------------------------------------ raw records
-def _open(path: PathLike):
-    return open(path, "r", encoding="utf-8", newline="")
+# ``strict=False``: a raw control character (a tab, a bare carriage return) inside a JSON string is read as itself
+# instead of making the record invalid; writers outside Python leave them unescaped now and then.
+_DECODER = json.JSONDecoder(strict=False)
 
 
 def _first_char(path: PathLike) -> str:
@@ -133,35 +137,73 @@ def _first_char(path: PathLike) -> str:
                 return stripped[0]
 
 
-def _iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
-    with _open(path) as handle:
+def _iter_lines(path: PathLike, comments: bool = False) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of the non-blank lines. Lines end at ``\n`` only (a CRLF's ``\r`` is dropped): a
+    bare ``\r`` inside a text is part of the text, not a line break. ``comments``: skip lines starting with
+    ``#`` (TREC qrels and runs, as trec_eval does)."""
+    with _open(path, newline="\n") as handle:
         for number, line in enumerate(handle, 1):
-            line = line.rstrip("\r\n")
+            line = line.rstrip("\n")
+            if line.endswith("\r"):
+                line = line[:-1]
             if number == 1:
                 line = line.lstrip("\ufeff")
-            if line.strip():
+            if line.strip() and not (comments and line.lstrip().startswith("#")):
                 yield number, line
 
 
+_PRETTY_OBJECT = ("the file is one JSON object spread over several lines (a pretty-printed JSON document), not "
+                  "JSON Lines (one record per line) nor a JSON array of records: no convret format is a single JSON "
+                  "object")
+
+
+def _is_multiline_object(path: PathLike, limit: int = 1 << 20) -> bool:
+    """Whether the file starts with one JSON object spread over several lines: it parses within its first ``limit``
+    characters and holds a line break, or it opens with a line that is just ``{`` (a longer pretty-printed object).
+    A truncated one-line record is not one (it fails to parse before the next line's record)."""
+    with _open(path) as handle:
+        text = handle.read(limit).lstrip("\ufeff \t\r\n")
+    if text.split("\n", 1)[0].strip() == "{":
+        return True
+    try:
+        _, end = _DECODER.raw_decode(text)
+    except json.JSONDecodeError:
+        return False
+    return "\n" in text[:end]
+
+
 def _iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
+    first = True
     for number, line in _iter_lines(path):
         try:
-            yield number, json.loads(line)
+            value, end = _DECODER.raw_decode(line, len(line) - len(line.lstrip()))
+            if line[end:].strip():
+                raise json.JSONDecodeError("Extra data", line, end)
+            yield number, value
         except json.JSONDecodeError as error:
+            if first and line.lstrip().startswith("{") and _is_multiline_object(path):
+                yield number, _Bad(_PRETTY_OBJECT, fatal=True)
+                return
             yield number, _Bad(f"invalid JSON: {error.msg} at column {error.colno}")
+        first = False
 
 
 def _iter_json_array(path: PathLike, chunk_size: int = 1 << 20) -> Iterator[tuple[int, Any]]:
     """Elements of a top-level JSON array, parsed incrementally (memory: one element plus one chunk)."""
-    decoder = json.JSONDecoder()
     with _open(path) as handle:
         buf = handle.read(chunk_size).lstrip("\ufeff")
         eof = not buf
         line = 1
         pos = 0
 
+        def read_more() -> None:
+            nonlocal buf, pos, eof
+            more = handle.read(max(chunk_size, len(buf)))
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+
         def skip_ws() -> None:
-            nonlocal pos, line, buf, eof
+            nonlocal pos, line
             while True:
                 while pos < len(buf) and buf[pos] in " \t\r\n":
                     if buf[pos] == "\n":
@@ -169,9 +211,7 @@ def _iter_json_array(path: PathLike, chunk_size: int = 1 << 20) -> Iterator[tupl
                     pos += 1
                 if pos < len(buf) or eof:
                     return
-                more = handle.read(chunk_size)
-                eof = not more
-                buf, pos = buf[pos:] + more, 0
+                read_more()
 
         skip_ws()
         if pos >= len(buf) or buf[pos] != "[":
@@ -198,18 +238,20 @@ def _iter_json_array(path: PathLike, chunk_size: int = 1 << 20) -> Iterator[tupl
             start_line = line
             while True:
                 try:
-                    value, end = decoder.raw_decode(buf, pos)
-                    break
+                    value, end = _DECODER.raw_decode(buf, pos)
+                    if end < len(buf) or eof:
+                        break
+                    read_more()  # a number (or literal) that ends at the buffer's end may go on in the next chunk
                 except json.JSONDecodeError as error:
-                    incomplete = error.pos >= len(buf) - 1 or error.msg.startswith("Unterminated string")
+                    # The chunk may end inside the element: in a string (the error points at its start), a
+                    # literal ('fal|se'), a number or an escape (the error is within a few characters of the end).
+                    incomplete = error.pos >= len(buf) - 16 or error.msg.startswith("Unterminated string")
                     if eof or not incomplete:
                         line_of_error = start_line + buf.count("\n", pos, error.pos)
                         yield line_of_error, _Bad(f"invalid JSON: {error.msg}; the rest of the file cannot be read",
                                                   fatal=True)
                         return
-                    more = handle.read(max(chunk_size, len(buf)))
-                    eof = not more
-                    buf, pos = buf[pos:] + more, 0
+                    read_more()
             line += buf.count("\n", pos, end)
             pos = end
             if pos > chunk_size:
@@ -221,18 +263,23 @@ def _iter_json_array(path: PathLike, chunk_size: int = 1 << 20) -> Iterator[tupl
 
 def iter_records(path: PathLike) -> Iterator[tuple[int, Any]]:
     """``(line, object)`` of a JSON file: a top-level array's elements, or a jsonl file's lines. A record that
-    is not valid JSON comes as ``(line, _Bad)``."""
+    is not valid JSON comes as ``(line, _Bad)``; a pretty-printed JSON object (not JSONL) as one fatal ``_Bad``."""
     if _first_char(path) == "[":
         return _iter_json_array(path)
     return _iter_jsonl(path)
 
 
 # ------------------------------------------------------------------------------------------ format detection
+_DETECT_LINES = 20  # text files: the leading lines a layout must fit (the first one and 3 in 4)
+
+
 def detect_format(path: PathLike) -> str:
-    """The format of ``path`` (one of :data:`FORMATS`), from its first record.
+    """The format of ``path`` (one of :data:`FORMATS`): JSON from its first record's fields, text files from their
+    first lines (a header; or the first line and 3 in 4 of the first :data:`_DETECT_LINES` fit the format exactly).
+    A file that fits no format is an error asking for ``format=``, never a guess.
 
     Raises:
-        DataError: the file is empty or its first record matches no known format.
+        DataError: the file is empty, or it fits no known format.
     """
     path = Path(path)
     if not path.is_file():
@@ -247,43 +294,101 @@ def detect_format(path: PathLike) -> str:
             fmt = _format_of_object(obj)
             if fmt is None:
                 keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(path, line, f"cannot detect the format from the first record (keys {keys}); "
-                                            "pass format=...")
+                raise DataError(path, line, f"cannot detect the format: the first record (keys {keys}) fits no "
+                                            "format exactly; pass format=... (--format)")
             return fmt
         raise DataError(path, 0, "empty JSON array")
-    for line, text in _iter_lines(path):
-        tab = text.split("\t")
-        cols = text.split()
-        if len(tab) >= 2 and len(cols) != 4 and len(cols) != 6:
-            return "collection"
-        if len(cols) == 6 and cols[1] == "Q0":
-            return "run"
-        if len(cols) == 4 and _is_int(cols[3]):
-            return "qrels"
-        if len(cols) == 6 and _is_int(cols[3]) and _is_float(cols[4]):
-            return "run"
-        if len(tab) >= 2:
-            return "collection"
-        raise DataError(path, line, "cannot detect the format of this text file (not a TSV collection, TREC "
-                                    "qrels or run); pass format=...")
-    raise DataError(path, 0, "empty file")
+    lines = list(itertools.islice(_iter_lines(path), _DETECT_LINES))
+    if not lines:
+        raise DataError(path, 0, "empty file")
+    header = [col.strip() for col in lines[0][1].split("\t")]
+    if header == list(_BEIR_QRELS_HEADER):
+        return "beir-qrels"
+    if [col.lower() for col in header] == list(_DPR_HEADER):
+        return "dpr-tsv"
+    body = [text for _, text in lines if not text.lstrip().startswith("#")]
+    for fmt, fits in (("qrels", _is_qrels_line), ("run", _is_run_line), ("tsv", _is_id_text_line)):
+        # the first line and at least 3 in 4 of the leading lines fit (the others are bad records, reported later)
+        if body and fits(body[0]) and sum(map(fits, body)) * 4 >= len(body) * 3:
+            return fmt
+    raise DataError(path, lines[0][0], "cannot detect the format of this text file: its first lines fit neither "
+                                       "TREC qrels ('qid 0 docid rel'), a TREC run ('qid Q0 docid rank score tag'), "
+                                       "an 'id<TAB>text' TSV, nor a BEIR qrels or DPR TSV header; pass "
+                                       "format=... (--format)")
+
+
+_BEIR_QRELS_HEADER = ("query-id", "corpus-id", "score")
+
+
+def _is_qrels_line(text: str) -> bool:
+    cols = text.split()
+    return len(cols) == 4 and _is_int(cols[3])
+
+
+def _is_run_line(text: str) -> bool:
+    cols = text.split()
+    return len(cols) >= 6 and _is_int(cols[3]) and _is_float(cols[4])
+
+
+def _is_id_text_line(text: str) -> bool:
+    cols = text.split("\t")
+    return len(cols) == 2 and bool(cols[0].strip()) and not any(c.isspace() for c in cols[0].strip()) \
+        and bool(cols[1].strip())
+
+
+def _first_item(obj: Mapping[str, Any], key: str) -> Any:
+    value = obj.get(key)
+    return value[0] if isinstance(value, list) and value else None
 
 
 def _format_of_object(obj: Any) -> str | None:
+    """The format a file's first JSON record fits exactly (its identifying fields all present), or ``None``."""
     if not isinstance(obj, dict):
         return None
     keys = set(obj)
-    if "conversation" in keys:
+
+    def has(*names: str) -> bool:
+        return all(name in keys for name in names)
+
+    if has("conv_id", "conversation"):
         return "ultrachat"
-    if "query_id" in keys:
+    if has("query_id") and keys & {"query", "query_text"} and keys & {"positive_passages", "positive_document_ids"}:
         return "tevatron"
-    if "turns" in keys:
+    if has("conv_id", "turns"):
         return "chatretriever-eval"
-    if "turn" in keys and "number" in keys:
-        return "cast"
-    if "Conversation_no" in keys:
+    if has("number") and keys & {"turns", "responses"}:
+        turn = _first_item(obj, "responses" if "responses" in keys else "turns")
+        if isinstance(turn, dict) and "turn_id" in turn and turn.keys() & {"utterance", "user_utterance"}:
+            return "ikat"
+        return None
+    if has("number", "turn"):
+        turn = _first_item(obj, "turn")
+        if isinstance(turn, dict) and "raw_utterance" in turn:
+            return "cast"
+        if isinstance(turn, dict) and "participant" in turn:
+            return "cast2022"
+        if isinstance(turn, dict) and "utterance" in turn:
+            return "cast2022-flat"
+        return None
+    if has("Conversation_no", "Turn_no", "Truth_rewrite"):
+        return "scai-qrecc"
+    if has("Conversation_no", "Question"):
         return "topiocqa" if keys & {"Gold_passage", "Topic", "Topic_section", "is_nq"} else "qrecc"
-    if "docid" in keys or ("id" in keys and "text" in keys) or "contents" in keys:
+    if has("turn_id", "query", "context_qs"):
+        return "convdr"
+    if has("sample_id", "cur_utt_text"):
+        return "t5qr"
+    if has("_id", "text"):
+        return "beir-corpus" if "title" in keys else "beir-queries"
+    if has("pid", "passage"):
+        return "msmarco-v2-passage"
+    if has("docid", "segment"):
+        return "msmarco-v2.1-segmented"
+    if has("doc_id", "passage_id", "passage_text"):
+        return "ikat-passages"
+    if has("id", "contents"):
+        return "pyserini"
+    if keys & {"id", "docid"} and "text" in keys:
         return "collection"
     return None
 
@@ -304,7 +409,7 @@ def _is_float(text: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ the driver
-def _drive(path: PathLike, fmt: str, records: Iterable[tuple[int, Any]], parse: Callable[[Any], list],
+def _drive(path: PathLike, fmt: str, records: Iterable[tuple[int, Any]], parse: Callable[[Any], list | None],
            strict: bool, report: ReadReport | None) -> Iterator[Any]:
     report = report if report is not None else ReadReport()
     report.format, report.path = fmt, str(path)
@@ -312,13 +417,15 @@ def _drive(path: PathLike, fmt: str, records: Iterable[tuple[int, Any]], parse: 
         try:
             if isinstance(obj, _Bad):
                 raise obj
-            items = parse(obj)
+            items = parse(obj)  # None: a header line, not a record
         except _Bad as bad:
             if strict:
                 raise DataError(path, line, bad.reason) from None
             report.add_error(line, bad.reason)
             if bad.fatal:
                 break
+            continue
+        if items is None:
             continue
         report.records += 1
         for item in items:
@@ -339,51 +446,6 @@ def _resolve(path: PathLike, fmt: str, allowed: Sequence[str], what: str) -> str
     if fmt not in allowed:
         raise DataError(path, 0, f"format {fmt!r} holds no {what} (readable formats: {', '.join(allowed)})")
     return fmt
-
-
-# ------------------------------------------------------------------------------------------ field helpers
-def _field(obj: Any, key: str, kind: type | tuple[type, ...], where: str = "", optional: bool = False) -> Any:
-    if not isinstance(obj, dict):
-        raise _Bad(f"{where or 'record'} must be a JSON object, got {type(obj).__name__}")
-    if key not in obj or obj[key] is None:
-        if optional:
-            return None
-        raise _Bad(f"missing field {key!r}" + (f" in {where}" if where else ""))
-    value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, (int, str), (str, int)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise _Bad(f"field {key!r}" + (f" in {where}" if where else "") +
-                   f" must be {names}, got {type(value).__name__}")
-    return value
-
-
-def _text(obj: Any, key: str, where: str = "", optional: bool = False) -> str | None:
-    value = _field(obj, key, str, where, optional)
-    if value is None:
-        return None
-    if not value.strip():
-        if optional:
-            return None
-        raise _Bad(f"empty text in field {key!r}" + (f" of {where}" if where else ""))
-    return value
-
-
-def _ident(obj: Any, key: str, where: str = "") -> str:
-    value = _field(obj, key, (str, int), where)
-    value = str(value).strip()
-    if not value:
-        raise _Bad(f"empty id in field {key!r}" + (f" of {where}" if where else ""))
-    return value
-
-
-def _passage_obj(obj: Any, where: str, id_keys: Sequence[str] = ("docid", "id", "passage_id")) -> Passage:
-    if not isinstance(obj, dict):
-        raise _Bad(f"{where} must be a JSON object, got {type(obj).__name__}")
-    key = next((k for k in id_keys if obj.get(k) is not None), None)
-    if key is None:
-        raise _Bad(f"missing field {id_keys[0]!r} in {where}")
-    text_key = "text" if "text" in obj else "contents" if "contents" in obj else "text"
-    return Passage(_ident(obj, key, where), _text(obj, text_key, where), _field(obj, "title", str, where, True) or "")
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -451,7 +513,9 @@ def _parse_ultrachat(obj: Any) -> list[TrainingExample]:
     for i, (role, text, turn) in enumerate(parsed):
         if role == USER:
             user_number += 1
-            if i + 1 >= len(parsed) or parsed[i + 1][0] != ASSISTANT:
+            if i + 1 == len(parsed):
+                break  # a conversation may end on a User turn: it has no answer to learn, the earlier turns do
+            if parsed[i + 1][0] != ASSISTANT:
                 raise _Bad(f"User turn {user_number} (conversation[{i}]) has no following Assistant turn")
             answer = parsed[i + 1][2]
             where = f"conversation[{i + 1}]"
@@ -474,7 +538,7 @@ def _parse_ultrachat(obj: Any) -> list[TrainingExample]:
                                             positive.text, rewrite))
         history.append(Turn(role, text))
     if not examples:
-        raise _Bad("no User turn in 'conversation'")
+        raise _Bad("no User turn followed by an Assistant turn in 'conversation'")
     return examples
 
 
@@ -507,18 +571,6 @@ def _parse_tevatron(obj: Any, corpus: Mapping[str, Passage] | None) -> list[Trai
     if not pos:
         raise _Bad("no positive passage")
     return [TrainingExample(qid, [], query, pos[0], neg, None, None)]
-
-
-def _context_turns(obj: Any) -> list[Turn]:
-    context = _field(obj, "Context", list, optional=True) or []
-    turns = []
-    for j, text in enumerate(context):
-        if not isinstance(text, str):
-            raise _Bad(f"Context[{j}] must be str, got {type(text).__name__}")
-        if not text.strip():
-            raise _Bad(f"empty text in Context[{j}]")
-        turns.append(Turn(USER if j % 2 == 0 else ASSISTANT, text))
-    return turns
 
 
 def _parse_triplet(obj: Any) -> list[TrainingExample]:
@@ -559,15 +611,18 @@ def read_conversations(
         A conversation (ChatRetriever, CAsT) with one malformed turn is skipped whole.
     """
     fmt = _resolve(path, format, CONVERSATION_FORMATS, "conversations")
-    parse = {"chatretriever-eval": _parse_chatretriever_eval, "cast": _parse_cast}.get(fmt, _parse_qa_turn)
+    parse = {"chatretriever-eval": _parse_chatretriever_eval, "cast": _parse_cast, "cast2022": _parse_cast2022_tree,
+             "cast2022-flat": _cast2022_flat_parser(), "ikat": _parse_ikat, "convdr": _parse_convdr,
+             "t5qr": _parse_t5qr, "scai-qrecc": _parse_scai_qrecc, "beir-queries": _parse_beir_query,
+             }.get(fmt, _parse_qa_turn)
+    if fmt == "tsv":
+        return _drive(path, fmt, _iter_lines(path), _parse_query_tsv, strict, report)
     return _drive(path, fmt, iter_records(path), parse, strict, report)
 
 
 def _parse_chatretriever_eval(obj: Any) -> list[EvalTurn]:
     conv_id = _ident(obj, "conv_id")
-    turns = _field(obj, "turns", list)
-    if not turns:
-        raise _Bad("empty 'turns'")
+    turns = _field(obj, "turns", list)  # may be empty (LLM4CS's CAsT-21 files have such a conversation): no turn
     out: list[EvalTurn] = []
     history: list[Turn] = []
     seen = set()
@@ -633,47 +688,62 @@ def read_collection(
     """Passages of a collection, one at a time (constant memory: fine for millions of lines).
 
     Args:
-        path: jsonl ``{"id", "text", "title"?}``, Tevatron corpus jsonl ``{"docid", "title", "text"}`` or TSV
-            ``pid<TAB>text`` (MS MARCO; the text is everything after the first tab).
-        format: ``"auto"`` or ``"collection"``.
+        path: a collection in one of :data:`COLLECTION_FORMATS`: jsonl ``{"id", "text", "title"?}``, Tevatron corpus
+            jsonl ``{"docid", "title", "text"}`` or TSV ``pid<TAB>text`` (``collection``; MS MARCO: the text is
+            everything after the first tab), BEIR ``{"_id", "title", "text"}``, MS MARCO v2 passages ``{"pid",
+            "passage"}``, MS MARCO v2.1 segmented documents ``{"docid", "title", "segment"}``, iKAT passages
+            ``{"doc_id", "passage_id", "passage_text"}`` (id ``{doc_id}:{passage_id}``), pyserini ``{"id",
+            "contents"}``, DPR / TopiOCQA TSV ``id<TAB>text<TAB>title`` with its header.
+        format: ``"auto"`` or one of :data:`COLLECTION_FORMATS`.
         strict, report: as in :func:`read_training`.
 
     For multi-process encoding of a large collection, :func:`convret.data.arrow.load_collection` gives a
     memory-mapped Hugging Face ``datasets.Dataset`` sharded by rank.
     """
-    fmt = _resolve(path, format, ("collection",), "passages")
-    if _first_char(path) in "[{":
-        return _drive(path, fmt, iter_records(path), _parse_passage_json, strict, report)
-    return _drive(path, fmt, _iter_lines(path), _parse_passage_tsv, strict, report)
-
-
-def _parse_passage_json(obj: Any) -> list[Passage]:
-    return [_passage_obj(obj, "record", id_keys=("id", "docid", "_id", "pid"))]
-
-
-def _parse_passage_tsv(line: str) -> list[Passage]:
-    pid, sep, text = line.partition("\t")
-    if not sep:
-        raise _Bad("expected 'pid<TAB>text'")
-    if not pid.strip():
-        raise _Bad("empty pid")
-    if not text.strip():
-        raise _Bad("empty text")
-    return [Passage(pid.strip(), text)]
+    fmt = _resolve(path, format, COLLECTION_FORMATS, "passages")
+    if fmt == "dpr-tsv":
+        return _drive(path, fmt, _iter_quoted_tsv(path), _dpr_parser(), strict, report)
+    if fmt == "tsv" or (fmt == "collection" and _first_char(path) not in "[{"):
+        return _drive(path, fmt, _iter_lines(path), _parse_passage_tsv, strict, report)
+    return _drive(path, fmt, iter_records(path), _PASSAGE_PARSERS[fmt], strict, report)
 
 
 # ------------------------------------------------------------------------------------------ qrels and runs
-def read_qrels(path: PathLike, strict: bool = False, report: ReadReport | None = None) -> dict[str, dict[str, int]]:
-    """TREC qrels ``qid 0 docid rel`` (whitespace-separated, rel an integer grade) -> ``{qid: {docid: rel}}``.
+def read_qrels(path: PathLike, strict: bool = False, report: ReadReport | None = None,
+               format: str = "auto") -> dict[str, dict[str, int]]:
+    """Relevance judgements -> ``{qid: {docid: rel}}``.
 
+    Formats: ``qrels``, TREC ``qid 0 docid rel`` (whitespace-separated, rel an integer grade; lines starting with
+    ``#`` are comments, as in trec_eval); ``beir-qrels``, BEIR's TSV ``query-id<TAB>corpus-id<TAB>score`` after that
+    header line. ``"auto"``: ``beir-qrels`` when the first line is BEIR's header, else ``qrels``.
     A docid listed twice for one query is a bad line (the first grade is kept)."""
+    path = _existing(path)
+    if format == "auto":
+        lines = list(itertools.islice(_iter_lines(path), 1))
+        is_beir = bool(lines) and tuple(c.strip() for c in lines[0][1].split("\t")) == _BEIR_QRELS_HEADER
+        format = "beir-qrels" if is_beir else "qrels"
+    if format not in QRELS_FORMATS:
+        raise DataError(path, 0, f"format {format!r} holds no qrels (readable formats: {', '.join(QRELS_FORMATS)})")
     qrels: dict[str, dict[str, int]] = {}
+    beir = format == "beir-qrels"
+    state = {"first": True}
 
-    def parse(line: str) -> list:
-        cols = line.split()
-        if len(cols) != 4:
-            raise _Bad(f"expected 4 columns 'qid 0 docid rel', got {len(cols)}")
-        qid, _, docid, rel = cols
+    def parse(line: str) -> list | None:
+        if beir:
+            first, state["first"] = state["first"], False
+            cols = [c.strip() for c in line.split("\t")]
+            if first and tuple(cols) == _BEIR_QRELS_HEADER:
+                return None
+            if len(cols) != 3:
+                raise _Bad(f"expected 3 tab-separated columns 'query-id<TAB>corpus-id<TAB>score', got {len(cols)}")
+            qid, docid, rel = cols
+        else:
+            cols = line.split()
+            if len(cols) != 4:
+                raise _Bad(f"expected 4 columns 'qid 0 docid rel', got {len(cols)}")
+            qid, _, docid, rel = cols
+        if not qid or not docid:
+            raise _Bad("empty query or document id")
         if not _is_int(rel):
             raise _Bad(f"relevance {rel!r} is not an integer")
         if docid in qrels.get(qid, {}):
@@ -681,21 +751,22 @@ def read_qrels(path: PathLike, strict: bool = False, report: ReadReport | None =
         qrels.setdefault(qid, {})[docid] = int(rel)
         return [None]
 
-    for _ in _drive(path, "qrels", _iter_lines(_existing(path)), parse, strict, report):
+    for _ in _drive(path, format, _iter_lines(path, comments=not beir), parse, strict, report):
         pass
     return qrels
 
 
 def read_run(path: PathLike, strict: bool = False, report: ReadReport | None = None) -> dict[str, dict[str, float]]:
     """TREC run ``qid Q0 docid rank score tag`` -> ``{qid: {docid: score}}`` (ranks are checked to be integers;
-    evaluation orders by score, as trec_eval does)."""
+    evaluation orders by score, as trec_eval does). As in trec_eval, fields after the tag are ignored and lines
+    starting with ``#`` are comments."""
     run: dict[str, dict[str, float]] = {}
 
     def parse(line: str) -> list:
         cols = line.split()
-        if len(cols) != 6:
+        if len(cols) < 6:
             raise _Bad(f"expected 6 columns 'qid Q0 docid rank score tag', got {len(cols)}")
-        qid, _, docid, rank, score, _ = cols
+        qid, _, docid, rank, score = cols[:5]
         if not _is_int(rank):
             raise _Bad(f"rank {rank!r} is not an integer")
         if not _is_float(score):
@@ -705,7 +776,7 @@ def read_run(path: PathLike, strict: bool = False, report: ReadReport | None = N
         run.setdefault(qid, {})[docid] = float(score)
         return [None]
 
-    for _ in _drive(path, "run", _iter_lines(_existing(path)), parse, strict, report):
+    for _ in _drive(path, "run", _iter_lines(_existing(path), comments=True), parse, strict, report):
         pass
     return run
 

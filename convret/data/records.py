@@ -74,6 +74,11 @@ class EvalTurn:
         rewrite: the manual rewrite, when present (the "oracle" query of the field's tables).
         response: the reference response, when present (generation metrics).
         positive_texts: gold passage texts carried by the file itself, when present.
+        ptkb: the user's personal text knowledge base (TREC iKAT's PTKB statements, in the topic's order), when
+            the file has one: optional context a caller may add to the session (e.g. as an instruction);
+            readers never put it into ``history``.
+        positive_ids: gold passage ids carried by the file itself (SCAI-QReCC's ``Truth_passages``), when
+            present: the same as the set's qrels for this qid.
     """
 
     qid: str
@@ -84,6 +89,8 @@ class EvalTurn:
     rewrite: str | None = None
     response: str | None = None
     positive_texts: list[str] = field(default_factory=list)
+    ptkb: list[str] = field(default_factory=list)
+    positive_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
