@@ -147,8 +147,8 @@ def test_dense_negatives_come_from_the_window_of_a_brute_force_ranking(files, ch
 
 def _mine_cmd(files, checkpoint, out, *extra):
     return [sys.executable, str(DRIVER), "--train-file", str(files / "ultrachat.jsonl"), "--corpus",
-            str(files / "small_corpus.jsonl"), "--retriever", str(checkpoint), "--output", str(out), "--chunk-size", "4",
-            "--shard-size", "100", "--no-progress", *extra]
+            str(files / "small_corpus.jsonl"), "--retriever", str(checkpoint), "--output", str(out),
+            "--chunk-size", "4", "--shard-size", "100", "--no-progress", *extra]
 
 
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_output(files, checkpoint, tmp_path):
