@@ -228,3 +228,31 @@ def test_sentence_transformers_directory_as_the_retriever(files, checkpoint, tmp
         for n in ex.negatives:
             s = scores[row[n.id]]
             assert 3 <= ranks[row[n.id]] <= 12 or by_rank[11] - 1e-5 <= s <= by_rank[2] + 1e-5, (ex.id, n.id)
+
+
+def test_the_positive_and_its_text_twin_are_never_drawn_and_the_ratio_filter_applies():
+    """A fixed ranking d0, d1, ... (scores 1 -> 0) that puts the positive (d16) and a passage with its text (d20)
+    inside the window 15-30: neither is ever drawn; with the ratio filter, nothing above ratio x positive is."""
+    from convret.data.records import Passage, TrainingExample
+
+    passages = [Passage(f"d{i}", f"text {i}") for i in range(40)]
+    passages[20] = Passage("d20", "text 16")
+    curve = np.linspace(1.0, 0.0, 40)
+
+    class Fixed:
+        def rank(self, queries, positives, depth):
+            n = len(queries)
+            return np.tile(curve[:depth], (n, 1)), np.tile(np.arange(depth), (n, 1)), np.full(n, 0.6)
+
+    examples = [TrainingExample(f"q{i}", [], "q", passages[16], []) for i in range(20)]
+    mined, stats = mine_module.mine_examples(examples, list(range(20)), Fixed(), passages,
+                                             mine_module.MineSettings(window=(15, 30), num_negatives=16))
+    window = {f"d{r - 1}" for r in range(15, 31)} - {"d16", "d20"}
+    assert all({n.id for n in ex.negatives} == window for ex in mined) and stats["filtered"] == 0
+    mined, stats = mine_module.mine_examples(examples, list(range(20)), Fixed(), passages,
+                                             mine_module.MineSettings(window=(15, 30), num_negatives=3,
+                                                                      max_positive_ratio=0.8))
+    allowed = {f"d{r - 1}" for r in range(15, 31) if curve[r - 1] <= 0.8 * 0.6} - {"d16", "d20"}
+    assert all(len(ex.negatives) == 3 and {n.id for n in ex.negatives} <= allowed for ex in mined)
+    assert stats["filtered"] == 20 * len(window - allowed)
+    assert len({tuple(n.id for n in ex.negatives) for ex in mined}) > 1  # each example draws its own
