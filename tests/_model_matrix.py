@@ -23,6 +23,7 @@ per family except mistral (trains its vocabulary: a few seconds).
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 import torch
@@ -163,7 +164,11 @@ def _metaspace_tokenizer(template: str):
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=specials, show_progress=False)
+    # every printable character and the newline are in the alphabet (the real vocabulary covers them; a character
+    # outside it would become <unk>)
+    alphabet = [c for c in string.printable if c not in " \t\r\x0b\x0c"]
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=alphabet)
     backend.train_from_iterator(_sample_texts(), trainer)
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", 1)])

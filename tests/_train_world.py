@@ -36,6 +36,9 @@ class WordFormatter:
     def response(self, text):
         return self._ids(text)[: self.max_response_len]
 
+    def session_with_passages(self, history, query, passages):
+        return self.session(history, query) + [i for p in passages for i in self.passage(p)]
+
     def example(self, ex):
         kwargs = {}
         if ex.positive is not None and "passage_ids" in CSITExample.__dataclass_fields__:

@@ -37,7 +37,8 @@ def test_chatml_layout_and_passages_as_assistant_messages():
     assert fmt.passage(Passage("p1", "w7 w8", title="w9")) == chatml_ids([("assistant", "w9\nw7 w8")])
     assert fmt.response("w10") == chatml_ids([("assistant", "w10")])
     with_instr = SequenceFormatter(TOK, passage_instruction="about")
-    assert with_instr.passage("w7") == chatml_ids([("system", "about"), ("assistant", "w7")])
+    # the passage instruction is the user message the passage answers
+    assert with_instr.passage("w7") == chatml_ids([("user", "about"), ("assistant", "w7")])
 
 
 def test_chat_template_path_equals_chatml_for_a_chatml_template():
@@ -100,6 +101,19 @@ def test_example_carries_passage_ids_and_every_part():
 turn_text = st.lists(st.sampled_from(WORDS), min_size=1, max_size=6).map(" ".join)
 
 
+def alternating(turns, query):
+    """Oracle of the history's normalisation: leading assistant turns dropped, runs of one role merged, the user
+    run before the query kept apart (its turns are dropped one by one before the query is cut)."""
+    from itertools import groupby
+
+    while turns and turns[0].role == ASSISTANT:
+        turns = turns[1:]
+    runs = [(role, [t.text for t in group]) for role, group in groupby(turns, key=lambda t: t.role)]
+    pending = runs.pop()[1] if runs and runs[-1][0] == USER else []
+    exchanges = [("\n".join(runs[i][1]), "\n".join(runs[i + 1][1])) for i in range(0, len(runs), 2)]
+    return exchanges, pending
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     history=st.lists(st.tuples(st.sampled_from([USER, ASSISTANT]), turn_text), max_size=7),
@@ -120,14 +134,18 @@ def test_truncation_properties(history, query, instruction, budget):
     got = fmt.session(turns, query)
     assert len(got) <= budget  # fits the budget
     assert got[: len(prefix_ids)] == prefix_ids  # the instruction is intact, first
+    assert TOK.convert_ids_to_tokens(got[len(prefix_ids): len(prefix_ids) + 2]) == ["<|im_start|>", "user"]
+    exchanges, pending = alternating(turns, query)
     full_query = chatml_ids([("user", query)])
     if len(prefix_ids) + len(full_query) <= budget:
-        assert got[len(got) - len(full_query):] == full_query  # the current query survives whole
-        # the kept turns are the most recent ones, and as many as fit: only the oldest were dropped
-        fits = [k for k in range(len(turns) + 1)
-                if len(prefix_ids) + len(chatml_ids([(t.role, t.text) for t in turns[k:]])) + len(full_query) <= budget]
-        dropped = min(fits)
-        assert got == prefix_ids + chatml_ids([(t.role, t.text) for t in turns[dropped:]]) + full_query
+        assert got[len(got) - len(ids_of(query)) - 1:] == ids_of(query) + ids_of("<|im_end|>")[:1] + ids_of("\n")
+        # the kept exchanges are the most recent ones, and as many as fit: whole exchanges, oldest first, then the
+        # user turns merged in front of the query, oldest first
+        candidates = [[m for u, a in exchanges[k:] for m in (("user", u), ("assistant", a))]
+                      + [("user", "\n".join(pending + [query]))] for k in range(len(exchanges) + 1)]
+        candidates += [[("user", "\n".join(pending[j:] + [query]))] for j in range(1, len(pending) + 1)]
+        expected = next(c for c in candidates if len(chatml_ids(prefix + c)) <= budget)
+        assert got == chatml_ids(prefix + expected)
     else:  # no turn left; the query's front was cut: what remains is its longest suffix that fits
         words = query.split()
         kept = max(k for k in range(len(words) + 1)

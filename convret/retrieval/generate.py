@@ -120,9 +120,7 @@ def main(argv: list[str]) -> int:
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         rows = []
         for turn in _data.iter_conversations(args.conversations):
-            prefix = list(formatter.session(turn.history, turn.query))
-            for passage in passages.get(turn.qid, []):
-                prefix += list(formatter.passage(passage))
+            prefix = list(formatter.session_with_passages(turn.history, turn.query, passages.get(turn.qid, [])))
             ids = generate_response(encoder.model, prefix, config.summary_token_ids,
                                     args.max_new_tokens or config.max_response_len or 128, eos)
             response = tokenizer.decode(ids, skip_special_tokens=True).strip()

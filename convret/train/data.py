@@ -60,7 +60,7 @@ class TrainingCollator:
 
     Args:
         formatter: a :class:`convret.data.SequenceFormatter` (anything with ``.example(ex) -> CSITExample``,
-            ``.session(history, query)``, ``.passage(passage)``).
+            ``.session_with_passages(history, query, passages)``, ``.passage(passage)``).
         collator: the :class:`CSITCollator` that packs the sequences.
         recipe: ``"csit"``: each example gives a query, its positive and hard negatives, and an LM sequence.
             ``"uniconv"``: the same, plus one context-identification pair per example with a positive and a
@@ -88,7 +88,8 @@ class TrainingCollator:
             for ex in trimmed:
                 if ex.positive is None or ex.response is None:
                     continue
-                context = list(self.formatter.session(ex.history, ex.query)) + list(self.formatter.passage(ex.positive))
+                # the gold passage answers the session as an assistant message (no second BOS, no instruction)
+                context = list(self.formatter.session_with_passages(ex.history, ex.query, [ex.positive]))
                 response = self.formatter.passage(ex.response)
                 cii = CSITExample(session=context, positive=response)
                 if hasattr(cii, "passage_ids"):
