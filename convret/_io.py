@@ -2,6 +2,9 @@
 
 Every file and directory convret produces (checkpoints, embeddings shards, indexes, runs, metrics, benchmark
 results) is written under a temporary name in the same directory, flushed to disk, then renamed into place.
+Permissions are those of a plain ``open`` / ``mkdir``: ``0o666`` / ``0o777`` less the process umask (``tempfile``
+alone would leave ``0o600`` / ``0o700``, unreadable by the rest of a group sharing a cluster); a file that
+replaces an existing one keeps that file's permission bits, as ``open(path, "w")`` does.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_directory", "fsync_tree"]
+__all__ = ["atomic_write", "atomic_directory", "fsync_tree", "current_umask"]
 
 
 @contextlib.contextmanager
@@ -23,6 +26,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        try:
+            permissions = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            permissions = 0o666 & ~current_umask()
+        os.fchmod(fd, permissions)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
@@ -48,6 +56,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         fsync_tree(tmp)
         old = None
@@ -61,6 +70,21 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux; elsewhere set and restored
+    at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_tree(root: str | os.PathLike) -> None:

@@ -75,6 +75,7 @@ def convret_attention_forward(
         ``(attn_output [B, Lq, Hq, D], None)``: no attention weights are ever materialised.
     """
     _check_keywords(kwargs)
+    query, key, value = _autocast_inputs(query, key, value)
     q_len, kv_len = query.shape[2], key.shape[2]
     position_ids = kwargs.get("position_ids")
     packed_mask = None
@@ -102,6 +103,17 @@ def convret_attention_forward(
     else:
         out = _causal_attention(query, key, value, attention_mask, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _autocast_inputs(query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under autocast, attention runs in the autocast dtype, as ``scaled_dot_product_attention`` does: the
+    rotary embedding leaves q and k in fp32 (fp32 cos / sin) while v comes out of a bf16 matmul."""
+    device_type = query.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device_type)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 # Keywords transformers passes that do not change the attention result (or are read above).

@@ -1,7 +1,10 @@
 """Runs `convret train` on the test world (tests/_train_world.py) in its own process: for the resume test
 (killed with SIGKILL) and the multi-process test (under torchrun).
 
-    python tests/_train_driver.py WORLD_DIR [--examples N] [--triplets] [--mixture W1,W2] -- [flags]
+    python tests/_train_driver.py WORLD_DIR [--examples N] [--negatives N] [--triplets] [--mixture W1,W2] -- [flags]
+
+--negatives: hard negatives per example in the data (default: --num_negatives, i.e. none to sample from).
+--mixture W1,W2: two sources (a MixtureDataset), these examples and a second set, with those weights.
 
 WORLD_DIR holds tok/ (a tokenizer) and model.json (made by the test). CONVRET_TEST_KILL_IN_SAVE=N kills the
 process with SIGKILL in the middle of saving checkpoint-N (model files written, not yet renamed)."""
@@ -22,6 +25,7 @@ def main() -> int:
     opts, flags = rest[:split], rest[split + 1:]
     num_examples = int(opts[opts.index("--examples") + 1]) if "--examples" in opts else 24
     triplets = "--triplets" in opts
+    negatives = int(opts[opts.index("--negatives") + 1]) if "--negatives" in opts else None
     lm_only = [int(i) for i in opts[opts.index("--lm-only") + 1].split(",")] if "--lm-only" in opts else []
 
     from convret.train import trainer as trainer_module
@@ -44,12 +48,13 @@ def main() -> int:
             "--max_session_len", "48", "--max_passage_len", "16", "--max_response_len", "16", *flags]
     m, d, l, t = parse_arguments(argv)
     built = build_model(m, d, l)
-    examples = make_examples(num_examples, negatives=d.num_negatives, triplets=triplets, lm_only=lm_only)
+    examples = make_examples(num_examples, negatives=d.num_negatives if negatives is None else negatives,
+                             triplets=triplets, lm_only=lm_only)
     if "--mixture" in opts:  # two sources: these examples and a second set, weights W1,W2
         from _train_world import make_mixture
 
         examples = make_mixture(examples, [float(w) for w in opts[opts.index("--mixture") + 1].split(",")],
-                                negatives=d.num_negatives)
+                                negatives=d.num_negatives if negatives is None else negatives)
     return run(m, d, l, t, examples=examples, formatter=WordFormatter(built.tokenizer), built=built)
 
 

@@ -87,30 +87,55 @@ def _random_qrels_run(seed):
             run[qid] = {d: round(rng.uniform(-1, 1), 3) for d in docs[rng.randint(0, 6):]}
     run["extra"] = {"d1": 1.0}
     qrels["all-zero"] = {"d1": 0}
+    # best grade 1 or 2: graded queries that a threshold of 2 or 3 leaves out of the binary measures
+    qrels["best-one"], run["best-one"] = {"d1": 1, "d2": 0, "d3": 1}, {"d3": 0.1, "d2": 0.9, "d9": 0.5}
+    qrels["best-two"], run["best-two"] = {"d4": 2, "d5": 1}, {"d5": 0.9, "d4": 0.8}
     return qrels, run
 
 
-@pytest.mark.parametrize("threshold", [1, 2])
+@pytest.mark.parametrize("threshold", [1, 2, 3])
 def test_metrics_equal_pytrec_eval(threshold):
+    """pytrec_eval called as trec_eval users call it: the nDCG evaluator on the raw qrels (grades as gains), the
+    binary measures with relevance_level (trec_eval -l); then trec_eval -c's means: nDCG over every query with
+    a passage of grade >= 1, the binary measures over those with a passage at >= threshold, absent runs 0."""
     import pytrec_eval
 
     qrels, run = _random_qrels_run(threshold)
     result = evaluate_run(qrels, run, rel_threshold=threshold)
-    judged = {q: d for q, d in qrels.items() if any(r >= threshold for r in d.values())}
-    assert result["queries"] == len(judged) and "all-zero" not in result["per_query"]
-    assert result["missing"] == sorted(q for q in judged if q not in run) and result["missing"]
-    graded = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.3,10"}).evaluate(run)
-    binary = pytrec_eval.RelevanceEvaluator(judged, {"recip_rank", "map", "recall.5,10,20,100,1000"},
+    graded_set = [q for q, d in qrels.items() if max(d.values()) >= 1]
+    binary_set = [q for q, d in qrels.items() if max(d.values()) >= threshold]
+    assert "best-one" in graded_set and (threshold == 1) == ("best-one" in binary_set)
+    assert result["graded_queries"] == len(graded_set) and result["queries"] == len(binary_set)
+    assert "all-zero" not in result["per_query"]
+    assert result["missing"] == sorted(q for q in graded_set if q not in run) and result["missing"]
+    graded = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.3,10"}).evaluate(run)
+    binary = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank", "map", "recall.5,10,20,100,1000"},
                                             relevance_level=threshold).evaluate(run)
     top10 = {q: dict(sorted(d.items(), key=lambda x: (x[1], x[0]), reverse=True)[:10]) for q, d in run.items()}
-    cut = pytrec_eval.RelevanceEvaluator(judged, {"recip_rank"}, relevance_level=threshold).evaluate(top10)
+    cut = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}, relevance_level=threshold).evaluate(top10)
     for measure in MEASURES:
         source = cut if measure == "recip_rank_cut_10" else graded if measure.startswith("ndcg") else binary
+        over = graded_set if measure.startswith("ndcg") else binary_set
         name = "recip_rank" if measure == "recip_rank_cut_10" else measure
-        expected = sum(source[q][name] for q in judged if q in source) / len(judged)  # -c: absent = 0
+        expected = sum(source[q][name] for q in over if q in source) / len(over)  # -c: absent = 0
         assert result["measures"][measure] == pytest.approx(expected, abs=1e-12), measure
         for q in result["missing"]:
-            assert result["per_query"][q][measure] == 0.0
+            if q in over:
+                assert result["per_query"][q][measure] == 0.0
+
+
+def test_rel_threshold_leaves_graded_ndcg_alone():
+    """The measured case: with --rel_threshold 2 a query whose best grade is 1 still counts in nDCG@3 (it used to
+    vanish from every measure), and only the binary measures leave it out."""
+    qrels = {"q1": {"a": 2, "b": 0}, "q2": {"c": 1, "d": 0}}
+    run = {"q1": {"a": 0.9, "b": 0.1}, "q2": {"d": 0.9, "c": 0.5}}
+    result = evaluate_run(qrels, run, rel_threshold=2)
+    assert result["measures"]["ndcg_cut_3"] == pytest.approx((1.0 + 1 / np.log2(3)) / 2)
+    assert result["measures"]["recip_rank"] == pytest.approx(1.0)  # q1 alone: q2 has nothing at rel >= 2
+    assert (result["graded_queries"], result["queries"]) == (2, 1)
+    assert set(result["per_query"]["q2"]) == {"ndcg_cut_3", "ndcg_cut_10"}
+    with pytest.raises(ValueError, match="rel_threshold must be >= 1"):
+        evaluate_run(qrels, run, rel_threshold=0)
 
 
 def test_hand_checked_case(tmp_path):

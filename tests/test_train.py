@@ -41,13 +41,14 @@ def _args(world, out, *flags):
                             str(world / "tok"), "--output_dir", str(out), *COMMON, *flags])
 
 
-def _run(world, out, *flags, examples=None, callbacks=(), triplets=False):
+def _run(world, out, *flags, examples=None, callbacks=(), triplets=False, negatives=None):
     from convret.train.main import run
     from convret.train.model import build_model
 
     m, d, l, t = _args(world, out, *flags)
     built = build_model(m, d, l)
-    examples = examples or make_examples(24, negatives=d.num_negatives, triplets=triplets)
+    examples = examples or make_examples(24, negatives=d.num_negatives if negatives is None else negatives,
+                                         triplets=triplets)
     if callbacks:
         import convret.train.main as main_module
 
@@ -170,8 +171,8 @@ def test_nonfinite_loss_stops_with_step_parts_and_last_good_checkpoint(world, tm
     load_retriever(out / "checkpoint-2")
 
 
-def _driver(world, out, *flags, env=None, timeout=300, mixture=None):
-    opts = ["--mixture", mixture] if mixture else []
+def _driver(world, out, *flags, env=None, timeout=300, opts=(), mixture=None):
+    opts = [*opts, "--mixture", mixture] if mixture else list(opts)
     cmd = [sys.executable, str(DRIVER), str(world), *opts, "--", "--output_dir", str(out), *COMMON, *flags]
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -180,21 +181,23 @@ def _driver(world, out, *flags, env=None, timeout=300, mixture=None):
 def test_sigkill_at_random_moments_and_during_save_then_resume_is_exact(world, tmp_path):
     """Uninterrupted run vs a run killed during the save of checkpoint-4 and at a random moment later, each time
     resumed with --resume auto: same final weights. 8 steps of 4 over 24 examples cross an epoch boundary
-    (the per-epoch shuffle is replayed); LoRA dropout 0.1 needs the RNG restored."""
+    (the per-epoch shuffle is replayed); LoRA dropout 0.1 needs the RNG restored; each example has 5 hard
+    negatives of which 2 are sampled per epoch (the draws are replayed too)."""
     flags = ["--max_steps", "8", "--save_steps", "2", "--lora", "true", "--lora_r", "4", "--lora_alpha", "8",
-             "--lora_dropout", "0.1", "--lora_target_modules", "q_proj", "v_proj", "--seed", "7"]
+             "--lora_dropout", "0.1", "--lora_target_modules", "q_proj", "v_proj", "--seed", "7",
+             "--num_negatives", "2", "--sample_negatives", "true"]
     reference = tmp_path / "reference"  # in this process: the same code path as the driver's
-    assert _run(world, reference, *flags) == 0
+    assert _run(world, reference, *flags, negatives=5) == 0
 
     out = tmp_path / "killed"
-    proc = _driver(world, out, *flags, env={"CONVRET_TEST_KILL_IN_SAVE": "4"})
+    proc = _driver(world, out, *flags, env={"CONVRET_TEST_KILL_IN_SAVE": "4"}, opts=("--negatives", "5"))
     assert proc.wait(300) == -signal.SIGKILL
     assert (out / ".staging-4").is_dir(), "the kill should have hit the save of checkpoint-4"
     assert not (out / "checkpoint-4").exists()
     rng = random.Random(1)
     kills = 0
     for attempt in range(6):
-        proc = _driver(world, out, *flags, "--resume", "auto")
+        proc = _driver(world, out, *flags, "--resume", "auto", opts=("--negatives", "5"))
         if attempt == 0:  # let it load, then kill it at a random moment of its training
             deadline = time.time() + 120
             while time.time() < deadline and proc.poll() is None and not (out / "checkpoint-4").exists():

@@ -23,7 +23,9 @@ def test_sampler_blocks_are_homogeneous_stratified_and_seeded():
     source_of = lambda i: max(s for s in range(3) if offsets[s] <= i)  # noqa: E731
     for epoch in range(3):
         sampler.set_epoch(epoch)
-        order = list(sampler)
+        keys = list(sampler)
+        assert all(e == epoch for e, _ in keys)
+        order = [i for _, i in keys]
         assert len(order) == len(sampler) == (93 // batch) * batch
         blocks = [order[k : k + batch] for k in range(0, len(order), batch)]
         sources = [{source_of(i) for i in block} for block in blocks]
@@ -39,7 +41,20 @@ def test_sampler_blocks_are_homogeneous_stratified_and_seeded():
     again.set_epoch(1)
     assert list(again) == list(sampler)
     again.set_epoch(2)
-    assert list(again) != list(sampler)
+    assert [i for _, i in again] != [i for _, i in sampler]
+
+
+def test_mixture_items_sample_negatives_per_epoch_like_a_single_file():
+    """Each source's examples go through TrainingDataset: (epoch, index) decides the negatives drawn."""
+    mixture = make_mixture(make_examples(10, negatives=3), [1, 1], negatives=3)
+    mixture.configure(num_negatives=1, seed=5)
+    assert len(mixture) == 15 and mixture[12][0] == 1 and mixture[12][1].id == "bc2_1"
+    draws = {(epoch, i): [n.id for n in mixture[(epoch, i)][1].negatives] for epoch in range(6) for i in range(15)}
+    assert all(len(v) == 1 for v in draws.values())
+    assert draws == {(epoch, i): [n.id for n in mixture[(epoch, i)][1].negatives] for epoch, i in draws}
+    assert any(len({draws[(e, i)][0] for e in range(6)}) > 1 for i in range(15))
+    mixture.configure(num_negatives=1, seed=5, sample=False)
+    assert all(mixture[(e, 3)][1].negatives == mixture[(0, 3)][1].negatives[:1] for e in range(6))
 
 
 def test_training_logs_per_source_counts_in_the_configured_proportions(world, tmp_path):  # noqa: F811

@@ -570,7 +570,7 @@ def _parse_tevatron(obj: Any, corpus: Mapping[str, Passage] | None) -> list[Trai
         neg = [corpus[str(d)] for d in neg_ids]
     if not pos:
         raise _Bad("no positive passage")
-    return [TrainingExample(qid, [], query, pos[0], neg, None, None)]
+    return [TrainingExample(qid, [], query, pos[0], neg, None, None, positives=pos if len(pos) > 1 else [])]
 
 
 def _parse_triplet(obj: Any) -> list[TrainingExample]:

@@ -51,6 +51,9 @@ class TrainingExample:
         response: the text the session-masked LM loss learns to generate from the summary tokens, or ``None``.
             UltraChat: the positive's text; triplet data (QReCC, TopiOCQA, the sample world): the answer.
         rewrite: a manual, self-contained rewrite of the query, when the data has one.
+        positives: every gold passage when the data gives several (Tevatron's ``positive_passages``;
+            ``positive`` is the first of them); empty when there is only ``positive``. Training samples one of
+            them per epoch (:class:`convret.train.data.TrainingDataset`).
     """
 
     id: str
@@ -60,6 +63,7 @@ class TrainingExample:
     negatives: list[Passage] = field(default_factory=list)
     response: str | None = None
     rewrite: str | None = None
+    positives: list[Passage] = field(default_factory=list)
 
 
 @dataclass

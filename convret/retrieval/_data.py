@@ -24,14 +24,15 @@ def formatter_for(tokenizer: Any, config: Any) -> Any:
 
 
 def passage_ids(formatter: Any, config: Any, passage: Passage | str) -> list[int]:
-    """Token ids of a passage to embed: the formatted passage, then the summary tokens when trained so."""
+    """Token ids of a passage to embed: the formatted passage, then the summary block when trained so
+    (``RetrieverConfig.summary_block``: the summary tokens, after the separator under chatretriever_compat)."""
     ids = list(formatter.passage(passage))
-    return ids + list(config.summary_token_ids) if config.summary_on_passages else ids
+    return ids + config.summary_block() if config.summary_on_passages else ids
 
 
 def session_ids(formatter: Any, config: Any, history: Sequence[Turn], query: str) -> list[int]:
-    """Token ids of a session to embed: the formatted session, then the summary tokens."""
-    return list(formatter.session(history, query)) + list(config.summary_token_ids)
+    """Token ids of a session to embed: the formatted session, then the summary block."""
+    return list(formatter.session(history, query)) + config.summary_block()
 
 
 def iter_collection(path: str | os.PathLike) -> Iterator[Passage]:

@@ -116,7 +116,8 @@ def evaluate_chain(
         _data.save_run(run_path, results, tag=name.replace(" ", "_"))
         metrics = evaluate_run(qrels, _data.load_run(run_path), rel_threshold)
         rows.append({"name": name, "model": ckpt, "measures": metrics["measures"], "queries": metrics["queries"],
-                     "missing": len(metrics["missing"]), "run": str(run_path)})
+                     "graded_queries": metrics["graded_queries"], "missing": len(metrics["missing"]),
+                     "run": str(run_path)})
 
     for position, ckpt in enumerate([model, *baselines]):
         encoder = Encoder.from_checkpoint(ckpt, device=device, token_budget=token_budget)
@@ -158,8 +159,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"| {row['name']} | {cells} |")
     if result["rows"]:
         first = result["rows"][0]
-        lines.append(f"\n{first['queries']} queries (those with a relevant passage at rel >= "
-                     f"{result['rel_threshold']}; a query without results counts 0, trec_eval -c).")
+        lines.append(f"\nNDCG over {first.get('graded_queries', first['queries'])} queries (a passage of grade "
+                     f">= 1), the other measures over {first['queries']} (a relevant passage at rel >= "
+                     f"{result['rel_threshold']}); a query without results counts 0, trec_eval -c.")
     rob = result.get("robustness")
     if rob:
         lines.append(f"Robustness: NDCG@3 over {len(rob['ndcg_cut_3'])} alternative contexts: mean "

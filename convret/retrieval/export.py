@@ -116,7 +116,7 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     formatter = _data.formatter_for(tokenizer, config)
     prefix, suffix = passage_wrapping(tokenizer, formatter)
     prompt = _prompt_text(tokenizer, prefix)
-    summary = list(config.summary_token_ids) if config.summary_on_passages else []
+    summary = config.summary_block() if config.summary_on_passages else []
     _template_tokenizer(tokenizer, suffix, summary)
     # sentence-transformers applies a tokenizer's chat template to plain text itself (as a user message, without
     # the post-processor): the exported tokenizer has none, its template already gives convret's ids

@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
         rows = []
         for turn in _data.iter_conversations(args.conversations):
             prefix = list(formatter.session_with_passages(turn.history, turn.query, passages.get(turn.qid, [])))
-            ids = generate_response(encoder.model, prefix, config.summary_token_ids,
+            ids = generate_response(encoder.model, prefix, config.summary_block(),
                                     args.max_new_tokens or config.max_response_len or 128, eos)
             response = tokenizer.decode(ids, skip_special_tokens=True).strip()
             row = {"qid": turn.qid, "response": response, "reference": turn.response}

@@ -74,6 +74,9 @@ class DataArguments:
     max_examples: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
     num_negatives: int = field(default=4, metadata={"help": "hard negatives per example (at most; fewer if the "
                                                             "data has fewer)"})
+    sample_negatives: bool = field(default=True, metadata={
+        "help": "draw num_negatives of an example's hard negatives (and one of its positives) at random per epoch, "
+                "seeded by (seed, epoch, example); false: always the first ones"})
     max_session_len: int = field(default=1024, metadata={"help": "session token budget"})
     max_passage_len: int = field(default=384, metadata={"help": "passage token budget"})
     max_response_len: int = field(default=384, metadata={"help": "response token budget"})
@@ -82,6 +85,13 @@ class DataArguments:
     instruction: str | None = field(default=None, metadata={"help": "text prefixed to every session"})
     passage_instruction: str | None = field(default=None, metadata={"help": "text prefixed to every passage"})
     summary_on_passages: bool = field(default=True, metadata={"help": "append the summary tokens to passages"})
+    chatretriever_compat: bool = field(default=False, metadata={
+        "help": "ChatRetriever's released sequences: a separator token opens every summary block ([SEP, EMB_1.."
+                "EMB_t]) and stays visible to the response; recorded in the checkpoint for encode / evaluate / "
+                "export"})
+    separator_token: str | None = field(default=None, metadata={
+        "help": "the separator of chatretriever_compat, an existing token of the tokenizer (default: its EOS "
+                "token)"})
 
 
 @dataclass

@@ -53,7 +53,9 @@ class RetrieverConfig:
         passage_instruction: text prefixed to every passage, or ``None``.
         summary_on_passages: passages end with the summary tokens too (pooled there) or pool at their last token.
         chatretriever_compat: the separator between session and response is visible to the response
-            (ChatRetriever's released code).
+            (ChatRetriever's released code): every summary block is ``[separator, EMB_1..EMB_t]``, for sessions,
+            passages and LM samples alike (:meth:`summary_block`).
+        separator_token, separator_token_id: that separator (``None`` unless ``chatretriever_compat``).
         model_dtype: dtype the weights were saved in.
     """
 
@@ -72,9 +74,20 @@ class RetrieverConfig:
     passage_instruction: str | None = None
     summary_on_passages: bool = True
     chatretriever_compat: bool = False
+    separator_token: str | None = None
+    separator_token_id: int | None = None
     model_dtype: str = "float32"
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary_block(self) -> list[int]:
+        """The ids appended to a session (and to a passage with ``summary_on_passages``) to embed it:
+        ``[separator, *summary_token_ids]`` under ``chatretriever_compat``, else the summary tokens."""
+        if self.chatretriever_compat:
+            if self.separator_token_id is None:
+                raise ValueError("chatretriever_compat checkpoint without a separator_token_id")
+            return [int(self.separator_token_id), *self.summary_token_ids]
+        return list(self.summary_token_ids)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

@@ -1,7 +1,9 @@
-"""From training records to one-pass batches: the dataset, a sampler whose shuffle is a function of
-(seed, epoch) (so a resumed run replays it), and the data collator of the Trainer."""
+"""From training records to one-pass batches: the dataset (hard negatives and the positive sampled per epoch), a
+sampler whose shuffle is a function of (seed, epoch) (so a resumed run replays it), and the data collator of the
+Trainer."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any, Iterator, Sequence
 
@@ -17,30 +19,70 @@ NUM_CII_KEY = "num_cii"
 
 
 class TrainingDataset(torch.utils.data.Dataset):
-    """The training examples, held in memory (records are text; tokenisation happens in the collator)."""
+    """The training examples, held in memory (records are text; tokenisation happens in the collator).
 
-    def __init__(self, examples: Sequence[TrainingExample]):
+    Items are looked up by ``(epoch, index)`` (what :class:`EpochShuffleSampler` yields) or by a plain
+    ``index`` (epoch 0). Each lookup draws, from a generator seeded by ``(seed, epoch, index)`` alone:
+
+    - ``num_negatives`` of the example's hard negatives, without replacement, when it has more (ChatRetriever
+      samples its negatives at random; every negative of the data is seen over the epochs). With fewer, all
+      are kept.
+    - one of its gold passages when it has several (``TrainingExample.positives``, Tevatron's
+      ``positive_passages``), as Tevatron does.
+
+    A resumed run therefore draws exactly what the uninterrupted one drew, in any process and on any rank.
+    ``sample=False`` (or ``num_negatives=None``) keeps the first ``num_negatives`` and the first positive.
+    """
+
+    def __init__(self, examples: Sequence[TrainingExample], num_negatives: int | None = None, seed: int = 0,
+                 sample: bool = True):
         self.examples = list(examples)
         if not self.examples:
             raise ValueError("no training examples")
+        if num_negatives is not None and num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+        self.num_negatives = num_negatives
+        self.seed = int(seed)
+        self.sample = sample
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> TrainingExample:
-        return self.examples[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> TrainingExample:
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (0, int(key))
+        return self.draw(index, epoch)
+
+    def draw(self, index: int, epoch: int = 0) -> TrainingExample:
+        """Example ``index`` with the negatives and the positive of ``epoch``."""
+        example = self.examples[index]
+        negatives, positive = list(example.negatives), example.positive
+        if not self.sample or self.num_negatives is None:
+            if self.num_negatives is None or len(negatives) <= self.num_negatives:
+                return example
+            return dataclasses.replace(example, negatives=negatives[: self.num_negatives])
+        rng = random.Random(f"convret-train-sample:{self.seed}:{epoch}:{index}")  # str seeds hash with SHA-512
+        if len(example.positives) > 1:
+            positive = rng.choice(example.positives)
+        if len(negatives) > self.num_negatives:
+            negatives = rng.sample(negatives, self.num_negatives)
+        if positive is example.positive and negatives == example.negatives:
+            return example
+        return dataclasses.replace(example, positive=positive, negatives=negatives)
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """A random permutation per epoch that depends only on ``(seed, epoch)``.
+class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """A random permutation per epoch that depends only on ``(seed, epoch)``; yields ``(epoch, index)`` so that
+    :class:`TrainingDataset` draws that epoch's negatives (also in dataloader workers, which never see
+    :meth:`set_epoch`). ``shuffle=False``: indices in order (``--train_sampling_strategy sequential``).
 
     The Trainer calls :meth:`set_epoch` at the start of every epoch; a resumed run therefore draws the same
     order as the uninterrupted one and skips the batches already consumed (``ignore_data_skip=False``). The
     global RNG is never touched, so dropout draws are not shifted by the data order either."""
 
-    def __init__(self, num_examples: int, seed: int):
+    def __init__(self, num_examples: int, seed: int, shuffle: bool = True):
         self.num_examples = num_examples
         self.seed = seed
+        self.shuffle = shuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -49,9 +91,11 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return self.num_examples
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if not self.shuffle:
+            return iter([(self.epoch, i) for i in range(self.num_examples)])
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_examples, generator=generator).tolist())
+        return iter([(self.epoch, i) for i in torch.randperm(self.num_examples, generator=generator).tolist()])
 
 
 class TrainingCollator:
@@ -67,9 +111,8 @@ class TrainingCollator:
             response: the query ``[session, gold passage, EMB]`` and the response ``[response, EMB]`` as its
             "passage", packed into the same batch after the retrieval sequences (``batch.stats["num_cii"]``
             says how many).
-        num_negatives: keep at most this many hard negatives per example (the first ones).
-        seed: seed of the negative subsampling when an example has more than ``num_negatives``: the first
-            ``num_negatives`` are kept (deterministic, so resume is exact).
+        num_negatives: keep at most this many hard negatives per example (the first ones of what it is given:
+            :class:`TrainingDataset` has already sampled them for the epoch, seeded by (seed, epoch, index)).
     """
 
     def __init__(self, formatter: Any, collator: CSITCollator, recipe: str = "csit", num_negatives: int = 4):
@@ -104,8 +147,7 @@ class TrainingCollator:
 def _trim(example: TrainingExample, num_negatives: int) -> TrainingExample:
     if len(example.negatives) <= num_negatives:
         return example
-    return TrainingExample(example.id, example.history, example.query, example.positive,
-                           list(example.negatives[:num_negatives]), example.response, example.rewrite)
+    return dataclasses.replace(example, negatives=list(example.negatives[:num_negatives]))
 
 
 def shuffled(items: Sequence[Any], seed: int) -> list[Any]:

@@ -4,11 +4,18 @@ the one-pass batch: contrastive batches larger than the activations that fit in 
 1. Embed: run the packed rows in chunks of ``chunk_rows`` without gradient and pool every embedding the recipe
    needs (the torch RNG state before each chunk is kept).
 2. Contrast: the recipe's contrastive terms on the full batch of (detached, gradient-requiring) embeddings,
-   weighted, then backward: the embeddings' gradients are cached, the temperature (a parameter when learnable)
-   gets its gradient here. Nothing about the temperature is dropped.
+   weighted; ``torch.autograd.grad`` gives the plain gradients of that loss with respect to the embeddings
+   (cached) and to the recipe's own parameters (the learnable temperature). Nothing is back-propagated into
+   ``.grad`` here.
 3. Re-run each chunk with gradient, its RNG state restored first (dropout draws the same masks as in step 1),
    and back-propagate ``sum(embedding * cached gradient)`` plus the chunk's weighted LM loss (normalised by the
-   label tokens of the whole batch).
+   label tokens of the whole batch), and with the last chunk ``sum(parameter * its gradient)`` for the recipe's
+   parameters, all times ``loss_scale``, through ``backward``.
+
+Scaling happens exactly once, in step 3: ``loss_scale`` (1 / gradient accumulation steps) multiplies each
+back-propagated surrogate, and ``backward`` (``accelerator.backward``) applies the fp16 GradScaler factor to it.
+The cached gradients are unscaled; scaling them too would scale the contrastive gradient twice
+(``loss_scale**2``, ``scaler_factor**2``).
 
 Rows of a packed batch never attend to each other, so a chunk's hidden states equal the full batch's rows
 and the parameter gradients equal the unchunked step's.
@@ -68,7 +75,7 @@ def gradcache_step(
         backward: how to back-propagate a tensor (the Trainer passes ``accelerator.backward``).
         no_sync: a context manager factory that suspends DDP's gradient all-reduce; used for every re-run chunk
             but the last.
-        loss_scale: multiplies everything back-propagated (1 / gradient accumulation steps).
+        loss_scale: multiplies everything back-propagated (1 / gradient accumulation steps), once.
     """
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
@@ -96,11 +103,18 @@ def gradcache_step(
     end_state = _rng_state(device)
     embeddings = {name: value.requires_grad_() for name, value in pooled.items()}
 
-    # 2. contrastive terms on the full batch; cache the embeddings' gradients
+    # 2. contrastive terms on the full batch; cache the (unscaled) gradients of the embeddings and of the
+    # recipe's own parameters
     terms = recipe.contrastive_terms(embeddings, batch)
     embedding_loss = recipe.combine(terms)
-    backward(embedding_loss * loss_scale)
-    cached = {name: (e.grad if e.grad is not None else torch.zeros_like(e)) for name, e in embeddings.items()}
+    names = list(embeddings)
+    recipe_params = [p for p in recipe.parameters() if p.requires_grad]
+    inputs = [embeddings[name] for name in names] + recipe_params
+    grads = torch.autograd.grad(embedding_loss, inputs, allow_unused=True) if embedding_loss.requires_grad \
+        else [None] * len(inputs)
+    cached = {name: (g if g is not None else torch.zeros_like(embeddings[name]))
+              for name, g in zip(names, grads[:len(names)])}
+    param_grads = [(p, g) for p, g in zip(recipe_params, grads[len(names):]) if g is not None]
 
     # 3. re-run each chunk with gradient
     head = unwrap_model(model).get_output_embeddings()
@@ -120,6 +134,9 @@ def gradcache_step(
                     emb = hidden[pos[index, 0] - a, pos[index, 1]].float()
                     surrogate = surrogate + (emb * cached[name][index]).sum()
             chunk_generation = recipe.generation(hidden, head, chunk.labels, num_label_tokens=num_label_tokens)
+            if c == len(bounds) - 1:
+                for param, grad in param_grads:
+                    surrogate = surrogate + (param * grad).sum()
             backward((surrogate + generation_weight * chunk_generation) * loss_scale)
         generation += chunk_generation.detach()
     _set_rng_state(end_state, device)

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "build_trainer", "prepare_output_dir", "run"]
+__all__ = ["main", "build_trainer", "prepare_output_dir", "run", "finalize_training_args",
+           "resolve_mixed_precision"]
 
 EXIT_NONFINITE = 3
 
@@ -178,17 +179,22 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
     if examples is None:
         examples = (read_mixture(data_args, loss_args, CONFIG_DIR.parent) if data_args.train_files is not None
                     else read_examples(data_args, loss_args))
+    data_seed = train_args.data_seed if train_args.data_seed is not None else train_args.seed
     collator = TrainingCollator(
         formatter,
         CSITCollator(retriever_config.summary_token_ids, tokenizer.pad_token_id,
-                     max_len=_max_len(data_args, len(retriever_config.summary_token_ids), loss_args.recipe),
+                     max_len=_max_len(data_args, len(retriever_config.summary_block()), loss_args.recipe),
                      max_passage_len=data_args.max_passage_len, max_response_len=data_args.max_response_len,
-                     summary_on_passages=data_args.summary_on_passages),
+                     summary_on_passages=data_args.summary_on_passages,
+                     separator_token_id=retriever_config.separator_token_id
+                     if retriever_config.chatretriever_compat else None),
         recipe=loss_args.recipe, num_negatives=data_args.num_negatives)
     if isinstance(examples, MixtureDataset):  # several sources: homogeneous batches, counted per source
+        examples.configure(num_negatives=data_args.num_negatives, seed=data_seed, sample=data_args.sample_negatives)
         dataset, collator = examples, MixtureCollator(collator, len(examples.source_names))
     else:
-        dataset = TrainingDataset(examples)
+        dataset = TrainingDataset(examples, num_negatives=data_args.num_negatives, seed=data_seed,
+                                  sample=data_args.sample_negatives)
     return ConvretTrainer(
         model=model, args=train_args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=[JsonlLogCallback(Path(train_args.output_dir) / LOG_NAME)],
@@ -197,19 +203,42 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
     )
 
 
-def finalize_training_args(train_args: Any, model_args: Any) -> Any:
-    """convret's defaults on top of the Trainer's: mixed precision where supported, non-reentrant
-    checkpointing, no column removal, the CPU when there is no GPU."""
+def resolve_mixed_precision(mode: str, train_args: Any) -> str:
+    """The autocast dtype the run trains with: ``"bf16"``, ``"fp16"`` or ``"no"``.
+
+    ``--bf16`` / ``--fp16`` (or ``ACCELERATE_MIXED_PRECISION``) win when set; otherwise ``mode`` decides:
+    ``bf16`` / ``fp16`` / ``no`` as named, ``auto`` = bf16 on a CUDA GPU that supports it, else no autocast
+    (fp32; the CPU included: CPU bf16 autocast is slow on most CPUs, ask for it with ``bf16``)."""
     import torch
 
-    mode = model_args.mixed_precision
     if mode not in ("auto", "bf16", "fp16", "no"):
         raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got {mode!r}")
-    if not (train_args.bf16 or train_args.fp16):
-        if mode == "bf16" or (mode == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-            train_args.bf16 = True
-        elif mode == "fp16":
-            train_args.fp16 = True
+    if train_args.mixed_precision in ("bf16", "fp16"):
+        return train_args.mixed_precision
+    if mode == "auto":
+        on_gpu = torch.cuda.is_available() and not train_args.use_cpu
+        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    return mode
+
+
+def finalize_training_args(train_args: Any, model_args: Any) -> Any:
+    """convret's defaults on top of the Trainer's: the mixed precision of ``model_args.mixed_precision``,
+    non-reentrant checkpointing, no column removal.
+
+    ``TrainingArguments`` turns ``bf16`` / ``fp16`` into its ``mixed_precision`` (what the Trainer's Accelerator
+    autocasts with) when it is built, so a precision decided here rebuilds the arguments (``dataclasses.replace``
+    runs their validation again) rather than setting a flag the Accelerator would never read. Returns the
+    arguments to use (a new object when rebuilt)."""
+    import dataclasses
+
+    import torch
+
+    precision = resolve_mixed_precision(model_args.mixed_precision, train_args)
+    if precision != train_args.mixed_precision:
+        changes: dict[str, Any] = {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+        if precision != "no" and not torch.cuda.is_available():
+            changes["use_cpu"] = True  # TrainingArguments refuses bf16 without a GPU unless told it is the CPU
+        train_args = dataclasses.replace(train_args, **changes)
     if train_args.gradient_checkpointing_kwargs is None:
         train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     train_args.remove_unused_columns = False

@@ -19,6 +19,7 @@ the same batches (the Trainer skips the ones already consumed).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ def stratified_counts(weights: Sequence[float], total: int) -> list[int]:
 
 
 class MixtureDataset(torch.utils.data.Dataset):
-    """The examples of every source, concatenated; item ``i`` is ``(source index, example)``."""
+    """The examples of every source, concatenated; item ``(epoch, i)`` (or ``i``: epoch 0) is ``(source index,
+    example)``, the example drawn by its source's :class:`TrainingDataset` (that epoch's negatives and positive,
+    seeded by ``(seed, source, epoch, index)``)."""
 
     def __init__(self, sources: Sequence[tuple[str, float, Sequence[TrainingExample]]]):
         self.source_names = [name for name, _, _ in sources]
@@ -136,21 +139,33 @@ class MixtureDataset(torch.utils.data.Dataset):
             if size == 0:
                 raise ValueError(f"training source {name!r} has no examples")
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-        self.items = [(s, ex) for s, (_, _, examples) in enumerate(sources) for ex in examples]
+        self._examples = [list(examples) for _, _, examples in sources]
+        self.configure()
+
+    def configure(self, num_negatives: int | None = None, seed: int = 0, sample: bool = True) -> None:
+        """How each source's :class:`TrainingDataset` draws negatives and positives (as a single file's)."""
+        from .data import TrainingDataset
+
+        self.datasets = [TrainingDataset(examples, num_negatives=num_negatives, seed=seed * 1009 + s, sample=sample)
+                         for s, examples in enumerate(self._examples)]
 
     def __len__(self) -> int:
-        return len(self.items)
+        return sum(self.sizes)
 
-    def __getitem__(self, index: int) -> tuple[int, TrainingExample]:
-        return self.items[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[int, TrainingExample]:
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (0, int(key))
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        source = bisect.bisect_right(self.offsets, index) - 1
+        return source, self.datasets[source][(epoch, index - self.offsets[source])]
 
     def sampler(self, seed: int, batch_size: int) -> "MixtureSampler":
         return MixtureSampler(self.sizes, self.weights, batch_size, seed)
 
 
-class MixtureSampler(torch.utils.data.Sampler[int]):
-    """Indices into a :class:`MixtureDataset` in blocks of ``batch_size`` from one source each (see the module
-    docstring); a function of ``(seed, epoch)``."""
+class MixtureSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """``(epoch, index)`` keys of a :class:`MixtureDataset` in blocks of ``batch_size`` from one source each (see
+    the module docstring); a function of ``(seed, epoch)``."""
 
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int, seed: int):
         self.sizes, self.weights = list(sizes), list(weights)
@@ -177,7 +192,7 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
     def _generator(self, epoch: int, source: int, cycle: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1009 + source + 1) * 101 + cycle)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         sources = self.batch_sources(self.epoch)
         streams: dict[int, list[int]] = {}
         needed = [sources.count(s) * self.batch_size for s in range(len(self.sizes))]
@@ -192,7 +207,8 @@ class MixtureSampler(torch.utils.data.Sampler[int]):
         for s in sources:
             start = position[s]
             position[s] += self.batch_size
-            yield from streams[s][start : start + self.batch_size]
+            for index in streams[s][start : start + self.batch_size]:
+                yield self.epoch, index
 
 
 class MixtureCollator:

@@ -94,7 +94,24 @@ def _build_model(model_args: ModelArguments, data_args: DataArguments, loss_args
         instruction=data_args.instruction, passage_instruction=data_args.passage_instruction,
         summary_on_passages=data_args.summary_on_passages,
     )
+    if data_args.chatretriever_compat:
+        config.chatretriever_compat = True
+        config.separator_token, config.separator_token_id = _separator(tokenizer, data_args.separator_token)
+    elif data_args.separator_token is not None:
+        raise ValueError("separator_token is only used with chatretriever_compat: true")
     return BuiltModel(model, tokenizer, config)
+
+
+def _separator(tokenizer: Any, token: str | None) -> tuple[str, int]:
+    """The separator token of chatretriever_compat (the tokenizer's EOS by default) and its id; it must exist."""
+    token = token if token is not None else tokenizer.eos_token
+    if token is None:
+        raise ValueError("chatretriever_compat: the tokenizer has no EOS token; set separator_token")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int) or token_id < 0 or (token_id == tokenizer.unk_token_id
+                                                         and token != tokenizer.unk_token):
+        raise ValueError(f"separator_token {token!r} is not a token of the tokenizer")
+    return token, int(token_id)
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:

@@ -7,7 +7,8 @@ consumed batches on resume, comes from the Trainer as it is):
 - :meth:`compute_loss` runs a :class:`convret.train.recipes.Recipe` on the packed batch (under the
   accelerator's autocast), records the loss parts, and stops on a NaN / inf loss;
 - :meth:`training_step` runs GradCache instead when ``gradcache_chunk_rows`` is set;
-- :meth:`_get_train_sampler`: a shuffle that is a function of (seed, epoch), so that resume replays it;
+- :meth:`_get_train_sampler`: a shuffle that is a function of (seed, epoch), so that resume replays it; it yields
+  ``(epoch, index)`` so that the dataset samples that epoch's negatives;
 - checkpoints: every ``checkpoint-N`` is also a retriever checkpoint (``convret_config.json``, tokenizer with
   its summary tokens, safetensors weights or adapter) and is written into a hidden staging directory, flushed
   and renamed (:meth:`_save_checkpoint`, :meth:`_save`);
@@ -118,12 +119,10 @@ class ConvretTrainer(Trainer):
     # ------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "sequential":
-            return torch.utils.data.SequentialSampler(dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if hasattr(dataset, "source_names"):  # a MixtureDataset: blocks of one batch from one source each
             return dataset.sampler(seed, self._train_batch_size)
-        return EpochShuffleSampler(len(dataset), seed)
+        return EpochShuffleSampler(len(dataset), seed, shuffle=self.args.train_sampling_strategy != "sequential")
 
     # ------------------------------------------------------------------ optimisation
     def create_optimizer(self, model=None):
