@@ -247,6 +247,12 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def cpu_has_bf16_units() -> bool:
+    """True on a CPU with bf16 dot-product units (AVX512-BF16 or AMX-BF16), where bf16 runs at least at the
+    fp32 rate instead of through conversions."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:

@@ -4,7 +4,8 @@ Two implementations behind one entry point, :func:`session_attention_cpu`:
 
 - **native**: the C++ kernels of ``csrc/`` (built by ``setup.py`` through the top-level ``CMakeLists.txt``
   against the installed torch), registered as ``torch.ops.convret_cpu.*``. Tile-classified, GQA groups
-  stacked into one GEMM operand, MKL tile GEMMs with fp32 accumulation, threads = ``torch.get_num_threads()``.
+  stacked into one GEMM operand, tile GEMMs with fp32 accumulation (MKL; for bf16 / fp16 on CPUs with 16-bit
+  units, oneDNN's brgemm ukernel on K / V packed once per kv head), threads = ``torch.get_num_threads()``.
 - **fallback**: pure PyTorch, used when the extension is not built or cannot load. Each sample becomes causal
   SDPA calls (its session segment; its response rows against ``[summary | response]`` keys) with
   ``enable_gqa=True``; padding rows are zeros.
@@ -167,7 +168,9 @@ def backend_info() -> dict[str, Any]:
 
 def tile_gemm_info() -> dict[str, str]:
     """``{"bf16": report, "fp16": report}``: which tile GEMM the native kernels use for each 16-bit dtype (MKL,
-    oneDNN's brgemm or an fp32 upcast + sgemm), picked by a short probe at first use, and the rates measured."""
+    oneDNN's brgemm, an fp32 upcast + sgemm, or the packed path: oneDNN's brgemm ukernel on K / V packed once
+    into VNNI pairs, where the CPU has bf16 / fp16 units), picked by a short probe at first use, and the rates
+    measured."""
     if not native_available():
         raise RuntimeError(f"the native CPU backend is not available: {_native.reason}")
     lines = torch.ops.convret_cpu.tile_gemm_info().splitlines()
@@ -175,8 +178,9 @@ def tile_gemm_info() -> dict[str, str]:
 
 
 def set_tile_gemm(dtype: torch.dtype, implementation: str) -> str:
-    """Force the 16-bit tile GEMM of the native kernels: ``"mkl"``, ``"onednn"``, ``"upcast"``, or ``"auto"``
-    (probe again). Also ``$CONVRET_CPU_TILE_GEMM`` pins one at the first probe. Returns the new report."""
+    """Force the 16-bit tile GEMM of the native kernels: ``"mkl"``, ``"onednn"``, ``"upcast"``, ``"packed"``
+    (raises where it cannot run), or ``"auto"`` (probe again). Also ``$CONVRET_CPU_TILE_GEMM`` pins one at the
+    first probe. Returns the new report."""
     names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
     if dtype not in names:
         raise ValueError(f"tile GEMM selection is per 16-bit dtype (bf16, fp16), got {dtype}")

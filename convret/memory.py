@@ -8,7 +8,8 @@ smaller lives in the heap. The forward pass allocates them in one order and the 
 another, so the heap grows around holes it cannot give back, and those holes stay resident. Blocks above
 32 MiB are always mapped afresh, and every page of a fresh mapping is faulted and zero-filled again.
 
-Two remedies, both process-wide and opt-in (convret never changes the allocator on import):
+Two remedies, both process-wide and opt-in (convret never changes the allocator on import; ``convret train``
+turns the first one on for CPU runs, see :func:`enable_for_training`):
 
 - :func:`enable_cpu_caching_allocator` (needs the native extension): torch's CPU blocks of 1 MiB or more are
   served from blocks freed earlier, by size class, and mapped memory grows only when little is cached.
@@ -25,7 +26,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from typing import NamedTuple
+import warnings
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -40,7 +42,7 @@ DEFAULT_SLACK_BYTES = 256 * 2**20
 
 __all__ = [
     "CachingAllocatorStats", "cpu_caching_allocator_stats", "disable_cpu_caching_allocator",
-    "empty_cpu_cache", "enable_cpu_caching_allocator", "tune_cpu_malloc",
+    "empty_cpu_cache", "enable_cpu_caching_allocator", "enable_for_training", "tune_cpu_malloc",
 ]
 
 
@@ -118,6 +120,21 @@ def empty_cpu_cache() -> int:
 def cpu_caching_allocator_stats() -> CachingAllocatorStats:
     live, cached, peak, hits, misses, released, active = _native_ops().caching_allocator_stats()
     return CachingAllocatorStats(live, cached, peak, hits, misses, released, bool(active))
+
+
+def enable_for_training(enabled: bool, device: torch.device | str) -> Callable[[], None]:
+    """``convret train``'s allocator: on a CPU run, :func:`enable_cpu_caching_allocator` unless ``enabled`` is
+    False (``--cpu_caching_allocator false``), so that what ships is what ``convret bench step``'s "convret as
+    shipped" row measures. Nothing on other devices; a warning (and nothing else) when the native extension is
+    not built. Returns the function that undoes it: it disables the cache if this call installed it."""
+    if not enabled or torch.device(device).type != "cpu":
+        return lambda: None
+    from ._cpu_backend import _native, native_available
+
+    if not native_available():
+        warnings.warn(f"the CPU caching allocator stays off: {_native.reason}", stacklevel=2)
+        return lambda: None
+    return disable_cpu_caching_allocator if enable_cpu_caching_allocator() else (lambda: None)
 
 
 def _native_ops():

@@ -192,6 +192,67 @@ void convert_rows(const float* src, int64_t ld_src, scalar_t* dst, int64_t ld_ds
   }
 }
 
+// K and V of every (batch, kv head), packed once into the VNNI pairs of the brgemm ukernel's B operand:
+//   keys_t / values_t: [D / 2, L', 2] per group, B of S = Q K^T and of dP = dO V^T (pairs along D; L' = L
+//                      rounded up to even, the padding key zero; a key span is a column offset);
+//   values / keys:     [L' / 2, D, 2] per group, B of O += P V and of dQ += dS K (pairs of consecutive keys, a
+//                      span starts at an even key).
+// The forward packs keys_t and values, the backward all four. Extra memory: one (two) copies of K and V.
+template <typename scalar_t>
+struct PackedKeysValues {
+  at::Tensor keys_t_buffer, values_t_buffer, keys_buffer, values_buffer;
+  int64_t padded_len = 0, head_dim = 0;
+  const scalar_t* columns(const at::Tensor& buffer, int64_t group_index, int64_t key_first) const {
+    return buffer.data_ptr<scalar_t>() + group_index * padded_len * head_dim + 2 * key_first;
+  }
+  const scalar_t* rows(const at::Tensor& buffer, int64_t group_index, int64_t key_first) const {
+    return buffer.data_ptr<scalar_t>() + group_index * padded_len * head_dim + key_first * head_dim;
+  }
+  const scalar_t* keys_t(int64_t g, int64_t key_first) const { return columns(keys_t_buffer, g, key_first); }
+  const scalar_t* values_t(int64_t g, int64_t key_first) const { return columns(values_t_buffer, g, key_first); }
+  const scalar_t* keys(int64_t g, int64_t key_first) const { return rows(keys_buffer, g, key_first); }
+  const scalar_t* values(int64_t g, int64_t key_first) const { return rows(values_buffer, g, key_first); }
+};
+
+template <typename scalar_t>
+PackedKeysValues<scalar_t> pack_keys_values(const at::Tensor& k, const at::Tensor& v, bool for_backward) {
+  const int64_t batch = k.size(0), num_kv_heads = k.size(1), seq_len = k.size(2), head_dim = k.size(3);
+  PackedKeysValues<scalar_t> packed;
+  packed.padded_len = seq_len + seq_len % 2;
+  packed.head_dim = head_dim;
+  const int64_t group_elems = packed.padded_len * head_dim;
+  auto buffer = [&] { return at::empty({batch * num_kv_heads * group_elems}, k.options()); };
+  packed.keys_t_buffer = buffer();
+  packed.values_buffer = buffer();
+  if (for_backward) {
+    packed.values_t_buffer = buffer();
+    packed.keys_buffer = buffer();
+  }
+  const RowsView<const scalar_t> k_rows(k), v_rows(v);
+  auto pack_columns = [&](const RowsView<const scalar_t>& src, int64_t b, int64_t kv_head, scalar_t* out) {
+    pack_transposed_vnni(src.row(b, kv_head, 0), src.stride_l, seq_len, head_dim, out, packed.padded_len);
+    if (packed.padded_len != seq_len) {  // the padding key column: zeros
+      for (int64_t pair = 0; pair < head_dim / 2; ++pair) {
+        std::fill_n(out + pair * 2 * packed.padded_len + 2 * seq_len, 2, scalar_t(0));
+      }
+    }
+  };
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b = g / num_kv_heads, kv_head = g % num_kv_heads;
+      pack_columns(k_rows, b, kv_head, packed.keys_t_buffer.template data_ptr<scalar_t>() + g * group_elems);
+      pack_rows_vnni(v_rows.row(b, kv_head, 0), v_rows.stride_l, seq_len, head_dim,
+                     packed.values_buffer.template data_ptr<scalar_t>() + g * group_elems, head_dim);
+      if (for_backward) {
+        pack_columns(v_rows, b, kv_head, packed.values_t_buffer.template data_ptr<scalar_t>() + g * group_elems);
+        pack_rows_vnni(k_rows.row(b, kv_head, 0), k_rows.stride_l, seq_len, head_dim,
+                       packed.keys_buffer.template data_ptr<scalar_t>() + g * group_elems, head_dim);
+      }
+    }
+  });
+  return packed;
+}
+
 // ------------------------------------------------------------------------------------------------ forward
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
@@ -208,6 +269,15 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   float* lse_data = lse.data_ptr<float>();
   const float softmax_scale = static_cast<float>(scale);
   const int64_t stacked_rows = group * block_m;
+  // The packed path (16-bit, where the probe picked it): K^T and V of each (batch, kv head) packed once into
+  // VNNI pairs, read by every query tile and head of the group through the brgemm ukernel. A key span then
+  // starts at an even key (V pairs keys), so score rows get two spare columns.
+  const bool packed = use_packed_path<scalar_t>() && block_n % 2 == 0;
+  const int64_t score_ld = packed ? block_n + 2 : block_n;
+  PackedKeysValues<scalar_t> packed_kv;
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (packed) packed_kv = pack_keys_values<scalar_t>(k, v, false);
+  }
 
   // Later query tiles see more keys: hand them out first.
   const int64_t num_items = batch * num_kv_heads * num_q_tiles;
@@ -218,11 +288,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   parallel_items<Scratch>(num_items, [&](int64_t item, Scratch& scratch) {
     auto& [q_stack, probs_lowp, scores, acc, row_max, row_sum] = scratch;
     q_stack.resize(stacked_rows * head_dim);
-    scores.resize(stacked_rows * block_n);
+    scores.resize(stacked_rows * score_ld);
     acc.resize(stacked_rows * head_dim);
     row_max.resize(stacked_rows);
     row_sum.resize(stacked_rows);
-    if constexpr (!std::is_same_v<scalar_t, float>) probs_lowp.resize(stacked_rows * block_n);
+    if constexpr (!std::is_same_v<scalar_t, float>) probs_lowp.resize(stacked_rows * score_ld);
 
     const int64_t q_tile = num_q_tiles - 1 - item / (batch * num_kv_heads);
     const int64_t b = (item % (batch * num_kv_heads)) / num_kv_heads;
@@ -250,6 +320,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         if (span.begin == span.end) continue;
         key_first = k_first + span.begin;
         width = span.end - span.begin;
+        if (packed && key_first % 2 == 1) {  // V pairs start at even keys; the mask hides the extra key
+          --key_first;
+          ++width;
+        }
       }
       const scalar_t* k_span_data = k_rows.row(b, kv_head, key_first);
       const scalar_t* v_span_data = v_rows.row(b, kv_head, key_first);
@@ -260,15 +334,26 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
 
       // scores[m, width] = Q_stack @ K_span^T, unscaled
-      gemm(false, true, m, width, head_dim, 1.f, q_stack.data(), head_dim, k_span_data, k_rows.stride_l, 0.f,
-           scores.data(), block_n);
+      bool scored = false;
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (packed) {
+          gemm_packed(m, width, head_dim, q_stack.data(), head_dim,
+                      packed_kv.keys_t(b * num_kv_heads + kv_head, key_first), packed_kv.padded_len, scores.data(),
+                      score_ld, false);
+          scored = true;
+        }
+      }
+      if (!scored) {
+        gemm(false, true, m, width, head_dim, 1.f, q_stack.data(), head_dim, k_span_data, k_rows.stride_l, 0.f,
+             scores.data(), score_ld);
+      }
       if (tile_class == TileClass::kPartial) {
-        mask_scores(scores.data(), block_n, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
+        mask_scores(scores.data(), score_ld, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
       }
 
       // online softmax, one stacked row at a time; p = exp(scale * (s - max))
       for (int64_t r = 0; r < m; ++r) {
-        float* s = scores.data() + r * block_n;
+        float* s = scores.data() + r * score_ld;
         float tile_max_score = at::vec::reduce_all<float>(
             [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, width);
         const float new_max = std::max(row_max[r], tile_max_score);
@@ -288,12 +373,21 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
       // acc[m, D] += P @ V_span
       if constexpr (std::is_same_v<scalar_t, float>) {
-        gemm(false, false, m, head_dim, width, 1.f, scores.data(), block_n, v_span_data, v_rows.stride_l, 1.f,
+        gemm(false, false, m, head_dim, width, 1.f, scores.data(), score_ld, v_span_data, v_rows.stride_l, 1.f,
              acc.data(), head_dim);
       } else {
-        convert_rows(scores.data(), block_n, probs_lowp.data(), block_n, m, width);
-        gemm(false, false, m, head_dim, width, 1.f, probs_lowp.data(), block_n, v_span_data, v_rows.stride_l, 1.f,
-             acc.data(), head_dim);
+        convert_rows(scores.data(), score_ld, probs_lowp.data(), score_ld, m, width);
+        if (packed) {  // an odd span takes one more key pair: its P column is zero (its V row is a key or padding)
+          const int64_t paired = width + width % 2;
+          if (paired != width) {
+            for (int64_t r = 0; r < m; ++r) probs_lowp[r * score_ld + width] = scalar_t(0);
+          }
+          gemm_packed(m, head_dim, paired, probs_lowp.data(), score_ld,
+                      packed_kv.values(b * num_kv_heads + kv_head, key_first), head_dim, acc.data(), head_dim, true);
+        } else {
+          gemm(false, false, m, head_dim, width, 1.f, probs_lowp.data(), score_ld, v_span_data, v_rows.stride_l,
+               1.f, acc.data(), head_dim);
+        }
       }
     }
 
@@ -321,22 +415,42 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // Stacked, tile-major copies of one (batch, kv head)'s Q and dO, with its LSE and Delta = rowsum(dO * O):
 // the query tile starting at row q_first occupies the stacked rows [group * q_first, group * (q_first + rows)),
 // heads stacked inside it as in the forward.
+// The packed path also keeps each query tile's Q and dO transposed, [D, ld_t] per tile at (q_first / block_m)
+// * tile_stride_t (the A operands of dK^T += Q^T dS and dV^T += dO^T P; columns past the tile's rows are zero).
 template <typename scalar_t>
 struct GroupStacks {
   scalar_t* q;
   scalar_t* grad_out;
   float* lse;
   float* delta;
+  scalar_t* q_t = nullptr;  // packed path only
+  scalar_t* grad_out_t = nullptr;
+  int64_t ld_t = 0, tile_stride_t = 0;
 };
+
+// Leading dimension of the transposed stacks: the stacked rows, rounded up to even (the GEMMs' k pairs them).
+inline int64_t transposed_ld(int64_t stacked_rows) { return stacked_rows + stacked_rows % 2; }
 
 template <typename scalar_t>
 void fill_group_stacks(const RowsView<const scalar_t>& q_rows, const RowsView<const scalar_t>& out_rows,
                        const RowsView<const scalar_t>& grad_out_rows, const float* lse_data, int64_t b,
                        int64_t kv_head, int64_t group, int64_t num_q_heads, int64_t seq_len, int64_t head_dim,
-                       int64_t q_first, int64_t rows, const GroupStacks<scalar_t>& stacks) {
+                       int64_t q_first, int64_t rows, int64_t block_m, const GroupStacks<scalar_t>& stacks) {
   const int64_t base = group * q_first;
   stack_group_rows(q_rows, b, kv_head, group, q_first, rows, head_dim, stacks.q + base * head_dim);
   stack_group_rows(grad_out_rows, b, kv_head, group, q_first, rows, head_dim, stacks.grad_out + base * head_dim);
+  if (stacks.q_t != nullptr) {
+    const int64_t m = group * rows, offset = (q_first / block_m) * stacks.tile_stride_t;
+    for (const auto& [from, to] : {std::pair{stacks.q, stacks.q_t}, std::pair{stacks.grad_out, stacks.grad_out_t}}) {
+      const scalar_t* tile = from + base * head_dim;
+      scalar_t* tile_t = to + offset;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        scalar_t* column = tile_t + d * stacks.ld_t;
+        for (int64_t r = 0; r < m; ++r) column[r] = tile[r * head_dim + d];
+        std::fill(column + m, column + stacks.ld_t, scalar_t(0));
+      }
+    }
+  }
   for (int64_t g = 0; g < group; ++g) {
     const int64_t head = kv_head * group + g;
     for (int64_t i = 0; i < rows; ++i) {
@@ -352,31 +466,61 @@ void fill_group_stacks(const RowsView<const scalar_t>& q_rows, const RowsView<co
 }
 
 // Per-thread buffers of one (query tile, key tile) pair.
+// (ld: block_n, or block_n + 2 on the packed path; the packed path also keeps P and dS in VNNI pairs of rows)
 template <typename scalar_t>
 struct PairScratch {
-  std::vector<scalar_t> probs_lowp, grad_scores_lowp;
+  std::vector<scalar_t> probs_lowp, grad_scores_lowp, probs_pairs, grad_scores_pairs, row_pair;
   std::vector<float> scores, grad_probs;
-  void resize(int64_t stacked_rows, int64_t block_n) {
-    scores.resize(stacked_rows * block_n);
-    grad_probs.resize(stacked_rows * block_n);
+  void resize(int64_t stacked_rows, int64_t ld, bool packed) {
+    scores.resize(stacked_rows * ld);
+    grad_probs.resize(stacked_rows * ld);
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      probs_lowp.resize(stacked_rows * block_n);
-      grad_scores_lowp.resize(stacked_rows * block_n);
+      probs_lowp.resize(stacked_rows * ld);
+      grad_scores_lowp.resize(stacked_rows * ld);
+      if (packed) {
+        probs_pairs.resize(transposed_ld(stacked_rows) * ld);
+        grad_scores_pairs.resize(transposed_ld(stacked_rows) * ld);
+        row_pair.resize(2 * ld);
+      }
     }
   }
 };
 
+// rows x cols of fp32 (ld_src) to 16-bit VNNI pairs of rows, the B operand of a GEMM whose k runs over these
+// rows: dst[(r / 2) * 2 * ld_dst + 2 * j + r % 2]; an odd last row is paired with zeros. tmp: 2 * cols.
+template <typename scalar_t>
+void convert_rows_to_pairs(const float* src, int64_t ld_src, int64_t rows, int64_t cols, scalar_t* dst,
+                           int64_t ld_dst, scalar_t* tmp) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    at::vec::convert(src + r * ld_src, tmp, cols);
+    if (r + 1 < rows) {
+      at::vec::convert(src + (r + 1) * ld_src, tmp + cols, cols);
+    } else {
+      std::fill(tmp + cols, tmp + 2 * cols, scalar_t(0));
+    }
+    scalar_t* to = dst + (r / 2) * 2 * ld_dst;
+    for (int64_t j = 0; j < cols; ++j) {
+      to[2 * j] = tmp[j];
+      to[2 * j + 1] = tmp[cols + j];
+    }
+  }
+}
+
 // The GEMM operands of one visited pair: P and dS ([m, width], leading dimension block_n), the stacked Q and
 // dO rows of the query tile, and the visible key span.
+// Packed path: col_begin / width are widened to start at an even key; probs_pairs / grad_scores_pairs hold P and
+// dS in VNNI pairs of rows ([ceil(m / 2), ld, 2]) and grad_scores has a zero column past an odd width.
 template <typename scalar_t>
 struct PairOperands {
   bool visited;
-  int64_t m, col_begin, width;
+  int64_t m, col_begin, width, key_first;
   const scalar_t* probs;
   const scalar_t* grad_scores;
   const scalar_t* q_tile;
   const scalar_t* grad_out_tile;
   const scalar_t* k_span;
+  const scalar_t* probs_pairs;
+  const scalar_t* grad_scores_pairs;
 };
 
 // P = exp(scale * S - lse) and dS = P * (dP - Delta) of one (query tile, key tile) pair, both passes share it.
@@ -385,8 +529,10 @@ PairOperands<scalar_t> pair_probs_and_grad_scores(
     const RowsView<const scalar_t>& k_rows, const RowsView<const scalar_t>& v_rows, const TileBoundsView& bounds,
     const int32_t* row_mask_start, const GroupStacks<scalar_t>& stacks, int64_t b, int64_t kv_head, int64_t group,
     int64_t seq_len, int64_t head_dim, int64_t q_first, int64_t k_tile, int64_t block_m, int64_t block_n,
-    float softmax_scale, PairScratch<scalar_t>& scratch) {
+    float softmax_scale, PairScratch<scalar_t>& scratch, const PackedKeysValues<scalar_t>* packed = nullptr,
+    int64_t num_kv_heads = 0) {
   PairOperands<scalar_t> pair{};
+  const int64_t ld = packed ? block_n + 2 : block_n;
   const int64_t rows = std::min(block_m, seq_len - q_first);
   const int64_t q_last = q_first + rows - 1;
   const int64_t k_first = k_tile * block_n;
@@ -399,6 +545,10 @@ PairOperands<scalar_t> pair_probs_and_grad_scores(
     if (span.begin == span.end) return pair;
     col_begin = span.begin;
     width = span.end - span.begin;
+    if (packed && (k_first + col_begin) % 2 == 1) {  // K / V pairs start at even keys; the mask hides the extra
+      --col_begin;
+      ++width;
+    }
   }
   const int64_t key_first = k_first + col_begin;
   const scalar_t* k_span_data = k_rows.row(b, kv_head, key_first);
@@ -410,20 +560,38 @@ PairOperands<scalar_t> pair_probs_and_grad_scores(
   float* scores = scratch.scores.data();
   float* grad_probs = scratch.grad_probs.data();
 
+  const int64_t group_index = b * num_kv_heads + kv_head;
   // P = exp(scale * S - lse), zero where masked (exp(-inf) = 0); rows with lse = +inf give zeros
-  gemm(false, true, m, width, head_dim, 1.f, q_tile_data, head_dim, k_span_data, k_rows.stride_l, 0.f, scores,
-       block_n);
-  if (tile_class == TileClass::kPartial) {
-    mask_scores(scores, block_n, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
+  bool packed_gemms = false;
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (packed) {
+      gemm_packed(m, width, head_dim, q_tile_data, head_dim, packed->keys_t(group_index, key_first),
+                  packed->padded_len, scores, ld, false);
+      packed_gemms = true;
+    }
   }
-  for (int64_t r = 0; r < m; ++r) exp_in_place_and_sum(scores + r * block_n, width, softmax_scale, stacks.lse[base + r]);
+  if (!packed_gemms) {
+    gemm(false, true, m, width, head_dim, 1.f, q_tile_data, head_dim, k_span_data, k_rows.stride_l, 0.f, scores, ld);
+  }
+  if (tile_class == TileClass::kPartial) {
+    mask_scores(scores, ld, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
+  }
+  for (int64_t r = 0; r < m; ++r) exp_in_place_and_sum(scores + r * ld, width, softmax_scale, stacks.lse[base + r]);
   // dP = dO @ V_span^T
-  gemm(false, true, m, width, head_dim, 1.f, grad_out_tile_data, head_dim, v_span_data, v_rows.stride_l, 0.f,
-       grad_probs, block_n);
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (packed) {
+      gemm_packed(m, width, head_dim, grad_out_tile_data, head_dim, packed->values_t(group_index, key_first),
+                  packed->padded_len, grad_probs, ld, false);
+    }
+  }
+  if (!packed_gemms) {
+    gemm(false, true, m, width, head_dim, 1.f, grad_out_tile_data, head_dim, v_span_data, v_rows.stride_l, 0.f,
+         grad_probs, ld);
+  }
   // dS = P * (dP - Delta), written over dP
   for (int64_t r = 0; r < m; ++r) {
-    const float* p = scores + r * block_n;
-    float* ds = grad_probs + r * block_n;
+    const float* p = scores + r * ld;
+    float* ds = grad_probs + r * ld;
     const float row_delta = stacks.delta[base + r];
     at::vec::map2([row_delta](Vec p_vec, Vec dp) { return p_vec * (dp - Vec(row_delta)); }, ds, p, ds, width);
   }
@@ -431,6 +599,7 @@ PairOperands<scalar_t> pair_probs_and_grad_scores(
   pair.m = m;
   pair.col_begin = col_begin;
   pair.width = width;
+  pair.key_first = key_first;
   pair.q_tile = q_tile_data;
   pair.grad_out_tile = grad_out_tile_data;
   pair.k_span = k_span_data;
@@ -438,10 +607,20 @@ PairOperands<scalar_t> pair_probs_and_grad_scores(
     pair.probs = scores;
     pair.grad_scores = grad_probs;
   } else {
-    convert_rows(scores, block_n, scratch.probs_lowp.data(), block_n, m, width);
-    convert_rows(grad_probs, block_n, scratch.grad_scores_lowp.data(), block_n, m, width);
-    pair.probs = scratch.probs_lowp.data();
+    convert_rows(grad_probs, ld, scratch.grad_scores_lowp.data(), ld, m, width);
     pair.grad_scores = scratch.grad_scores_lowp.data();
+    if (packed) {
+      if (width % 2 == 1) {  // dQ += dS K_span pairs keys: the column past an odd span is zero
+        for (int64_t r = 0; r < m; ++r) scratch.grad_scores_lowp[r * ld + width] = scalar_t(0);
+      }
+      convert_rows_to_pairs(scores, ld, m, width, scratch.probs_pairs.data(), ld, scratch.row_pair.data());
+      convert_rows_to_pairs(grad_probs, ld, m, width, scratch.grad_scores_pairs.data(), ld, scratch.row_pair.data());
+      pair.probs_pairs = scratch.probs_pairs.data();
+      pair.grad_scores_pairs = scratch.grad_scores_pairs.data();
+    } else {
+      convert_rows(scores, ld, scratch.probs_lowp.data(), ld, m, width);
+      pair.probs = scratch.probs_lowp.data();
+    }
   }
   return pair;
 }
@@ -469,6 +648,27 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const float softmax_scale = static_cast<float>(scale);
   const int64_t stacked_rows = group * block_m;
   const int64_t group_elems = group * seq_len * head_dim, group_rows = group * seq_len;
+  // The packed path (see the forward): K^T, V^T, K and V packed once per (batch, kv head); per query tile Q^T
+  // and dO^T (A of dK^T += Q^T dS and dV^T += dO^T P, so that P and dS are B operands in pairs of rows and never
+  // transposed); dK / dV accumulate transposed, [D, ld] per key tile.
+  const bool packed = use_packed_path<scalar_t>() && block_n % 2 == 0;
+  const int64_t ld = packed ? block_n + 2 : block_n;
+  PackedKeysValues<scalar_t> packed_kv;
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (packed) packed_kv = pack_keys_values<scalar_t>(k, v, true);
+  }
+  const PackedKeysValues<scalar_t>* packed_operands = packed ? &packed_kv : nullptr;
+  const int64_t ld_t = transposed_ld(stacked_rows), tile_stride_t = head_dim * ld_t;
+  const int64_t group_elems_t = packed ? num_q_tiles * tile_stride_t : 0;
+  auto with_transposed = [&](GroupStacks<scalar_t> stacks, scalar_t* q_t, scalar_t* grad_out_t) {
+    if (packed) {
+      stacks.q_t = q_t;
+      stacks.grad_out_t = grad_out_t;
+      stacks.ld_t = ld_t;
+      stacks.tile_stride_t = tile_stride_t;
+    }
+    return stacks;
+  };
 
   auto bounds_of = [&](int64_t b) {
     return TileBoundsView{tile_min_data + b * num_k_tiles, tile_max_data + b * num_k_tiles};
@@ -482,31 +682,50 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     const int64_t cols = std::min(block_n, seq_len - k_first);
     const TileBoundsView bounds = bounds_of(b);
     const int32_t* row_mask_start = mask_start_data + b * seq_len;
-    std::fill(grad_k_acc, grad_k_acc + cols * head_dim, 0.f);
-    std::fill(grad_v_acc, grad_v_acc + cols * head_dim, 0.f);
+    // rows layout [cols, D]; packed path: transposed, [D, ld] (a widened span may start one column early)
+    std::fill(grad_k_acc, grad_k_acc + ld * head_dim, 0.f);
+    std::fill(grad_v_acc, grad_v_acc + ld * head_dim, 0.f);
     // only query rows in [k_first, tile_max) can see a key of this tile
     const int64_t visible_end = std::min<int64_t>(bounds.max_mask_start[k_tile], seq_len);
     for (int64_t q_first = (k_first / block_m) * block_m; q_first < visible_end; q_first += block_m) {
       const PairOperands<scalar_t> pair = pair_probs_and_grad_scores(
           k_rows, v_rows, bounds, row_mask_start, stacks, b, kv_head, group, seq_len, head_dim, q_first, k_tile,
-          block_m, block_n, softmax_scale, pair_scratch);
+          block_m, block_n, softmax_scale, pair_scratch, packed_operands, num_kv_heads);
       if (!pair.visited) continue;
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (packed) {
+          // dV_span^T += dO^T @ P;  dK_span^T += Q^T @ dS;  (fused) dQ_tile += dS @ K_span
+          const int64_t paired_m = pair.m + pair.m % 2, tile_offset = (q_first / block_m) * stacks.tile_stride_t;
+          gemm_packed(head_dim, pair.width, paired_m, stacks.grad_out_t + tile_offset, stacks.ld_t, pair.probs_pairs,
+                      ld, grad_v_acc + pair.col_begin, ld, true);
+          gemm_packed(head_dim, pair.width, paired_m, stacks.q_t + tile_offset, stacks.ld_t, pair.grad_scores_pairs,
+                      ld, grad_k_acc + pair.col_begin, ld, true);
+          if (grad_q_acc != nullptr) {
+            gemm_packed(pair.m, head_dim, pair.width + pair.width % 2, pair.grad_scores, ld,
+                        packed_kv.keys(b * num_kv_heads + kv_head, pair.key_first), head_dim,
+                        grad_q_acc + group * q_first * head_dim, head_dim, true);
+          }
+          continue;
+        }
+      }
       // dV_span += P^T @ dO;  dK_span += dS^T @ Q;  (fused) dQ_tile += dS @ K_span
-      gemm(true, false, pair.width, head_dim, pair.m, 1.f, pair.probs, block_n, pair.grad_out_tile, head_dim, 1.f,
+      gemm(true, false, pair.width, head_dim, pair.m, 1.f, pair.probs, ld, pair.grad_out_tile, head_dim, 1.f,
            grad_v_acc + pair.col_begin * head_dim, head_dim);
-      gemm(true, false, pair.width, head_dim, pair.m, 1.f, pair.grad_scores, block_n, pair.q_tile, head_dim, 1.f,
+      gemm(true, false, pair.width, head_dim, pair.m, 1.f, pair.grad_scores, ld, pair.q_tile, head_dim, 1.f,
            grad_k_acc + pair.col_begin * head_dim, head_dim);
       if (grad_q_acc != nullptr) {
-        gemm(false, false, pair.m, head_dim, pair.width, 1.f, pair.grad_scores, block_n, pair.k_span,
+        gemm(false, false, pair.m, head_dim, pair.width, 1.f, pair.grad_scores, ld, pair.k_span,
              k_rows.stride_l, 1.f, grad_q_acc + group * q_first * head_dim, head_dim);
       }
     }
+    // element (key j, d) of the accumulators
+    const int64_t stride_j = packed ? 1 : head_dim, stride_d = packed ? ld : 1;
     for (int64_t j = 0; j < cols; ++j) {
       scalar_t* dk = grad_k_rows.row(b, kv_head, k_first + j);
       scalar_t* dv = grad_v_rows.row(b, kv_head, k_first + j);
       for (int64_t d = 0; d < head_dim; ++d) {
-        dk[d] = static_cast<scalar_t>(grad_k_acc[j * head_dim + d] * softmax_scale);
-        dv[d] = static_cast<scalar_t>(grad_v_acc[j * head_dim + d]);
+        dk[d] = static_cast<scalar_t>(grad_k_acc[j * stride_j + d * stride_d] * softmax_scale);
+        dv[d] = static_cast<scalar_t>(grad_v_acc[j * stride_j + d * stride_d]);
       }
     }
   };
@@ -526,25 +745,29 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
   if (!split) {
     struct Scratch {
-      std::vector<scalar_t> q_stack, grad_out_stack;
+      std::vector<scalar_t> q_stack, grad_out_stack, q_t, grad_out_t;
       std::vector<float> lse_stack, delta_stack, grad_q_acc, grad_k_acc, grad_v_acc;
       PairScratch<scalar_t> pair;
     };
     parallel_items<Scratch>(batch * num_kv_heads, [&](int64_t item, Scratch& scratch) {
       scratch.q_stack.resize(group_elems);
       scratch.grad_out_stack.resize(group_elems);
+      scratch.q_t.resize(group_elems_t);
+      scratch.grad_out_t.resize(group_elems_t);
       scratch.grad_q_acc.assign(group_elems, 0.f);
       scratch.lse_stack.resize(group_rows);
       scratch.delta_stack.resize(group_rows);
-      scratch.grad_k_acc.resize(block_n * head_dim);
-      scratch.grad_v_acc.resize(block_n * head_dim);
-      scratch.pair.resize(stacked_rows, block_n);
+      scratch.grad_k_acc.resize(ld * head_dim);
+      scratch.grad_v_acc.resize(ld * head_dim);
+      scratch.pair.resize(stacked_rows, ld, packed);
       const int64_t b = item / num_kv_heads, kv_head = item % num_kv_heads;
-      const GroupStacks<scalar_t> stacks{scratch.q_stack.data(), scratch.grad_out_stack.data(),
-                                         scratch.lse_stack.data(), scratch.delta_stack.data()};
+      const GroupStacks<scalar_t> stacks = with_transposed(
+          GroupStacks<scalar_t>{scratch.q_stack.data(), scratch.grad_out_stack.data(), scratch.lse_stack.data(),
+                                scratch.delta_stack.data()},
+          scratch.q_t.data(), scratch.grad_out_t.data());
       for (int64_t q_first = 0; q_first < seq_len; q_first += block_m) {
         fill_group_stacks(q_rows, out_rows, grad_out_rows, lse_data, b, kv_head, group, num_q_heads, seq_len,
-                          head_dim, q_first, std::min(block_m, seq_len - q_first), stacks);
+                          head_dim, q_first, std::min(block_m, seq_len - q_first), block_m, stacks);
       }
       for (int64_t k_tile = 0; k_tile < num_k_tiles; ++k_tile) {
         key_tile_grads(b, kv_head, k_tile, stacks, scratch.pair, scratch.grad_k_acc.data(),
@@ -560,19 +783,22 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   // split: the stacks of every (batch, kv head) are shared by both passes (O(Q + dO) extra memory)
   const int64_t num_groups = batch * num_kv_heads;
   std::vector<scalar_t> q_stack(num_groups * group_elems), grad_out_stack(num_groups * group_elems);
+  std::vector<scalar_t> q_t_stack(num_groups * group_elems_t), grad_out_t_stack(num_groups * group_elems_t);
   std::vector<float> lse_stack(num_groups * group_rows), delta_stack(num_groups * group_rows);
   auto stacks_of = [&](int64_t group_index) {
-    return GroupStacks<scalar_t>{q_stack.data() + group_index * group_elems,
-                                 grad_out_stack.data() + group_index * group_elems,
-                                 lse_stack.data() + group_index * group_rows,
-                                 delta_stack.data() + group_index * group_rows};
+    return with_transposed(GroupStacks<scalar_t>{q_stack.data() + group_index * group_elems,
+                                                 grad_out_stack.data() + group_index * group_elems,
+                                                 lse_stack.data() + group_index * group_rows,
+                                                 delta_stack.data() + group_index * group_rows},
+                           q_t_stack.data() + group_index * group_elems_t,
+                           grad_out_t_stack.data() + group_index * group_elems_t);
   };
   struct NoScratch {};
   parallel_items<NoScratch>(num_groups * num_q_tiles, [&](int64_t item, NoScratch&) {
     const int64_t group_index = item / num_q_tiles, q_first = (item % num_q_tiles) * block_m;
     fill_group_stacks(q_rows, out_rows, grad_out_rows, lse_data, group_index / num_kv_heads,
                       group_index % num_kv_heads, group, num_q_heads, seq_len, head_dim, q_first,
-                      std::min(block_m, seq_len - q_first), stacks_of(group_index));
+                      std::min(block_m, seq_len - q_first), block_m, stacks_of(group_index));
   });
 
   struct KeyScratch {
@@ -581,9 +807,9 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   };
   // later key tiles are seen by fewer queries: hand out the early (expensive) ones first
   parallel_items<KeyScratch>(num_groups * num_k_tiles, [&](int64_t item, KeyScratch& scratch) {
-    scratch.grad_k_acc.resize(block_n * head_dim);
-    scratch.grad_v_acc.resize(block_n * head_dim);
-    scratch.pair.resize(stacked_rows, block_n);
+    scratch.grad_k_acc.resize(ld * head_dim);
+    scratch.grad_v_acc.resize(ld * head_dim);
+    scratch.pair.resize(stacked_rows, ld, packed);
     const int64_t k_tile = item / num_groups, group_index = item % num_groups;
     key_tile_grads(group_index / num_kv_heads, group_index % num_kv_heads, k_tile, stacks_of(group_index),
                    scratch.pair, scratch.grad_k_acc.data(), scratch.grad_v_acc.data(), nullptr);
@@ -596,7 +822,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   // later query tiles see more keys: hand them out first
   parallel_items<QueryScratch>(num_groups * num_q_tiles, [&](int64_t item, QueryScratch& scratch) {
     scratch.grad_q_acc.assign(stacked_rows * head_dim, 0.f);
-    scratch.pair.resize(stacked_rows, block_n);
+    scratch.pair.resize(stacked_rows, ld, packed);
     const int64_t q_tile = num_q_tiles - 1 - item / num_groups, group_index = item % num_groups;
     const int64_t b = group_index / num_kv_heads, kv_head = group_index % num_kv_heads;
     const int64_t q_first = q_tile * block_m;
@@ -608,9 +834,17 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
       const PairOperands<scalar_t> pair = pair_probs_and_grad_scores(
           k_rows, v_rows, bounds, row_mask_start, stacks, b, kv_head, group, seq_len, head_dim, q_first, k_tile,
-          block_m, block_n, softmax_scale, scratch.pair);
+          block_m, block_n, softmax_scale, scratch.pair, packed_operands, num_kv_heads);
       if (!pair.visited) continue;
-      gemm(false, false, pair.m, head_dim, pair.width, 1.f, pair.grad_scores, block_n, pair.k_span,
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (packed) {
+          gemm_packed(pair.m, head_dim, pair.width + pair.width % 2, pair.grad_scores, ld,
+                      packed_kv.keys(group_index, pair.key_first), head_dim, scratch.grad_q_acc.data(), head_dim,
+                      true);
+          continue;
+        }
+      }
+      gemm(false, false, pair.m, head_dim, pair.width, 1.f, pair.grad_scores, ld, pair.k_span,
            k_rows.stride_l, 1.f, scratch.grad_q_acc.data(), head_dim);
     }
     write_grad_q(b, kv_head, q_first, scratch.grad_q_acc.data());

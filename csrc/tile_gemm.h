@@ -12,7 +12,13 @@
 //   onednn  ATen's at::native::cpublas::brgemm (oneDNN's brgemm ukernel: AVX512-BF16, AMX, AVX512-FP16),
 //           with op(A) / op(B) copied to plain row-major and B packed to VNNI where the CPU wants it;
 //   upcast  the operands converted to fp32 in thread-local scratch, then MKL sgemm: the fastest on a CPU
-//           without 16-bit units, where MKL's 16-bit GEMM converts internally and less well.
+//           without 16-bit units, where MKL's 16-bit GEMM converts internally and less well;
+//   packed  not a per-tile GEMM but a path of the kernels: oneDNN's brgemm ukernel (through
+//           at::native::cpublas::brgemm with is_vnni) on B operands the kernels pack once into VNNI pairs
+//           (K^T and V once per (batch, kv head), reused by every query tile and head of the GQA group). The
+//           ukernel is JIT-generated once per shape and cached per thread by ATen; per tile it only executes.
+//           It runs where oneDNN has a bf16 / fp16 ukernel (AVX512-BF16, AMX; AVX512-FP16 for fp16) and the
+//           library was built with it; elsewhere its check throws and the probe never picks it.
 // The first 16-bit call (or backend_info()) runs a short probe of every available implementation at the
 // kernels' tile shapes and keeps the fastest (select_tile_gemm); the report says what was measured.
 #pragma once
@@ -29,7 +35,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -98,14 +106,62 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 }
 
 // ------------------------------------------------------------------------------- 16-bit implementations
-enum class TileGemm : int { kMkl = 0, kOnednn = 1, kUpcast = 2 };
-constexpr int kNumTileGemms = 3;
+enum class TileGemm : int { kMkl = 0, kOnednn = 1, kUpcast = 2, kPacked = 3 };
+constexpr int kNumTileGemms = 4;
+constexpr int kNumPerTileGemms = 3;  // kPacked is a path of the kernels, not a drop-in tile GEMM
 inline const char* tile_gemm_name(TileGemm impl) {
   switch (impl) {
     case TileGemm::kMkl: return "mkl";
     case TileGemm::kOnednn: return "onednn";
+    case TileGemm::kPacked: return "packed";
     default: return "upcast";
   }
+}
+
+// ------------------------------------------------------------------------------ VNNI-packed B operands
+// The brgemm ukernel reads a 16-bit B [k, n] in VNNI pairs: element (kk, j) at b[(kk / 2) * 2 * ldb + 2 * j +
+// kk % 2] (two consecutive k of one column side by side, so one 32-bit lane holds both). k is even (an odd k
+// is padded with a zero row). A column span j0 .. j0 + n of a packed B is the pointer b + 2 * j0 with the same
+// ldb, so the kernels narrow a tile's keys without repacking.
+
+// B = X^T for a row-major X [rows, cols] (leading dimension ld, cols even): B [cols, rows], B's pairs are
+// consecutive elements of a row of X, so this is a transpose of 32-bit pairs. out holds (cols / 2) * 2 * ld_out
+// elements; columns rows .. ld_out - 1 are left as they are.
+template <typename scalar_t>
+void pack_transposed_vnni(const scalar_t* x, int64_t ld, int64_t rows, int64_t cols, scalar_t* out,
+                          int64_t ld_out) {
+  static_assert(sizeof(scalar_t) == 2, "VNNI pairs of 16-bit values");
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* from = x + r * ld;
+    for (int64_t pair = 0; pair < cols / 2; ++pair) {
+      uint32_t both;
+      std::memcpy(&both, from + 2 * pair, sizeof(both));
+      std::memcpy(out + pair * 2 * ld_out + 2 * r, &both, sizeof(both));
+    }
+  }
+}
+
+// B = X for a row-major X [rows, cols] (leading dimension ld): rows become the k of B, paired; an odd last row
+// is paired with zeros. out holds ceil(rows / 2) * 2 * ld_out elements.
+template <typename scalar_t>
+void pack_rows_vnni(const scalar_t* x, int64_t ld, int64_t rows, int64_t cols, scalar_t* out, int64_t ld_out) {
+  static_assert(sizeof(scalar_t) == 2, "VNNI pairs of 16-bit values");
+  for (int64_t r = 0; r < rows; r += 2) {
+    const scalar_t* even = x + r * ld;
+    const scalar_t* odd = r + 1 < rows ? x + (r + 1) * ld : nullptr;
+    scalar_t* to = out + (r / 2) * 2 * ld_out;
+    for (int64_t j = 0; j < cols; ++j) {
+      to[2 * j] = even[j];
+      to[2 * j + 1] = odd ? odd[j] : scalar_t(0);
+    }
+  }
+}
+
+// C[m, n] (+)= A[m, k] @ B, A row-major (lda), B VNNI-packed (ldb), k even, fp32 C.
+template <typename scalar_t>
+inline void gemm_packed(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b,
+                        int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/true);
 }
 
 template <typename scalar_t>
@@ -187,7 +243,8 @@ void gemm_onednn(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 
 // What the probe chose, per 16-bit dtype (-1: not probed yet), and its report.
 struct TileGemmChoice {
-  std::atomic<int> impl{-1};
+  std::atomic<int> impl{-1};         // the per-tile GEMM (mkl, onednn or upcast): every GEMM outside the packed path
+  std::atomic<bool> packed{false};   // the kernels take the packed path (probe: where it measured fastest)
   std::mutex mutex;
   std::string report = "not probed yet";
 };
@@ -225,6 +282,31 @@ struct ProbeOperands {
 };
 constexpr bool kProbePatterns[3][2] = {{false, true}, {false, false}, {true, false}};
 
+// The packed path's operands for the same three patterns, packed once outside the timed calls (as the kernels
+// pack K / V once per (batch, kv head)): B^T packed from column 1 of a wider buffer (the kernels' narrowed key
+// spans start anywhere), B packed by rows, and A^T as a plain copy (the kernels write P^T / dS^T directly).
+template <typename scalar_t>
+struct PackedProbeOperands {
+  static constexpr int64_t size = ProbeOperands::size, ld_wide = size + 8;
+  std::vector<scalar_t> b_transposed = std::vector<scalar_t>(size * ld_wide, scalar_t(0));
+  std::vector<scalar_t> b_rows = std::vector<scalar_t>(size * size);
+  std::vector<scalar_t> a_transposed = std::vector<scalar_t>(size * size);
+  PackedProbeOperands(const std::vector<scalar_t>& a, const std::vector<scalar_t>& b) {
+    pack_transposed_vnni(b.data(), size, size, size, b_transposed.data() + 2, ld_wide);
+    pack_rows_vnni(b.data(), size, size, size, b_rows.data(), size);
+    copy_op(a.data(), size, true, size, size, a_transposed.data());
+  }
+  // pattern i of kProbePatterns through the packed path
+  void run(int pattern, const std::vector<scalar_t>& a, float* c, bool accumulate) const {
+    const scalar_t* a_use = pattern == 2 ? a_transposed.data() : a.data();
+    if (pattern == 0) {
+      gemm_packed(size, size, size, a_use, size, b_transposed.data() + 2, ld_wide, c, size, accumulate);
+    } else {
+      gemm_packed(size, size, size, a_use, size, b_rows.data(), size, c, size, accumulate);
+    }
+  }
+};
+
 // Checks one implementation against the fp32 path on the three patterns; false (with `why`) when it is
 // unavailable, throws, or is wrong.
 template <typename scalar_t>
@@ -237,10 +319,16 @@ bool check_tile_gemm(TileGemm impl, const std::vector<scalar_t>& a, const std::v
   ProbeOperands out;
   const int64_t size = ProbeOperands::size;
   try {
-    for (const auto& pattern : kProbePatterns) {
-      gemm_16bit_with(impl, pattern[0], pattern[1], size, size, size, 1.f, a.data(), size, b.data(), size, 0.f,
-                      out.c.data(), size);
-      gemm_upcast(pattern[0], pattern[1], size, size, size, 1.f, a.data(), size, b.data(), size, 0.f,
+    for (int pattern = 0; pattern < 3; ++pattern) {
+      const bool trans_a = kProbePatterns[pattern][0], trans_b = kProbePatterns[pattern][1];
+      if (impl == TileGemm::kPacked) {
+        PackedProbeOperands<scalar_t>(a, b).run(pattern, a, out.c.data(), false);
+        at::native::cpublas::brgemm_release();
+      } else {
+        gemm_16bit_with(impl, trans_a, trans_b, size, size, size, 1.f, a.data(), size, b.data(), size, 0.f,
+                        out.c.data(), size);
+      }
+      gemm_upcast(trans_a, trans_b, size, size, size, 1.f, a.data(), size, b.data(), size, 0.f,
                   out.reference.data(), size);
       for (int64_t i = 0; i < size * size; ++i) {
         if (!(std::fabs(out.c[i] - out.reference[i]) <= 1e-3f * (1.f + std::fabs(out.reference[i])))) {
@@ -263,17 +351,24 @@ template <typename scalar_t>
 double time_tile_gemm(TileGemm impl, const std::vector<scalar_t>& a, const std::vector<scalar_t>& b) {
   ProbeOperands out;
   const int64_t size = ProbeOperands::size;
+  std::unique_ptr<PackedProbeOperands<scalar_t>> packed;
+  if (impl == TileGemm::kPacked) packed = std::make_unique<PackedProbeOperands<scalar_t>>(a, b);
   int64_t calls = 0;
   const auto start = std::chrono::steady_clock::now();
   double elapsed = 0;
   while (elapsed < 0.01 || calls < 15) {
-    for (const auto& pattern : kProbePatterns) {
-      gemm_16bit_with(impl, pattern[0], pattern[1], size, size, size, 1.f, a.data(), size, b.data(), size, 1.f,
-                      out.c.data(), size);
+    for (int pattern = 0; pattern < 3; ++pattern) {
+      if (packed) {
+        packed->run(pattern, a, out.c.data(), true);
+      } else {
+        gemm_16bit_with(impl, kProbePatterns[pattern][0], kProbePatterns[pattern][1], size, size, size, 1.f,
+                        a.data(), size, b.data(), size, 1.f, out.c.data(), size);
+      }
     }
     calls += 3;
     elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
+  if (packed || impl == TileGemm::kOnednn) at::native::cpublas::brgemm_release();
   return 2.0 * size * size * size * calls / elapsed / 1e9;
 }
 
@@ -289,31 +384,42 @@ void probe_operands(std::vector<scalar_t>& a, std::vector<scalar_t>& b) {
 }
 
 // Picks the 16-bit tile GEMM for scalar_t. `forced`: "auto" probes (once; again when asked explicitly),
-// "mkl" / "onednn" / "upcast" set it. Returns the report.
+// "mkl" / "onednn" / "upcast" / "packed" set it. Returns the report. The packed path is taken only where it
+// runs, gives the right results and (under "auto") measures faster than the best per-tile GEMM; the per-tile
+// GEMM is always the fastest of mkl / onednn / upcast, for the GEMMs outside the packed path.
 template <typename scalar_t>
 std::string select_tile_gemm(const std::string& forced = "auto", bool reprobe = false) {
   TileGemmChoice& choice = tile_gemm_choice<scalar_t>();
   std::lock_guard<std::mutex> lock(choice.mutex);
+  if (choice.impl >= 0 && !reprobe && forced == "auto") return choice.report;
   std::vector<scalar_t> a, b;
   probe_operands(a, b);
+  int forced_impl = -1;
   if (forced != "auto") {
-    int impl = -1;
     for (int i = 0; i < kNumTileGemms; ++i) {
-      if (forced == tile_gemm_name(static_cast<TileGemm>(i))) impl = i;
+      if (forced == tile_gemm_name(static_cast<TileGemm>(i))) forced_impl = i;
     }
-    TORCH_CHECK(impl >= 0, "unknown tile GEMM '", forced, "': use auto, mkl, onednn or upcast");
+    TORCH_CHECK(forced_impl >= 0, "unknown tile GEMM '", forced, "': use auto, mkl, onednn, upcast or packed");
     std::string why;
-    TORCH_CHECK(check_tile_gemm<scalar_t>(static_cast<TileGemm>(impl), a, b, why), "tile GEMM '", forced,
+    TORCH_CHECK(check_tile_gemm<scalar_t>(static_cast<TileGemm>(forced_impl), a, b, why), "tile GEMM '", forced,
                 "' cannot run here: ", why);
-    choice.impl = impl;
-    choice.report = std::string(tile_gemm_name(static_cast<TileGemm>(impl))) + " (forced)";
-    return choice.report;
+    if (forced_impl != static_cast<int>(TileGemm::kPacked)) {
+      choice.impl = forced_impl;
+      choice.packed = false;
+      choice.report = std::string(tile_gemm_name(static_cast<TileGemm>(forced_impl))) + " (forced)";
+      return choice.report;
+    }
+    if (choice.impl >= 0) {  // packed, with the per-tile GEMM already chosen: no new probe
+      choice.packed = true;
+      choice.report = std::string("packed (forced), per-tile GEMM elsewhere: ") +
+                      tile_gemm_name(static_cast<TileGemm>(choice.impl.load()));
+      return choice.report;
+    }
   }
-  if (choice.impl >= 0 && !reprobe) return choice.report;
-  const char* env = std::getenv("CONVRET_CPU_TILE_GEMM");  // a site can pin one: mkl, onednn or upcast
+  const char* env = std::getenv("CONVRET_CPU_TILE_GEMM");  // a site can pin one: mkl, onednn, upcast, packed
   std::string why[kNumTileGemms];
   bool usable[kNumTileGemms];
-  double rate[kNumTileGemms] = {0, 0, 0};
+  double rate[kNumTileGemms] = {0, 0, 0, 0};
   for (int i = 0; i < kNumTileGemms; ++i) usable[i] = check_tile_gemm<scalar_t>(static_cast<TileGemm>(i), a, b, why[i]);
   // three interleaved rounds, best of each: a neighbour's burst on a shared machine hits every candidate alike
   for (int round = 0; round < 3; ++round) {
@@ -321,25 +427,35 @@ std::string select_tile_gemm(const std::string& forced = "auto", bool reprobe = 
       if (usable[i]) rate[i] = std::max(rate[i], time_tile_gemm<scalar_t>(static_cast<TileGemm>(i), a, b));
     }
   }
-  int best = static_cast<int>(TileGemm::kUpcast);
+  int best = static_cast<int>(TileGemm::kUpcast);  // of the per-tile GEMMs
   std::string measured;
   for (int i = 0; i < kNumTileGemms; ++i) {
     char buffer[64];
     std::snprintf(buffer, sizeof(buffer), "%.1f GFLOP/s", rate[i]);
     measured += std::string(i ? ", " : "") + tile_gemm_name(static_cast<TileGemm>(i)) + " " +
                 (usable[i] ? std::string(buffer) : why[i]);
-    if (usable[i] && rate[i] > rate[best]) best = i;
+    if (i < kNumPerTileGemms && usable[i] && rate[i] > rate[best]) best = i;
   }
-  bool pinned = false;
-  for (int i = 0; env && i < kNumTileGemms; ++i) {
-    if (std::string(env) == tile_gemm_name(static_cast<TileGemm>(i)) && usable[i]) {
-      best = i;
-      pinned = true;
+  const int packed_index = static_cast<int>(TileGemm::kPacked);
+  bool packed = usable[packed_index] && rate[packed_index] > rate[best];
+  std::string how = " (fastest)";
+  if (forced_impl == packed_index) {
+    packed = true;
+    how = " (forced)";
+  } else {
+    for (int i = 0; env && i < kNumTileGemms; ++i) {
+      if (std::string(env) == tile_gemm_name(static_cast<TileGemm>(i)) && usable[i]) {
+        how = std::string(" ($CONVRET_CPU_TILE_GEMM=") + env + ")";
+        packed = i == packed_index;
+        if (!packed) best = i;
+      }
     }
   }
   choice.impl = best;
-  choice.report = std::string(tile_gemm_name(static_cast<TileGemm>(best))) +
-                  (pinned ? std::string(" ($CONVRET_CPU_TILE_GEMM=") + env + ")" : std::string(" (fastest)")) +
+  choice.packed = packed;
+  choice.report = std::string(packed ? "packed" : tile_gemm_name(static_cast<TileGemm>(best))) + how +
+                  (packed ? std::string(", per-tile GEMM elsewhere: ") + tile_gemm_name(static_cast<TileGemm>(best))
+                          : std::string()) +
                   "; probe, 1 thread, 128^3 tiles: " + measured;
   return choice.report;
 }
@@ -354,10 +470,24 @@ inline TileGemm current_tile_gemm() {
   return static_cast<TileGemm>(impl);
 }
 
+// True when the kernels take the packed (VNNI brgemm) path for scalar_t (probes on first use); never for fp32.
+template <typename scalar_t>
+inline bool use_packed_path() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return false;
+  } else {
+    current_tile_gemm<scalar_t>();
+    // oneDNN switched off after the probe (torch.backends.mkldnn): the ukernel would refuse, take the per-tile GEMM
+    return tile_gemm_choice<scalar_t>().packed.load() && at::globalContext().userEnabledMkldnn();
+  }
+}
+
 // Called once per worker after its last tile GEMM: oneDNN's brgemm may hold AMX tile state.
 inline void release_tile_gemm_context() {
-  if (tile_gemm_choice<c10::BFloat16>().impl.load() == static_cast<int>(TileGemm::kOnednn) ||
-      tile_gemm_choice<c10::Half>().impl.load() == static_cast<int>(TileGemm::kOnednn)) {
+  auto uses_brgemm = [](const TileGemmChoice& choice) {
+    return choice.packed.load() || choice.impl.load() == static_cast<int>(TileGemm::kOnednn);
+  };
+  if (uses_brgemm(tile_gemm_choice<c10::BFloat16>()) || uses_brgemm(tile_gemm_choice<c10::Half>())) {
     at::native::cpublas::brgemm_release();
   }
 }

@@ -11,6 +11,7 @@ The native kernels run with small tiles here so that skipped, full and partial t
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -250,13 +251,22 @@ def test_backend_info_native():
     assert "backward" in info["work_items"] and set(info["tile_gemm"]) == {"bf16", "fp16"}
 
 
+def _packed_path_runs(dtype: torch.dtype) -> bool:
+    """The probe's report lists a rate for the packed path where it runs (and a reason where it cannot)."""
+    report = _cpu_backend.tile_gemm_info()["bf16" if dtype == torch.bfloat16 else "fp16"]
+    return re.search(r"packed \d", report) is not None
+
+
 @requires_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("tile_gemm", ["mkl", "onednn", "upcast"])
+@pytest.mark.parametrize("tile_gemm", ["mkl", "onednn", "upcast", "packed"])
 def test_every_tile_gemm_matches(dtype, tile_gemm):
-    """Whatever the probe picks on a given CPU, each 16-bit tile GEMM gives oracle parity (all three exist on
-    an x86 torch; one that cannot run here raises, and the probe would then skip it)."""
+    """Whatever the probe picks on a given CPU, each 16-bit tile GEMM gives oracle parity (mkl, onednn and upcast
+    exist on an x86 torch; the packed path needs oneDNN's bf16 / fp16 ukernel: AVX512-BF16 or AMX for bf16,
+    AVX512-FP16 for fp16; one that cannot run here raises, and the probe then never picks it)."""
     layout = SessionLayout.from_segments([[(40, 3, 12), (9, 0, 0)], [(20, 2, 1)]], seq_len=70)
+    if tile_gemm == "packed" and not _packed_path_runs(dtype):
+        pytest.skip(f"the packed path cannot run on this CPU for {dtype}: {backend_info()['tile_gemm']}")
     try:
         report = _cpu_backend.set_tile_gemm(dtype, tile_gemm)
         assert report.startswith(tile_gemm)
@@ -265,6 +275,43 @@ def test_every_tile_gemm_matches(dtype, tile_gemm):
         _cpu_backend.set_tile_gemm(dtype, "auto")
     info = backend_info()["tile_gemm"]
     assert set(info) == {"bf16", "fp16"} and all("GFLOP/s" in line for line in info.values())
+
+
+@requires_native
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts(), group=st.sampled_from([1, 4]), tiles=st.sampled_from(SMALL_TILES),
+       memory_layout=st.sampled_from(["contiguous", "transposed"]), seed=st.integers(0, 2**16))
+def test_packed_path_matches_oracle(layout, group, tiles, memory_layout, seed):
+    """The packed (VNNI brgemm) path, forced, against the float64 oracle on drawn layouts: narrowed key spans
+    that start at odd keys, odd L (the zero padding key), every tile class."""
+    if not _packed_path_runs(torch.bfloat16):
+        pytest.skip(f"the packed path cannot run on this CPU: {_cpu_backend.tile_gemm_info()['bf16']}")
+    try:
+        assert _cpu_backend.set_tile_gemm(torch.bfloat16, "packed").startswith("packed (forced)")
+        check_parity(layout, 2 * group, 2, 48, torch.bfloat16, memory_layout, "native", tiles, seed)
+    finally:
+        _cpu_backend.set_tile_gemm(torch.bfloat16, "auto")
+
+
+@requires_native
+def test_probe_never_picks_a_packed_path_that_cannot_run():
+    """With oneDNN switched off (torch.backends.mkldnn), the ukernel cannot run: a packed path picked before falls
+    back to the per-tile GEMM, the probe reports why, keeps a per-tile GEMM, forcing the packed path raises, and
+    the kernels still match the oracle."""
+    layout = SessionLayout.from_segments([[(40, 3, 12), (9, 0, 0)], [(20, 2, 1)]], seq_len=70)
+    try:
+        if _packed_path_runs(torch.bfloat16):  # picked while oneDNN was on, then oneDNN switched off
+            _cpu_backend.set_tile_gemm(torch.bfloat16, "packed")
+            with torch.backends.mkldnn.flags(enabled=False):
+                check_parity(layout, 4, 2, 64, torch.bfloat16, "contiguous", "native", TileSizes(16, 16, 16, 8))
+        with torch.backends.mkldnn.flags(enabled=False):
+            report = _cpu_backend.set_tile_gemm(torch.bfloat16, "auto")
+            assert re.search(r"packed unavailable", report) and not report.startswith("packed"), report
+            with pytest.raises(RuntimeError, match="cannot run here"):
+                _cpu_backend.set_tile_gemm(torch.bfloat16, "packed")
+            check_parity(layout, 4, 2, 64, torch.bfloat16, "contiguous", "native", TileSizes(16, 16, 16, 8))
+    finally:
+        _cpu_backend.set_tile_gemm(torch.bfloat16, "auto")
 
 
 @requires_native

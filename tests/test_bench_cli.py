@@ -14,7 +14,8 @@ import torch
 from convret import SessionLayout
 from convret.attention import reference_attention
 from convret.bench import harness
-from convret.bench.peers import reference_varlen_attention, varlen_decomposition, varlen_plan, visible_pairs
+from convret.bench.peers import (SHORT_NAMES, reference_varlen_attention, varlen_decomposition, varlen_plan,
+                                  visible_pairs)
 from convret.cli import main
 
 
@@ -130,6 +131,28 @@ def test_attention_peak_child_runs_every_cpu_peer():
         record = attention.peak_child(case, args, "fp32", peer, "cpu")
         assert record["status"] == "ok", record
         assert record["mode"] == ("fwd" if peer == "compiled FlexAttention" else "fwd+bwd")
+
+
+@pytest.mark.parametrize("flags", [["avx512f", "avx512_bf16"], ["amx_bf16"], ["avx2", "fma"]])
+def test_attention_presets_time_flex_and_bf16_where_the_cpu_has_bf16_units(monkeypatch, flags):
+    """Every preset times compiled FlexAttention; --quick on a CPU with bf16 units (AVX512-BF16 or AMX) also
+    runs bf16, and only fp32 elsewhere."""
+    import argparse
+
+    from convret.bench import attention, cli
+    from convret.bench import harness as H
+
+    monkeypatch.setattr(H, "cpu_flags", lambda: flags)
+    for preset in ("--quick", "--smoke", None):
+        parser = argparse.ArgumentParser()
+        attention.add_arguments(parser)
+        cli.common_arguments(parser)
+        ns = parser.parse_args(["--device", "cpu"] + ([preset] if preset else []))
+        attention.apply_presets(ns)
+        peers = ns.peers or list(SHORT_NAMES)
+        assert "flex" in peers, (preset, peers)
+        if preset == "--quick":
+            assert ns.dtypes == (["fp32", "bf16"] if "avx2" not in flags else ["fp32"])
 
 
 def test_gpu_report_smoke(tmp_path):

@@ -269,3 +269,29 @@ def test_uniconv_trains_on_triplets_with_cii_term(world, tmp_path):
     from convret.train import load_retriever
 
     assert load_retriever(out / "final").config.recipe == "uniconv"
+
+
+@pytest.mark.parametrize("flags, expected", [((), True), (("--cpu_caching_allocator", "false"), False)],
+                         ids=["default", "off"])
+def test_cpu_training_uses_the_caching_allocator_unless_turned_off(world, tmp_path, flags, expected):
+    """`convret train` on CPU runs its steps with convret's caching allocator (what `convret bench step`'s
+    "convret as shipped" row measures); --cpu_caching_allocator false keeps torch's; either way the process
+    has torch's allocator back after run()."""
+    from transformers import TrainerCallback
+
+    from convret._cpu_backend import native_available
+    from convret.memory import cpu_caching_allocator_stats
+
+    if not native_available():
+        pytest.skip("the caching allocator is part of the native extension, which is not built")
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(cpu_caching_allocator_stats().active)
+
+    assert not cpu_caching_allocator_stats().active
+    assert _run(world, tmp_path / "run", "--max_steps", "2", *flags, callbacks=[Probe()]) == 0
+    assert seen == [expected, expected]
+    assert not cpu_caching_allocator_stats().active
+

@@ -247,6 +247,7 @@ def finalize_training_args(train_args: Any, model_args: Any) -> Any:
 
 def run(model_args, data_args, loss_args, train_args, examples=None, formatter=None, built=None) -> int:
     """Train: prepare the output directory, save ``init/``, train (resuming when asked), save ``final/``."""
+    from ..memory import enable_for_training
     from .checkpoint import save_retriever
     from .trainer import LOG_NAME, NonFiniteLossError
 
@@ -260,6 +261,7 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
         start_step = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
     # the Trainer resumed at max_steps still runs one more step: a finished run is only loaded and saved again
     finished = resume is not None and 0 < train_args.max_steps <= start_step
+    restore_allocator = enable_for_training(train_args.cpu_caching_allocator, train_args.device)
     try:
         if trainer.is_world_process_zero():
             if resume is None and not (output_dir / "init").exists():
@@ -294,6 +296,7 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
         return 0
     finally:
         _shutdown(trainer)
+        restore_allocator()
 
 
 def _shutdown(trainer: Any) -> None:
