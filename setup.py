@@ -105,9 +105,11 @@ setup(
                   "tqdm"],
         "retrieval": ["faiss-cpu", "pytrec-eval-terrier", "sentence-transformers", "rouge-score", "bm25s>=0.2"],
         "bench": ["matplotlib", "tqdm"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "httpx>=0.27"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors",
                  "tokenizers", "accelerate>=1.0", "pyyaml", "tqdm", "datasets", "faiss-cpu", "pytrec-eval-terrier",
-                 "sentence-transformers", "rouge-score", "matplotlib", "bm25s>=0.2"],
+                 "sentence-transformers", "rouge-score", "matplotlib", "fastapi>=0.110", "uvicorn>=0.29",
+                 "prometheus-client>=0.20", "httpx>=0.27", "bm25s>=0.2"],
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )

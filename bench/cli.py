@@ -4,7 +4,8 @@ Every subcommand prints a markdown table on stdout and writes ``--out/NAME.json`
 flags, shapes, every measurement, the in-run GEMM ceiling), ``--out/NAME.md`` and PNG plots.
 
 Exit codes: 0 done (and every numerical check passed); 1 a numerical check failed (for ``encode``: convret's
-encoder and the plain HF way give different embeddings); 2 bad usage; 4 ``gpu-check``: nothing failed, but the CUDA checks could not run (no CUDA device).
+encoder and the plain HF way give different embeddings; for ``serve``: the incremental and the full encode differ,
+or a request failed); 2 bad usage; 4 ``gpu-check``: nothing failed, but the CUDA checks could not run (no CUDA device).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "loss": ("convret.bench.loss", "InfoNCE vs naive logits; LM loss vs full-logit cross-entropy"),
     "step": ("convret.bench.step", "the CSIT training step: reference vs convret, with an ablation of its parts"),
     "encode": ("convret.bench.encode", "convret's retrieval encoder vs plain HF: passages/s, peak memory per session length"),
+    "serve": ("convret.bench.serve", "incremental session encoder vs full re-encode per turn; the service's req/s"),
+    "retrieval": ("convret.bench.retrieval", "encode, index (Flat/IVF/HNSW/IVF-PQ), search at scale: rate, peak RSS, recall"),
     "gpu-report": ("convret.bench.gpu_report", "AOT compile report, occupancy estimate, tile-skip fractions"),
     "gpu-check": ("convret.bench.gpu_check", "on CUDA: every kernel vs its oracle in fp16/bf16/fp32, then timings"),
 }

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("convret.retrieval.evaluate", "the whole chain from a checkpoint: encode, index, search, metrics"),
     "export": ("convret.retrieval.export", "write a sentence-transformers model directory from a checkpoint"),
     "generate": ("convret.retrieval.generate", "responses from the model (UniConv), ROUGE-L and token F1"),
+    "serve": ("convret.serve.main", "conversational search over HTTP, each new turn encoded on the cached session"),
     "bench": ("convret.bench.cli", "benchmarks vs every peer (attention, loss, step, encode, gpu-report, gpu-check)"),
     "train": ("convret.train.main", "train a conversational retriever (CSIT / UniConv) with the HF Trainer"),
 }

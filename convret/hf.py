@@ -28,7 +28,7 @@ No modeling file is patched and no model class is touched: only ``transformers.A
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import session_attention
 from .layout import SessionLayout
+
+if TYPE_CHECKING:
+    from .cached_attention import CachedPrefill
 
 ATTN_IMPLEMENTATION = "convret"
 
@@ -52,6 +55,7 @@ def convret_attention_forward(
     dropout: float = 0.0,
     session_layout: SessionLayout | None = None,
     sliding_window: int | None = None,
+    cached_prefill: "CachedPrefill | None" = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The attention function registered as ``"convret"``.
@@ -67,6 +71,9 @@ def convret_attention_forward(
         sliding_window: passed by Mistral / Qwen2 layers; supported only when no query is further than the
             window from a key it may see (with a layout: within each sample, so packed rows longer than the
             window are fine as long as their samples are not).
+        cached_prefill: a :class:`convret.cached_attention.CachedPrefill` (a model keyword, like
+            ``session_layout``): the model runs on new tokens only and their queries attend to the cached keys
+            and values it holds plus their own (:func:`convret.cached_attention.cached_session_attention`).
         **kwargs: ``position_ids`` (read to find packed rows), ``use_cache`` and the other keywords
             transformers always passes; any keyword that would change the result raises (see the module
             docstring).
@@ -76,6 +83,9 @@ def convret_attention_forward(
     """
     _check_keywords(kwargs)
     query, key, value = _autocast_inputs(query, key, value)
+    if cached_prefill is not None:
+        return _cached_prefill_attention(module, query, key, value, scaling, dropout, cached_prefill,
+                                         sliding_window)
     q_len, kv_len = query.shape[2], key.shape[2]
     position_ids = kwargs.get("position_ids")
     packed_mask = None
@@ -102,6 +112,24 @@ def convret_attention_forward(
         out = session_attention(query, key, value, session_layout, scale=scaling)
     else:
         out = _causal_attention(query, key, value, attention_mask, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _cached_prefill_attention(module, query, key, value, scaling, dropout, prefill, sliding_window):
+    from .cached_attention import cached_session_attention
+
+    if key.shape[2] != prefill.query_positions.shape[1]:
+        raise ValueError(f"cached_prefill holds {prefill.query_positions.shape[1]} new tokens per row but the layer "
+                         f"got {key.shape[2]} keys: pass use_cache=False and no past_key_values with it")
+    if dropout > 0.0:
+        raise NotImplementedError("attention dropout is not supported with cached_prefill (call model.eval())")
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None:
+        raise ValueError(f"cached_prefill needs the attention module's layer_idx ({type(module).__name__} has none)")
+    key, value = prefill.keys_values(layer_idx, key, value)
+    if sliding_window is not None:
+        _check_sliding_window(sliding_window, prefill.layout, key.shape[2])
+    out = cached_session_attention(query, key, value, prefill.layout, prefill.query_positions, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -525,3 +525,87 @@ def aot_specs(head_dims: tuple[int, ...] = AOT_HEAD_DIMS) -> list[dict]:
                     "num_warps": num_warps, "num_stages": num_stages,
                 })
     return specs
+
+
+# ------------------------------------------------------------------------------ cached prefill (forward only)
+@triton.jit
+def _cached_attn_fwd(
+    Q, K, V, O, QPOS, MASK_START, TILE_MAX,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_pos_b, stride_mask_b, stride_tile_b,
+    q_len, kv_len, group_size, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The forward of ``convret.cached_attention``: query row i of row b stands at key position QPOS[b, i]
+    (a cached prefill); the mask is the one that position has in the full row. Key tiles past the tile's last
+    query position, or whose keys are all hidden from its first one, are skipped; the others are masked."""
+    q_tile = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    kv_head = head // group_size
+    PADDED: tl.constexpr = BLOCK_D != HEAD_DIM
+
+    q_first = q_tile * BLOCK_M
+    offs_tile = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = (q_first + offs_tile) < q_len
+    # padding query rows stand at kv_len: nothing is visible to them
+    pos = tl.load(QPOS + batch * stride_pos_b + q_first + offs_tile, mask=row_ok, other=kv_len)
+    pos = tl.minimum(pos, kv_len)
+    pos_first = tl.min(pos, 0)
+    pos_last = tl.max(pos, 0)
+
+    q_ptrs = (Q + _head_offset(batch, head, stride_qb, stride_qh) + _row_offset(q_first, stride_ql)
+              + offs_tile[:, None] * stride_ql + offs_d[None, :] * stride_qd)
+    q = _load_rows(q_ptrs, row_ok, d_ok, True, PADDED)
+    k_ptrs = (K + _head_offset(batch, kv_head, stride_kb, stride_kh)
+              + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd)
+    v_ptrs = (V + _head_offset(batch, kv_head, stride_vb, stride_vh)
+              + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd)
+    mask_start_ptr = MASK_START + batch * stride_mask_b
+    tile_max_ptr = TILE_MAX + batch * stride_tile_b
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    num_k_tiles = tl.minimum(tl.cdiv(kv_len, BLOCK_N), pos_last // BLOCK_N + 1)
+    for k_tile in range(0, num_k_tiles):
+        tile_max = tl.load(tile_max_ptr + k_tile)
+        if tile_max > pos_first:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, pos, d_ok,
+                                      k_tile * BLOCK_N, kv_len, qk_scale, stride_kl, stride_vl,
+                                      BLOCK_N, True, PADDED, INPUT_PRECISION)
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    o_ptrs = (O + _head_offset(batch, head, stride_ob, stride_oh) + _row_offset(q_first, stride_ol)
+              + offs_tile[:, None] * stride_ol + offs_d[None, :] * stride_od)
+    _store_rows(o_ptrs, out.to(O.dtype.element_ty), row_ok, d_ok, PADDED)
+
+
+def cached_session_attention_triton(q, k, v, layout, query_positions, scale, config=None):
+    """Launch the cached-prefill forward (``convret.cached_attention``). ``config``: (BLOCK_M, BLOCK_N,
+    num_warps, num_stages), default the forward kernel's."""
+    batch, num_q_heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    block_m, block_n, num_warps, num_stages = config or default_configs(head_dim, q.dtype)["fwd"]
+    bounds = layout.tile_bounds(block_n)
+    positions = query_positions.to(device=q.device, dtype=torch.int32).contiguous()
+    out = torch.empty_like(q)
+    _check_grid(batch, num_q_heads)
+    grid = (triton.cdiv(q_len, block_m), num_q_heads, batch)
+    _cached_attn_fwd[grid](
+        q, k, v, out, positions, layout.mask_start, bounds.max_mask_start,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        positions.stride(0), layout.mask_start.stride(0), bounds.max_mask_start.stride(0),
+        q_len, kv_len, num_q_heads // k.shape[1], scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        INPUT_PRECISION=input_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

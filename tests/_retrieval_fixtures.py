@@ -38,6 +38,27 @@ def tiny_checkpoint(path, seed: int = 0, lora: bool = False, normalize: bool = T
     return path
 
 
+def family_checkpoint(path, family_dir, **config):
+    """A retriever checkpoint of a model-matrix family (random weights, summary tokens added)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(family_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(family_dir, dtype=torch.float32)
+    summary = add_summary_tokens(model, tokenizer, 3)
+    defaults = dict(max_session_len=256, max_passage_len=128, max_response_len=128)
+    save_retriever(path, model, tokenizer, RetrieverConfig(summary.tokens, summary.ids, **{**defaults, **config}))
+    return path
+
+
+def session_texts(encoder, sessions):
+    """session_text() of ``(history, query)`` sessions (the text to give ``SentenceTransformer.encode_query``)."""
+    from convret.retrieval.export import session_text
+
+    return [session_text(encoder.tokenizer, encoder.config, h, q) for h, q in sessions]
+
+
 def random_text(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 

@@ -40,7 +40,7 @@ def check_environment(payload):
 def test_bench_help_lists_subcommands(capsys):
     assert main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("attention", "loss", "step", "encode", "gpu-report", "gpu-check"):
+    for name in ("attention", "loss", "step", "encode", "retrieval", "gpu-report", "gpu-check"):
         assert f"  {name} " in out
     assert main(["bench", "nope"]) == 2
     with pytest.raises(SystemExit) as exit_info:
@@ -195,6 +195,23 @@ def test_varlen_decomposition_index_plan_matches_the_oracle():
     assert visible_pairs(layout) == int(layout.dense_mask().sum())
 
 
+def test_retrieval_smoke(tmp_path):
+    code, payload = bench(tmp_path, "retrieval", "--smoke")
+    assert code == 0 and payload["passed"]
+    check_environment(payload)
+    enc = payload["encode"]
+    assert enc["large"]["passages"] == 3000 and enc["large"]["passages_per_s"] > 0
+    assert enc["large"]["peak_rss_bytes"] > 0 and enc["small"]["peak_rss_bytes"] > 0
+    assert list(payload["index"]) == ["Flat", "IVF64,Flat"]
+    for record in payload["index"].values():
+        assert record["peak_rss_bytes"] > 0 and record["index_bytes"] > 0
+    flat, ivf = payload["search"]["Flat"], payload["search"]["IVF64,Flat"]
+    assert flat[0]["recall"] == 1.0
+    recalls = [r["recall"] for r in ivf]
+    assert recalls[-1] == pytest.approx(1.0) and recalls[0] < recalls[-1]  # nprobe = nlist is exact
+    assert not (tmp_path / "retrieval-work").exists()
+
+
 def test_harness_oom_detection_and_guard():
     assert harness.is_oom(torch.OutOfMemoryError("CUDA out of memory"))
     assert harness.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 5 GB"))
@@ -202,3 +219,17 @@ def test_harness_oom_detection_and_guard():
     assert harness.memory_guard_bytes(0.5) == 2**29
     record = harness.oom_result(2**31, 2**30)
     assert record["status"] == "oom" and "guard" in record["reason"]
+
+
+def test_serve_smoke(tmp_path):
+    pytest.importorskip("fastapi")
+    code, payload = bench(tmp_path, "serve", "--smoke", "--threads", "1", "--server-threads", "1")
+    assert code == 0 and payload["passed"]
+    check_environment(payload)
+    assert [r["target"] for r in payload["per_turn"]] == [256, 512]
+    for row in payload["per_turn"]:
+        assert row["max_abs_diff"] <= 1e-5 and row["mean_computed"] < row["mean_tokens"]
+        assert row["incremental_median_ms"] > 0 and row["full_median_ms"] > 0
+    assert {(r["batching"], r["concurrency"]) for r in payload["service"]} == {(b, c) for b in (True, False)
+                                                                                for c in (1, 4)}
+    assert all(r["errors"] == 0 and r["requests"] == 3 * r["concurrency"] for r in payload["service"])

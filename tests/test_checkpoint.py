@@ -1,10 +1,12 @@
 """Self-describing checkpoints: full and LoRA models round-trip through save_retriever / load_retriever."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from convret import SessionLayout
+from convret.data.records import Turn
 from convret.data.summary_tokens import add_summary_tokens
 from convret.train.checkpoint import RetrieverConfig, is_checkpoint, load_retriever, save_retriever
 
@@ -80,3 +82,47 @@ def test_not_a_checkpoint_and_mismatched_config(tmp_path):
     config_path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="unknown keys"):
         load_retriever(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("family,train_summary", [("llama3", True), ("llama3-tied", True), ("llama3-tied", False),
+                                                  ("mistral", True), ("qwen2.5", False)])
+def test_lora_training_reloads_to_the_trained_model(tmp_path, model_family, family, train_summary):
+    """LoRA `convret train` -> final/ -> load_retriever embeds exactly like the model in memory: the resize the
+    summary tokens needed (Llama-3, Mistral: rows = tokenizer size) is redone on the base, and the summary rows, trained
+    or only mean-initialised (Qwen2.5's spare rows), are restored."""
+    from safetensors import safe_open
+
+    from convret.retrieval.encoder import Encoder, embed_sequences
+    from convret.train.arguments import parse_arguments
+    from convret.train.main import run
+    from convret.train.model import build_model
+
+    base = model_family(family)
+    argv = ["--model_name_or_path", str(base), "--tokenizer_name_or_path", str(base), "--lora", "true",
+            "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--train_summary_tokens", str(train_summary),
+            "--max_examples", "8", "--num_negatives", "1", "--max_session_len", "128", "--max_passage_len", "64",
+            "--max_response_len", "64", "--per_device_train_batch_size", "4", "--max_steps", "2",
+            "--learning_rate", "0.01", "--warmup_steps", "0", "--mixed_precision", "no",
+            "--output_dir", str(tmp_path / "run"), "--save_steps", "100", "--use_cpu", "true"]
+    m, d, l, t = parse_arguments(argv)
+    built = build_model(m, d, l)
+    initial = built.model.get_base_model().get_input_embeddings().weight[built.config.summary_token_ids].clone()
+    assert run(m, d, l, t, built=built) == 0
+    trained = built.model.eval()
+    loaded = Encoder.from_checkpoint(tmp_path / "run" / "final")
+    texts = ["a passage much longer than the others, about rivers and the towns along them " * 3, "short one"]
+    sequences = [loaded.passage_tokens(p) for p in texts]
+    sequences += [loaded.session_tokens([Turn("user", "where is it"), Turn("assistant", "by the river")], "and then?")]
+    expected = embed_sequences(trained, sequences, normalize=True).numpy()
+    got = loaded.embed_tokens(sequences)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    rows = loaded.model.get_input_embeddings().weight.shape[0]
+    assert rows == trained.get_input_embeddings().weight.shape[0] == loaded.config.embedding_rows
+    if family != "qwen2.5":
+        assert loaded.config.base_embedding_rows == rows - 3  # the summary tokens grew the matrix
+    summary_rows = trained.get_base_model().get_input_embeddings()(torch.tensor(built.config.summary_token_ids))
+    assert (summary_rows - initial).abs().max() > 0 if train_summary else torch.equal(summary_rows, initial)
+    with safe_open(str(tmp_path / "run" / "final" / "adapter_model.safetensors"), framework="pt") as handle:
+        assert not [k for k in handle.keys() if "lora" not in k and "trainable_tokens" not in k]  # no whole matrices
+    merged = Encoder.from_checkpoint(tmp_path / "run" / "final", merge=True).embed_tokens(sequences)
+    np.testing.assert_allclose(merged, expected, rtol=0, atol=1e-5)

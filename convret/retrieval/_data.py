@@ -6,12 +6,12 @@ Every retrieval command formats text exactly as training did: :func:`formatter_f
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..data.records import EvalTurn, Passage, Turn
 
 __all__ = ["formatter_for", "iter_collection", "iter_conversations", "load_qrels", "load_run", "save_run",
-           "passage_ids", "session_ids"]
+           "passage_ids", "session_ids", "text_wrapping"]
 
 
 def formatter_for(tokenizer: Any, config: Any) -> Any:
@@ -35,16 +35,42 @@ def session_ids(formatter: Any, config: Any, history: Sequence[Turn], query: str
     return list(formatter.session(history, query)) + config.summary_block()
 
 
-def iter_collection(path: str | os.PathLike) -> Iterator[Passage]:
+def text_wrapping(tokenizer: Any, render: Callable[[str], Sequence[int]]) -> tuple[list[int], list[int]]:
+    """``(prefix ids, suffix ids)`` that ``render`` (a formatter's ``passage`` or ``response``) puts around a
+    text's own tokens: whatever the chat template writes before and after a message, found by rendering probe
+    texts, so it follows the formatter exactly.
+
+    Raises:
+        ValueError: no probe's tokens appear intact in its rendering (the text is not tokenized on its own).
+    """
+    special = set(tokenizer.all_special_ids)
+    plain = [i for i in range(min(len(tokenizer), 4096)) if i not in special]
+    probes = [tokenizer.decode(plain[5:8]), "hello world", "x", "Paris is a city"]
+    tokens = {probe: list(tokenizer(probe, add_special_tokens=False)["input_ids"]) for probe in probes}
+    rendered = {probe: list(render(probe)) for probe in probes if tokens[probe]}
+    for probe, ids in rendered.items():
+        text_ids = tokens[probe]
+        for start in range(len(ids) - len(text_ids), -1, -1):  # the last occurrence: the message comes last
+            if ids[start : start + len(text_ids)] != text_ids:
+                continue
+            prefix, suffix = ids[:start], ids[start + len(text_ids):]
+            # the same wrapper around every other probe, or the match was a coincidence
+            if all(other == prefix + tokens[p] + suffix for p, other in rendered.items() if p != probe):
+                return prefix, suffix
+    raise ValueError("cannot locate a text's tokens inside its formatted ids: this tokenizer re-tokenizes a "
+                     "message's text together with the template around it")
+
+
+def iter_collection(path: str | os.PathLike, format: str = "auto") -> Iterator[Passage]:
     from ..data import read_collection
 
-    return read_collection(path, strict=True)
+    return read_collection(path, format=format, strict=True)
 
 
-def iter_conversations(path: str | os.PathLike) -> Iterator[EvalTurn]:
+def iter_conversations(path: str | os.PathLike, format: str = "auto") -> Iterator[EvalTurn]:
     from ..data import read_conversations
 
-    return read_conversations(path, strict=True)
+    return read_conversations(path, format=format, strict=True)
 
 
 def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:

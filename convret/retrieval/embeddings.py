@@ -5,10 +5,12 @@ Layout of ``DIR/``::
     meta.json          {"model", "dim", "dtype", "normalized", "count", "kind", "shards": [{"name", "count"}], ...}
     part-00000.npy     float16 / float32 [n, dim], row i is the embedding of line i of part-00000.ids
     part-00000.ids     one id per line, UTF-8
+    part-00000.json    {"count": n, "fingerprint": {...}}: what produced the shard (checkpoint identity, ...)
     part-00001.npy ...
 
-Each shard file is written under a temporary name and renamed, ``.ids`` first, then ``.npy``: a shard whose
-``.npy`` exists is complete. ``meta.json`` is written last, when every shard is there; a directory without it
+Each shard file is written under a temporary name and renamed, ``.ids`` first, then ``.npy``, then ``.json``:
+a shard whose ``.json`` exists (and whose counts agree) is complete. ``meta.json`` is written last, when every
+shard is there; a directory without it
 is unfinished (``convret encode`` run again completes it).
 """
 from __future__ import annotations
@@ -16,14 +18,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .._io import atomic_write
 
-__all__ = ["META", "write_embeddings", "shard_name", "write_shard", "read_shard", "shard_complete", "read_meta", "read_embeddings",
-           "EmbeddingsError"]
+__all__ = ["META", "write_embeddings", "shard_name", "write_shard", "read_shard", "shard_complete", "read_meta",
+           "read_embeddings", "EmbeddingsError", "iter_shards", "find_duplicate_id", "shard_fingerprints",
+           "fingerprint_difference"]
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -37,8 +40,9 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def write_shard(directory: Path, index: int, ids: Sequence[str], vectors: np.ndarray) -> None:
-    """Write shard ``index`` atomically (ids, then vectors)."""
+def write_shard(directory: Path, index: int, ids: Sequence[str], vectors: np.ndarray,
+                fingerprint: dict[str, Any] | None = None) -> None:
+    """Write shard ``index`` atomically (ids, then vectors, then ``part-N.json`` with its ``fingerprint``)."""
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
     name = shard_name(index)
@@ -49,26 +53,64 @@ def write_shard(directory: Path, index: int, ids: Sequence[str], vectors: np.nda
         handle.write("".join(f"{i}\n" for i in ids))
     with atomic_write(directory / f"{name}.npy", "wb") as handle:
         np.save(handle, np.ascontiguousarray(vectors), allow_pickle=False)
+    with atomic_write(directory / f"{name}.json") as handle:
+        json.dump({"count": len(ids), "fingerprint": fingerprint or {}}, handle)
+        handle.write("\n")
 
 
-def shard_complete(directory: Path, index: int, count: int) -> bool:
-    """Shard ``index`` holds exactly ``count`` rows and ids (cheap: reads the .npy header only)."""
+def _shard_record(directory: Path, name: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def shard_complete(directory: Path, index: int, count: int | None = None,
+                   fingerprint: dict[str, Any] | None = None) -> bool:
+    """Shard ``index`` is complete: its ``.json`` record is there (with ``fingerprint`` when given) and ``.npy``
+    and ``.ids`` hold its ``count`` rows (``count`` when given). Cheap: reads the .npy header only."""
     name = shard_name(index)
     npy, ids = directory / f"{name}.npy", directory / f"{name}.ids"
-    if not (npy.is_file() and ids.is_file()):
+    record = _shard_record(directory, name)
+    if record is None or not (npy.is_file() and ids.is_file()):
+        return False
+    if fingerprint is not None and record.get("fingerprint") != fingerprint:
         return False
     try:
         rows = np.load(npy, mmap_mode="r").shape[0]
-        lines = ids.read_text(encoding="utf-8").count("\n")
-    except (OSError, ValueError, UnicodeDecodeError):
+        with open(ids, "rb") as handle:
+            lines = sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    except (OSError, ValueError):
         return False
-    return rows == count == lines
+    return rows == lines == record.get("count") and (count is None or rows == count)
 
 
-def read_shard(directory: Path, name: str, dim: int | None = None) -> tuple[list[str], np.ndarray]:
+def shard_fingerprints(directory: Path) -> dict[str, dict[str, Any] | None]:
+    """``{shard name: fingerprint}`` of every shard file in ``directory`` (``None``: a shard without a record,
+    written by an older convret or cut short before its record)."""
+    names = sorted({p.name.split(".")[0] for p in directory.glob("part-*.npy")} |
+                   {p.name.split(".")[0] for p in directory.glob("part-*.json")})
+    out: dict[str, dict[str, Any] | None] = {}
+    for name in names:
+        record = _shard_record(directory, name)
+        out[name] = None if record is None else record.get("fingerprint")
+    return out
+
+
+def fingerprint_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """A readable account of how ``old`` differs from ``new`` (``"key: old -> new; ..."``)."""
+    if old is None:
+        return "the shard records no fingerprint (written by an older convret, or interrupted)"
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "none"
+
+
+def read_shard(directory: Path, name: str, dim: int | None = None, mmap: bool = False) -> tuple[list[str], np.ndarray]:
+    """``(ids, vectors)`` of one shard; ``mmap``: the vectors memory-mapped read-only (in their stored dtype)."""
     npy, ids_path = directory / f"{name}.npy", directory / f"{name}.ids"
     try:
-        vectors = np.load(npy, allow_pickle=False)
+        vectors = np.load(npy, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError, EOFError) as error:
         raise EmbeddingsError(f"{npy}: unreadable embedding shard ({error}); re-run `convret encode`") from error
     try:
@@ -96,6 +138,79 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
         if key not in meta:
             raise EmbeddingsError(f"{path}: missing key {key!r}")
     return meta
+
+
+def iter_shards(directory: str | os.PathLike, meta: dict[str, Any] | None = None, ids: bool = True
+                ) -> Iterator[tuple[int, list[str], np.ndarray]]:
+    """``(first row, ids, memory-mapped vectors)`` of every shard in order, checked against ``meta.json``: the
+    corpus is never in memory whole. With ``ids=False`` the id list is empty (the file is not read)."""
+    directory = Path(directory)
+    meta = meta or read_meta(directory)
+    start = 0
+    for shard in meta["shards"]:
+        if ids:
+            shard_ids, vectors = read_shard(directory, shard["name"], meta["dim"], mmap=True)
+        else:
+            npy = directory / f"{shard['name']}.npy"
+            try:
+                vectors = np.load(npy, allow_pickle=False, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as error:
+                raise EmbeddingsError(f"{npy}: unreadable embedding shard ({error}); re-run `convret encode`"
+                                      ) from error
+            if vectors.ndim != 2 or vectors.shape[1] != meta["dim"]:
+                raise EmbeddingsError(f"{npy}: shape {vectors.shape}, expected [n, {meta['dim']}]")
+            shard_ids = []
+        if len(vectors) != shard["count"]:
+            raise EmbeddingsError(f"{directory / shard['name']}.npy: {len(vectors)} rows, meta.json says "
+                                  f"{shard['count']}")
+        yield start, shard_ids, vectors
+        start += len(vectors)
+
+
+def _iter_id_files(paths: Sequence[Path]) -> Iterator[str]:
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    yield line.rstrip("\n")
+        except (OSError, UnicodeDecodeError) as error:
+            raise EmbeddingsError(f"{path}: unreadable id file ({error})") from error
+
+
+def find_duplicate_id(paths: Sequence[Path]) -> tuple[str, int, int] | None:
+    """The first duplicated id across the id files ``paths`` (one id per line, read in order) as
+    ``(id, first position, second position)`` (0-based over all files), else ``None``.
+
+    Memory is 16 bytes per id (a 64-bit hash and a position), not the ids themselves: MS MARCO's 8.8 M ids cost
+    about 140 MB. Candidates whose hashes collide are confirmed by a second pass over the files."""
+    import zlib
+
+    def h(text: str) -> int:
+        data = text.encode("utf-8")
+        return (zlib.crc32(data) << 32) | zlib.adler32(data)  # stable across processes, unlike hash()
+
+    chunks: list[np.ndarray] = []
+    block: list[int] = []
+    for text in _iter_id_files(paths):
+        block.append(h(text))
+        if len(block) == 1 << 16:
+            chunks.append(np.array(block, dtype=np.uint64))
+            block = []
+    chunks.append(np.array(block, dtype=np.uint64))
+    hashes = np.concatenate(chunks)
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    same = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1])
+    if not len(same):
+        return None
+    suspects = set(sorted_hashes[same].tolist())
+    first: dict[str, int] = {}
+    for position, text in enumerate(_iter_id_files(paths)):
+        if int(hashes[position]) in suspects:
+            if text in first:
+                return text, first[text], position
+            first[text] = position
+    return None
 
 
 def read_embeddings(directory: str | os.PathLike, unique: bool = False) -> tuple[list[str], np.ndarray, dict]:

@@ -1,38 +1,52 @@
 """``convret encode``: embed a collection's passages or a conversation file's sessions into an embedding dir.
 
-Resumable and multi-process: the input is cut into shards of ``--shard-size`` items in file order; a shard
-already complete on disk is skipped, a partial one rewritten. Under ``torchrun`` rank r encodes shards
-r, r + W, r + 2W, ... (W = world size) on its own device; rank 0 writes ``meta.json`` once all are there.
+Streaming: the input is read record by record (``convret.data.read_collection`` / ``read_conversations``) and
+cut into shards of ``--shard-size`` items in file order; only the shard being encoded is tokenised and held in
+memory (token ids as int32 arrays), sorted and packed, embedded, written, freed. Memory is bounded by the shard
+size, not the collection size.
+
+Resumable: a shard already complete on disk is skipped without tokenising its records; a partial one is
+rewritten. Every shard records the fingerprint of what produced it (checkpoint identity, input and its format,
+query-only / rewrite, instructions, max lengths, dtypes, shard size); a directory holding shards of another
+fingerprint is an error naming the difference, unless ``--overwrite``.
+
+Several processes: under ``torchrun`` rank r encodes shards r, r + W, r + 2W, ... (W = world size) on its own
+device; every rank reads the input (skipping others' records untokenised); rank 0 writes ``meta.json`` once all
+are there.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .._io import atomic_write
 from ..data.records import EvalTurn, Passage
 from . import _data
-from .embeddings import FORMAT_VERSION, META, shard_complete, shard_name, write_shard
+from .embeddings import (FORMAT_VERSION, META, EmbeddingsError, find_duplicate_id, fingerprint_difference,
+                         read_meta, shard_complete, shard_fingerprints, shard_name, write_shard)
 from .encoder import DEFAULT_TOKEN_BUDGET, Encoder
 
-__all__ = ["encode_to_dir", "collection_items", "conversation_items", "main"]
+__all__ = ["encode_to_dir", "encode_stream", "encode_fingerprint", "checkpoint_identity", "collection_records",
+           "conversation_records", "collection_items", "conversation_items", "main"]
 
 DEFAULT_SHARD_SIZE = 50_000
 
 
-def collection_items(path: str | os.PathLike, encoder: Encoder) -> tuple[list[str], list[list[int]]]:
-    """``(ids, token sequences)`` of a collection. Raises ``ValueError`` on duplicate ids or an empty file."""
+def collection_items(path: str | os.PathLike, encoder: Encoder, fmt: str = "auto") -> tuple[list[str], list[list[int]]]:
+    """``(ids, token sequences)`` of a small collection, whole in memory (``convret encode`` streams instead:
+    :func:`collection_records`). Raises ``ValueError`` on duplicate ids or an empty file."""
     ids: list[str] = []
     sequences: list[list[int]] = []
     seen: dict[str, int] = {}
-    for n, passage in enumerate(_data.iter_collection(path)):
+    for n, passage in enumerate(_data.iter_collection(path, fmt)):
         if passage.id in seen:
             raise ValueError(f"{path}: duplicate passage id {passage.id!r} (passages {seen[passage.id] + 1} and "
                              f"{n + 1}): ids must be unique")
@@ -45,7 +59,7 @@ def collection_items(path: str | os.PathLike, encoder: Encoder) -> tuple[list[st
 
 
 def conversation_items(path: str | os.PathLike, encoder: Encoder, query_only: bool = False,
-                       query_field: str = "query") -> tuple[list[str], list[list[int]]]:
+                       query_field: str = "query", fmt: str = "auto") -> tuple[list[str], list[list[int]]]:
     """``(qids, token sequences)`` of a conversation file's sessions.
 
     Args:
@@ -54,7 +68,7 @@ def conversation_items(path: str | os.PathLike, encoder: Encoder, query_only: bo
     """
     ids: list[str] = []
     sequences: list[list[int]] = []
-    for turn in _data.iter_conversations(path):
+    for turn in _data.iter_conversations(path, fmt):
         ids.append(turn.qid)
         sequences.append(turn_tokens(encoder, turn, query_only, query_field, path))
     if not ids:
@@ -89,6 +103,77 @@ def _dist() -> tuple[int, int, Any]:
     return rank, world, dist
 
 
+def checkpoint_identity(path: str | os.PathLike) -> str:
+    """A content hash of a checkpoint directory (file names, sizes and bytes; files over 32 MB by their size
+    and three 1 MB samples), so that a copied checkpoint keeps its identity and a retrained one changes it."""
+    path = Path(path)
+    digest = hashlib.sha1()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        return f"unknown:{path}"
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size};".encode())
+        with open(f, "rb") as handle:
+            if size <= 32 << 20:
+                digest.update(handle.read())
+            else:
+                for offset in (0, size // 2, size - (1 << 20)):
+                    handle.seek(offset)
+                    digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:20]
+
+
+def _source_identity(source: str | os.PathLike | None) -> dict[str, Any]:
+    if source is None:
+        return {"source": None}
+    path = Path(source)
+    try:
+        stat = path.stat()
+    except OSError:
+        return {"source": str(source)}
+    return {"source": str(path.resolve()), "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
+
+
+def encode_fingerprint(encoder: Encoder, kind: str, source: str | os.PathLike | None = None, fmt: str = "auto",
+                       query_only: bool = False, query_field: str = "query", dtype: str = "float32",
+                       shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
+    """What determines the vectors of an embedding directory; stored in every shard and in ``meta.json``."""
+    import torch
+
+    config = encoder.config
+    params = next(encoder.model.parameters(), None)
+    queries = kind == "queries"
+    return {
+        "checkpoint": checkpoint_identity(encoder.source) if encoder.source else "in-memory",
+        "kind": kind, **_source_identity(source), "format": fmt,
+        "query_only": bool(query_only) if queries else None, "query_field": query_field if queries else None,
+        "instruction": getattr(config, "instruction", None) if queries else None,
+        "passage_instruction": None if queries else getattr(config, "passage_instruction", None),
+        "max_session_len": getattr(config, "max_session_len", None) if queries else None,
+        "max_passage_len": None if queries else getattr(config, "max_passage_len", None),
+        "normalize": bool(config.normalize), "dtype": dtype,
+        "model_dtype": str(params.dtype).replace("torch.", "") if isinstance(params, torch.Tensor) else None,
+        "shard_size": shard_size,
+    }
+
+
+def collection_records(path: str | os.PathLike, encoder: Encoder, fmt: str = "auto"
+                       ) -> tuple[Iterator[tuple[str, Passage]], Callable[[Passage], list[int]]]:
+    """``(records, tokenize)``: the collection's ``(id, passage)`` streamed, and the passage tokenizer."""
+    return ((p.id, p) for p in _data.iter_collection(path, fmt)), encoder.passage_tokens
+
+
+def conversation_records(path: str | os.PathLike, encoder: Encoder, query_only: bool = False,
+                         query_field: str = "query", fmt: str = "auto"
+                         ) -> tuple[Iterator[tuple[str, EvalTurn]], Callable[[EvalTurn], list[int]]]:
+    """``(records, tokenize)``: the sessions' ``(qid, turn)`` streamed, and the session tokenizer."""
+    if query_field not in ("query", "rewrite"):
+        raise ValueError(f"query_field must be 'query' or 'rewrite', got {query_field!r}")
+    return (((t.qid, t) for t in _data.iter_conversations(path, fmt)),
+            lambda turn: turn_tokens(encoder, turn, query_only, query_field, path))
+
+
 def encode_to_dir(
     encoder: Encoder,
     ids: Sequence[str],
@@ -102,52 +187,168 @@ def encode_to_dir(
     extra_meta: dict[str, Any] | None = None,
     progress: bool = True,
     finish: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any] | None:
-    """Encode ``sequences`` into the embedding directory ``output``; shards already complete are kept.
+    """Encode in-memory ``(ids, token sequences)`` into ``output`` (see :func:`encode_stream`)."""
+    fingerprint = encode_fingerprint(encoder, kind, None, dtype=dtype, shard_size=shard_size)
+    return encode_stream(encoder, zip(ids, sequences), None, output, fingerprint, dtype, shard_size, kind, rank,
+                         world_size, extra_meta, progress, finish, overwrite, total=len(ids))
 
-    Returns the metadata written (by the process that writes ``meta.json``: rank 0 once every shard is there),
-    else ``None``."""
+
+def encode_stream(
+    encoder: Encoder,
+    records: Iterable[tuple[str, Any]],
+    tokenize: Callable[[Any], Sequence[int]] | None,
+    output: str | os.PathLike,
+    fingerprint: dict[str, Any],
+    dtype: str = "float32",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    kind: str = "passages",
+    rank: int = 0,
+    world_size: int = 1,
+    extra_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    finish: bool = True,
+    overwrite: bool = False,
+    barrier: Callable[[], Any] | None = None,
+    total: int | None = None,
+    source: str = "",
+) -> dict[str, Any] | None:
+    """Encode ``records`` (``(id, item)`` in order; ``tokenize(item)`` gives its token ids, or the item is
+    its token ids when ``tokenize`` is None) into the embedding directory ``output``, one shard at a time.
+
+    Shards complete on disk with the same ``fingerprint`` are kept (their records are skipped untokenised).
+    Shards of another fingerprint: ``ValueError`` naming the difference, or with ``overwrite`` deleted first.
+    ``barrier`` (torch.distributed's, under torchrun) synchronises ranks around the deletion and before rank 0
+    writes ``meta.json``. Returns the metadata written (by rank 0 with ``finish``), else ``None``.
+
+    Raises:
+        ValueError: no records, a duplicate id (naming both positions), shards of another fingerprint.
+    """
     from tqdm.auto import tqdm
 
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
-    if not ids:
-        raise ValueError("nothing to encode")
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    done = _finished_meta(output, fingerprint)
+    if done is not None:
+        return done if rank == 0 else None
+    if overwrite:
+        if rank == 0:
+            _clear(output)
+    else:
+        _check_fingerprints(output, fingerprint)
+    if barrier is not None and world_size > 1:
+        barrier()
     if rank == 0:
         (output / META).unlink(missing_ok=True)  # rewritten last, once every shard is there
-    bounds = [(start, min(start + shard_size, len(ids))) for start in range(0, len(ids), shard_size)]
-    mine = [s for s in range(len(bounds)) if s % world_size == rank]
-    todo = [s for s in mine if not shard_complete(output, s, bounds[s][1] - bounds[s][0])]
-    total = sum(bounds[s][1] - bounds[s][0] for s in todo)
-    kept = len(mine) - len(todo)
-    bar = tqdm(total=total, unit=kind[:-1] if kind.endswith("s") else kind, disable=not progress,
-               desc=f"encode{f' rank {rank}' if world_size > 1 else ''}" + (f" ({kept} shards kept)" if kept else ""))
+    item = kind[:-1] if kind.endswith("s") else kind
+    bar = tqdm(total=total, unit=item, disable=not progress, desc=f"encode{f' rank {rank}' if world_size > 1 else ''}")
     np_dtype = np.float16 if dtype == "float16" else np.float32
+    count, kept = 0, 0
+    shard, todo = -1, False
+    shard_ids: list[str] = []
+    shard_tokens: list[np.ndarray] = []
+    seen: dict[str, int] = {}
+
+    def flush() -> None:
+        if todo and shard_ids:
+            vectors = encoder.embed_tokens(shard_tokens, progress=bar.update)
+            write_shard(output, shard, shard_ids, vectors.astype(np_dtype), fingerprint)
+
     try:
-        for s in todo:
-            start, end = bounds[s]
-            vectors = encoder.embed_tokens(sequences[start:end], progress=bar.update)
-            write_shard(output, s, list(ids[start:end]), vectors.astype(np_dtype))
+        for n, (ident, value) in enumerate(records):
+            s = n // shard_size
+            if s != shard:
+                flush()
+                shard, shard_ids, shard_tokens, seen = s, [], [], {}
+                todo = s % world_size == rank and not shard_complete(output, s, fingerprint=fingerprint)
+                kept += s % world_size == rank and not todo
+                if kept and not todo and progress:
+                    bar.set_postfix_str(f"{kept} shards kept", refresh=False)
+            count = n + 1
+            if not todo:
+                continue
+            if ident in seen:
+                raise ValueError(f"{source or output}: duplicate {item} id {ident!r} ({kind} {seen[ident] + 1} "
+                                 f"and {n + 1}): ids must be unique")
+            seen[ident] = n
+            tokens = tokenize(value) if tokenize is not None else value
+            shard_ids.append(ident)
+            shard_tokens.append(np.asarray(tokens, dtype=np.int32))
+        flush()
+        shard_ids, shard_tokens = [], []
     finally:
         bar.close()
-    return _finish(output, encoder, bounds, dtype, kind, rank, extra_meta) if finish else None
+    if count == 0:
+        what = "collection (no passages)" if kind == "passages" else f"input (no {kind})"
+        raise ValueError(f"{source or 'input'}: empty {what}")
+    if not finish:
+        return None
+    if barrier is not None and world_size > 1:
+        barrier()
+    bounds = [(a, min(a + shard_size, count)) for a in range(0, count, shard_size)]
+    return _finish(output, encoder, bounds, dtype, kind, rank, extra_meta, fingerprint, source)
+
+
+def _finished_meta(output: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The meta.json of a finished directory with this fingerprint whose shards are all there, else None."""
+    try:
+        meta = read_meta(output)
+    except EmbeddingsError:
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    ok = all(shard_complete(output, int(sh["name"].split("-")[1]), sh["count"], fingerprint) for sh in meta["shards"])
+    return meta if ok else None
+
+
+def _clear(output: Path) -> None:
+    for path in output.glob("part-*"):
+        path.unlink(missing_ok=True)
+    (output / META).unlink(missing_ok=True)
+
+
+def _check_fingerprints(output: Path, fingerprint: dict[str, Any]) -> None:
+    fingerprints = shard_fingerprints(output)
+    for name, old in fingerprints.items():
+        if old is not None and old != fingerprint:
+            raise ValueError(f"{output}: holds shards of another encoding ({name}: "
+                             f"{fingerprint_difference(old, fingerprint)}); use another --output, or --overwrite "
+                             "to re-encode into it")
+    try:
+        meta = read_meta(output)
+    except EmbeddingsError:
+        return
+    if fingerprints and "fingerprint" not in meta:
+        raise ValueError(f"{output}: written by an older convret without shard fingerprints (model "
+                         f"{meta.get('model')!r}); use another --output, or --overwrite to re-encode into it")
 
 
 def _finish(output: Path, encoder: Encoder, bounds: list[tuple[int, int]], dtype: str, kind: str, rank: int,
-            extra_meta: dict[str, Any] | None) -> dict[str, Any] | None:
+            extra_meta: dict[str, Any] | None, fingerprint: dict[str, Any] | None = None,
+            source: str = "") -> dict[str, Any] | None:
     if rank != 0:
         return None
-    missing = [shard_name(s) for s, (a, b) in enumerate(bounds) if not shard_complete(output, s, b - a)]
+    missing = [shard_name(s) for s, (a, b) in enumerate(bounds)
+               if not shard_complete(output, s, b - a, fingerprint)]
     if missing:
         raise RuntimeError(f"{output}: shards {missing[:5]} are not complete; every rank must finish "
                            "(run the same command again to complete them)")
+    duplicate = find_duplicate_id([output / f"{shard_name(s)}.ids" for s in range(len(bounds))])
+    if duplicate is not None:
+        ident, first, second = duplicate
+        item = kind[:-1] if kind.endswith("s") else kind
+        raise ValueError(f"{source or output}: duplicate {item} id {ident!r} ({kind} {first + 1} and {second + 1}): "
+                         "ids must be unique")
     meta = {
         "format_version": FORMAT_VERSION, "model": encoder.source, "dim": encoder.dim, "dtype": dtype,
         "normalized": bool(encoder.config.normalize), "count": bounds[-1][1], "kind": kind,
         "shards": [{"name": shard_name(s), "count": b - a} for s, (a, b) in enumerate(bounds)],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fingerprint": fingerprint,
     }
     meta.update(extra_meta or {})
     with atomic_write(output / META) as handle:
@@ -160,14 +361,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convret encode",
         description="Embed a collection's passages or a conversation file's sessions with a convret checkpoint "
-                    "(the last summary token's final hidden state; formatting exactly as in training). Writes "
-                    "DIR/meta.json and shards DIR/part-NNNNN.npy [n, dim] + DIR/part-NNNNN.ids. Rerun after an "
-                    "interruption: complete shards are kept. Under torchrun every rank encodes its own shards.")
+                    "(the last summary token's final hidden state; formatting exactly as in training). Streams "
+                    "the input shard by shard (memory bounded by --shard-size, not the collection). Writes "
+                    "DIR/meta.json and shards DIR/part-NNNNN.{npy,ids,json}. Rerun after an interruption: "
+                    "complete shards are kept. A directory holding another model's (or input's, dtype's, ...) "
+                    "shards is an error unless --overwrite. Under torchrun (torchrun --nproc_per_node N -m "
+                    "convret encode ...) every rank encodes its own shards.")
     p.add_argument("--model", required=True, help="checkpoint directory (OUTPUT_DIR/final of convret train)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--collection", help="passages: jsonl {id,text,title?}, Tevatron corpus or TSV pid<TAB>text")
     src.add_argument("--conversations", help="evaluation sessions: ChatRetriever eval JSON, QReCC, TopiOCQA, CAsT")
+    from ..data.readers import COLLECTION_FORMATS, CONVERSATION_FORMATS
+
+    p.add_argument("--format", default="auto", choices=["auto", *dict.fromkeys((*COLLECTION_FORMATS,
+                                                                               *CONVERSATION_FORMATS))],
+                   metavar="FORMAT",
+                   help="input format passed to convret's readers (default: auto, detected from the first record). "
+                        f"Collections: {', '.join(COLLECTION_FORMATS)}; conversations: "
+                        f"{', '.join(CONVERSATION_FORMATS)}")
     p.add_argument("--output", required=True, help="embedding directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="re-encode when the directory holds shards of another model / input / setting")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float32", help="dtype of the stored vectors")
     p.add_argument("--query-only", action="store_true",
                    help="sessions: the current utterance alone, without the earlier turns")
@@ -175,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sessions: the utterance in its session (query) or the manual rewrite alone (rewrite)")
     p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
                    help="tokens packed into one forward pass (memory grows linearly with it)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="items per shard")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help=f"items per shard (default {DEFAULT_SHARD_SIZE}); the unit of memory, resumption and "
+                        "of the split across ranks")
     p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when present, else cpu)")
     p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="dtype to run the model in (default: the saved dtype)")
@@ -189,27 +405,30 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     rank, world, dist = _dist()
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
     try:
         encoder = Encoder.from_checkpoint(args.model, device=device, token_budget=args.token_budget,
                                           dtype=getattr(torch, args.model_dtype) if args.model_dtype else None)
         if args.collection:
-            ids, sequences = collection_items(args.collection, encoder)
+            records, tokenize = collection_records(args.collection, encoder, args.format)
             kind, source = "passages", args.collection
         else:
-            ids, sequences = conversation_items(args.conversations, encoder, args.query_only, args.query_field)
+            records, tokenize = conversation_records(args.conversations, encoder, args.query_only, args.query_field,
+                                                     args.format)
             kind, source = "queries", args.conversations
-        started = time.perf_counter()
+        fingerprint = encode_fingerprint(encoder, kind, source, args.format, args.query_only, args.query_field,
+                                         args.dtype, args.shard_size)
         extra = {"source": str(source), "query_only": args.query_only, "query_field": args.query_field}
-        encode_to_dir(encoder, ids, sequences, args.output, args.dtype, args.shard_size, kind, rank, world, extra,
-                      progress=not args.no_progress, finish=dist is None)
-        if dist is not None:
-            dist.barrier()
-            bounds = [(a, min(a + args.shard_size, len(ids))) for a in range(0, len(ids), args.shard_size)]
-            _finish(Path(args.output), encoder, bounds, args.dtype, kind, rank, extra)
+        meta = encode_stream(encoder, records, tokenize, args.output, fingerprint, args.dtype, args.shard_size, kind,
+                             rank, world, extra, progress=not args.no_progress, overwrite=args.overwrite,
+                             barrier=dist.barrier if dist is not None else None, source=str(source))
     except (ValueError, RuntimeError, OSError) as error:
-        print(f"convret encode: error: {error}", file=sys.stderr)
+        print(f"convret encode: error{f' (rank {rank})' if world > 1 else ''}: {error}", file=sys.stderr)
         return 1
-    if rank == 0:
+    finally:
+        if dist is not None and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0 and meta is not None:
         elapsed = time.perf_counter() - started
-        print(f"encoded {len(ids)} {kind} into {args.output} ({elapsed:.1f} s)", file=sys.stderr)
+        print(f"encoded {meta['count']} {kind} into {args.output} ({elapsed:.1f} s)", file=sys.stderr)
     return 0

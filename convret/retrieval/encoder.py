@@ -88,9 +88,9 @@ def embed_sequences(
     hidden_size = decoder.config.hidden_size
     out = torch.empty(len(sequences), hidden_size, dtype=torch.float32)
     for row in pack_by_budget(lengths, token_budget):
-        tokens = [t for i in row for t in sequences[i]]
+        tokens = np.concatenate([np.asarray(sequences[i], dtype=np.int64) for i in row])
         layout = SessionLayout.from_segments([[(lengths[i], 0, 0) for i in row]], len(tokens), device=device)
-        input_ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        input_ids = torch.from_numpy(tokens)[None].to(device)
         hidden = decoder(input_ids=input_ids, position_ids=layout.position_ids(), session_layout=layout,
                          use_cache=False).last_hidden_state
         pos = layout.pooling_positions()

@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from .._io import atomic_write
 from . import _data
-from .embeddings import read_embeddings
-from .encode import collection_items, conversation_items, encode_to_dir
+from .encode import (DEFAULT_SHARD_SIZE, collection_records, conversation_items, encode_fingerprint,
+                     encode_stream)
 from .encoder import DEFAULT_TOKEN_BUDGET, Encoder
+from .index import build_index, load_index
 from .metrics import evaluate_run
 from .search import search_index
 
@@ -48,18 +48,31 @@ def _fingerprint(*paths: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def _encoded_collection(encoder: Encoder, model: str, collection: str, cache: Path) -> tuple[list[str], np.ndarray]:
-    directory = cache / f"collection-{_fingerprint(model, collection)}"
-    if not (directory / "meta.json").is_file():
-        ids, sequences = collection_items(collection, encoder)
-        encode_to_dir(encoder, ids, sequences, directory, kind="passages", extra_meta={"source": str(collection)})
-    ids, vectors, _ = read_embeddings(directory, unique=True)
-    return ids, vectors
+def _indexed_collection(encoder: Encoder, model: str, collection: str, cache: Path, fmt: str = "auto",
+                        dtype: str = "float32", shard_size: int = DEFAULT_SHARD_SIZE) -> tuple[list[Any], list[str]]:
+    """``(index shards, passage ids)``: the collection streamed into ``cache/collection-KEY-DTYPE/embeddings``
+    (kept when its fingerprint matches) and an exact index built shard by shard from it into ``.../index`` (kept
+    likewise)."""
+    directory = cache / f"collection-{_fingerprint(model, collection)}-{dtype}" / "embeddings"
+    records, tokenize = collection_records(collection, encoder, fmt)
+    fingerprint = encode_fingerprint(encoder, "passages", collection, fmt, dtype=dtype, shard_size=shard_size)
+    meta = encode_stream(encoder, records, tokenize, directory, fingerprint, dtype, shard_size, "passages",
+                         extra_meta={"source": str(collection)}, overwrite=True, source=str(collection))
+    index_dir = directory.with_name("index")
+    try:
+        current = json.loads((index_dir / "meta.json").read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        current = None
+    if current != meta["fingerprint"] or current is None:
+        build_index(directory, index_dir, "Flat", overwrite=True)
+    shards, ids, _ = load_index(index_dir)
+    return shards, ids
 
 
 def _run_queries(encoder: Encoder, index: Any, doc_ids: list[str], conversations: str, top_k: int,
-                 query_only: bool = False, query_field: str = "query") -> dict[str, list[tuple[str, float]]]:
-    qids, sequences = conversation_items(conversations, encoder, query_only, query_field)
+                 query_only: bool = False, query_field: str = "query", fmt: str = "auto"
+                 ) -> dict[str, list[tuple[str, float]]]:
+    qids, sequences = conversation_items(conversations, encoder, query_only, query_field, fmt)
     queries = encoder.embed_tokens(sequences)
     scores, indices = search_index(index, queries, top_k, ids=doc_ids)
     return {q: [(doc_ids[j], float(s)) for s, j in zip(scores[i], indices[i]) if j >= 0]
@@ -85,6 +98,11 @@ def evaluate_chain(
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     device: str | None = None,
     allow_unknown_qrels: bool = False,
+    model_dtype: str | None = None,
+    dtype: str = "float32",
+    fmt: str = "auto",
+    collection_format: str = "auto",
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> dict[str, Any]:
     """Run the chain; returns ``{"rows": [{"name", "model", "measures", "queries", "run"}], "robustness": ...}``
     and writes every run to ``OUTPUT/runs/`` and the result to ``OUTPUT/results.json``.
@@ -93,14 +111,13 @@ def evaluate_chain(
         ValueError: qrels naming queries the conversation file does not hold (unless ``allow_unknown_qrels``),
             and every error of the steps (empty collection, duplicate ids, ...).
     """
-    import faiss
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     output = Path(output)
     cache = output / "cache"
     qrels = _data.load_qrels(qrels_path)
-    turn_ids = {t.qid for t in _data.iter_conversations(conversations)}
+    turn_ids = {t.qid for t in _data.iter_conversations(conversations, fmt)}
     unknown = sorted(set(qrels) - turn_ids)
     if unknown and not allow_unknown_qrels:
         raise ValueError(f"{qrels_path}: qrels for {len(unknown)} queries that {conversations} does not hold "
@@ -120,24 +137,24 @@ def evaluate_chain(
                      "run": str(run_path)})
 
     for position, ckpt in enumerate([model, *baselines]):
-        encoder = Encoder.from_checkpoint(ckpt, device=device, token_budget=token_budget)
-        doc_ids, vectors = _encoded_collection(encoder, ckpt, collection, cache)
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(np.ascontiguousarray(vectors))
+        encoder = Encoder.from_checkpoint(ckpt, device=device, token_budget=token_budget,
+                                          dtype=getattr(torch, model_dtype) if model_dtype else None)
+        index, doc_ids = _indexed_collection(encoder, ckpt, collection, cache, collection_format, dtype, shard_size)
         label = "model" if position == 0 else f"baseline {Path(ckpt).name or ckpt}"
-        add_row(label, ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k))
+        add_row(label, ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k, fmt=fmt))
         if position == 0:
             if query_only:
                 add_row("model, current utterance only",
-                        ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k, query_only=True))
+                        ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k, query_only=True, fmt=fmt))
             if rewrite:
                 add_row("model, manual rewrite",
-                        ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k, query_field="rewrite"))
+                        ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k, query_field="rewrite",
+                                           fmt=fmt))
             if contexts:
                 values = []
                 for context in contexts:
-                    metrics = evaluate_run(qrels, _as_run(_run_queries(encoder, index, doc_ids, context, top_k)),
-                                           rel_threshold)
+                    run = _run_queries(encoder, index, doc_ids, context, top_k, fmt=fmt)
+                    metrics = evaluate_run(qrels, _as_run(run), rel_threshold)
                     values.append(metrics["measures"]["ndcg_cut_3"])
                 robustness = {"ndcg_cut_3": values, "mean": statistics.fmean(values),
                               "std": statistics.pstdev(values), "contexts": [str(c) for c in contexts]}
@@ -204,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rel_threshold", "--rel-threshold", type=int, default=1)
     p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
     p.add_argument("--device", default=None)
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype to run the model in (default: the saved dtype), e.g. bfloat16 for a 7B on a GPU")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float32",
+                   help="dtype of the stored passage vectors (as convret encode --dtype)")
+    from ..data.readers import COLLECTION_FORMATS, CONVERSATION_FORMATS
+
+    p.add_argument("--format", default="auto", choices=["auto", *CONVERSATION_FORMATS], metavar="FORMAT",
+                   help="format of --conversations / --contexts, passed to convret's readers (default: auto; "
+                        f"{', '.join(CONVERSATION_FORMATS)})")
+    p.add_argument("--collection-format", default="auto", choices=["auto", *COLLECTION_FORMATS], metavar="FORMAT",
+                   help=f"format of --collection (default: auto; {', '.join(COLLECTION_FORMATS)})")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help="passages per embedding shard: the collection is encoded and indexed shard by shard")
     p.add_argument("--allow-unknown-qrels", action="store_true",
                    help="evaluate even when the qrels name queries the conversation file lacks")
     return p
@@ -221,7 +251,8 @@ def main(argv: list[str]) -> int:
             data = {**defaults, "contexts": defaults["contexts"] if args.contexts is None else args.contexts}
         result = evaluate_chain(args.model, data["conversations"], data["collection"], data["qrels"], args.output,
                                 args.baseline, args.query_only, args.rewrite, data["contexts"] or (), args.top_k,
-                                args.rel_threshold, args.token_budget, args.device, args.allow_unknown_qrels)
+                                args.rel_threshold, args.token_budget, args.device, args.allow_unknown_qrels,
+                                args.model_dtype, args.dtype, args.format, args.collection_format, args.shard_size)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"convret evaluate: error: {error}", file=sys.stderr)
         return 1

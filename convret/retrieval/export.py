@@ -5,14 +5,29 @@
 - ``modules.json``: Transformer, ``1_Pooling`` (``pooling_mode_lasttoken``: the last summary token),
   ``2_Normalize`` when the model was trained on normalised embeddings (without ``modules.json``
   sentence-transformers would silently mean-pool);
-- the tokenizer's post-processor appends what follows a passage's text in training (the end of the assistant
-  message) and the summary tokens, so the input ids equal convret's formatter's;
-- ``config_sentence_transformers.json``: prompt ``"document"`` (the default) = the start of the assistant message
-  a passage is formatted as, prompt ``"query"`` = nothing (a session is given as its formatted text, see
-  :func:`session_text`), ``similarity_fn_name`` cosine (normalised) or dot;
+- the tokenizer's post-processor appends what follows a text in training (the end of its message) and the
+  summary tokens, so the input ids equal convret's formatter's;
+- ``config_sentence_transformers.json``: prompt ``"document"`` (the default: ``encode`` / ``encode_document``) =
+  what the formatter writes before a passage's text (BOS, the assistant message's start, the passage
+  instruction), prompt ``"query"`` (``encode_query``) = what it writes before the query of a session without
+  history (BOS, the instruction, the user message's start); both prompts are derived from the formatter's own
+  renderings, so they follow whatever it does;
+- lengths: the tokenizer's ``model_max_length`` and ``document_length`` = ``max_passage_len`` (+ the summary
+  tokens), ``query_length`` = ``max_session_len`` (+ the summary tokens): a passage is cut exactly where
+  ``convret encode`` cuts it (its first tokens are kept);
+- a session with history: ``encode_query(session_text(...))``: the formatted session (convret's truncation:
+  whole oldest turns dropped) without what the prompt and the tokenizer add. A lone query longer than
+  ``max_session_len`` is where the two differ: sentence-transformers keeps its first tokens, convret its last;
 - merged (``--merge``, or a fully fine-tuned checkpoint): the whole model in OUT; otherwise the LoRA adapter in
   OUT over the base model in ``OUT/base`` (its absolute path is written into ``adapter_config.json``: move the
   directory and re-export, or use ``--merge``).
+
+Sessions and passages that end differently (Mistral's ``[/INST]`` vs ``</s>``, or ``summary_on_passages:
+false``: sessions end with the summary tokens, passages do not) need a tokenizer per task: the export is then a
+sentence-transformers ``Router`` with a Transformer per task (``query_0_Transformer``, ``document_0_Transformer``,
+the merged weights written in each: ``--merge`` is required). Not expressible (``ValueError``): a template that
+tokenizes the query together with what precedes it (Mistral with an ``instruction``: it is merged into the
+query's message).
 """
 from __future__ import annotations
 
@@ -28,43 +43,44 @@ from typing import Any, Sequence
 from ..data.records import Turn
 from . import _data
 
-__all__ = ["export_sentence_transformers", "passage_wrapping", "session_text", "main"]
+__all__ = ["export_sentence_transformers", "passage_wrapping", "query_wrapping", "session_text", "main"]
 
 
 def passage_wrapping(tokenizer: Any, formatter: Any) -> tuple[list[int], list[int]]:
     """``(prefix ids, suffix ids)`` that the formatter puts around a passage's own tokens."""
-    special = set(tokenizer.all_special_ids)
-    probe_ids = [i for i in range(len(tokenizer)) if i not in special][5:8]
-    probe = tokenizer.decode(probe_ids)
-    text_ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    ids = list(formatter.passage(probe))
-    for start in range(len(ids) - len(text_ids) + 1):
-        if ids[start : start + len(text_ids)] == text_ids:
-            return ids[:start], ids[start + len(text_ids):]
-    raise ValueError("cannot locate a passage's text inside its formatted ids: this formatter cannot be expressed "
-                     "as a tokenizer template")
+    return _data.text_wrapping(tokenizer, formatter.passage)
+
+
+def query_wrapping(tokenizer: Any, formatter: Any) -> tuple[list[int], list[int]]:
+    """``(prefix ids, suffix ids)`` that the formatter puts around the query of a session without history."""
+    return _data.text_wrapping(tokenizer, lambda text: formatter.session([], text))
 
 
 def session_text(tokenizer: Any, config: Any, history: Sequence[Turn], query: str) -> str:
-    """The text to give an exported model (``model.encode_query(text)``) for a session: the formatted session
-    without the end that the exported tokenizer appends itself."""
+    """The text to give an exported model (``model.encode_query(text)``) for a session: the formatted session,
+    truncated as convret truncates it, without what the ``"query"`` prompt puts in front and what the exported
+    tokenizer appends."""
     formatter = _data.formatter_for(tokenizer, config)
-    _, suffix = passage_wrapping(tokenizer, formatter)
+    prefix, suffix = query_wrapping(tokenizer, formatter)
     ids = list(formatter.session(history, query))
-    if suffix and ids[-len(suffix):] != suffix:
-        raise ValueError("sessions and passages end differently in this format; encode sessions with convret")
-    return tokenizer.decode(ids[: len(ids) - len(suffix)] if suffix else ids)
+    if ids[: len(prefix)] != prefix or (suffix and ids[len(ids) - len(suffix):] != suffix):
+        raise ValueError("this session does not start / end as a one-query session does (a truncated session "
+                         "that starts with an assistant turn?); encode it with convret")
+    return tokenizer.decode(ids[len(prefix): len(ids) - len(suffix)], skip_special_tokens=False,
+                            clean_up_tokenization_spaces=False)
 
 
-def _prompt_text(tokenizer: Any, prefix: list[int]) -> str:
-    """Text whose tokens, followed by any passage's, are ``prefix`` + the passage's (decoding may drop the
-    separator a word-level tokenizer needs)."""
-    probe = tokenizer.decode([i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)][5:8])
+def _prompt_text(tokenizer: Any, prefix: list[int], what: str) -> str:
+    """Text whose tokens, followed by any text's, are ``prefix`` + the text's (decoding may drop the separator a
+    word-level tokenizer needs)."""
+    special = set(tokenizer.all_special_ids)
+    probe = tokenizer.decode([i for i in range(min(len(tokenizer), 4096)) if i not in special][5:8])
     expected = prefix + tokenizer(probe, add_special_tokens=False)["input_ids"]
-    for text in (tokenizer.decode(prefix), tokenizer.decode(prefix) + " "):
+    decoded = tokenizer.decode(prefix, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    for text in (decoded, decoded + " "):
         if tokenizer(text + probe, add_special_tokens=False)["input_ids"] == expected:
             return text
-    raise ValueError("cannot express the passage prefix as a sentence-transformers prompt for this tokenizer")
+    raise ValueError(f"cannot express the {what} prefix as a sentence-transformers prompt for this tokenizer")
 
 
 def _template_tokenizer(tokenizer: Any, suffix: list[int], summary: list[int]) -> None:
@@ -115,9 +131,32 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     model, tokenizer, config = loaded
     formatter = _data.formatter_for(tokenizer, config)
     prefix, suffix = passage_wrapping(tokenizer, formatter)
-    prompt = _prompt_text(tokenizer, prefix)
-    summary = config.summary_block() if config.summary_on_passages else []
+    try:
+        query_prefix, query_suffix = query_wrapping(tokenizer, formatter)
+    except ValueError as error:
+        raise ValueError(f"{checkpoint}: with this chat template the query is not tokenized on its own inside a "
+                         "session (e.g. Mistral's template merges the instruction into the query's message): no "
+                         "sentence-transformers prompt can express it; encode sessions with `convret encode`") \
+            from error
+    prompts = {"document": _prompt_text(tokenizer, prefix, "passage"),
+               "query": _prompt_text(tokenizer, query_prefix, "query")}
+    summary = config.summary_block()
+    passage_summary = summary if config.summary_on_passages else []
+    # sentence-transformers truncates to these (prompt and appended tokens included): a passage keeps its first
+    # tokens within max_passage_len as in convret; a session from session_text() is already truncated
+    document_length = (config.max_passage_len or tokenizer.model_max_length) + len(passage_summary)
+    query_length = (config.max_session_len or tokenizer.model_max_length) + len(summary)
+    if query_suffix != suffix or not config.summary_on_passages:
+        if hasattr(model, "peft_config"):
+            raise ValueError(f"{checkpoint}: sessions and passages end differently (a template such as Mistral's, "
+                             "or summary_on_passages false): the export needs a model per route; use --merge")
+        return _export_routed(model, tokenizer, config, output, overwrite, prompts,
+                              {"query": (query_suffix + summary, query_length),
+                               "document": (suffix + passage_summary, document_length)},
+                              {"checkpoint": str(checkpoint), "merged": True, "passage_prefix": prefix,
+                               "query_prefix": query_prefix})
     _template_tokenizer(tokenizer, suffix, summary)
+    tokenizer.model_max_length = document_length
     # sentence-transformers applies a tokenizer's chat template to plain text itself (as a user message, without
     # the post-processor): the exported tokenizer has none, its template already gives convret's ids
     tokenizer.chat_template = None
@@ -132,22 +171,21 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
 
             copy.deepcopy(model).unload().save_pretrained(tmp / "base", safe_serialization=True)
             model.peft_config["default"].base_model_name_or_path = str(tmp / "base")  # final path set below
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             tokenizer.save_pretrained(tmp / "base")
             del base
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(hf_dir)
-        max_len = (config.max_passage_len or 512) + len(summary) + len(suffix) + len(prefix)
-        transformer = Transformer(str(hf_dir), max_seq_length=max(max_len, config.max_session_len or 0),
-                                  model_kwargs={"attn_implementation": "sdpa"})
+        transformer = Transformer(str(hf_dir), max_seq_length=document_length, query_length=query_length,
+                                  document_length=document_length, model_kwargs={"attn_implementation": "sdpa"})
         dim = transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension") else \
             transformer.get_word_embedding_dimension()
         modules = [transformer, Pooling(dim, pooling_mode="lasttoken")]
         if config.normalize:
             modules.append(Normalize())
         st = SentenceTransformer(modules=modules, device="cpu",
-                                 prompts={"document": prompt, "query": ""},
+                                 prompts=prompts,
                                  default_prompt_name="document",
                                  similarity_fn_name="cosine" if config.normalize else "dot")
         with tempfile.TemporaryDirectory(dir=tmp.parent) as staging:
@@ -172,16 +210,69 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
         (tmp / "convret_export.json").write_text(json.dumps(
             {"checkpoint": str(checkpoint), "merged": not adapter, "passage_prefix": prefix,
-             "appended": suffix + summary}, indent=2) + "\n", encoding="utf-8")
+             "query_prefix": query_prefix, "appended": suffix + summary, "document_length": document_length,
+             "query_length": query_length}, indent=2) + "\n", encoding="utf-8")
+    return output
+
+
+def _export_routed(model: Any, tokenizer: Any, config: Any, output: str | os.PathLike, overwrite: bool,
+                   prompts: dict[str, str], routes: dict[str, tuple[list[int], int]], info: dict[str, Any]) -> Path:
+    """Sessions and passages that end differently: a sentence-transformers ``Router`` with a Transformer per
+    task (``encode_query`` / ``encode_document``; plain ``encode`` = documents), each with its own tokenizer
+    appending its task's end and max length. The weights are written once per route."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.normalize import Normalize
+    from sentence_transformers.base.modules.router import Router
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+
+    from .._io import atomic_directory
+
+    tokenizer.chat_template = None
+    output = Path(output).resolve()
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as staging:
+            modules = {}
+            for task, (appended, length) in routes.items():
+                _template_tokenizer(tokenizer, appended, [])
+                tokenizer.model_max_length = length
+                directory = Path(staging) / task
+                model.save_pretrained(directory, safe_serialization=True)
+                tokenizer.save_pretrained(directory)
+                modules[task] = Transformer(str(directory), max_seq_length=length,
+                                            model_kwargs={"attn_implementation": "sdpa"})
+            dim = model.config.hidden_size
+            pipeline = [Router.for_query_document([modules["query"]], [modules["document"]]),
+                        Pooling(dim, pooling_mode="lasttoken")]
+            if config.normalize:
+                pipeline.append(Normalize())
+            st = SentenceTransformer(modules=pipeline, device="cpu", prompts=prompts, default_prompt_name="document",
+                                     similarity_fn_name="cosine" if config.normalize else "dot")
+            st.save(str(tmp))
+        for task, (appended, length) in routes.items():
+            # our tokenizer files, loaded through the plain `tokenizers` backend (see export_sentence_transformers)
+            route_dir = tmp / f"{task}_0_Transformer"
+            _template_tokenizer(tokenizer, appended, [])
+            tokenizer.model_max_length = length
+            tokenizer.save_pretrained(route_dir)
+            bert_config = json.loads((route_dir / "sentence_bert_config.json").read_text(encoding="utf-8"))
+            bert_config.setdefault("processor_kwargs", {})["tokenizer_type"] = "gpt_bigcode"
+            (route_dir / "sentence_bert_config.json").write_text(json.dumps(bert_config, indent=4) + "\n",
+                                                                 encoding="utf-8")
+        (tmp / "convret_export.json").write_text(json.dumps(
+            {**info, "routes": {task: {"appended": appended, "max_length": length}
+                                for task, (appended, length) in routes.items()}}, indent=2) + "\n", encoding="utf-8")
     return output
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convret export",
-        description="Write a directory that SentenceTransformer(OUT) loads and that encodes passages and "
-                    "formatted sessions to the same vectors as `convret encode` (last-token pooling at the summary "
-                    "token, appended by the saved tokenizer). LoRA checkpoints: base + adapter, or --merge.")
+        description="Write a directory that SentenceTransformer(OUT) loads and that encodes like `convret encode`: "
+                    "encode / encode_document on passages (prompt 'document', cut at max_passage_len), encode_query "
+                    "on sessions (prompt 'query'; a session with history as convret.retrieval.export.session_text "
+                    "gives it). Last-token pooling at the summary token, appended by the saved tokenizer. LoRA "
+                    "checkpoints: base + adapter, or --merge. docs/retrieval.md lists what it reproduces.")
     p.add_argument("checkpoint", help="convret checkpoint directory")
     p.add_argument("output", help="directory to write")
     p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the weights")

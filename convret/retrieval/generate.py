@@ -4,6 +4,11 @@ A response trained under the session mask sees only the t summary tokens (and ea
 the session text. So after the prefill of ``[session (+ retrieved passages), EMB_1..EMB_t]`` the session's own
 keys and values are dropped from the KV cache: decoding keeps t + (response so far) entries per layer, whatever
 the session's length. The result is exactly greedy decoding under the dense session mask (tested).
+
+A response is trained as the formatter renders it: the chat template's wrapper around the text (e.g.
+``<|im_start|>assistant\n`` ... ``<|im_end|>\n``, Llama-3's header ... ``<|eot_id|>``). The wrapper's start is
+given after the summary tokens (as ``add_generation_prompt`` gives it), not generated; decoding stops at an end
+of turn or at the wrapper's end, which is removed: the answer is the text alone (:func:`response_text`).
 """
 from __future__ import annotations
 
@@ -21,14 +26,22 @@ from .._io import atomic_write
 from . import _data
 from .encoder import decoder_of
 
-__all__ = ["generate_response", "token_f1", "main"]
+__all__ = ["generate_response", "response_text", "token_f1", "main"]
 
 
 @torch.no_grad()
 def generate_response(model: torch.nn.Module, prefix: Sequence[int], summary: Sequence[int],
-                      max_new_tokens: int = 64, eos_token_ids: Sequence[int] = ()) -> list[int]:
-    """Greedy response tokens after ``prefix + summary``, with the prefix's KV entries dropped after the
-    prefill (the response attends to the summary tokens and itself only)."""
+                      max_new_tokens: int = 64, eos_token_ids: Sequence[int] = (), forced: Sequence[int] = (),
+                      stop_sequence: Sequence[int] = ()) -> list[int]:
+    """Greedy response tokens after ``prefix + summary + forced``, with the prefix's KV entries dropped after the
+    prefill (the response attends to the summary tokens and itself only).
+
+    Args:
+        forced: the start of the response (the chat template's wrapper), given rather than generated; part of
+            the response segment, so it sees the summary tokens only. Not returned.
+        eos_token_ids: tokens that end the response (not returned).
+        stop_sequence: ids that end the response once generated (returned: :func:`response_text` removes them).
+    """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -43,19 +56,43 @@ def generate_response(model: torch.nn.Module, prefix: Sequence[int], summary: Se
         layer.keys = layer.keys[:, :, -t:].contiguous()
         layer.values = layer.values[:, :, -t:].contiguous()
     position = len(tokens)
+    if forced:  # after the drop: the given start sees the summary tokens and itself only
+        out = model(input_ids=torch.tensor([list(forced)], device=device),
+                    position_ids=torch.arange(position, position + len(forced), device=device)[None],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        position += len(forced)
     generated: list[int] = []
     stop = set(int(i) for i in eos_token_ids)
+    stop_sequence = list(stop_sequence)
     next_id = int(out.logits[0, -1].argmax())
     while True:
         if next_id in stop or len(generated) >= max_new_tokens:
             break
         generated.append(next_id)
+        if stop_sequence and generated[-len(stop_sequence):] == stop_sequence:
+            break
         out = model(input_ids=torch.tensor([[next_id]], device=device),
                     position_ids=torch.tensor([[position]], device=device), past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         position += 1
         next_id = int(out.logits[0, -1].argmax())
     return generated
+
+
+def response_text(tokenizer: Any, ids: Sequence[int], wrapper: tuple[Sequence[int], Sequence[int]],
+                  eos_token_ids: Sequence[int] = ()) -> str:
+    """The answer in response tokens: the formatter's wrapper (``(start ids, end ids)``, see
+    :func:`convret.retrieval._data.text_wrapping`) removed exactly, the text up to an end of turn decoded."""
+    ids, start, end = list(ids), list(wrapper[0]), list(wrapper[1])
+    if start and ids[: len(start)] == start:
+        ids = ids[len(start):]
+    if end and ids[-len(end):] == end:
+        ids = ids[: -len(end)]
+    stops = [k for k, i in enumerate(ids) if i in set(eos_token_ids)]
+    if stops:
+        ids = ids[: stops[0]]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -91,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convret generate",
         description="Generate a response for every evaluation turn with the retriever's own LM head (UniConv), "
                     "optionally conditioned on its top-K retrieved passages; greedy; the session's KV cache is "
-                    "dropped after the prefill (the response sees the summary tokens only). Writes jsonl "
+                    "dropped after the prefill (the response sees the summary tokens only); the chat template's "
+                    "response wrapper is given, not generated, and removed from the answer. Writes jsonl "
                     "{qid, response, reference, rougeL, f1}; prints mean ROUGE-L and token F1.")
     p.add_argument("--model", required=True)
     p.add_argument("--conversations", required=True)
@@ -99,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", default=None, help="the passages of --run")
     p.add_argument("--passages", type=int, default=3, help="top-K passages of --run put before the summary tokens")
     p.add_argument("--output", required=True, help="jsonl file to write")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's max_response_len")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the checkpoint's max_response_len less the response wrapper's start")
     p.add_argument("--device", default=None)
     return p
 
@@ -115,15 +154,23 @@ def main(argv: list[str]) -> int:
         encoder = Encoder.from_checkpoint(args.model, device=device)
         tokenizer, config, formatter = encoder.tokenizer, encoder.config, encoder.formatter
         passages = _passages_for(args.run, args.collection, args.passages)
-        eos = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-               if isinstance(i, int) and i >= 0]
+        wrapper = _data.text_wrapping(tokenizer, formatter.response)
+        start, end = wrapper
+        # an end of turn: the tokenizer's EOS, ChatML's <|im_end|>, the wrapper's end when it opens with a special
+        # token (<|eot_id|>, </s>); a wrapper's end that opens with plain text stops as a whole sequence
+        special = set(tokenizer.all_special_ids)
+        candidates = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        if end and end[0] in special:
+            candidates.add(end[0])
+        eos = [i for i in candidates if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id]
+        budget = args.max_new_tokens or max(1, (config.max_response_len or 128) - len(start))
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         rows = []
         for turn in _data.iter_conversations(args.conversations):
             prefix = list(formatter.session_with_passages(turn.history, turn.query, passages.get(turn.qid, [])))
-            ids = generate_response(encoder.model, prefix, config.summary_block(),
-                                    args.max_new_tokens or config.max_response_len or 128, eos)
-            response = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            ids = generate_response(encoder.model, prefix, config.summary_block(), budget, eos, forced=start,
+                                    stop_sequence=end)
+            response = response_text(tokenizer, start + ids, wrapper, eos)
             row = {"qid": turn.qid, "response": response, "reference": turn.response}
             if turn.response:
                 row["rougeL"] = scorer.score(turn.response, response)["rougeL"].fmeasure

@@ -183,6 +183,7 @@ class _SentenceTransformerEncoder:
 
         self.model = SentenceTransformer(path, device=device or "cpu")
         self.source = str(path)
+        self._texts: list[str] = []
         normalize = str(getattr(self.model, "similarity_fn_name", "") or "").lower() == "cosine"
         self.config = SimpleNamespace(normalize=normalize)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or \
@@ -195,14 +196,18 @@ class _SentenceTransformerEncoder:
                      show_progress_bar=False)
         return np.asarray(out, dtype=np.float32)
 
-    def embed_tokens(self, texts: Sequence[str], progress: Callable[[int], Any] | None = None) -> np.ndarray:
-        out = self._encode(texts, "document")
+    def embed_tokens(self, items: Sequence[Any], progress: Callable[[int], Any] | None = None) -> np.ndarray:
+        """``items``: what :meth:`passage_tokens` returned (``encode_to_dir`` stores them as int arrays)."""
+        out = self._encode([self._texts[int(np.asarray(item).reshape(-1)[0])] for item in items], "document")
         if progress is not None:
-            progress(len(texts))
+            progress(len(items))
         return out
 
-    def passage_tokens(self, passage: Passage) -> str:
-        return _passage_text(passage)
+    def passage_tokens(self, passage: Passage) -> list[int]:
+        """A one-element "sequence", the passage's row in a text table: ``encode_to_dir`` moves token ids, a
+        sentence-transformers model takes text."""
+        self._texts.append(_passage_text(passage))
+        return [len(self._texts) - 1]
 
     def queries(self, queries: Sequence[tuple[list[Turn], str]]) -> np.ndarray:
         return self._encode([_flat_query(h, q) for h, q in queries], "query")

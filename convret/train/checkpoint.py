@@ -7,8 +7,16 @@ Layout of a checkpoint directory ``CKPT/``::
     tokenizer files            the tokenizer, its summary tokens included
     config.json, model.safetensors                 full fine-tuning: the whole *ForCausalLM
     adapter_config.json, adapter_model.safetensors LoRA: the PEFT adapter ...
+    embedding_rows.safetensors ... the embedding rows that differ from the base model's (the summary tokens' rows
+                               as initialised, every row a resize added; input and, when untied, output
+                               embeddings), redone on the base before the adapter is applied ...
     base/                      ... and the base weights when the base cannot be loaded by name (a model built
                                from a config); absent when ``base_model`` names a hub id or a path
+
+A LoRA checkpoint records the base model's embedding rows (``base_embedding_rows``) and the trained model's
+(``embedding_rows``): when the summary tokens made the matrix grow (Llama-3, Mistral: rows = tokenizer size),
+loading resizes the base the same way and writes the saved rows into it, so the model is the trained one,
+bitwise.
 
 Written atomically (a temporary directory beside it, flushed, then renamed), so a directory with
 ``convret_config.json`` is always complete. :func:`load_retriever` rebuilds the model, the tokenizer and the
@@ -29,10 +37,11 @@ import torch
 from .._io import atomic_directory
 
 __all__ = ["RetrieverConfig", "LoadedRetriever", "save_retriever", "load_retriever", "CONFIG_NAME",
-           "is_checkpoint", "write_retriever"]
+           "is_checkpoint", "write_retriever", "EMBEDDING_ROWS_NAME", "embedding_matrices"]
 
 CONFIG_NAME = "convret_config.json"
-FORMAT_VERSION = 1
+EMBEDDING_ROWS_NAME = "embedding_rows.safetensors"
+FORMAT_VERSION = 2  # 2: base_embedding_rows / embedding_rows and embedding_rows.safetensors (LoRA)
 
 
 @dataclass
@@ -57,6 +66,10 @@ class RetrieverConfig:
             passages and LM samples alike (:meth:`summary_block`).
         separator_token, separator_token_id: that separator (``None`` unless ``chatretriever_compat``).
         model_dtype: dtype the weights were saved in.
+        base_embedding_rows: embedding rows of the base model as loaded, before the summary tokens (``None``:
+            unknown, e.g. a model built in memory).
+        embedding_rows: embedding rows of the saved model (more than ``base_embedding_rows`` when the summary
+            tokens needed new rows: loading a LoRA checkpoint resizes the base to this).
     """
 
     summary_tokens: list[str]
@@ -77,6 +90,8 @@ class RetrieverConfig:
     separator_token: str | None = None
     separator_token_id: int | None = None
     model_dtype: str = "float32"
+    base_embedding_rows: int | None = None
+    embedding_rows: int | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -152,7 +167,16 @@ def write_retriever(
     config = copy.deepcopy(config)
     config.adapter = _is_peft(model)
     config.model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    config.format_version = FORMAT_VERSION
+    input_weight, _ = embedding_matrices(model)
+    config.embedding_rows = int(input_weight.shape[0])
+    if config.adapter:
+        # PEFT would save both whole embedding matrices after a resize (gigabytes for a 7B model) and nothing
+        # at all when the rows already existed (Qwen's spare rows): the rows that differ are saved here instead
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True, save_embedding_layers=False)
+        _write_embedding_rows(directory / EMBEDDING_ROWS_NAME, model, config)
+    else:
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     if config.adapter and config.base_model is None:
         base = copy.deepcopy(model).unload()  # the base without LoRA layers, trainable-token rows as they began
         base.save_pretrained(directory / "base", safe_serialization=True)
@@ -197,6 +221,7 @@ def load_retriever(
 
         base_source = path / "base" if config.base_model is None else config.base_model
         model = AutoModelForCausalLM.from_pretrained(base_source, **kwargs)
+        _redo_embedding_rows(model, path, config)
         rows = model.get_input_embeddings().weight.shape[0]
         if rows < len(tokenizer):
             raise ValueError(f"{path}: the base model has {rows} embedding rows but the tokenizer {len(tokenizer)} "
@@ -213,6 +238,102 @@ def load_retriever(
                          f"match the saved tokenizer and model ({rows} embedding rows)")
     model.to(device).eval()
     return LoadedRetriever(model, tokenizer, config)
+
+
+def _plain_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight of an embedding / LM head under PEFT wrappers (trainable tokens, LoRA): the base layer's."""
+    while True:
+        if hasattr(module, "token_adapter"):
+            module = module.token_adapter
+        elif hasattr(module, "base_layer"):
+            module = module.base_layer
+        else:
+            return module.weight
+
+
+def embedding_matrices(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(input embedding weight, output embedding weight or None when tied or absent)`` of a ``*ForCausalLM``
+    or a PEFT wrapper of one: the base weights, without trainable-token deltas or LoRA."""
+    base = model.get_base_model() if _is_peft(model) else model
+    input_weight = _plain_weight(base.get_input_embeddings())
+    output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    output_weight = _plain_weight(output) if output is not None else None
+    if output_weight is not None and output_weight.data_ptr() == input_weight.data_ptr():
+        output_weight = None
+    return input_weight, output_weight
+
+
+def _changed_rows(config: RetrieverConfig, rows: int) -> list[int]:
+    """The rows of a model's embeddings that may differ from its base's: the summary tokens' and every row
+    beyond the base's."""
+    start = config.base_embedding_rows if config.base_embedding_rows is not None else rows
+    return sorted(set(config.summary_token_ids) | set(range(start, rows)))
+
+
+def _write_embedding_rows(file: Path, model: torch.nn.Module, config: RetrieverConfig) -> None:
+    from safetensors.torch import save_file
+
+    input_weight, output_weight = embedding_matrices(model)
+    ids = _changed_rows(config, input_weight.shape[0])
+    index = torch.tensor(ids, dtype=torch.long, device=input_weight.device)
+    tensors = {"ids": index.cpu(), "input": input_weight.detach().index_select(0, index).cpu().contiguous()}
+    if output_weight is not None:
+        tensors["output"] = output_weight.detach().index_select(0, index).cpu().contiguous()
+    save_file(tensors, str(file))
+
+
+def _adapter_embedding_rows(path: Path) -> int | None:
+    """Rows of an input embedding matrix a format-1 adapter holds (PEFT saved both matrices after a resize)."""
+    from safetensors import safe_open
+
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():
+            if "embed_tokens" in key and key.endswith("weight") and "lora" not in key:
+                return int(handle.get_slice(key).get_shape()[0])
+    return None
+
+
+@torch.no_grad()
+def _redo_embedding_rows(model: torch.nn.Module, path: Path, config: RetrieverConfig) -> None:
+    """Give the freshly loaded base model the embedding rows the adapter was trained on: the resize the summary
+    tokens needed, then the saved rows (summary tokens, new rows) written in."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    target = config.embedding_rows
+    if target is None:  # a format-1 checkpoint: PEFT saved whole matrices after a resize, loaded with the adapter
+        target = _adapter_embedding_rows(path) or rows
+    if rows != target:
+        if rows > target or (config.base_embedding_rows is not None and rows != config.base_embedding_rows):
+            expected = config.base_embedding_rows if config.base_embedding_rows is not None else f"< {target}"
+            raise ValueError(f"{path}: the base model {config.base_model or path / 'base'} has {rows} embedding "
+                             f"rows, the one this adapter was trained on had {expected}; load the adapter on its "
+                             "own base model")
+        with torch.random.fork_rng(devices=[]):  # resizing draws the new rows at random: they are overwritten
+            model.resize_token_embeddings(target, mean_resizing=False)
+    file = path / EMBEDDING_ROWS_NAME
+    if not file.is_file():
+        if config.embedding_rows is not None and rows != target:
+            raise ValueError(f"{path}: {EMBEDDING_ROWS_NAME} is missing (the embedding rows added for the summary "
+                             "tokens); the checkpoint is incomplete")
+        return
+    from safetensors.torch import load_file
+
+    saved = load_file(str(file))
+    ids = saved["ids"].tolist()
+    missing = sorted(set(range(rows, target)) - set(ids))
+    if missing or (ids and max(ids) >= target):
+        raise ValueError(f"{path}: {EMBEDDING_ROWS_NAME} does not hold the rows {rows}..{target - 1} the resize "
+                         "added; the checkpoint is incomplete")
+    input_weight, output_weight = embedding_matrices(model)
+    index = saved["ids"].to(input_weight.device)
+    input_weight.index_copy_(0, index, saved["input"].to(input_weight))
+    if output_weight is not None:
+        if "output" not in saved:
+            raise ValueError(f"{path}: {EMBEDDING_ROWS_NAME} has no output-embedding rows but the base model's "
+                             "LM head is not tied to its input embeddings")
+        output_weight.index_copy_(0, index, saved["output"].to(output_weight))
 
 
 def _is_peft(model: torch.nn.Module) -> bool:

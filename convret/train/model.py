@@ -74,6 +74,7 @@ def _build_model(model_args: ModelArguments, data_args: DataArguments, loss_args
     model.config.use_cache = False  # with a cache, HF models ignore packed position_ids
     if getattr(model.config, "attention_dropout", 0.0):
         model.config.attention_dropout = 0.0  # not supported with session layouts
+    base_rows = int(model.get_input_embeddings().weight.shape[0])
     summary = add_summary_tokens(model, tokenizer, model_args.num_summary_tokens,
                                  reuse=model_args.reuse_summary_tokens)
     if model_args.lora:
@@ -92,7 +93,7 @@ def _build_model(model_args: ModelArguments, data_args: DataArguments, loss_args
         temperature=float(loss_args.temperature), max_session_len=data_args.max_session_len,
         max_passage_len=data_args.max_passage_len, max_response_len=data_args.max_response_len,
         instruction=data_args.instruction, passage_instruction=data_args.passage_instruction,
-        summary_on_passages=data_args.summary_on_passages,
+        summary_on_passages=data_args.summary_on_passages, base_embedding_rows=base_rows,
     )
     if data_args.chatretriever_compat:
         config.chatretriever_compat = True

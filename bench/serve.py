@@ -1,0 +1,304 @@
+"""``convret bench serve``: the incremental session encoder and the HTTP service.
+
+1. Per-turn latency: one conversation grows turn by turn (user and assistant turns of about ``--turn-words``
+   words drawn from the sample world) until it passes each of ``--lengths`` tokens (default 1k, 2k, 4k, 8k).
+   At every turn the incremental encoder (:class:`convret.retrieval.session_encoder.SessionEncoder`: the new
+   turns and the summary tokens on top of the cached keys / values) encodes the session; past each target
+   length, for ``--reps`` turns, a full re-encode of the same session (what every other conversational
+   retriever does per turn: no cache) is timed beside it in the same process and the two embeddings are
+   compared (fp32, max |diff| <= 1e-5, else exit code 1).
+2. Service: ``convret serve`` in a subprocess (the same model, an index of ``--passages`` sample-world
+   passages), with batching on and off (``--no-batching``); ``--concurrency`` clients (default 1, 8, 32) in one
+   asyncio process, each asking ``--requests-per-client`` searches of its own growing conversations; requests
+   per second and p50 / p99 latency.
+
+The model is a tiny Qwen2 built from a config (``--hidden``, ``--layers``; the sample world's tokenizer; no
+weights downloaded), fp32.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import harness as H
+
+NAME = "serve"
+TOLERANCE = 1e-5
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--lengths", default="1024,2048,4096,8192", help="session lengths (tokens) to report")
+    parser.add_argument("--turn-words", type=int, default=30, help="words per user / assistant turn")
+    parser.add_argument("--hidden", type=int, default=128, help="model hidden size")
+    parser.add_argument("--layers", type=int, default=2, help="model layers")
+    parser.add_argument("--concurrency", default="1,8,32", help="client counts of the service measurement")
+    parser.add_argument("--requests-per-client", type=int, default=16, help="searches per client")
+    parser.add_argument("--passages", type=int, default=500, help="passages in the index")
+    parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server")
+    parser.add_argument("--no-service", action="store_true", help="only the per-turn latency")
+
+
+def sample_words() -> list[str]:
+    from convret.data.sample_world import COLLECTION, SAMPLE_WORLD_DIR
+
+    words: list[str] = []
+    with open(Path(SAMPLE_WORLD_DIR) / COLLECTION, encoding="utf-8") as handle:
+        for line in handle:
+            words += json.loads(line)["text"].split()
+            if len(words) > 20000:
+                break
+    return words
+
+
+def build_checkpoint(directory: Path, hidden: int, layers: int, max_len: int) -> Path:
+    import transformers
+
+    import convret.hf  # noqa: F401
+    from convret.data.sample_world import TOKENIZER_DIR
+    from convret.data.summary_tokens import add_summary_tokens
+    from convret.train.checkpoint import RetrieverConfig, save_retriever
+
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer) + 8, hidden_size=hidden,
+                                      intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                      num_attention_heads=max(1, hidden // 32), num_key_value_heads=2,
+                                      max_position_embeddings=max_len + 1024, tie_word_embeddings=False,
+                                      use_sliding_window=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="convret")
+    summary = add_summary_tokens(model, tokenizer, 3)
+    cfg = RetrieverConfig(summary.tokens, summary.ids, max_session_len=None, max_passage_len=128)
+    return save_retriever(directory, model.eval(), tokenizer, cfg)
+
+
+def turn_text(rng: random.Random, words: list[str], n: int) -> str:
+    start = rng.randrange(0, len(words) - n)
+    return " ".join(words[start : start + n])
+
+
+# ------------------------------------------------------------------------------------ 1. per-turn latency
+def per_turn(checkpoint: Path, lengths: list[int], turn_words: int, reps: int) -> list[dict]:
+    from convret.data.records import Turn
+    from convret.retrieval.encoder import Encoder
+    from convret.retrieval.session_encoder import SessionEncoder
+
+    encoder = Encoder.from_checkpoint(checkpoint)
+    se = SessionEncoder(encoder, cache_mb=4096)
+    words, rng = sample_words(), random.Random(0)
+    turns: list[Turn] = []
+    rows = []
+    pending = sorted(lengths)
+    current: dict | None = None
+    for _ in H.progress(itertools.count(), "bench serve (per turn, turns)"):
+        turns.append(Turn("user", turn_text(rng, words, turn_words)))
+        started = time.perf_counter()  # both ways are timed from the turns (tokenising included)
+        vectors, infos = se.encode_requests([se.session_request("bench", turns)])
+        incremental_ms = (time.perf_counter() - started) * 1e3
+        total = infos[0].total_tokens
+        if current is None and pending and total >= pending[0]:
+            current = {"target": pending.pop(0), "tokens": [], "incremental_ms": [], "full_ms": [],
+                       "computed_tokens": [], "max_abs_diff": 0.0}
+        if current is not None:
+            started = time.perf_counter()
+            full = se.full_encode(turns)
+            current["full_ms"].append((time.perf_counter() - started) * 1e3)
+            current["incremental_ms"].append(incremental_ms)
+            current["tokens"].append(total)
+            current["computed_tokens"].append(infos[0].computed_tokens)
+            current["max_abs_diff"] = max(current["max_abs_diff"], float(abs(full - vectors[0]).max()))
+            if len(current["full_ms"]) >= reps:
+                inc, ful = statistics.median(current["incremental_ms"]), statistics.median(current["full_ms"])
+                current.update(incremental_median_ms=inc, full_median_ms=ful, speedup=ful / inc,
+                               mean_tokens=statistics.mean(current["tokens"]),
+                               mean_computed=statistics.mean(current["computed_tokens"]))
+                rows.append(current)
+                current = None
+                if not pending:
+                    break
+        turns.append(Turn("assistant", turn_text(rng, words, turn_words)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ 2. the service
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_index(checkpoint: Path, directory: Path, passages: int) -> tuple[Path, Path]:
+    from convret.data.sample_world import COLLECTION, SAMPLE_WORLD_DIR
+    from convret.retrieval.encode import collection_items, encode_to_dir
+    from convret.retrieval.encoder import Encoder
+    from convret.retrieval.index import build_index as faiss_index
+
+    collection = directory / "collection.jsonl"
+    with open(Path(SAMPLE_WORLD_DIR) / COLLECTION, encoding="utf-8") as src, open(collection, "w") as dst:
+        for i, line in enumerate(src):
+            if i >= passages:
+                break
+            dst.write(line)
+    encoder = Encoder.from_checkpoint(checkpoint)
+    ids, sequences = collection_items(collection, encoder)
+    encode_to_dir(encoder, ids, sequences, directory / "emb", progress=False)
+    faiss_index(directory / "emb", directory / "idx", use_gpu=False)
+    return directory / "idx", collection
+
+
+async def _client(client, n: int, requests: int, turn_words: int, words: list[str], tag: str,
+                  latencies: list[float], errors: list[str]) -> None:
+    rng = random.Random(n)
+    turns: list[dict] = []
+    conv = 0
+    for i in range(requests):
+        if len(turns) >= 16:  # a new conversation every 8 turns
+            turns, conv = [], conv + 1
+        turns.append({"role": "user", "text": turn_text(rng, words, turn_words)})
+        body = {"conversation_id": f"{tag}-{n}-{conv}", "turns": turns, "top_k": 10}
+        started = time.perf_counter()
+        response = await client.post("/v1/search", json=body)
+        latencies.append((time.perf_counter() - started) * 1e3)
+        if response.status_code != 200:
+            errors.append(f"{response.status_code} {response.text[:200]}")
+        turns.append({"role": "assistant", "text": turn_text(rng, words, turn_words)})
+
+
+async def _load(url: str, concurrency: int, requests: int, turn_words: int, words: list[str], tag: str) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(_client(client, n, requests, turn_words, words, tag, latencies, errors)
+                               for n in range(concurrency)))
+        wall = time.perf_counter() - started
+    ordered = sorted(latencies)
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
+            "error_examples": errors[:3], "seconds": wall, "requests_per_s": len(latencies) / wall,
+            "p50_ms": ordered[len(ordered) // 2], "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]}
+
+
+def service(checkpoint: Path, index: Path, collection: Path, concurrency: list[int], requests: int,
+            turn_words: int, threads: int | None) -> list[dict]:
+    words = sample_words()
+    rows = []
+    for batching in (True, False):
+        port = _free_port()
+        command = [sys.executable, "-m", "convret", "serve", "--model", str(checkpoint), "--index", str(index),
+                   "--collection", str(collection), "--port", str(port), "--log-level", "warning",
+                   "--cache-mb", "1024"]
+        if threads:
+            command += ["--threads", str(threads)]
+        if not batching:
+            command.append("--no-batching")
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(url, proc)
+            asyncio.run(_load(url, 2, 2, turn_words, words, "warmup"))
+            for c in concurrency:
+                record = asyncio.run(_load(url, c, requests, turn_words, words, f"b{int(batching)}-c{c}"))
+                record["batching"] = batching
+                rows.append(record)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return rows
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"convret serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("convret serve did not become ready")
+
+
+def run(args, argv: list[str]) -> int:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    concurrency = [int(x) for x in args.concurrency.split(",")]
+    if args.smoke:
+        lengths, args.reps, args.turn_words = [256, 512], 2, 20
+        concurrency, args.requests_per_client, args.passages = [1, 4], 3, 40
+    elif args.quick:
+        lengths, args.reps = [1024, 4096], 3
+        concurrency, args.requests_per_client, args.passages = [1, 8, 32], 8, 200
+    payload: dict[str, Any] = {"benchmark": NAME, "command": H.command_line("convret bench", argv),
+                               "environment": H.environment("cpu"), "hidden": args.hidden, "layers": args.layers,
+                               "turn_words": args.turn_words, "reps": args.reps}
+    with tempfile.TemporaryDirectory(prefix="convret-bench-serve-") as tmp:
+        work = Path(tmp)
+        checkpoint = build_checkpoint(work / "ck", args.hidden, args.layers, max(lengths) + 2048)
+        payload["per_turn"] = per_turn(checkpoint, lengths, args.turn_words, args.reps)
+        if not args.no_service:
+            index, collection = build_index(checkpoint, work, args.passages)
+            payload["service"] = service(checkpoint, index, collection, concurrency, args.requests_per_client,
+                                         args.turn_words, args.server_threads)
+        else:
+            payload["service"] = []
+    payload["load_average_after"] = list(os.getloadavg())
+    diff = max((r["max_abs_diff"] for r in payload["per_turn"]), default=0.0)
+    errors = sum(r["errors"] for r in payload["service"])
+    payload["equality"] = {"max_abs_diff": diff, "tolerance": TOLERANCE, "passed": diff <= TOLERANCE}
+    payload["passed"] = payload["equality"]["passed"] and errors == 0
+    payload["plots"] = []
+    H.finish(args.out, NAME, payload, format_report(payload))
+    return 0 if payload["passed"] else 1
+
+
+def format_report(payload: dict) -> str:
+    lines = [f"Command: `{payload['command']}`", "", H.environment_line(payload["environment"]),
+             f"load average after the run: {', '.join(f'{x:.2f}' for x in payload['load_average_after'])}", "",
+             f"Tiny Qwen2 (hidden {payload['hidden']}, {payload['layers']} layers), fp32, CPU; turns of "
+             f"{payload['turn_words']} words.", "",
+             f"Per turn: the incremental encoder vs a full re-encode of the same session, medians of "
+             f"{payload['reps']} consecutive turns past each length:", ""]
+    rows = [[f"{r['target']:,}", f"{r['mean_tokens']:.0f}", f"{r['mean_computed']:.0f}",
+             H.fmt_ms(r["incremental_median_ms"]), H.fmt_ms(r["full_median_ms"]), f"x{r['speedup']:.1f}",
+             f"{r['max_abs_diff']:.1e}"] for r in payload["per_turn"]]
+    lines.append(H.markdown_table(["length", "session tokens", "tokens run per turn", "incremental",
+                                   "full re-encode", "speedup", "max |diff|"], rows))
+    e = payload["equality"]
+    lines += ["", f"Embeddings: max |diff| {e['max_abs_diff']:.1e} (tolerance {e['tolerance']:.0e}): "
+                  f"{'pass' if e['passed'] else 'FAIL'}."]
+    if payload["service"]:
+        lines += ["", "Service (`convret serve` subprocess, asyncio httpx clients on the same machine; growing "
+                      "conversations, top_k 10):", ""]
+        by = {(r["batching"], r["concurrency"]): r for r in payload["service"]}
+        rows = []
+        for c in sorted({r["concurrency"] for r in payload["service"]}):
+            on, off = by.get((True, c)), by.get((False, c))
+            rows.append([c, f"{on['requests_per_s']:.1f}", H.fmt_ms(on["p50_ms"]), H.fmt_ms(on["p99_ms"]),
+                         f"{off['requests_per_s']:.1f}", H.fmt_ms(off["p50_ms"]), H.fmt_ms(off["p99_ms"]),
+                         f"x{on['requests_per_s'] / off['requests_per_s']:.2f}", on["errors"] + off["errors"]])
+        lines.append(H.markdown_table(["clients", "batching req/s", "p50", "p99", "no batching req/s", "p50", "p99",
+                                       "batching gain", "errors"], rows))
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""``convret serve``: conversational search over HTTP, each new turn encoded on top of the cached session.
+
+See :mod:`convret.serve.app` for the endpoints and docs/serve.md for the API, limits, metrics and scaling out.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "is_loopback", "read_api_key"]
+
+MIN_KEY_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: addresses no other machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def read_api_key(path: str) -> str:
+    """The key in ``path`` (surrounding whitespace stripped). Raises ``ValueError`` if unreadable or short."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--api-key-file {path}: cannot read it ({error})") from error
+    if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
+        raise ValueError(f"--api-key-file {path}: the key must be at least {MIN_KEY_CHARS} characters without "
+                         "whitespace (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return key
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .app import Limits
+
+    d = Limits()
+    p = argparse.ArgumentParser(
+        prog="convret serve",
+        description="Serve conversational search over HTTP (FastAPI + uvicorn): POST /v1/search, POST /v1/encode, "
+                    "GET /healthz, GET /metrics (Prometheus), OpenAPI page at /docs. Each conversation's session "
+                    "is cached (keys / values per layer) so that a new turn runs only its new tokens; concurrent "
+                    "requests are batched into one forward pass. Binds 127.0.0.1 unless --host says otherwise; any "
+                    "other address requires --api-key-file. SIGTERM finishes the requests in flight, then exits.")
+    p.add_argument("--model", required=True, help="checkpoint directory (convret train's OUTPUT_DIR/final)")
+    p.add_argument("--index", required=True, help="index directory (convret index) built with this model")
+    p.add_argument("--collection", required=True, help="the collection the index was built from (passage texts)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the API key clients send as 'Authorization: Bearer KEY' (required on any "
+                        "non-loopback --host)")
+    p.add_argument("--cache-mb", type=float, default=256.0,
+                   help="byte budget of the session cache in MiB (LRU over conversations; 0 disables it)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="IVF indexes: inverted lists probed per query (default: as `convret search`, max(128, nlist/8))")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="HNSW indexes: efSearch (default: as `convret search`)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype to run the model in (default: the saved dtype)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the forward pass (default: torch's; on a CPU shared with other work, "
+                        "fewer threads avoid OpenMP stalls)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others under load (default 5)")
+    p.add_argument("--always-wait", action="store_true",
+                   help="every batch waits --max-wait-ms for company (default: only under load, so that a lone "
+                        "request is not delayed)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="new tokens per batch (default 16384)")
+    p.add_argument("--max-batch-requests", type=int, default=64, help="requests per batch (default 64)")
+    p.add_argument("--no-batching", action="store_true", help="one request per forward pass")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="key positions per packed row (default: convret encode's)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above this request size")
+    p.add_argument("--max-turns", type=int, default=d.max_turns, help="422 above this many turns")
+    p.add_argument("--max-text-chars", type=int, default=d.max_text_chars, help="422 above this many characters "
+                                                                                 "in one turn or passage")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help="413 when the texts of one session or passage hold more tokens (counted before the model's "
+                        "own truncation to its max_session_len / max_passage_len)")
+    p.add_argument("--max-top-k", type=int, default=d.max_top_k, help="422 above this top_k")
+    p.add_argument("--max-items", type=int, default=d.max_items, help="422 above this many items in /v1/encode")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="allow browser requests from this origin (repeatable; CORS is off by default)")
+    p.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for requests in flight (default 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    api_key = None
+    try:
+        if args.api_key_file:
+            api_key = read_api_key(args.api_key_file)
+        elif not is_loopback(args.host):
+            raise ValueError(f"refusing to bind {args.host} without an API key: a non-loopback address is reachable "
+                             "from other machines; pass --api-key-file FILE (or bind 127.0.0.1)")
+        for name in ("max_body_bytes", "max_turns", "max_text_chars", "max_tokens", "max_top_k", "max_items",
+                     "max_batch_tokens", "max_batch_requests"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    except ValueError as error:
+        print(f"convret serve: error: {error}", file=sys.stderr)
+        return 2
+
+    import torch
+    import uvicorn
+
+    from .app import Limits, ServeSettings, create_app
+    from .service import SearchService
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        service = SearchService.load(args.model, args.index, args.collection, cache_mb=args.cache_mb, device=device,
+                                     dtype=getattr(torch, args.model_dtype) if args.model_dtype else None,
+                                     token_budget=args.token_budget, nprobe=args.nprobe,
+                                     ef_search=args.ef_search)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"convret serve: error: {error}", file=sys.stderr)
+        return 1
+    limits = Limits(args.max_body_bytes, args.max_turns, args.max_text_chars, args.max_tokens, args.max_top_k,
+                    args.max_items)
+    settings = ServeSettings(limits, api_key, args.cors_origin, args.max_wait_ms, args.max_batch_tokens,
+                             1 if args.no_batching else args.max_batch_requests, args.always_wait)
+    app = create_app(service, settings)
+    print(f"convret serve: {len(service.doc_ids)} passages, model {args.model}, cache {args.cache_mb:g} MiB, "
+          f"http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), file=sys.stderr,
+          flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_timeout, access_log=False,
+                            limit_concurrency=None, server_header=False)
+    uvicorn.Server(config).run()
+    return 0

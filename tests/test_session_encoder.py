@@ -1,0 +1,168 @@
+"""SessionEncoder: incremental session encoding equals a full encode (``Encoder.encode_sessions``, the path of
+``convret encode``) in fp32 within 1e-5, for growing sessions, edited sessions and truncated sessions, on the
+tiny Qwen2 retriever and on every family of the model matrix; the cache stays within its byte budget."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from convret.data.records import Turn
+from convret.retrieval.encoder import Encoder
+from convret.retrieval.session_encoder import SessionEncoder, turns_of
+from _model_matrix import FAMILIES
+from _retrieval_fixtures import WORDS, tiny_checkpoint
+
+TOL = 1e-5
+
+
+def text(rng, lo=3, hi=20, words=WORDS):
+    return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+
+def full(encoder, turns):
+    return encoder.encode_sessions([(turns[:-1], turns[-1].text)])[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return Encoder.from_checkpoint(tiny_checkpoint(tmp_path_factory.mktemp("se") / "ck"))
+
+
+def grow_and_check(encoder, se, rng, conv="c", turns_n=8, words=WORDS):
+    turns, infos = [], []
+    for _ in range(turns_n):
+        turns.append(Turn("user", text(rng, words=words)))
+        vec, info = se.encode(conv, turns)
+        np.testing.assert_allclose(vec, full(encoder, turns), atol=TOL, rtol=0)
+        assert info.reused_tokens + info.computed_tokens == info.total_tokens
+        infos.append(info)
+        turns.append(Turn("assistant", text(rng, words=words)))
+    return turns, infos
+
+
+def test_growing_session_reuses_the_prefix_and_truncation_recomputes(tiny):
+    se = SessionEncoder(tiny, cache_mb=4)
+    turns, infos = grow_and_check(tiny, se, random.Random(0), turns_n=8)
+    assert infos[0].cache == "miss" and infos[0].reused_tokens == 0
+    hits = [i for i in infos if i.cache == "hit"]
+    assert hits and all(i.reused_tokens > 0 for i in hits)
+    # the fixture's max_session_len is 200: the oldest turns are dropped, the prefix changes
+    changed = [i for i in infos if i.cache == "changed"]
+    assert changed, [i.total_tokens for i in infos]
+    stats = se.cache_info()
+    assert stats["prefix_changes"] == len(changed) and stats["hits"] == len(hits) and stats["misses"] == 1
+    # a hit computes only the new turns + summary tokens: far fewer than the whole session
+    assert sum(i.computed_tokens for i in hits) < sum(i.total_tokens for i in hits) / 2
+
+
+def test_edited_turn_reuses_the_common_prefix(tiny):
+    rng = random.Random(1)
+    se = SessionEncoder(tiny, cache_mb=4)
+    turns, _ = grow_and_check(tiny, se, rng, turns_n=3)
+    edited = list(turns[:-1])
+    edited[2] = Turn("user", text(rng))  # the second user turn changes
+    vec, info = se.encode("c", edited)
+    np.testing.assert_allclose(vec, full(tiny, edited), atol=TOL, rtol=0)
+    prefix = len(tiny.session_tokens(edited[:1], edited[1].text)) - len(tiny.config.summary_token_ids)
+    assert info.cache == "changed" and 0 < info.reused_tokens <= prefix + 5
+    # the same session again: everything but the summary tokens is reused
+    vec2, info2 = se.encode("c", edited)
+    np.testing.assert_allclose(vec2, vec, atol=TOL, rtol=0)
+    assert info2.cache == "hit" and info2.computed_tokens == len(tiny.config.summary_token_ids)
+
+
+def test_batch_of_mixed_requests_is_one_forward(tiny):
+    rng = random.Random(2)
+    se = SessionEncoder(tiny, cache_mb=4, token_budget=150)
+    sessions = {f"c{i}": [Turn("user", text(rng))] for i in range(5)}
+    for cid, turns in sessions.items():
+        se.encode(cid, turns)
+    for turns in sessions.values():
+        turns += [Turn("assistant", text(rng)), Turn("user", text(rng))]
+    requests = [se.session_request(cid, turns) for cid, turns in sessions.items()]
+    requests.append(se.session_request("new", [Turn("user", text(rng))]))
+    requests.append(se.session_request(None, [Turn("user", text(rng)), Turn("assistant", "w1"),
+                                              Turn("user", "w2")]))
+    passages = ["w1 w2 w3", text(rng, 20, 40)]
+    requests += [se.passage_request(p) for p in passages]
+    forwards = se.stats.forwards
+    vectors, infos = se.encode_requests(requests)
+    assert se.stats.forwards == forwards + 1
+    for i, turns in enumerate(sessions.values()):
+        np.testing.assert_allclose(vectors[i], full(tiny, turns), atol=TOL, rtol=0)
+        assert infos[i].cache == "hit"
+    assert [i.cache for i in infos[5:]] == ["miss", "none", "none", "none"]
+    np.testing.assert_allclose(vectors[-2:], tiny.encode_passages(passages), atol=TOL, rtol=0)
+
+
+def test_cache_budget_lru_eviction(tiny):
+    rng = random.Random(3)
+    se = SessionEncoder(tiny, cache_mb=0.03)  # ~31 kB: a handful of short sessions
+    budget = se.stats.budget_bytes
+    convs = {f"c{i}": [Turn("user", text(rng))] for i in range(8)}
+    for _ in range(2):
+        for cid, turns in convs.items():
+            vec, info = se.encode(cid, turns)
+            np.testing.assert_allclose(vec, full(tiny, turns), atol=TOL, rtol=0)
+            assert se.cache_info()["bytes"] <= budget
+            turns += [Turn("assistant", text(rng, 1, 3)), Turn("user", text(rng, 1, 3))]
+    stats = se.cache_info()
+    assert stats["evictions"] > 0 and stats["max_bytes_seen"] <= budget
+    assert stats["misses"] > 8  # evicted conversations were recomputed
+    # no cache at all: always a miss, always exact
+    off = SessionEncoder(tiny, cache_mb=0)
+    turns = convs["c0"]
+    vec, info = off.encode("c0", turns)
+    vec, info = off.encode("c0", turns)
+    assert info.cache == "miss" and off.cache_info()["bytes"] == 0
+    np.testing.assert_allclose(vec, full(tiny, turns), atol=TOL, rtol=0)
+
+
+def test_bad_turns_raise():
+    with pytest.raises(ValueError, match="role"):
+        turns_of([{"role": "system", "text": "x"}])
+    with pytest.raises(ValueError, match="empty"):
+        turns_of([{"role": "user", "text": "  "}])
+    with pytest.raises(ValueError, match="user"):
+        turns_of([{"role": "user", "text": "a"}, {"role": "assistant", "text": "b"}])
+    with pytest.raises(ValueError, match="at least one"):
+        turns_of([])
+
+
+def family_checkpoint(model_dir, out_dir, max_session_len):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from convret.data.summary_tokens import add_summary_tokens
+    from convret.train.checkpoint import RetrieverConfig, save_retriever
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    summary = add_summary_tokens(model, tokenizer, 3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    config = RetrieverConfig(summary.tokens, summary.ids, max_session_len=max_session_len, max_passage_len=64)
+    return save_retriever(out_dir, model, tokenizer, config)
+
+
+FAMILY_WORDS = ["tell", "me", "about", "the", "lighthouse", "color", "and", "what", "harbour", "red", "tall",
+                "it", "is", "built", "year", "museum", "bridge", "river", "old", "stone"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_matrix_family(family, model_family, tmp_path):
+    encoder = Encoder.from_checkpoint(family_checkpoint(model_family(family), tmp_path / "ck", 180))
+    se = SessionEncoder(encoder, cache_mb=8)
+    rng = random.Random(4)
+    turns, infos = grow_and_check(encoder, se, rng, turns_n=3, words=FAMILY_WORDS)
+    assert all(i.cache == "hit" and i.reused_tokens > 0 for i in infos[1:]), infos
+    edited = list(turns[:-1])
+    edited[-3] = Turn("user", "what about the museum")
+    vec, info = se.encode("c", edited)
+    np.testing.assert_allclose(vec, full(encoder, edited), atol=TOL, rtol=0)
+    assert info.cache == "changed" and info.reused_tokens > 0
+    # grow until truncation drops the oldest exchanges
+    _, infos = grow_and_check(encoder, se, rng, conv="long", turns_n=8, words=FAMILY_WORDS)
+    assert any(i.cache == "changed" for i in infos), "the session never reached max_session_len"
