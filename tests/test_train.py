@@ -278,7 +278,7 @@ def test_cpu_training_uses_the_caching_allocator_unless_turned_off(world, tmp_pa
     has torch's allocator back after run()."""
     from transformers import TrainerCallback
 
-    from convret._cpu_backend import native_available
+    from convret.ops.session_attention.cpu import native_available
     from convret.memory import cpu_caching_allocator_stats
 
     if not native_available():
