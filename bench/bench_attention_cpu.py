@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import convret
 from convret import SessionLayout
-from convret._cpu_backend import fallback_session_attention, session_attention_cpu
+from convret.ops.session_attention.cpu import fallback_session_attention, session_attention_cpu
 from convret.baselines import additive_mask, dense_mask_eager_attention, sdpa_dense_mask_attention
 from convret.bench import harness as H
 

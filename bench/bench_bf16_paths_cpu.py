@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from convret import _cpu_backend
-from convret._cpu_backend import session_attention_cpu, TileSizes, default_tile_sizes
+from convret.ops.session_attention import cpu as _cpu_backend
+from convret.ops.session_attention.cpu import session_attention_cpu, TileSizes, default_tile_sizes
 from bench.attention import csit_layout, make_inputs
 from bench.peers import build_peers, attention_flops, SDPA_DECOMP, FLEX
 from bench import harness as H

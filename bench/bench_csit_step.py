@@ -252,7 +252,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, sessions {args.sessions}, "
           f"max_len {args.max_len}, malloc of the timing process: {args.malloc}")
     import convret
-    from convret.attention import resolve_backend
+    from convret.ops.session_attention import resolve_backend
 
     print("session_attention backend (auto on CPU):", resolve_backend("auto", torch.device("cpu")),
           "| available:", convret.available_backends())

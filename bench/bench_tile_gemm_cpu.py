@@ -20,7 +20,7 @@ import time
 import torch
 
 from convret import SessionLayout, _cpu_backend
-from convret._cpu_backend import session_attention_cpu
+from convret.ops.session_attention.cpu import session_attention_cpu
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_fp16")

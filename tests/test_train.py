@@ -279,7 +279,7 @@ def test_cpu_training_uses_the_caching_allocator_unless_turned_off(world, tmp_pa
     has torch's allocator back after run()."""
     from transformers import TrainerCallback
 
-    from convret._cpu_backend import native_available
+    from convret.ops.session_attention.cpu import native_available
     from convret.memory import cpu_caching_allocator_stats
 
     if not native_available():
@@ -295,3 +295,15 @@ def test_cpu_training_uses_the_caching_allocator_unless_turned_off(world, tmp_pa
     assert seen == [expected, expected]
     assert not cpu_caching_allocator_stats().active
 
+
+
+def test_a_model_given_by_flag_brings_its_own_tokenizer():
+    """`convret train --model_name_or_path DIR` (no config) must not keep the embedded default's tokenizer."""
+    from convret.train.arguments import parse_arguments
+
+    model_args, *_ = parse_arguments(["--model_name_or_path", "/models/Qwen2.5-7B-Instruct"])
+    assert model_args.tokenizer_name_or_path is None
+    model_args, *_ = parse_arguments(["--model_name_or_path=/m", "--tokenizer_name_or_path", "/t"])
+    assert model_args.tokenizer_name_or_path == "/t"
+    model_args, *_ = parse_arguments([])
+    assert model_args.tokenizer_name_or_path.endswith("tokenizer")

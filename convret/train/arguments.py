@@ -189,6 +189,11 @@ def parse_arguments(
         if data_args.train_file is not None:
             raise ValueError("train_file and train_files exclude each other: list every source in train_files")
         parse_train_files(data_args.train_files, CONFIG_DIR.parent)  # fail early on a malformed list
+    flags = {arg.split("=", 1)[0] for arg in argv or [] if arg.startswith("--")}
+    if "--model_name_or_path" in flags and "--tokenizer_name_or_path" not in flags:
+        # the user's model comes with its own tokenizer: never the config's (the embedded default names the
+        # sample world's, which would silently mismatch the model's vocabulary)
+        model_args.tokenizer_name_or_path = None
     for key in ("model_config", "tokenizer_name_or_path", "train_file", "corpus"):
         for obj in (model_args, data_args):
             value = getattr(obj, key, None)
