@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from convret import SessionLayout
-from convret.attention import reference_attention
+from convret.ops.session_attention import reference_attention
 
 from . import harness as H
 from .peers import (CONVRET, FLASH, SDPA_DECOMP, SHORT_NAMES, attention_flops, build_peers,

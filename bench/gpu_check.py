@@ -51,7 +51,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------- checks
 def check_session_attention(device, dtype_name: str, head_dim: int, small: bool) -> dict:
     from convret import SessionLayout
-    from convret.attention import reference_attention
+    from convret.ops.session_attention import reference_attention
     from convret.kernels.session_attention import default_configs, session_attention_triton
 
     dtype = DTYPES[dtype_name]

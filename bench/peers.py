@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from convret import SessionLayout, session_attention
-from convret._cpu_backend import fallback_session_attention
+from convret.ops.session_attention.cpu import fallback_session_attention
 from convret.baselines import additive_mask, dense_mask_eager_attention, sdpa_dense_mask_attention
 
 EAGER, SDPA_MASK, SDPA_DECOMP, FLEX, FLASH, CONVRET = (

@@ -250,7 +250,7 @@ def run(args, argv: list[str]) -> int:
         "ablation": [dict(c.__dict__) for c in ABLATION],
         "results": [],
     }
-    from convret._cpu_backend import native_available
+    from convret.ops.session_attention.cpu import native_available
 
     configs = [c for c in ABLATION if not c.allocator or native_available()]
     if len(configs) < len(ABLATION):

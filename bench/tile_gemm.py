@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import torch
 
-from convret import _cpu_backend
-from convret._cpu_backend import TileSizes, session_attention_cpu
-from convret.attention import reference_attention
+from convret.ops.session_attention import cpu as _cpu_backend
+from convret.ops.session_attention.cpu import TileSizes, session_attention_cpu
+from convret.ops.session_attention import reference_attention
 
 from . import harness as H
 from .attention import DTYPES, TOLERANCE, csit_layout, make_inputs

@@ -1,10 +1,8 @@
 """convret: session-masked attention and fused contrastive losses for conversational dense retrievers."""
 from .layout import SessionLayout
-from .attention import session_attention, available_backends
-from . import _triton_backend  # noqa: F401  (registers backend="triton")
-from . import _cpu_backend  # noqa: F401  (registers backend="cpu")
-from .contrastive import info_nce, InfoNCELoss
-from .lm_loss import linear_cross_entropy, LinearCrossEntropy
+from .ops.session_attention import session_attention, available_backends
+from .ops.info_nce import info_nce, InfoNCELoss
+from .ops.linear_cross_entropy import linear_cross_entropy, LinearCrossEntropy
 from ._info import backend_info
 from .collate import CSITBatch, CSITCollator, CSITExample
 from .csit import csit_loss, CSITLoss, CSITLossOutput

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from . import _dispatch
-from ._cpu_backend import backend_info as _cpu_session_attention_info
+from .ops.session_attention.cpu import backend_info as _cpu_session_attention_info
 
 
 def backend_info(device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("convret.retrieval.encode", "embed a collection or conversation sessions with a checkpoint"),
     "index": ("convret.retrieval.index", "build a faiss inner-product index over an embedding directory"),
     "search": ("convret.retrieval.search", "top-k passages per query embedding, written as a TREC run"),
+    "mine": ("convret.retrieval.mine", "hard negatives for a training file from a retriever's rank window (bm25 / dense)"),
     "eval": ("convret.retrieval.metrics", "NDCG/MRR/MAP/Recall of a TREC run against qrels (pytrec_eval, -c)"),
     "evaluate": ("convret.retrieval.evaluate", "the whole chain from a checkpoint: encode, index, search, metrics"),
     "export": ("convret.retrieval.export", "write a sentence-transformers model directory from a checkpoint"),

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from .collate import IGNORE_INDEX, CSITBatch, pool_hidden
-from ._info_nce_gather import _GatherWithGradient
-from .contrastive import TemperatureMixin, info_nce
-from .lm_loss import linear_cross_entropy
+from .ops.info_nce.gather import _GatherWithGradient
+from .ops.info_nce import TemperatureMixin, info_nce
+from .ops.linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["CSITLoss", "CSITLossOutput", "csit_loss", "contrastive_loss", "generation_loss", "decoder_of",
            "decoder_hidden"]

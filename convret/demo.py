@@ -10,7 +10,7 @@ import time
 import torch
 
 from . import SessionLayout, session_attention
-from .attention import resolve_backend
+from .ops.session_attention import resolve_backend
 from .baselines import additive_mask, dense_mask_eager_attention, sdpa_dense_mask_attention
 from .bench.harness import peak_rss_bytes as _peak_rss_bytes, reset_peak_rss as _reset_peak_rss
 

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .attention import session_attention
+from .ops.session_attention import session_attention
 from .layout import SessionLayout
 
 if TYPE_CHECKING:
-    from .cached_attention import CachedPrefill
+    from .ops.session_attention.cached import CachedPrefill
 
 ATTN_IMPLEMENTATION = "convret"
 
@@ -71,9 +71,9 @@ def convret_attention_forward(
         sliding_window: passed by Mistral / Qwen2 layers; supported only when no query is further than the
             window from a key it may see (with a layout: within each sample, so packed rows longer than the
             window are fine as long as their samples are not).
-        cached_prefill: a :class:`convret.cached_attention.CachedPrefill` (a model keyword, like
+        cached_prefill: a :class:`convret.ops.session_attention.cached.CachedPrefill` (a model keyword, like
             ``session_layout``): the model runs on new tokens only and their queries attend to the cached keys
-            and values it holds plus their own (:func:`convret.cached_attention.cached_session_attention`).
+            and values it holds plus their own (:func:`convret.ops.session_attention.cached.cached_session_attention`).
         **kwargs: ``position_ids`` (read to find packed rows), ``use_cache`` and the other keywords
             transformers always passes; any keyword that would change the result raises (see the module
             docstring).
@@ -116,7 +116,7 @@ def convret_attention_forward(
 
 
 def _cached_prefill_attention(module, query, key, value, scaling, dropout, prefill, sliding_window):
-    from .cached_attention import cached_session_attention
+    from .ops.session_attention.cached import cached_session_attention
 
     if key.shape[2] != prefill.query_positions.shape[1]:
         raise ValueError(f"cached_prefill holds {prefill.query_positions.shape[1]} new tokens per row but the layer "

@@ -129,7 +129,7 @@ def enable_for_training(enabled: bool, device: torch.device | str) -> Callable[[
     not built. Returns the function that undoes it: it disables the cache if this call installed it."""
     if not enabled or torch.device(device).type != "cpu":
         return lambda: None
-    from ._cpu_backend import _native, native_available
+    from .ops.session_attention.cpu import _native, native_available
 
     if not native_available():
         warnings.warn(f"the CPU caching allocator stays off: {_native.reason}", stacklevel=2)
@@ -138,7 +138,7 @@ def enable_for_training(enabled: bool, device: torch.device | str) -> Callable[[
 
 
 def _native_ops():
-    from ._cpu_backend import _native, native_available
+    from .ops.session_attention.cpu import _native, native_available
 
     if not native_available():
         raise RuntimeError(f"the caching CPU allocator is part of the native extension, which is not available: "

@@ -1,6 +1,6 @@
 """Triton kernel for the cross-entropy part of the chunked linear cross-entropy (``convret.linear_cross_entropy``).
 
-The driver (convret/lm_loss.py) multiplies one chunk of hidden states by the vocabulary matrix with the
+The driver (convret/ops/linear_cross_entropy.py) multiplies one chunk of hidden states by the vocabulary matrix with the
 device's GEMM, then this kernel turns the ``[chunk, V]`` logits into the per-row loss and, in place, into the
 logits gradient, so that a chunk's logits buffer is the only vocabulary-sized tensor ever alive:
 

@@ -540,7 +540,7 @@ def _cached_attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """The forward of ``convret.cached_attention``: query row i of row b stands at key position QPOS[b, i]
+    """The forward of ``convret.ops.session_attention.cached``: query row i of row b stands at key position QPOS[b, i]
     (a cached prefill); the mask is the one that position has in the full row. Key tiles past the tile's last
     query position, or whose keys are all hidden from its first one, are skipped; the others are masked."""
     q_tile = tl.program_id(0)
@@ -589,7 +589,7 @@ def _cached_attn_fwd(
 
 
 def cached_session_attention_triton(q, k, v, layout, query_positions, scale, config=None):
-    """Launch the cached-prefill forward (``convret.cached_attention``). ``config``: (BLOCK_M, BLOCK_N,
+    """Launch the cached-prefill forward (``convret.ops.session_attention.cached``). ``config``: (BLOCK_M, BLOCK_N,
     num_warps, num_stages), default the forward kernel's."""
     batch, num_q_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]

@@ -1,9 +1,10 @@
 """Runs `convret train` on the test world (tests/_train_world.py) in its own process: for the resume test
 (killed with SIGKILL) and the multi-process test (under torchrun).
 
-    python tests/_train_driver.py WORLD_DIR [--examples N] [--negatives N] [--triplets] -- [convret train flags]
+    python tests/_train_driver.py WORLD_DIR [--examples N] [--negatives N] [--triplets] [--mixture W1,W2] -- [flags]
 
 --negatives: hard negatives per example in the data (default: --num_negatives, i.e. none to sample from).
+--mixture W1,W2: two sources (a MixtureDataset), these examples and a second set, with those weights.
 
 WORLD_DIR holds tok/ (a tokenizer) and model.json (made by the test). CONVRET_TEST_KILL_IN_SAVE=N kills the
 process with SIGKILL in the middle of saving checkpoint-N (model files written, not yet renamed)."""
@@ -49,6 +50,11 @@ def main() -> int:
     built = build_model(m, d, l)
     examples = make_examples(num_examples, negatives=d.num_negatives if negatives is None else negatives,
                              triplets=triplets, lm_only=lm_only)
+    if "--mixture" in opts:  # two sources: these examples and a second set, weights W1,W2
+        from _train_world import make_mixture
+
+        examples = make_mixture(examples, [float(w) for w in opts[opts.index("--mixture") + 1].split(",")],
+                                negatives=d.num_negatives if negatives is None else negatives)
     return run(m, d, l, t, examples=examples, formatter=WordFormatter(built.tokenizer), built=built)
 
 

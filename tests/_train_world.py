@@ -77,3 +77,13 @@ def tiny_model_config(path: Path, vocab_size: int, **overrides) -> Path:
               "max_position_embeddings": 256, "tie_word_embeddings": False, **overrides}
     path.write_text(json.dumps(config))
     return path
+
+
+def make_mixture(first, weights, negatives=2, second_size=None, seed=1):
+    """A two-source MixtureDataset: ``first`` ("a") and a second set of examples ("b", other ids and texts)."""
+    from convret.train.mixture import MixtureDataset
+
+    second = make_examples(second_size or max(len(first) // 2, 1), negatives=negatives, seed=seed)
+    for ex in second:
+        ex.id = "b" + ex.id
+    return MixtureDataset([("a", weights[0], first), ("b", weights[1], second)])

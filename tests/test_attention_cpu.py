@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 import convret
 from convret import SessionLayout, session_attention
-from convret import _cpu_backend
-from convret._cpu_backend import (
+from convret.ops.session_attention import cpu as _cpu_backend
+from convret.ops.session_attention.cpu import (
     TileSizes,
     _NativeState,
     backend_info,
@@ -29,7 +29,7 @@ from convret._cpu_backend import (
     native_available,
     session_attention_cpu,
 )
-from convret.attention import reference_attention
+from convret.ops.session_attention import reference_attention
 
 TOLERANCE = {dtype: convret._dispatch.get("session_attention", "cpu").tolerance(dtype)  # registered bounds
              for dtype in (torch.float32, torch.bfloat16, torch.float16)}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from convret import SessionLayout
-from convret.attention import reference_attention
+from convret.ops.session_attention import reference_attention
 from convret.bench import harness
 from convret.bench.peers import (SHORT_NAMES, reference_varlen_attention, varlen_decomposition, varlen_plan,
                                   visible_pairs)

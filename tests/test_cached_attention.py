@@ -11,8 +11,8 @@ import torch
 
 import convret
 from convret import SessionLayout, _dispatch
-from convret.attention import reference_attention
-from convret.cached_attention import (CachedPrefill, cached_session_attention, dense_cached_mask,
+from convret.ops.session_attention import reference_attention
+from convret.ops.session_attention.cached import (CachedPrefill, cached_session_attention, dense_cached_mask,
                                       reference_cached_attention)
 from conftest import triton_device
 

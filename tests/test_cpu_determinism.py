@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from convret import SessionLayout
-from convret._cpu_backend import TileSizes, native_available, session_attention_cpu
+from convret.ops.session_attention.cpu import TileSizes, native_available, session_attention_cpu
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native extension not built")
 

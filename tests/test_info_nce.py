@@ -22,8 +22,8 @@ from hypothesis import assume, given, settings, strategies as st
 import convret
 from convret import InfoNCELoss, _dispatch, info_nce
 
-from convret import _info_nce_cpu as info_nce_module  # CPU_CHUNK_BYTES, MIN_CHUNK_ROWS live there
-from convret import contrastive
+from convret.ops.info_nce import cpu as info_nce_module  # CPU_CHUNK_BYTES, MIN_CHUNK_ROWS live there
+from convret.ops import info_nce as contrastive
 
 # the bounds each backend registers with convret._dispatch (values and reasons in the module docstring)
 TOLERANCES = {(backend, dtype): _dispatch.get("info_nce", backend).tolerance(dtype)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from convret import _dispatch
-from convret.lm_loss import LinearCrossEntropy, linear_cross_entropy
+from convret.ops.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
 
 
 def make_inputs(tokens, hidden_size, vocab, dtype, seed, bias=True, ignore_fraction=0.3, batch=None):
@@ -91,7 +91,7 @@ def test_rejects_bad_arguments():
 
 TRITON_ON_CPU_PROBE = """
 import torch
-from convret.lm_loss import linear_cross_entropy
+from convret.ops.linear_cross_entropy import linear_cross_entropy
 try:
     linear_cross_entropy(torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3]), backend="triton")
 except ValueError as error:

@@ -86,7 +86,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from convret._cpu_backend import native_available  # noqa: E402
+from convret.ops.session_attention.cpu import native_available  # noqa: E402
 from convret.memory import (  # noqa: E402
     cpu_caching_allocator_stats, disable_cpu_caching_allocator, empty_cpu_cache, enable_cpu_caching_allocator,
 )

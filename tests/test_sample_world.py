@@ -105,3 +105,20 @@ def test_tokenizer_and_tiny_configs_load():
         h, i, n, kv = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.head_dim
         params = 2 * config.vocab_size * h + n * (2 * h * h + 2 * h * config.num_key_value_heads * kv + 3 * h * i)
         assert low <= params <= high
+
+
+def test_adhoc_file_is_single_turn_tevatron_over_the_collection():
+    """The MS MARCO-like source of a two-source mixture: one query naming its entity, its gold passage from the
+    collection, no negatives (convret mine adds them)."""
+    d = sw.SAMPLE_WORLD_DIR
+    stats = json.loads((d / sw.STATS).read_text())
+    passages = {p.id: p for p in read_collection(d / sw.COLLECTION, strict=True)}
+    report = ReadReport()
+    adhoc = list(read_training(d / sw.TRAIN_ADHOC, strict=True, report=report))
+    assert report.format == "tevatron" and len(adhoc) == stats["adhoc_queries"] == 1000
+    assert len({ex.id for ex in adhoc}) == len(adhoc)
+    for ex in adhoc:
+        assert ex.history == [] and ex.negatives == [] and ex.response is None
+        assert passages[ex.positive.id].text == ex.positive.text
+        assert not ex.query.endswith("?") and ex.query[0].islower()
+    assert (d / sw.TRAIN_ADHOC).stat().st_size < 300_000

@@ -4,7 +4,7 @@ import torch
 
 import convret
 from convret import SessionLayout, session_attention
-from convret.attention import reference_attention, resolve_backend
+from convret.ops.session_attention import reference_attention, resolve_backend
 
 
 def qkv(batch=1, q_heads=4, kv_heads=2, seq_len=12, head_dim=32, dtype=torch.float32, seed=0):

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import convret
 from convret import SessionLayout
-from convret.attention import reference_attention
+from convret.ops.session_attention import reference_attention
 from convret.kernels.session_attention import default_configs, session_attention_triton
 from conftest import triton_device
 from layout_strategies import layouts

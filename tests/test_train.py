@@ -171,7 +171,8 @@ def test_nonfinite_loss_stops_with_step_parts_and_last_good_checkpoint(world, tm
     load_retriever(out / "checkpoint-2")
 
 
-def _driver(world, out, *flags, env=None, timeout=300, opts=()):
+def _driver(world, out, *flags, env=None, timeout=300, opts=(), mixture=None):
+    opts = [*opts, "--mixture", mixture] if mixture else list(opts)
     cmd = [sys.executable, str(DRIVER), str(world), *opts, "--", "--output_dir", str(out), *COMMON, *flags]
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -278,7 +279,7 @@ def test_cpu_training_uses_the_caching_allocator_unless_turned_off(world, tmp_pa
     has torch's allocator back after run()."""
     from transformers import TrainerCallback
 
-    from convret._cpu_backend import native_available
+    from convret.ops.session_attention.cpu import native_available
     from convret.memory import cpu_caching_allocator_stats
 
     if not native_available():

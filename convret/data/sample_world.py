@@ -40,11 +40,12 @@ TINY_TEST_MODEL_CONFIG = RESOURCES / "models" / "tiny-qwen2-test.json"
 COLLECTION = "collection.jsonl"
 TRAIN_ULTRACHAT = "train.jsonl"
 TRAIN_TRIPLETS = "train_triplets.jsonl"
+TRAIN_ADHOC = "train_adhoc.jsonl"
 EVAL = "eval.json"
 QRELS = "qrels.tsv"
 EVAL_CONTEXTS = ["eval_context_1.json", "eval_context_2.json"]
 STATS = "stats.json"
-DATA_FILES = [COLLECTION, TRAIN_ULTRACHAT, TRAIN_TRIPLETS, EVAL, QRELS, *EVAL_CONTEXTS, STATS]
+DATA_FILES = [COLLECTION, TRAIN_ULTRACHAT, TRAIN_TRIPLETS, TRAIN_ADHOC, EVAL, QRELS, *EVAL_CONTEXTS, STATS]
 
 SEED = 20261201
 
@@ -56,6 +57,7 @@ class WorldSizes:
     pairs_per_category: int = 40  # near-duplicate entity pairs: 6 x 40 x 2 = 480 entities, 2400 passages
     train_sessions: int = 1600
     eval_turns: int = 200
+    adhoc_queries: int = 1000  # single-turn, MS MARCO-like training queries (train_adhoc.jsonl)
 
 
 # ------------------------------------------------------------------------------------------ the vocabulary
@@ -438,6 +440,10 @@ def generate(out: str | Path, sizes: WorldSizes = WorldSizes(), seed: int = SEED
                     seen.append(turn["entity"])
                     train_turns += 1
                 uc.write(_dump({"conv_id": conv_id, "conversation": conversation}) + "\n")
+        with atomic_write(tmp / TRAIN_ADHOC) as f:  # its own generator: the files above do not move
+            adhoc_rng = random.Random(seed + 3)
+            for q in range(sizes.adhoc_queries):
+                f.write(_dump(_adhoc(world, adhoc_rng, f"a{q:04d}")) + "\n")
         sessions, total = [], 0
         while total < sizes.eval_turns:
             turns = world.session(eval_rng, eval_rng.randint(3, 6))[: sizes.eval_turns - total]
@@ -476,7 +482,8 @@ def generate(out: str | Path, sizes: WorldSizes = WorldSizes(), seed: int = SEED
                 f.write(_json_array([_dump(r) for r in records]))
         stats = {"seed": seed, "entities": len(world.entities), "passages": len(world.entities) * 5,
                  "train_sessions": sizes.train_sessions, "train_turns": train_turns, "eval_sessions": len(sessions),
-                 "eval_turns": total, "context_dependent_eval_turns": dependent,
+                 "eval_turns": total, "adhoc_queries": sizes.adhoc_queries,
+                 "context_dependent_eval_turns": dependent,
                  "context_dependent_fraction": round(dependent / total, 4),
                  "eval_turn_kinds": dict(sorted(kinds.items()))}
         with atomic_write(tmp / STATS) as f:
@@ -484,8 +491,21 @@ def generate(out: str | Path, sizes: WorldSizes = WorldSizes(), seed: int = SEED
     if not quiet:
         print(f"sample world -> {out}: {stats['passages']} passages, {stats['train_sessions']} training sessions "
               f"({train_turns} turns), {total} eval turns; context-dependent eval turns: {dependent}/{total} = "
-              f"{dependent / total:.1%}")
+              f"{dependent / total:.1%}; {sizes.adhoc_queries} ad-hoc training queries")
     return stats
+
+
+def _adhoc(world: World, rng: random.Random, query_id: str) -> dict:
+    """A single-turn, MS MARCO-like training query in Tevatron's format: a question naming its entity, lower-case
+    first word, no question mark; its passage; no negatives (``convret mine`` adds them)."""
+    entity = rng.randrange(len(world.entities))
+    attribute = rng.choice(list(CATEGORIES[world.entities[entity].category]))
+    turn = {"entity": entity, "attribute": attribute, "kind": "explicit", "template": rng.randrange(3)}
+    question = world.question(turn, turn["template"]).rstrip("?")
+    return {"query_id": query_id, "query": question[0].lower() + question[1:],
+            "positive_passages": [{"docid": world.pid(entity, attribute), "title": "",
+                                   "text": world.passage_text(entity, attribute)}],
+            "negative_passages": []}
 
 
 def _distractor(world: World, rng: random.Random, turns: list[dict]) -> dict:

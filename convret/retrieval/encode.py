@@ -400,15 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    import torch
-
     args = build_parser().parse_args(argv)
     rank, world, dist = _dist()
-    device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     try:
-        encoder = Encoder.from_checkpoint(args.model, device=device, token_budget=args.token_budget,
-                                          dtype=getattr(torch, args.model_dtype) if args.model_dtype else None)
+        encoder = Encoder.from_checkpoint(args.model, device=args.device, token_budget=args.token_budget,
+                                          dtype=args.model_dtype)
         if args.collection:
             records, tokenize = collection_records(args.collection, encoder, args.format)
             kind, source = "passages", args.collection

@@ -123,13 +123,28 @@ class Encoder:
         self.formatter = _data.formatter_for(self.tokenizer, self.config)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = "cpu",
+                        dtype: torch.dtype | str | None = None, token_budget: int | None = DEFAULT_TOKEN_BUDGET,
                         merge: bool = False) -> "Encoder":
-        """Load ``path`` (a convret checkpoint) for encoding. Raises ``ValueError`` when it is not one or its
-        parts do not belong together."""
+        """Load ``path`` (a convret checkpoint) for encoding: the one loading step of every command that runs
+        a checkpoint (encode, evaluate, generate, serve, mine).
+
+        Args:
+            device: ``None``: this process's GPU (``cuda:LOCAL_RANK`` under torchrun) when CUDA is available,
+                else the CPU.
+            dtype: the model's dtype (a ``torch.dtype`` or its name, ``"bfloat16"``); ``None``: as saved.
+            token_budget: tokens per forward pass (``None``: the default).
+
+        Raises:
+            ValueError: ``path`` is not a convret checkpoint or its parts do not belong together.
+        """
         from ..train.checkpoint import load_retriever
 
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        token_budget = DEFAULT_TOKEN_BUDGET if token_budget is None else token_budget
         loaded = load_retriever(path, device=device, dtype=dtype, merge=merge)
         return cls(loaded.model, loaded.tokenizer, loaded.config, token_budget, str(path))
 

@@ -111,9 +111,6 @@ def evaluate_chain(
         ValueError: qrels naming queries the conversation file does not hold (unless ``allow_unknown_qrels``),
             and every error of the steps (empty collection, duplicate ids, ...).
     """
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     output = Path(output)
     cache = output / "cache"
     qrels = _data.load_qrels(qrels_path)
@@ -137,8 +134,7 @@ def evaluate_chain(
                      "run": str(run_path)})
 
     for position, ckpt in enumerate([model, *baselines]):
-        encoder = Encoder.from_checkpoint(ckpt, device=device, token_budget=token_budget,
-                                          dtype=getattr(torch, model_dtype) if model_dtype else None)
+        encoder = Encoder.from_checkpoint(ckpt, device=device, token_budget=token_budget, dtype=model_dtype)
         index, doc_ids = _indexed_collection(encoder, ckpt, collection, cache, collection_format, dtype, shard_size)
         label = "model" if position == 0 else f"baseline {Path(ckpt).name or ckpt}"
         add_row(label, ckpt, _run_queries(encoder, index, doc_ids, conversations, top_k, fmt=fmt))

@@ -24,7 +24,6 @@ import torch
 
 from .._io import atomic_write
 from . import _data
-from .encoder import decoder_of
 
 __all__ = ["generate_response", "response_text", "token_f1", "main"]
 
@@ -139,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="jsonl file to write")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: the checkpoint's max_response_len less the response wrapper's start")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype to run the model in (default: the saved dtype)")
     return p
 
 
@@ -150,8 +151,7 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        encoder = Encoder.from_checkpoint(args.model, device=device)
+        encoder = Encoder.from_checkpoint(args.model, device=args.device, dtype=args.model_dtype)
         tokenizer, config, formatter = encoder.tokenizer, encoder.config, encoder.formatter
         passages = _passages_for(args.run, args.collection, args.passages)
         wrapper = _data.text_wrapping(tokenizer, formatter.response)

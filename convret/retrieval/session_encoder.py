@@ -5,7 +5,7 @@ tokens only. :class:`SessionEncoder` keeps, per conversation id, the token ids o
 (without the summary tokens) and every layer's keys / values of them. The next request of that conversation is
 tokenised exactly as ``convret encode`` tokenises a session (the checkpoint's ``SequenceFormatter.session``,
 then the summary tokens); the longest common token prefix with the cached ids is reused and only the rest (the
-new turn's tokens and the summary tokens) runs, through :func:`convret.cached_attention.cached_session_attention`.
+new turn's tokens and the summary tokens) runs, through :func:`convret.ops.session_attention.cached.cached_session_attention`.
 The summary tokens' keys / values are never cached (the next turn's tokens come before the next summary).
 
 When truncation (``max_session_len``) starts dropping the oldest turns, or a turn is edited, the common prefix
@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..cached_attention import CachedPrefill
+from ..ops.session_attention.cached import CachedPrefill
 from ..data.records import ASSISTANT, USER, Passage, Turn
 from ..layout import SessionLayout
 from .encoder import Encoder, decoder_of, pack_by_budget

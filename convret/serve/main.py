@@ -119,10 +119,9 @@ def main(argv: list[str]) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        service = SearchService.load(args.model, args.index, args.collection, cache_mb=args.cache_mb, device=device,
-                                     dtype=getattr(torch, args.model_dtype) if args.model_dtype else None,
+        service = SearchService.load(args.model, args.index, args.collection, cache_mb=args.cache_mb,
+                                     device=args.device, dtype=args.model_dtype,
                                      token_budget=args.token_budget, nprobe=args.nprobe,
                                      ef_search=args.ef_search)
     except (ValueError, OSError, RuntimeError) as error:

@@ -118,7 +118,7 @@ class SearchService:
 
     @classmethod
     def load(cls, model: str | os.PathLike, index: str | os.PathLike, collection: str | os.PathLike,
-             cache_mb: float = 256.0, device: str = "cpu", dtype: Any = None,
+             cache_mb: float = 256.0, device: str | None = None, dtype: Any = None,
              token_budget: int | None = None, nprobe: int | None = None,
              ef_search: int | None = None) -> "SearchService":
         from ..retrieval import _data

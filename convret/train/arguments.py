@@ -66,6 +66,10 @@ class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "training file (ultrachat, tevatron, qrecc, "
                                                                       "topiocqa style); default: the sample world"})
     train_format: str = field(default="auto", metadata={"help": "format of train_file (auto: detected)"})
+    train_files: str | None = field(default=None, metadata={
+        "help": "several sources with weights instead of train_file: 'a.jsonl:0.7,b.jsonl:0.3' (PATH[:WEIGHT"
+                "[:FORMAT]]); in YAML a list of {path, weight, format, name, corpus}. Batches are homogeneous per "
+                "source, in the weights' proportions (docs/train.md)"})
     corpus: str | None = field(default=None, metadata={"help": "collection joined by docid (Tevatron new format)"})
     max_examples: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
     num_negatives: int = field(default=4, metadata={"help": "hard negatives per example (at most; fewer if the "
@@ -179,6 +183,12 @@ def parse_arguments(
         raise ValueError(f"unknown arguments {remaining}; valid options: "
                          + ", ".join(f"--{k}" for k in valid_keys()))
     model_args, data_args, loss_args, train_args = parsed
+    if data_args.train_files is not None:
+        from .mixture import parse_train_files
+
+        if data_args.train_file is not None:
+            raise ValueError("train_file and train_files exclude each other: list every source in train_files")
+        parse_train_files(data_args.train_files, CONFIG_DIR.parent)  # fail early on a malformed list
     flags = {arg.split("=", 1)[0] for arg in argv or [] if arg.startswith("--")}
     if "--model_name_or_path" in flags and "--tokenizer_name_or_path" not in flags:
         # the user's model comes with its own tokenizer: never the config's (the embedded default names the

@@ -158,6 +158,7 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
     from ..collate import CSITCollator
     from .data import TrainingCollator, TrainingDataset
     from .model import build_model
+    from .arguments import CONFIG_DIR
     from .recipes import make_recipe
     from .trainer import LOG_NAME, ConvretTrainer, JsonlLogCallback
 
@@ -173,8 +174,11 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
                                       max_response_len=data_args.max_response_len,
                                       instruction=data_args.instruction,
                                       passage_instruction=data_args.passage_instruction)
+    from .mixture import MixtureCollator, MixtureDataset, read_mixture
+
     if examples is None:
-        examples = read_examples(data_args, loss_args)
+        examples = (read_mixture(data_args, loss_args, CONFIG_DIR.parent) if data_args.train_files is not None
+                    else read_examples(data_args, loss_args))
     data_seed = train_args.data_seed if train_args.data_seed is not None else train_args.seed
     collator = TrainingCollator(
         formatter,
@@ -185,10 +189,14 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
                      separator_token_id=retriever_config.separator_token_id
                      if retriever_config.chatretriever_compat else None),
         recipe=loss_args.recipe, num_negatives=data_args.num_negatives)
+    if isinstance(examples, MixtureDataset):  # several sources: homogeneous batches, counted per source
+        examples.configure(num_negatives=data_args.num_negatives, seed=data_seed, sample=data_args.sample_negatives)
+        dataset, collator = examples, MixtureCollator(collator, len(examples.source_names))
+    else:
+        dataset = TrainingDataset(examples, num_negatives=data_args.num_negatives, seed=data_seed,
+                                  sample=data_args.sample_negatives)
     return ConvretTrainer(
-        model=model, args=train_args, data_collator=collator,
-        train_dataset=TrainingDataset(examples, num_negatives=data_args.num_negatives, seed=data_seed,
-                                      sample=data_args.sample_negatives),
+        model=model, args=train_args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=[JsonlLogCallback(Path(train_args.output_dir) / LOG_NAME)],
         recipe=make_recipe(loss_args), retriever_config=retriever_config,
         gradcache_chunk_rows=loss_args.gradcache_chunk_rows,
@@ -280,6 +288,11 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
             ran = f"{done - start_step} in this run" if resume is not None else f"{done} steps"
             print(f"convret train: step {done} reached ({ran}, {time.perf_counter() - start:.1f} s); "
                   f"final weights in {output_dir / 'final'}", file=sys.stderr)
+            if trainer.source_totals is not None:
+                total = max(sum(trainer.source_totals), 1)
+                print("convret train: examples per source in this run: " + ", ".join(
+                    f"{name} {n} ({n / total:.1%})" for name, n in zip(trainer.train_dataset.source_names,
+                                                                        trainer.source_totals)), file=sys.stderr)
         return 0
     finally:
         _shutdown(trainer)

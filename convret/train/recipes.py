@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..collate import IGNORE_INDEX, CSITBatch
-from ..contrastive import TemperatureMixin
+from ..ops.info_nce import TemperatureMixin
 from ..csit import contrastive_loss, decoder_hidden, generation_loss, unwrap_model
 from .arguments import LossArguments
 from .data import NUM_CII_KEY

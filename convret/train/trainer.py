@@ -37,6 +37,7 @@ from .._io import fsync_tree
 from .checkpoint import CONFIG_NAME, RetrieverConfig, is_checkpoint, write_retriever
 from .data import EpochShuffleSampler
 from .gradcache import gradcache_step
+from .mixture import SOURCE_COUNTS_KEY
 from .recipes import Recipe
 
 __all__ = ["ConvretTrainer", "NonFiniteLossError", "JsonlLogCallback", "ProgressBarCallback",
@@ -44,6 +45,7 @@ __all__ = ["ConvretTrainer", "NonFiniteLossError", "JsonlLogCallback", "Progress
 
 LOG_NAME = "log.jsonl"
 STAGING_PREFIX = ".staging-"
+SOURCE_LOG_PREFIX = "examples/"  # log keys of a mixture's examples per source
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
@@ -108,6 +110,7 @@ class ConvretTrainer(Trainer):
         self.gradcache_chunk_rows = int(gradcache_chunk_rows)
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
         self._staging_dir: str | None = None
+        self.source_totals: list[int] | None = None  # a mixture's examples per source in this run
         self._reset_log_sums()
         if self.args.disable_tqdm is False:
             self.remove_callback(ProgressCallback)
@@ -117,6 +120,8 @@ class ConvretTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if hasattr(dataset, "source_names"):  # a MixtureDataset: blocks of one batch from one source each
+            return dataset.sampler(seed, self._train_batch_size)
         return EpochShuffleSampler(len(dataset), seed, shuffle=self.args.train_sampling_strategy != "sequential")
 
     # ------------------------------------------------------------------ optimisation
@@ -175,12 +180,26 @@ class ConvretTrainer(Trainer):
         self._log_count += 1
         self._log_tokens += float(packed[-2])
         self._log_fill += float(packed[-1])
+        self._record_sources(batch)
+
+    def _record_sources(self, batch) -> None:
+        """Examples per source of a mixture (summed over ranks): for the next log and the run's totals."""
+        counts = batch.stats.get(SOURCE_COUNTS_KEY)
+        if counts is None:
+            return
+        counts = torch.tensor(counts, dtype=torch.float32, device=self.args.device)
+        if _world()[0] > 1:
+            dist.all_reduce(counts)
+        counts = [int(c) for c in counts.cpu().round().tolist()]
+        self._log_sources = [a + b for a, b in zip(self._log_sources or [0] * len(counts), counts)]
+        self.source_totals = [a + b for a, b in zip(self.source_totals or [0] * len(counts), counts)]
 
     def _reset_log_sums(self) -> None:
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
         self._log_tokens = 0.0
         self._log_fill = 0.0
+        self._log_sources: list[int] | None = None
         self._log_time = time.perf_counter()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -192,6 +211,9 @@ class ConvretTrainer(Trainer):
             logs["tokens_per_s"] = self._log_tokens / elapsed
             logs["fill"] = self._log_fill / self._log_count
             logs["temperature"] = self.recipe.temperature_value()
+            if self._log_sources is not None:  # examples per source since the last log, "examples/NAME"
+                for name, count in zip(self.train_dataset.source_names, self._log_sources):
+                    logs[f"{SOURCE_LOG_PREFIX}{name}"] = count
             self._reset_log_sums()
         super().log(logs, start_time)
 
@@ -330,7 +352,12 @@ class ProgressBarCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs and "loss" in logs:
             shown = {label: logs[key] for key, label in self.SHOWN if key in logs}
-            self.bar.set_postfix({k: (f"{v:.0f}" if k == "tok/s" else f"{v:.4g}") for k, v in shown.items()},
+            sources = {k.removeprefix(SOURCE_LOG_PREFIX): v for k, v in logs.items()
+                       if k.startswith(SOURCE_LOG_PREFIX)}
+            if sources:
+                shown["examples"] = " ".join(f"{k}:{v}" for k, v in sources.items())
+            self.bar.set_postfix({k: v if isinstance(v, str) else (f"{v:.0f}" if k == "tok/s" else f"{v:.4g}")
+                                  for k, v in shown.items()},
                                  refresh=True)
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -25,9 +25,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch
-from .attention import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM
-from .layout import SessionLayout
+from ... import _dispatch
+from . import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM
+from ...layout import SessionLayout
 
 OP = "cached_session_attention"
 
@@ -144,7 +144,7 @@ def sdpa_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tens
 
 
 def _triton_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tensor:
-    from .kernels.session_attention import cached_session_attention_triton
+    from ...kernels.session_attention import cached_session_attention_triton
 
     return cached_session_attention_triton(q, k, v, layout, query_positions, scale)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._info_nce_reference import false_negative_mask
+from .reference import false_negative_mask
 
 # Bytes of fp32 scores one CPU chunk may hold; the chunk is this many bytes / (4 * P) query rows.
 CPU_CHUNK_BYTES = 32 * 2**20

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._dispatch import cpu_only
-from .attention import register_backend
-from .layout import SessionLayout
+from ..._dispatch import cpu_only
+from . import register_backend
+from ...layout import SessionLayout
 
 ENV_IMPLEMENTATION = "CONVRET_CPU_BACKEND"
 ENV_BACKWARD = "CONVRET_CPU_BACKWARD"
@@ -62,7 +62,8 @@ class _NativeState:
     """Finds and loads the built library (once); ``directory`` defaults to this package's."""
 
     def __init__(self, directory: str | None = None) -> None:
-        self.directory = directory or os.path.dirname(os.path.abspath(__file__))
+        # the extension is built beside the package's top level (convret/_convret_cpu*.so)
+        self.directory = directory or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.loaded = False
         self.path: str | None = None
         self.reason = "not loaded yet"

@@ -5,12 +5,12 @@
 
 - ``"triton"``: fused kernels (``convret.kernels.info_nce``); CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1``;
-- ``"cpu"``: :class:`ChunkedInfoNCE` (``convret._info_nce_cpu``), query chunks against all passages, the
+- ``"cpu"``: :class:`ChunkedInfoNCE` (``convret.ops.info_nce.cpu``), query chunks against all passages, the
   gradients produced in the forward pass;
 - ``"reference"``: ``F.cross_entropy`` on the full logits, the oracle (O(Q * P) memory,
-  ``convret._info_nce_reference``).
+  ``convret.ops.info_nce.reference``).
 
-``gather=True`` all-gathers the passages of every rank first (``convret._info_nce_gather``).
+``gather=True`` all-gathers the passages of every rank first (``convret.ops.info_nce.gather``).
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import math
 import torch
 from torch import nn
 
-from . import _dispatch
-from ._info_nce_cpu import CPU_CHUNK_BYTES, MIN_CHUNK_ROWS, ChunkedInfoNCE, chunked_info_nce  # noqa: F401
-from ._info_nce_gather import gather_passages
-from ._info_nce_reference import false_negative_mask, reference_info_nce  # noqa: F401
+from ... import _dispatch
+from .cpu import CPU_CHUNK_BYTES, MIN_CHUNK_ROWS, ChunkedInfoNCE, chunked_info_nce  # noqa: F401
+from .gather import gather_passages
+from .reference import false_negative_mask, reference_info_nce  # noqa: F401
 
 OP = "info_nce"
 REDUCTIONS = ("mean", "sum", "none")
@@ -276,7 +276,7 @@ def _check_and_make_labels(queries, passages, temperature, group_size, labels, p
 
 
 def _triton_info_nce(queries, passages, temperature, labels, passage_ids, reduction):
-    from .kernels.info_nce import info_nce_triton
+    from ...kernels.info_nce import info_nce_triton
 
     return info_nce_triton(queries, passages, temperature, labels, passage_ids, reduction)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _dispatch
+from .. import _dispatch
 
 OP = "linear_cross_entropy"
 IGNORE_INDEX = -100
@@ -199,7 +199,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _cross_entropy_rows_triton(logits, labels, label_smoothing, grad_scale):
-    from .kernels.linear_cross_entropy import cross_entropy_rows_triton
+    from ..kernels.linear_cross_entropy import cross_entropy_rows_triton
 
     return cross_entropy_rows_triton(logits, labels, label_smoothing, grad_scale)
 

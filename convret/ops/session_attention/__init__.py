@@ -5,8 +5,8 @@ from typing import Callable
 
 import torch
 
-from . import _dispatch
-from .layout import SessionLayout
+from ... import _dispatch
+from ...layout import SessionLayout
 
 OP = "session_attention"
 HEAD_DIM_MULTIPLE = 8
@@ -130,3 +130,5 @@ def reference_attention(
 
 register_backend("reference", reference_attention, rank=0,
                  description="dense-mask oracle, O(L^2) memory, at least fp32")
+
+from . import cpu, triton  # noqa: E402,F401  (register backend="cpu" and backend="triton")

@@ -1,12 +1,12 @@
 """Registers the Triton kernels (``convret.kernels.session_attention``) as ``backend="triton"``."""
 import torch
 
-from . import _dispatch
-from .attention import register_backend
+from ... import _dispatch
+from . import register_backend
 
 
 def _triton_session_attention(q, k, v, layout, scale):
-    from .kernels.session_attention import session_attention_triton
+    from ...kernels.session_attention import session_attention_triton
 
     return session_attention_triton(q, k, v, layout, scale)
 

@@ -1,0 +1,258 @@
+"""convret mine on the sample world: negatives are never positives, come from the rank window of the retriever's
+own ranking (bm25s's scores; a numpy brute force over convret's embeddings), the file reads back, and a run killed
+with SIGKILL finishes, when rerun, with the output of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convret.data import read_collection, read_training
+from convret.data import sample_world as sw
+from convret.retrieval import mine as mine_module
+
+pytest.importorskip("bm25s")
+
+WORLD = Path(sw.SAMPLE_WORLD_DIR)
+CORPUS = WORLD / sw.COLLECTION
+DRIVER = Path(__file__).resolve().parent / "_mine_driver.py"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mine")
+    lines = (WORLD / sw.TRAIN_ULTRACHAT).read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "ultrachat.jsonl").write_text("".join(lines[:40]), encoding="utf-8")
+    lines = (WORLD / sw.TRAIN_TRIPLETS).read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "triplets.jsonl").write_text("".join(lines[:120]), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The embedded default's tiny model over the sample world's tokenizer, untrained (weights from init_seed)."""
+    from convret.train.arguments import parse_arguments
+    from convret.train.checkpoint import save_retriever
+    from convret.train.model import build_model
+
+    root = tmp_path_factory.mktemp("ckpt")
+    m, d, l, _ = parse_arguments(["--output_dir", str(root / "run")])
+    model, tokenizer, config = build_model(m, d, l)
+    save_retriever(root / "ckpt", model, tokenizer, config)
+    return root / "ckpt"
+
+
+def _ranks(scores: np.ndarray, ids: list[str]) -> np.ndarray:
+    """1-based rank of every passage: score descending, ties by docid."""
+    order = np.lexsort((np.asarray(ids), -scores))
+    ranks = np.empty(len(ids), dtype=np.int64)
+    ranks[order] = np.arange(1, len(ids) + 1)
+    return ranks
+
+
+def _check_common(source: Path, mined: Path, num_negatives: int) -> list:
+    """Same examples (ids, sessions, positives, responses, rewrites) with new negatives, none a positive."""
+    before = list(read_training(source, strict=True))
+    after = list(read_training(mined, strict=True))
+    assert [e.id for e in before] == [e.id for e in after]
+    for a, b in zip(before, after):
+        assert (a.history, a.query, a.positive, a.response, a.rewrite) == (b.history, b.query, b.positive,
+                                                                           b.response, b.rewrite)
+        assert len(b.negatives) == num_negatives  # the window holds 16 passages, at most one of them the positive
+        assert len({n.id for n in b.negatives}) == num_negatives
+        for n in b.negatives:
+            assert n.id != b.positive.id and n.text.strip() != b.positive.text.strip()
+    return after
+
+
+def test_bm25_negatives_come_from_the_window_of_bm25s_scores(files, tmp_path):
+    import bm25s
+
+    out = tmp_path / "mined.jsonl"
+    assert mine_module.main(["--train-file", str(files / "ultrachat.jsonl"), "--corpus", str(CORPUS),
+                             "--retriever", "bm25", "--output", str(out), "--num-negatives", "3", "--seed", "5",
+                             "--no-progress"]) == 0
+    assert not (tmp_path / "mined.jsonl.work").exists()
+    after = _check_common(files / "ultrachat.jsonl", out, 3)
+    # the oracle: bm25s's own scores, from an index built here
+    passages = list(read_collection(CORPUS))
+    ids = [p.id for p in passages]
+    row = {p.id: i for i, p in enumerate(passages)}
+    bm25 = bm25s.BM25()
+    bm25.index(bm25s.tokenize([p.text for p in passages], stopwords="en", show_progress=False), show_progress=False)
+    seen_ranks = set()
+    for ex in after:  # no rewrite in this file: the query is the session's user turns and the query
+        text = "\n".join([t.text for t in ex.history if t.role == "user"] + [ex.query])
+        ranks = _ranks(np.asarray(bm25.get_scores(bm25s.tokenize([text], stopwords="en", return_ids=False,
+                                                                   show_progress=False)[0])), ids)
+        for n in ex.negatives:
+            assert 15 <= ranks[row[n.id]] <= 30, (ex.id, n.id, ranks[row[n.id]])
+            seen_ranks.add(int(ranks[row[n.id]]))
+    assert len(seen_ranks) >= 12  # the draw spreads over the window
+    # same seed: same file; another seed: other draws
+    again = tmp_path / "again.jsonl"
+    mine_module.main(["--train-file", str(files / "ultrachat.jsonl"), "--corpus", str(CORPUS), "--retriever", "bm25",
+                      "--output", str(again), "--num-negatives", "3", "--seed", "5", "--no-progress"])
+    assert again.read_bytes() == out.read_bytes()
+    mine_module.main(["--train-file", str(files / "ultrachat.jsonl"), "--corpus", str(CORPUS), "--retriever", "bm25",
+                      "--output", str(again), "--num-negatives", "3", "--seed", "6", "--no-progress"])
+    assert again.read_bytes() != out.read_bytes()
+
+
+def test_dense_negatives_come_from_the_window_of_a_brute_force_ranking(files, checkpoint, tmp_path):
+    from convret.retrieval.encoder import Encoder
+
+    out = tmp_path / "mined.jsonl"
+    ratio = 0.9
+    report = mine_module.mine(files / "triplets.jsonl", CORPUS, mine_module.make_retriever(str(checkpoint)), out,
+                              mine_module.MineSettings(window=(5, 20), num_negatives=2, seed=1,
+                                                       max_positive_ratio=ratio), progress=False)
+    before = list(read_training(files / "triplets.jsonl", strict=True))
+    after = list(read_training(out, strict=True))
+    assert [e.id for e in before] == [e.id for e in after] and report["mined"] == len(after)
+    encoder = Encoder.from_checkpoint(checkpoint)
+    passages = list(read_collection(CORPUS))
+    ids = [p.id for p in passages]
+    row = {p.id: i for i, p in enumerate(passages)}
+    P = encoder.encode_passages(passages).astype(np.float64)
+    Q = encoder.encode_sessions([([], ex.rewrite) for ex in after]).astype(np.float64)  # auto: the rewrite
+    pos = encoder.encode_passages([ex.positive for ex in after]).astype(np.float64)
+    kept = 0
+    for q, p, ex, old in zip(Q, pos, after, before):
+        scores = P @ q
+        ranks = _ranks(scores, ids)
+        by_rank = np.sort(scores)[::-1]
+        positive_score = float(p @ q)
+        for n in ex.negatives:
+            assert n.id != ex.positive.id and n.text != ex.positive.text
+            s = scores[row[n.id]]
+            # the window, allowing for float noise between packed and one-by-one encoding at its edges
+            assert 5 <= ranks[row[n.id]] <= 20 or by_rank[19] - 1e-5 <= s <= by_rank[4] + 1e-5, (ex.id, n.id)
+            assert s <= ratio * positive_score + 1e-5  # the false-negative filter
+        allowed = [i for i in np.argsort(ranks)[4:20] if ids[i] != ex.positive.id
+                   and scores[i] <= ratio * positive_score - 1e-5]
+        assert len(ex.negatives) >= min(2, len(allowed))
+        kept += len(ex.negatives)
+        assert (ex.positive, ex.response, ex.rewrite, ex.history) == (old.positive, old.response, old.rewrite,
+                                                                      old.history)
+    assert kept > 0 and report["filtered"] > 0  # the filter both kept and dropped some
+
+
+def _mine_cmd(files, checkpoint, out, *extra):
+    return [sys.executable, str(DRIVER), "--train-file", str(files / "ultrachat.jsonl"), "--corpus",
+            str(files / "small_corpus.jsonl"), "--retriever", str(checkpoint), "--output", str(out),
+            "--chunk-size", "4", "--shard-size", "100", "--no-progress", *extra]
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_output(files, checkpoint, tmp_path):
+    """The reference runs in this process (the same code as the command); the killed run and its rerun are
+    real processes, the first killed with SIGKILL after its third chunk of ten."""
+    wanted = {e.positive.id for e in read_training(files / "ultrachat.jsonl")}
+    lines = CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
+    (files / "small_corpus.jsonl").write_text("".join(line for n, line in enumerate(lines)
+                                                      if n < 300 or json.loads(line)["id"] in wanted))
+    reference = tmp_path / "reference.jsonl"
+    assert mine_module.main(_mine_cmd(files, checkpoint, reference)[2:]) == 0
+
+    out = tmp_path / "killed.jsonl"
+    chunks = tmp_path / "killed.jsonl.work" / "chunks"
+    env = {**os.environ, "CONVRET_TEST_CHUNK_SLEEP": "0.3"}
+    proc = subprocess.Popen(_mine_cmd(files, checkpoint, out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list(chunks.glob("chunk-*.json"))) < 3:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+    done = sorted(chunks.glob("chunk-*.json"))
+    assert 3 <= len(done) < 10 and not out.exists()
+    first = done[0].stat().st_mtime_ns
+    rerun = subprocess.run(_mine_cmd(files, checkpoint, out, "--keep-work"), capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert done[0].stat().st_mtime_ns == first  # kept, not mined again
+    assert out.read_bytes() == reference.read_bytes()
+    # other settings over the same work directory are refused
+    assert mine_module.main(_mine_cmd(files, checkpoint, out, "--seed", "3")[2:]) == 1
+
+
+def test_records_round_trip_each_format(tmp_path):
+    """Tevatron and triplet records written by the miner read back as the same examples."""
+    from convret.data.records import Passage, TrainingExample, Turn
+
+    tev = [TrainingExample("q1", [], "what is x", Passage("d1", "x is y", "X"), [Passage("d2", "z")])]
+    tri = [TrainingExample("c1_2", [Turn("user", "hi"), Turn("assistant", "hello")], "and x?", Passage("d1", "x"),
+                           [Passage("d3", "w")], "answer", "what is x"),
+           TrainingExample("c1_3", [], "lm only", None, [], "just text", None)]
+    for fmt, examples in (("tevatron", tev), ("topiocqa", tri)):
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text("".join(json.dumps(mine_module.record_of([e], fmt)) + "\n" for e in examples))
+        assert list(read_training(path, strict=True)) == examples
+
+
+def test_sentence_transformers_directory_as_the_retriever(files, checkpoint, tmp_path):
+    """A sentence-transformers directory (the tiny checkpoint exported): its negatives come from the window of a
+    numpy ranking of its own embeddings (encode_query on the rewrite, encode_document on the passages)."""
+    from sentence_transformers import SentenceTransformer
+
+    from convret.retrieval.export import export_sentence_transformers
+
+    st_dir = export_sentence_transformers(checkpoint, tmp_path / "st", merge=True)
+    lines = CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join((files / "triplets.jsonl").read_text().splitlines(keepends=True)[:30]))
+    wanted = {e.positive.id for e in read_training(source)}
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(line for n, line in enumerate(lines) if n < 200 or json.loads(line)["id"] in wanted))
+    out = tmp_path / "mined.jsonl"
+    assert mine_module.main(["--train-file", str(source), "--corpus", str(corpus), "--retriever", str(st_dir),
+                             "--output", str(out), "--window", "3-12", "--num-negatives", "3", "--no-progress"]) == 0
+    after = _check_common(source, out, 3)
+    model = SentenceTransformer(str(st_dir), device="cpu")
+    passages = list(read_collection(corpus))
+    ids = [p.id for p in passages]
+    row = {p.id: i for i, p in enumerate(passages)}
+    P = model.encode_document([p.text for p in passages], normalize_embeddings=True).astype(np.float64)
+    Q = model.encode_query([ex.rewrite for ex in after], normalize_embeddings=True).astype(np.float64)
+    for q, ex in zip(Q, after):
+        scores = P @ q
+        ranks, by_rank = _ranks(scores, ids), np.sort(scores)[::-1]
+        for n in ex.negatives:
+            s = scores[row[n.id]]
+            assert 3 <= ranks[row[n.id]] <= 12 or by_rank[11] - 1e-5 <= s <= by_rank[2] + 1e-5, (ex.id, n.id)
+
+
+def test_the_positive_and_its_text_twin_are_never_drawn_and_the_ratio_filter_applies():
+    """A fixed ranking d0, d1, ... (scores 1 -> 0) that puts the positive (d16) and a passage with its text (d20)
+    inside the window 15-30: neither is ever drawn; with the ratio filter, nothing above ratio x positive is."""
+    from convret.data.records import Passage, TrainingExample
+
+    passages = [Passage(f"d{i}", f"text {i}") for i in range(40)]
+    passages[20] = Passage("d20", "text 16")
+    curve = np.linspace(1.0, 0.0, 40)
+
+    class Fixed:
+        def rank(self, queries, positives, depth):
+            n = len(queries)
+            return np.tile(curve[:depth], (n, 1)), np.tile(np.arange(depth), (n, 1)), np.full(n, 0.6)
+
+    examples = [TrainingExample(f"q{i}", [], "q", passages[16], []) for i in range(20)]
+    mined, stats = mine_module.mine_examples(examples, list(range(20)), Fixed(), passages,
+                                             mine_module.MineSettings(window=(15, 30), num_negatives=16))
+    window = {f"d{r - 1}" for r in range(15, 31)} - {"d16", "d20"}
+    assert all({n.id for n in ex.negatives} == window for ex in mined) and stats["filtered"] == 0
+    mined, stats = mine_module.mine_examples(examples, list(range(20)), Fixed(), passages,
+                                             mine_module.MineSettings(window=(15, 30), num_negatives=3,
+                                                                      max_positive_ratio=0.8))
+    allowed = {f"d{r - 1}" for r in range(15, 31) if curve[r - 1] <= 0.8 * 0.6} - {"d16", "d20"}
+    assert all(len(ex.negatives) == 3 and {n.id for n in ex.negatives} <= allowed for ex in mined)
+    assert stats["filtered"] == 20 * len(window - allowed)
+    assert len({tuple(n.id for n in ex.negatives) for ex in mined}) > 1  # each example draws its own
