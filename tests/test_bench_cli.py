@@ -236,7 +236,8 @@ def test_serve_smoke(tmp_path):
     assert all(r["errors"] == 0 and r["requests"] == 3 * r["concurrency"] for r in payload["service"])
 
 
-@pytest.mark.skipif(not __import__("convret")._cpu_backend.native_available(), reason="native CPU backend not built")
+@pytest.mark.skipif(not __import__("convret.ops.session_attention.cpu", fromlist=["cpu"]).native_available(),
+                    reason="native CPU backend not built")
 def test_tile_gemm_smoke_times_every_variant_and_peer(tmp_path):
     code, payload = bench(tmp_path, "tile-gemm", "--smoke", "--peers", "sdpa-decomposition", "--tiles", "16x32:16x32")
     assert code == 0 and payload["passed"]
