@@ -1,12 +1,9 @@
 """Fraction of (query tile, key tile) pairs that each Triton kernel skips, is full or partial for a CSIT layout.
 
-    python bench/tile_stats.py [--session 1024] [--response 384] [--summary 3]
-
-``convret bench gpu-report`` runs :func:`tile_fractions` over a sweep of typical CSIT layouts.
+A library module, no command of its own: ``convret bench gpu-report`` runs :func:`tile_fractions` over a sweep of
+typical CSIT layouts (its "tile-skip fractions" table replaces the old ``python bench/tile_stats.py``).
 """
 from __future__ import annotations
-
-import argparse
 
 import torch
 
@@ -29,29 +26,3 @@ def tile_fractions(layout: SessionLayout, block_m: int, block_n: int) -> dict[st
             "skipped_fraction": skipped / total, "causal_tiles": causal_tiles, "skipped_beyond_causal": beyond,
             "skipped_beyond_causal_fraction": beyond / max(causal_tiles, 1)}
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--session", type=int, default=1024)
-    parser.add_argument("--response", type=int, default=384)
-    parser.add_argument("--summary", type=int, default=3)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="float16")
-    args = parser.parse_args()
-    t = args.summary
-    seq_len = args.session + 2 * t + args.response
-    layout = SessionLayout.from_segments([[(args.session, t, args.response + t)]], seq_len)
-    visible = layout.dense_mask()[0]
-    print(f"CSIT row: session {args.session}, t = {t}, response {args.response} + {t}: L = {seq_len}; "
-          f"{1 - visible.float().mean().item():.1%} of the L^2 pairs are masked")
-    print("| kernel | tile (BLOCK_M x BLOCK_N) | tiles | skipped | full | partial | skipped beyond causality |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (block_m, block_n, _, _) in default_configs(args.head_dim, getattr(torch, args.dtype)).items():
-        s = tile_fractions(layout, block_m, block_n)
-        print(f"| {name} | {block_m} x {block_n} | {s['tiles']} | {s['skipped']} ({s['skipped_fraction']:.0%}) | "
-              f"{s['full']} | {s['partial']} | {s['skipped_beyond_causal']} of {s['causal_tiles']} causal tiles "
-              f"({s['skipped_beyond_causal_fraction']:.0%}) |")
-
-
-if __name__ == "__main__":
-    main()

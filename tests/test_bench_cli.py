@@ -40,7 +40,8 @@ def check_environment(payload):
 def test_bench_help_lists_subcommands(capsys):
     assert main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("attention", "loss", "step", "encode", "retrieval", "gpu-report", "gpu-check"):
+    for name in ("attention", "loss", "step", "trainer-overhead", "tile-gemm", "encode", "retrieval", "gpu-report",
+                 "gpu-check"):
         assert f"  {name} " in out
     assert main(["bench", "nope"]) == 2
     with pytest.raises(SystemExit) as exit_info:
@@ -233,3 +234,58 @@ def test_serve_smoke(tmp_path):
     assert {(r["batching"], r["concurrency"]) for r in payload["service"]} == {(b, c) for b in (True, False)
                                                                                 for c in (1, 4)}
     assert all(r["errors"] == 0 and r["requests"] == 3 * r["concurrency"] for r in payload["service"])
+
+
+@pytest.mark.skipif(not __import__("convret.ops.session_attention.cpu", fromlist=["cpu"]).native_available(),
+                    reason="native CPU backend not built")
+def test_tile_gemm_smoke_times_every_variant_and_peer(tmp_path):
+    code, payload = bench(tmp_path, "tile-gemm", "--smoke", "--peers", "sdpa-decomposition", "--tiles", "16x32:16x32")
+    assert code == 0 and payload["passed"]
+    check_environment(payload)
+    by_dtype = {r["dtype"]: r for r in payload["results"]}
+    assert set(by_dtype) == {"fp32", "bf16"}
+    assert by_dtype["fp32"]["gemm_ceiling_gflops"] > 0
+    native = by_dtype["fp32"]["methods"]["native"]
+    assert native["fwd_ms"] > 0 and native["fwd_bwd_ms"] > 0 and native["relative_max_error"] < 2e-4
+    bf16 = by_dtype["bf16"]["methods"]
+    for name in ("mkl", "onednn", "upcast", "packed", "auto", "packed 16x32:16x32"):
+        rec = bf16[name]
+        if rec["status"] == "skipped":  # packed where this CPU has no bf16 ukernel: reported, not timed
+            assert name.startswith("packed") and rec["reason"]
+            continue
+        assert rec["passed"] and rec["fwd_ms"] > 0 and rec["fwd_bwd_ms"] > 0
+        assert rec["fwd_vs_best_peer"] > 0
+    assert bf16["SDPA decomposition"]["fwd_ms"] > 0
+    assert set(by_dtype["bf16"]["backward_schedules"]) == {"fused", "split"}
+
+
+def test_tile_gemm_rejects_a_bad_tile_spec(tmp_path):
+    with pytest.raises(SystemExit, match="FWD_MxFWD_N"):
+        main(["bench", "tile-gemm", "--smoke", "--dtypes", "bf16", "--tiles", "32:16", "--out", str(tmp_path)])
+
+
+def test_trainer_overhead_smoke(tmp_path):
+    code, payload = bench(tmp_path, "trainer-overhead", "--smoke")
+    assert code == 0 and payload["passed"]
+    check_environment(payload)
+    assert payload["bare_ms"] > 0 and payload["trainer_ms"] > 0
+    assert len(payload["bare_runs_ms"]) == len(payload["trainer_runs_ms"]) == 2  # 1 warm-up + 1 timed
+    assert payload["first_loss"]["bare"] == pytest.approx(payload["first_loss"]["trainer"], abs=1e-4)
+
+
+def test_every_bench_script_is_a_one_line_wrapper_of_a_subcommand():
+    """One way to run each benchmark: a bench/bench_*.py script only hands its arguments to a subcommand."""
+    import ast
+    import pathlib
+
+    from convret.bench.cli import SUBCOMMANDS
+
+    scripts = sorted((pathlib.Path(__file__).resolve().parents[1] / "bench").glob("bench_*.py"))
+    assert len(scripts) >= 7
+    for script in scripts:
+        tree = ast.parse(script.read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))], script.name
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "main"]
+        assert len(calls) == 1, script.name
+        first = calls[0].args[0].elts[0]
+        assert isinstance(first, ast.Constant) and first.value in SUBCOMMANDS, script.name
