@@ -74,7 +74,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return _dispatch.resolve(OP, backend, device).backend
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout,
+                 keys_follow_queries: bool = True) -> None:
+    """The checks every session-attention entry point shares. ``keys_follow_queries``: q, k and v cover the same
+    L positions (the layout's); ``False`` (the cached prefill): the layout covers the keys, q any number of rows."""
     if not isinstance(layout, SessionLayout):
         raise TypeError(f"layout must be a convret.SessionLayout, got {type(layout).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -83,17 +86,23 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Ses
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     batch, q_heads, seq_len, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
-        raise ValueError(
-            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch, length or head dim"
-        )
+    if keys_follow_queries:
+        if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
+            raise ValueError(
+                f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch, length or head dim"
+            )
+    elif k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head dim")
     kv_heads = k.shape[1]
     if kv_heads == 0 or q_heads % kv_heads != 0:
         raise ValueError(f"Hq ({q_heads}) must be a multiple of Hkv ({kv_heads})")
-    if (layout.batch_size, layout.seq_len) != (batch, seq_len):
+    if keys_follow_queries and (layout.batch_size, layout.seq_len) != (batch, seq_len):
         raise ValueError(
             f"layout shape [{layout.batch_size}, {layout.seq_len}] differs from q's [B, L] = [{batch}, {seq_len}]"
         )
+    if not keys_follow_queries and (layout.batch_size, layout.seq_len) != (batch, k.shape[2]):
+        raise ValueError(f"layout shape [{layout.batch_size}, {layout.seq_len}] differs from the keys' [B, Lk] = "
+                         f"[{batch}, {k.shape[2]}]")
     if head_dim % HEAD_DIM_MULTIPLE != 0 or not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(
             f"unsupported head dim {head_dim}: session_attention takes multiples of {HEAD_DIM_MULTIPLE} up to "

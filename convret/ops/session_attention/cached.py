@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _dispatch
-from . import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM
+from . import _check_inputs as check_qkv
 from ...layout import SessionLayout
 
 OP = "cached_session_attention"
@@ -65,29 +65,12 @@ def cached_session_attention(
 
 
 def _check_inputs(q, k, v, layout, query_positions) -> None:
-    if not isinstance(layout, SessionLayout):
-        raise TypeError(f"layout must be a convret.SessionLayout, got {type(layout).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, H, L, D], got shape {tuple(getattr(t, 'shape', ()))}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    batch, q_heads, q_len, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head dim")
-    if k.shape[1] == 0 or q_heads % k.shape[1] != 0:
-        raise ValueError(f"Hq ({q_heads}) must be a multiple of Hkv ({k.shape[1]})")
-    if (layout.batch_size, layout.seq_len) != (batch, k.shape[2]):
-        raise ValueError(f"layout shape [{layout.batch_size}, {layout.seq_len}] differs from the keys' [B, Lk] = "
-                         f"[{batch}, {k.shape[2]}]")
+    check_qkv(q, k, v, layout, keys_follow_queries=False)
+    batch, q_len = q.shape[0], q.shape[2]
     if (not isinstance(query_positions, torch.Tensor) or query_positions.dtype.is_floating_point
             or tuple(query_positions.shape) != (batch, q_len)):
         raise ValueError(f"query_positions must be an integer [B, Lq] = [{batch}, {q_len}] tensor, got "
                          f"{tuple(getattr(query_positions, 'shape', ()))}")
-    if head_dim % HEAD_DIM_MULTIPLE != 0 or not 0 < head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"unsupported head dim {head_dim} (multiples of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM})")
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def dense_cached_mask(layout: SessionLayout, query_positions: torch.Tensor) -> torch.Tensor:
