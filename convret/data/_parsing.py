@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .records import ASSISTANT, USER, Passage, Turn
 
@@ -55,6 +55,18 @@ def _ident(obj: Any, key: str, where: str = "") -> str:
     if not value:
         raise _Bad(f"empty id in field {key!r}" + (f" of {where}" if where else ""))
     return value
+
+
+def _unique_turns(turns: Sequence[Any], key: str) -> Iterator[tuple[str, Any, str]]:
+    """``(where, turn, turn_id)`` of each element of a conversation's ``key`` list, its ``turn_id`` unique."""
+    seen: set[str] = set()
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        turn_id = _ident(turn, "turn_id", where)
+        if turn_id in seen:
+            raise _Bad(f"duplicate turn_id {turn_id!r} in {where}")
+        seen.add(turn_id)
+        yield where, turn, turn_id
 
 
 def _passage_obj(obj: Any, where: str, id_keys: Sequence[str] = ("docid", "id", "passage_id")) -> Passage:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from ._parsing import _Bad, _context_turns, _field, _ident, _str_list, _text
+from ._parsing import _Bad, _context_turns, _field, _ident, _str_list, _text, _unique_turns
 from .records import ASSISTANT, USER, EvalTurn, Turn
 
 
@@ -39,13 +39,7 @@ def _parse_ikat(obj: Any) -> list[EvalTurn]:
     ptkb = _ikat_ptkb(obj)
     out: list[EvalTurn] = []
     history: list[Turn] = []
-    seen = set()
-    for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
-        turn_id = _ident(turn, "turn_id", where)
-        if turn_id in seen:
-            raise _Bad(f"duplicate turn_id {turn_id!r} in {where}")
-        seen.add(turn_id)
+    for where, turn, turn_id in _unique_turns(turns, key):
         utterance = _text(turn, utterance_key, where)
         response = _text(turn, "response", where, optional=True)
         out.append(EvalTurn(f"{conv_id}_{turn_id}", conv_id, turn_id, list(history), utterance,

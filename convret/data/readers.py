@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .._io import atomic_write
-from ._parsing import PathLike, _Bad, _context_turns, _field, _ident, _open, _passage_obj, _text
+from ._parsing import PathLike, _Bad, _context_turns, _field, _ident, _open, _passage_obj, _text, _unique_turns
 from .conversations import (_cast2022_flat_parser, _parse_beir_query, _parse_cast2022_tree, _parse_convdr, _parse_ikat,
                             _parse_query_tsv, _parse_scai_qrecc, _parse_t5qr)
 from .passages import _DPR_HEADER, _PASSAGE_PARSERS, _dpr_parser, _iter_quoted_tsv, _parse_passage_tsv
@@ -625,13 +625,7 @@ def _parse_chatretriever_eval(obj: Any) -> list[EvalTurn]:
     turns = _field(obj, "turns", list)  # may be empty (LLM4CS's CAsT-21 files have such a conversation): no turn
     out: list[EvalTurn] = []
     history: list[Turn] = []
-    seen = set()
-    for i, turn in enumerate(turns):
-        where = f"turns[{i}]"
-        turn_id = _ident(turn, "turn_id", where)
-        if turn_id in seen:
-            raise _Bad(f"duplicate turn_id {turn_id!r} in {where}")
-        seen.add(turn_id)
+    for where, turn, turn_id in _unique_turns(turns, "turns"):
         question = _text(turn, "question", where)
         response = _text(turn, "response", where, optional=True)
         positives = turn.get("pos_psg_text")
