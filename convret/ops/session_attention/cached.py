@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ... import _dispatch
 from . import _check_inputs as check_qkv
 from ...layout import SessionLayout
+from .cpu import _NATIVE_DTYPES, cached_native_unavailable_reason, cached_session_attention_native
 
 OP = "cached_session_attention"
 
@@ -126,6 +127,12 @@ def sdpa_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tens
     return out
 
 
+def _cpu_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tensor:
+    if q.dtype not in _NATIVE_DTYPES:  # float64: the native kernels take fp32 / bf16 / fp16 only
+        return sdpa_cached_attention(q, k, v, layout, query_positions, scale)
+    return cached_session_attention_native(q, k, v, layout, query_positions, scale)
+
+
 def _triton_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tensor:
     from ...kernels.session_attention import cached_session_attention_triton
 
@@ -138,6 +145,11 @@ _dispatch.register(OP, "reference", reference_cached_attention, rank=0,
 _dispatch.register(OP, "sdpa", sdpa_cached_attention, rank=10,
                    tolerances={torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 1e-2},
                    description="PyTorch SDPA per packed sample (CPU: its flash kernel), any device")
+_dispatch.register(OP, "cpu", _cpu_cached_attention, rank=20, gate=cached_native_unavailable_reason,
+                   auto_devices=("cpu",),
+                   tolerances={torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 1e-2},
+                   description="native C++ forward kernel with per-row query positions (fp32 / bf16 / fp16; "
+                               "float64 runs the sdpa path); needs the built extension, see backend_info()")
 _dispatch.register(OP, "triton", _triton_cached_attention, rank=30, gate=_dispatch.triton_gate,
                    auto_devices=("cuda",), tolerances={("cuda", torch.float32): 1e-2, torch.float32: 2e-4,
                                                        torch.float16: 1e-2},

@@ -109,6 +109,10 @@ def _register_fake_kernels() -> None:
     def _forward_fake(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # outputs keep q's layout
 
+    @torch.library.register_fake("convret_cpu::cached_session_attention_forward")
+    def _cached_forward_fake(q, k, v, mask_start, query_positions, tile_min, tile_max, scale, block_m, block_n):
+        return torch.empty_like(q)
+
     @torch.library.register_fake("convret_cpu::session_attention_backward")
     def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n, split):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -314,6 +318,51 @@ def session_attention_cpu(
         return fallback_session_attention(q, k, v, layout, float(scale))
     tiles = tile_sizes or default_tile_sizes(q.shape[1] // k.shape[1])
     return _NativeSessionAttention.apply(q, k, v, layout, float(scale), tiles)
+
+
+def cached_native_unavailable_reason(device: torch.device) -> str | None:
+    """Gate of the cached prefill's ``backend="cpu"`` (``convret.ops.session_attention.cached``): CPU tensors,
+    the native library loaded, and not forced off by ``$CONVRET_CPU_BACKEND=fallback`` (the cached prefill's
+    PyTorch path is its own ``backend="sdpa"``, which ``"auto"`` then picks)."""
+    if device.type != "cpu":
+        return f"needs CPU tensors, got device {device}"
+    if _requested_implementation("auto") == "fallback":
+        return f"forced off by ${ENV_IMPLEMENTATION}=fallback"
+    if not native_available():
+        return _native.reason
+    return None
+
+
+def cached_session_attention_native(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: SessionLayout,
+    query_positions: torch.Tensor,
+    scale: float,
+    tile_sizes: TileSizes | None = None,
+) -> torch.Tensor:
+    """The cached prefill (contract of :func:`convret.ops.session_attention.cached.cached_session_attention`) on
+    the native forward kernel: fp32 / bf16 / fp16 CPU tensors, inputs already checked. Forward only.
+
+    Query tiles hold at most ``tile_sizes.fwd_block_m`` rows of one packed sample (cut at sample boundaries);
+    each visits only the key tiles its positions can see. Padding query rows are zeros.
+    """
+    if not native_available():
+        raise RuntimeError(f"the native CPU backend is not available: {_native.reason}")
+    if q.dtype not in _NATIVE_DTYPES:
+        raise ValueError(f"the native CPU kernels take {_NATIVE_DTYPES}, got {q.dtype}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("cached_session_attention on the native CPU kernel is forward only (serving does not "
+                           "differentiate): run it under torch.no_grad() / torch.inference_mode(), or use "
+                           "backend='sdpa' or 'reference' for gradients")
+    tiles = tile_sizes or default_tile_sizes(q.shape[1] // k.shape[1])
+    q, k, v = (_unit_stride_d(t) for t in (q, k, v))
+    bounds = layout.tile_bounds(tiles.fwd_block_n)
+    return torch.ops.convret_cpu.cached_session_attention_forward(
+        q, k, v, layout.mask_start.to(torch.int32).contiguous(), query_positions.to(torch.long).contiguous(),
+        bounds.min_mask_start, bounds.max_mask_start, float(scale), tiles.fwd_block_m, tiles.fwd_block_n,
+    )
 
 
 def _cpu_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float) -> torch.Tensor:
