@@ -147,7 +147,8 @@ _dispatch.register(OP, "sdpa", sdpa_cached_attention, rank=10,
                    description="PyTorch SDPA per packed sample (CPU: its flash kernel), any device")
 _dispatch.register(OP, "cpu", _cpu_cached_attention, rank=20, gate=cached_native_unavailable_reason,
                    auto_devices=("cpu",),
-                   tolerances={torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 1e-2},
+                   tolerances={torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 1e-2,
+                               torch.float64: 1e-10},
                    description="native C++ forward kernel with per-row query positions (fp32 / bf16 / fp16; "
                                "float64 runs the sdpa path); needs the built extension, see backend_info()")
 _dispatch.register(OP, "triton", _triton_cached_attention, rank=30, gate=_dispatch.triton_gate,
