@@ -7,10 +7,15 @@
    length, for ``--reps`` turns, a full re-encode of the same session (what every other conversational
    retriever does per turn: no cache) is timed beside it in the same process and the two embeddings are
    compared (fp32, max |diff| <= 1e-5, else exit code 1).
-2. Service: ``convret serve`` in a subprocess (the same model, an index of ``--passages`` sample-world
+2. Encoder batching (in process, no HTTP): the request mix of the service measurement (each of C clients' i-th
+   request is one round) through two :class:`SessionEncoder` s side by side: one ``encode_requests`` per
+   request against one per round (the dynamic batcher's best case). Per-request forward time, the ratio (the
+   most batching can give a service on this machine, whatever its HTTP costs) and the two ways' max |diff|.
+3. Service: ``convret serve`` in a subprocess (the same model, an index of ``--passages`` sample-world
    passages), with batching on and off (``--no-batching``); ``--concurrency`` clients (default 1, 8, 32) in one
-   asyncio process, each asking ``--requests-per-client`` searches of its own growing conversations; requests
-   per second and p50 / p99 latency.
+   asyncio process (aiohttp: a light load generator, so that the server gets the cores), each asking
+   ``--requests-per-client`` searches of its own growing conversations; requests per second, p50 / p99
+   latency, and the server's and the clients' CPU time per request.
 
 The model is a tiny Qwen2 built from a config (``--hidden``, ``--layers``; the sample world's tokenizer; no
 weights downloaded), fp32.
@@ -22,6 +27,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import statistics
@@ -49,7 +55,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--requests-per-client", type=int, default=16, help="searches per client")
     parser.add_argument("--passages", type=int, default=500, help="passages in the index")
     parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server")
-    parser.add_argument("--no-service", action="store_true", help="only the per-turn latency")
+    parser.add_argument("--no-service", action="store_true", help="only the per-turn latency and the encoder "
+                                                                    "batching (no HTTP service)")
 
 
 def sample_words() -> list[str]:
@@ -133,7 +140,6 @@ def per_turn(checkpoint: Path, lengths: list[int], turn_words: int, reps: int) -
     return rows
 
 
-# ------------------------------------------------------------------------------------ 2. the service
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,41 +165,101 @@ def build_index(checkpoint: Path, directory: Path, passages: int) -> tuple[Path,
     return directory / "idx", collection
 
 
-async def _client(client, n: int, requests: int, turn_words: int, words: list[str], tag: str,
-                  latencies: list[float], errors: list[str]) -> None:
-    rng = random.Random(n)
+def conversation_turns(client: int, requests: int, turn_words: int, words: list[str], tag: str):
+    """Client ``client``'s requests: ``(conversation_id, turns)`` of growing conversations (a user turn, then
+    an assistant turn after each answer; a new conversation every 8 user turns)."""
+    rng = random.Random(client)
     turns: list[dict] = []
     conv = 0
-    for i in range(requests):
-        if len(turns) >= 16:  # a new conversation every 8 turns
+    for _ in range(requests):
+        if len(turns) >= 16:
             turns, conv = [], conv + 1
         turns.append({"role": "user", "text": turn_text(rng, words, turn_words)})
-        body = {"conversation_id": f"{tag}-{n}-{conv}", "turns": turns, "top_k": 10}
-        started = time.perf_counter()
-        response = await client.post("/v1/search", json=body)
-        latencies.append((time.perf_counter() - started) * 1e3)
-        if response.status_code != 200:
-            errors.append(f"{response.status_code} {response.text[:200]}")
+        yield f"{tag}-{client}-{conv}", list(turns)
         turns.append({"role": "assistant", "text": turn_text(rng, words, turn_words)})
 
 
-async def _load(url: str, concurrency: int, requests: int, turn_words: int, words: list[str], tag: str) -> dict:
-    import httpx
+async def _client(session, url: str, n: int, requests: int, turn_words: int, words: list[str], tag: str,
+                  latencies: list[float], errors: list[str]) -> None:
+    for conversation_id, turns in conversation_turns(n, requests, turn_words, words, tag):
+        body = {"conversation_id": conversation_id, "turns": turns, "top_k": 10}
+        started = time.perf_counter()
+        async with session.post(url + "/v1/search", json=body) as response:
+            text = await response.text()
+            latencies.append((time.perf_counter() - started) * 1e3)
+            if response.status != 200:
+                errors.append(f"{response.status} {text[:200]}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _load(url: str, concurrency: int, requests: int, turn_words: int, words: list[str], tag: str,
+                server_pid: int | None = None) -> dict:
+    import aiohttp
 
     latencies: list[float] = []
     errors: list[str] = []
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        server_cpu = _cpu_seconds(server_pid) if server_pid else 0.0
+        client_cpu = _own_cpu_seconds()
         started = time.perf_counter()
-        await asyncio.gather(*(_client(client, n, requests, turn_words, words, tag, latencies, errors)
+        await asyncio.gather(*(_client(session, url, n, requests, turn_words, words, tag, latencies, errors)
                                for n in range(concurrency)))
         wall = time.perf_counter() - started
+        client_cpu = _own_cpu_seconds() - client_cpu
+        server_cpu = (_cpu_seconds(server_pid) - server_cpu) if server_pid else float("nan")
     ordered = sorted(latencies)
+    n = max(1, len(latencies))
     return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
             "error_examples": errors[:3], "seconds": wall, "requests_per_s": len(latencies) / wall,
-            "p50_ms": ordered[len(ordered) // 2], "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]}
+            "p50_ms": ordered[len(ordered) // 2], "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            "server_cpu_ms_per_request": server_cpu / n * 1e3, "client_cpu_ms_per_request": client_cpu / n * 1e3}
 
 
+# ------------------------------------------------------------------------------------ 2. encoder batching
+def encoder_batching(checkpoint: Path, concurrency: list[int], requests: int, turn_words: int) -> list[dict]:
+    """Per-request forward time of the service's request mix, one forward per request vs one per round."""
+    from convret.retrieval.encoder import Encoder
+    from convret.retrieval.session_encoder import SessionEncoder
+
+    encoder = Encoder.from_checkpoint(checkpoint)
+    words = sample_words()
+    rows = []
+    for c in concurrency:
+        one_by_one, batched = SessionEncoder(encoder, cache_mb=1024), SessionEncoder(encoder, cache_mb=1024)
+        clients = [list(conversation_turns(n, requests, turn_words, words, f"c{c}")) for n in range(c)]
+        single_s = batch_s = diff = 0.0
+        count = 0
+        for round_ in zip(*clients):
+            singles = [one_by_one.session_request(cid, turns) for cid, turns in round_]
+            together = [batched.session_request(cid, turns) for cid, turns in round_]
+            started = time.perf_counter()
+            vectors_one = [one_by_one.encode_requests([r])[0][0] for r in singles]
+            single_s += time.perf_counter() - started
+            started = time.perf_counter()
+            vectors_batch = batched.encode_requests(together)[0]
+            batch_s += time.perf_counter() - started
+            diff = max(diff, max(float(abs(a - b).max()) for a, b in zip(vectors_one, vectors_batch)))
+            count += len(round_)
+        rows.append({"concurrency": c, "requests": count, "single_ms_per_request": single_s / count * 1e3,
+                     "batched_ms_per_request": batch_s / count * 1e3, "gain": single_s / batch_s,
+                     "max_abs_diff": diff,
+                     "computed_tokens_per_request": batched.stats.computed_tokens / count,
+                     "reused_tokens_per_request": batched.stats.reused_tokens / count})
+    return rows
+
+
+# ------------------------------------------------------------------------------------ 3. the service
 def service(checkpoint: Path, index: Path, collection: Path, concurrency: list[int], requests: int,
             turn_words: int, threads: int | None) -> list[dict]:
     words = sample_words()
@@ -213,7 +279,8 @@ def service(checkpoint: Path, index: Path, collection: Path, concurrency: list[i
             _wait_ready(url, proc)
             asyncio.run(_load(url, 2, 2, turn_words, words, "warmup"))
             for c in concurrency:
-                record = asyncio.run(_load(url, c, requests, turn_words, words, f"b{int(batching)}-c{c}"))
+                record = asyncio.run(_load(url, c, requests, turn_words, words, f"b{int(batching)}-c{c}",
+                                           server_pid=proc.pid))
                 record["batching"] = batching
                 rows.append(record)
         finally:
@@ -258,6 +325,8 @@ def run(args, argv: list[str]) -> int:
         work = Path(tmp)
         checkpoint = build_checkpoint(work / "ck", args.hidden, args.layers, max(lengths) + 2048)
         payload["per_turn"] = per_turn(checkpoint, lengths, args.turn_words, args.reps)
+        payload["encoder_batching"] = encoder_batching(checkpoint, concurrency, args.requests_per_client,
+                                                       args.turn_words)
         if not args.no_service:
             index, collection = build_index(checkpoint, work, args.passages)
             payload["service"] = service(checkpoint, index, collection, concurrency, args.requests_per_client,
@@ -265,7 +334,7 @@ def run(args, argv: list[str]) -> int:
         else:
             payload["service"] = []
     payload["load_average_after"] = list(os.getloadavg())
-    diff = max((r["max_abs_diff"] for r in payload["per_turn"]), default=0.0)
+    diff = max((r["max_abs_diff"] for r in payload["per_turn"] + payload["encoder_batching"]), default=0.0)
     errors = sum(r["errors"] for r in payload["service"])
     payload["equality"] = {"max_abs_diff": diff, "tolerance": TOLERANCE, "passed": diff <= TOLERANCE}
     payload["passed"] = payload["equality"]["passed"] and errors == 0
@@ -289,16 +358,31 @@ def format_report(payload: dict) -> str:
     e = payload["equality"]
     lines += ["", f"Embeddings: max |diff| {e['max_abs_diff']:.1e} (tolerance {e['tolerance']:.0e}): "
                   f"{'pass' if e['passed'] else 'FAIL'}."]
+    rows = [[r["concurrency"], r["requests"], f"{r['computed_tokens_per_request']:.0f}",
+             f"{r['reused_tokens_per_request']:.0f}", H.fmt_ms(r["single_ms_per_request"]),
+             H.fmt_ms(r["batched_ms_per_request"]), f"x{r['gain']:.2f}", f"{r['max_abs_diff']:.1e}"]
+            for r in payload.get("encoder_batching", [])]
+    if rows:
+        lines += ["", "Encoder batching, in process (the service's request mix; each round is every client's next "
+                      "request): per request, one forward each vs one forward per round. The gain is the most "
+                      "batching can give the service on this machine:", ""]
+        lines.append(H.markdown_table(["clients", "requests", "tokens run", "tokens reused", "one forward each",
+                                       "one forward per round", "gain", "max |diff|"], rows))
     if payload["service"]:
-        lines += ["", "Service (`convret serve` subprocess, asyncio httpx clients on the same machine; growing "
-                      "conversations, top_k 10):", ""]
+        lines += ["", "Service (`convret serve` subprocess, asyncio aiohttp clients on the same machine; growing "
+                      "conversations, top_k 10; CPU: milliseconds of CPU time per request, server / clients):", ""]
         by = {(r["batching"], r["concurrency"]): r for r in payload["service"]}
         rows = []
         for c in sorted({r["concurrency"] for r in payload["service"]}):
             on, off = by.get((True, c)), by.get((False, c))
             rows.append([c, f"{on['requests_per_s']:.1f}", H.fmt_ms(on["p50_ms"]), H.fmt_ms(on["p99_ms"]),
-                         f"{off['requests_per_s']:.1f}", H.fmt_ms(off["p50_ms"]), H.fmt_ms(off["p99_ms"]),
+                         _cpu_cell(on), f"{off['requests_per_s']:.1f}", H.fmt_ms(off["p50_ms"]),
+                         H.fmt_ms(off["p99_ms"]), _cpu_cell(off),
                          f"x{on['requests_per_s'] / off['requests_per_s']:.2f}", on["errors"] + off["errors"]])
-        lines.append(H.markdown_table(["clients", "batching req/s", "p50", "p99", "no batching req/s", "p50", "p99",
-                                       "batching gain", "errors"], rows))
+        lines.append(H.markdown_table(["clients", "batching req/s", "p50", "p99", "CPU", "no batching req/s", "p50",
+                                       "p99", "CPU", "batching gain", "errors"], rows))
     return "\n".join(lines)
+
+
+def _cpu_cell(record: dict) -> str:
+    return f"{record['server_cpu_ms_per_request']:.2f} / {record['client_cpu_ms_per_request']:.2f}"

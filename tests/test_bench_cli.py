@@ -234,6 +234,11 @@ def test_serve_smoke(tmp_path):
     assert {(r["batching"], r["concurrency"]) for r in payload["service"]} == {(b, c) for b in (True, False)
                                                                                 for c in (1, 4)}
     assert all(r["errors"] == 0 and r["requests"] == 3 * r["concurrency"] for r in payload["service"])
+    # the in-process ceiling: the same request mix one forward each vs one per round, equal embeddings
+    assert [(r["concurrency"], r["requests"]) for r in payload["encoder_batching"]] == [(1, 3), (4, 12)]
+    for row in payload["encoder_batching"]:
+        assert row["max_abs_diff"] <= 1e-5 and row["single_ms_per_request"] > 0 and row["batched_ms_per_request"] > 0
+        assert 0 < row["computed_tokens_per_request"] and row["reused_tokens_per_request"] > 0
 
 
 @pytest.mark.skipif(not __import__("convret.ops.session_attention.cpu", fromlist=["cpu"]).native_available(),

@@ -353,3 +353,47 @@ def test_a_failing_request_fails_alone_in_its_batch(world):
     for job, result in zip(good, [results[0], results[2], results[3]]):
         expected = alone.run_batch([job])[0]
         assert [h[0] for h in result.hits] == [h[0] for h in expected.hits]
+
+
+def _byte_fallback_metaspace_tokenizer():
+    """The worst case for the bound: a Metaspace BPE with byte fallback whose vocabulary holds the 256 byte
+    tokens only, so that every ``▁`` (a space, or the one prepended) costs three tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    vocab["<unk>"] = 256
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def bound_tokenizers():
+    from _model_matrix import FAMILIES, family_tokenizer
+
+    return {name: family_tokenizer(name) for name in ("qwen2.5", "llama3", "mistral")} | {
+        "byte-fallback": _byte_fallback_metaspace_tokenizer()}
+
+
+def test_token_upper_bound_holds_for_every_kind_of_tokenizer(bound_tokenizers):
+    """The server skips counting tokens when this bound is within ``max_tokens``: it must never be below the
+    real count (byte-level BPE, Metaspace BPE, byte fallback), whatever the text."""
+    from hypothesis import given, settings, strategies as st
+
+    from convret.serve.app import token_upper_bound
+
+    pieces = st.sampled_from(list("ab ▁\n\t\u00e9\u4e2d\u0301") + ["\U0001F600", "  ", "\r\n", "w1 "])
+    text = st.lists(pieces, max_size=40).map("".join)
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(st.lists(text, min_size=1, max_size=3))
+    def check(texts):
+        for name, tokenizer in bound_tokenizers.items():
+            count = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
+            assert count <= token_upper_bound(texts), (name, texts, count)
+
+    check()
+    # why not "one token per byte": with byte fallback a space costs the three bytes of its ▁
+    worst = bound_tokenizers["byte-fallback"]
+    assert len(worst("a  b", add_special_tokens=False).input_ids) == 11 > len("a  b".encode()) + 1

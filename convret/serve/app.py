@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..retrieval.session_encoder import turns_of
 from .service import Batcher, Job, Metrics, SearchService
 
-__all__ = ["Limits", "create_app"]
+__all__ = ["Limits", "create_app", "token_upper_bound"]
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
 
@@ -127,6 +127,17 @@ class EncodeOut(BaseModel):
     encodings: list[Encoding]
 
 
+def token_upper_bound(texts: list[str]) -> int:
+    """An upper bound of the tokens any of the field's tokenizers makes of ``texts`` (no special tokens).
+
+    Every token of a byte-level BPE (GPT-2, Llama 3, Qwen), a SentencePiece / Metaspace vocabulary with byte
+    fallback (Llama 2, Mistral), WordPiece or Unigram covers at least one byte of the text as the tokenizer sees
+    it; that text is at most 3x the UTF-8 bytes (a space becomes the 3-byte ``▁``) plus one prepended ``▁``.
+    Checking the token limit against this bound first spares the server a second tokenisation of every
+    ordinary request (the session is tokenised once more, through the chat template, to be encoded)."""
+    return sum(3 * len(text.encode("utf-8")) + 3 for text in texts)
+
+
 class LimitError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -191,6 +202,10 @@ def create_app(service: SearchService, settings: ServeSettings | None = None) ->
     tokenizer = service.encoder.encoder.tokenizer
 
     def text_tokens(texts: list[str]) -> int:
+        """Tokens of ``texts``; not counted (the bound returned) when the byte bound is within the limit."""
+        bound = token_upper_bound(texts)
+        if bound <= limits.max_tokens:
+            return bound
         return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids) if texts else 0
 
     def session_request(cid, turns, where):
