@@ -21,7 +21,7 @@ the session forward's tiles, GQA stacking and fp32 online softmax, with query ti
 that visit only the key tiles their positions can see; fp32 / bf16 / fp16) and ``triton`` (CUDA, or CPU under
 ``TRITON_INTERPRET=1``). ``"auto"`` picks triton on CUDA and, on CPU, ``cpu`` when the native library is loaded
 (measured 1.2-1.5x faster than the SDPA loop in fp32 and 1.8-3.7x in bf16 at serving shapes, one thread:
-``bench/bench_cached_prefill_cpu.py``), else ``sdpa``; ``$CONVRET_BACKEND_CACHED_SESSION_ATTENTION=sdpa`` or
+``convret bench cached-prefill``), else ``sdpa``; ``$CONVRET_BACKEND_CACHED_SESSION_ATTENTION=sdpa`` or
 ``$CONVRET_CPU_BACKEND=fallback`` force the SDPA loop. ``convret.backend_info()["cached_prefill"]`` says which.
 
 :class:`CachedPrefill` is the model keyword that carries the cache into every layer (see :mod:`convret.hf`).

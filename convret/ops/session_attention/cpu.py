@@ -62,7 +62,7 @@ def default_cached_tile_sizes(group: int) -> TileSizes:
     stacked rows (``G * block_m``) by 256 keys. Its query tiles are cut at sample boundaries, so they are
     often shorter than ``block_m`` (85 new tokens: two tiles of 43 rows); taller and wider tiles than the
     session forward's were 3-8% faster at serving shapes (32 conversations of 700 cached + 85 new tokens,
-    1 thread, fp32 and bf16, Hq/Hkv/D = 4/2/32, 16/4/128, 28/4/128: bench/bench_cached_prefill_cpu.py)."""
+    1 thread, fp32 and bf16, Hq/Hkv/D = 4/2/32, 16/4/128, 28/4/128: convret bench cached-prefill)."""
     rows_per_head = max(16, min(64, 256 // group))
     return TileSizes(fwd_block_m=rows_per_head, fwd_block_n=256, bwd_block_m=rows_per_head, bwd_block_n=64)
 
