@@ -70,6 +70,7 @@ import numpy as np
 
 from .._io import atomic_write
 from ..data.records import ASSISTANT, USER, Passage, TrainingExample, Turn
+from .search import id_ranks
 
 __all__ = ["MineSettings", "mine", "mine_examples", "choose_negatives", "make_retriever", "parse_window", "query_of",
            "rank_scores", "text_hash", "BM25Retriever", "DenseRetriever", "main"]
@@ -162,12 +163,6 @@ def rank_scores(scores: np.ndarray, depth: int, id_rank: np.ndarray) -> np.ndarr
     return candidates[order]
 
 
-def _id_ranks(ids: Sequence[str]) -> np.ndarray:
-    ranks = np.empty(len(ids), dtype=np.int64)
-    ranks[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
-    return ranks
-
-
 # ------------------------------------------------------------------------------------------ retrievers
 class BM25Retriever:
     """BM25 over the corpus with ``bm25s`` (title and text; lower-cased, English stop words removed).
@@ -216,7 +211,7 @@ class BM25Retriever:
         self.bm25 = bm25s.BM25.load(str(saved), mmap=True, show_progress=False, verbosity=0)
         self.ids = (saved / "ids.txt").read_text(encoding="utf-8").splitlines()
         self.text_hashes = np.load(saved / "text_hashes.npy", mmap_mode="r")
-        self.id_rank = _id_ranks(self.ids)
+        self.id_rank = id_ranks(self.ids)
         self.row_of_id = {ident: i for i, ident in enumerate(self.ids)}
         self.row_of_hash = {int(h): i for i, h in enumerate(self.text_hashes)}
 
@@ -338,6 +333,7 @@ class DenseRetriever:
                 build_index(corpus_dir, index_dir, "Flat", use_gpu=None)
         self.index, self.ids, _ = load_index(index_dir)
         self.text_hashes = np.load(hash_path, mmap_mode="r")
+        self.id_rank = id_ranks(self.ids)  # once, not at every search
         if len(self.text_hashes) != len(self.ids):
             raise ValueError(f"{work}: {len(self.text_hashes)} text hashes for {len(self.ids)} indexed passages; "
                              "pass --restart")
@@ -347,7 +343,7 @@ class DenseRetriever:
         from .search import search_index
 
         vectors = self.encoder.queries(queries)
-        scores, rows = search_index(self.index, vectors, depth, ids=self.ids)
+        scores, rows = search_index(self.index, vectors, depth, ids=self.ids, id_rank=self.id_rank)
         pos_scores = np.full(len(queries), np.nan)
         have = [i for i, p in enumerate(positives) if p is not None]
         if have:
