@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                   "native CPU attention with each tile GEMM forced (mkl, onednn, upcast, packed) vs the peers"),
     "encode": ("convret.bench.encode", "convret's retrieval encoder vs plain HF: passages/s, peak memory per session length"),
     "serve": ("convret.bench.serve", "incremental session encoder vs full re-encode per turn; the service's req/s"),
+    "cached-prefill": ("convret.bench.cached_prefill",
+                       "the cached prefill (serving) on CPU: native kernel vs the SDPA loop, attention and end to end"),
     "retrieval": ("convret.bench.retrieval", "encode, index (Flat/IVF/HNSW/IVF-PQ), search at scale: rate, peak RSS, recall"),
     "gpu-report": ("convret.bench.gpu_report", "AOT compile report, occupancy estimate, tile-skip fractions"),
     "gpu-check": ("convret.bench.gpu_check", "on CUDA: every kernel vs its oracle in fp16/bf16/fp32, then timings"),

@@ -7,6 +7,9 @@
 // Work is split per (batch, kv head): the G query heads of a GQA group are stacked into one [G * rows, D]
 // GEMM operand, so every K / V tile is read once per group and every GEMM is G times taller.
 //   forward:  one work item per (batch, kv head, query tile), online softmax in fp32, LSE kept;
+//   cached prefill forward (query rows at given key positions of a KV cache, no backward): the same work
+//             items, over query tiles cut at sample boundaries, each visiting only the key tiles its positions
+//             can see;
 //   backward: fused, one work item per (batch, kv head) that owns dK / dV of its kv head and dQ of its G
 //             query heads (one pass, 5 GEMMs per pair); or split, dK / dV items per (batch, kv head, key tile)
 //             then dQ items per (batch, kv head, query tile) (7 GEMMs per pair, at least the forward's item
@@ -120,13 +123,14 @@ void stack_group_rows(const RowsView<const scalar_t>& src, int64_t b, int64_t kv
   }
 }
 
-// Scores of a partial tile that the mask hides become -inf. `rows` query rows starting at q_first, repeated
-// for each of the G stacked heads; keys k_first .. k_first + cols - 1.
-void mask_scores(float* scores, int64_t ld, int64_t group, int64_t rows, int64_t q_first, int64_t k_first,
-                 int64_t cols, const int32_t* mask_start, float masked_value) {
+// Scores of a partial tile that the mask hides become -inf. `rows` query rows, row i standing at key position
+// position_of(i), repeated for each of the G stacked heads; keys k_first .. k_first + cols - 1.
+template <typename PositionOf>
+void mask_scores_at(float* scores, int64_t ld, int64_t group, int64_t rows, const PositionOf& position_of,
+                    int64_t k_first, int64_t cols, const int32_t* mask_start, float masked_value) {
   const int32_t* key_mask_start = mask_start + k_first;
   for (int64_t i = 0; i < rows; ++i) {
-    const int64_t q = q_first + i;
+    const int64_t q = position_of(i);
     // key k_first + j is hidden from row q iff j > q - k_first or mask_start <= q; branch-free, so it vectorises
     const int32_t q32 = static_cast<int32_t>(q), last_visible = static_cast<int32_t>(q - k_first);
     const int32_t width = static_cast<int32_t>(cols);
@@ -138,6 +142,13 @@ void mask_scores(float* scores, int64_t ld, int64_t group, int64_t rows, int64_t
       }
     }
   }
+}
+
+// The query rows of session attention stand at their own index: rows q_first .. q_first + rows - 1.
+void mask_scores(float* scores, int64_t ld, int64_t group, int64_t rows, int64_t q_first, int64_t k_first,
+                 int64_t cols, const int32_t* mask_start, float masked_value) {
+  mask_scores_at(scores, ld, group, rows, [q_first](int64_t i) { return q_first + i; }, k_first, cols, mask_start,
+                 masked_value);
 }
 
 // Columns [begin, end) of a partial tile that some query row in [q_first, q_last] can see: key j is visible to
@@ -254,160 +265,295 @@ PackedKeysValues<scalar_t> pack_keys_values(const at::Tensor& k, const at::Tenso
 }
 
 // ------------------------------------------------------------------------------------------------ forward
+// What every forward query tile reads: the inputs, the tile sizes and (packed path) K / V packed once.
+// Session attention has L query rows over L keys; the cached prefill Lq query rows over Lk keys.
+template <typename scalar_t>
+struct ForwardOperands {
+  RowsView<const scalar_t> q_rows, k_rows, v_rows;
+  RowsView<scalar_t> out_rows;
+  const int32_t* mask_start;  // [B, Lk]
+  const int32_t* tile_min;    // [B, num_k_tiles]
+  const int32_t* tile_max;
+  int64_t num_q_heads, num_kv_heads, group, head_dim, q_len, key_len, num_k_tiles, block_m, block_n;
+  float softmax_scale;
+  // The packed path (16-bit, where the probe picked it): K^T and V of each (batch, kv head) packed once into
+  // VNNI pairs, read by every query tile and head of the group through the brgemm ukernel. A key span then
+  // starts at an even key (V pairs keys), so score rows get two spare columns.
+  bool packed;
+  int64_t score_ld;
+  PackedKeysValues<scalar_t> packed_kv;
+
+  ForwardOperands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                  const at::Tensor& mask_start_, const at::Tensor& tile_min_, const at::Tensor& tile_max_,
+                  double scale, int64_t block_m_, int64_t block_n_)
+      : q_rows(q), k_rows(k), v_rows(v), out_rows(out), mask_start(mask_start_.data_ptr<int32_t>()),
+        tile_min(tile_min_.data_ptr<int32_t>()), tile_max(tile_max_.data_ptr<int32_t>()),
+        num_q_heads(q.size(1)), num_kv_heads(k.size(1)), group(q.size(1) / k.size(1)), head_dim(q.size(3)),
+        q_len(q.size(2)), key_len(k.size(2)), num_k_tiles(ceil_div(k.size(2), block_n_)), block_m(block_m_),
+        block_n(block_n_), softmax_scale(static_cast<float>(scale)),
+        packed(use_packed_path<scalar_t>() && block_n_ % 2 == 0), score_ld(packed ? block_n_ + 2 : block_n_) {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      if (packed) packed_kv = pack_keys_values<scalar_t>(k, v, false);
+    }
+  }
+};
+
+template <typename scalar_t>
+struct ForwardScratch {
+  std::vector<scalar_t> q_stack, probs_lowp;
+  std::vector<float> scores, acc, row_max, row_sum;
+};
+
+// One forward work item: the query rows q_first .. q_first + rows - 1 (at most block_m) of the G query heads of
+// kv head `kv_head` in batch row b, stacked into one [G * rows, D] operand; online softmax over the key tiles
+// in fp32. Row q_first + i stands at key position position_of(i), every one in [min_pos, max_pos] (session
+// attention: its own index): tiles are classified and partial tiles narrowed for that position range, and the
+// mask applied per row. Writes the output rows and, when lse is given ([B, Hq, Lq]), their log-sum-exp.
+// A row that sees no key gets zeros (and an LSE of +inf, which makes every backward probability zero).
+template <typename scalar_t, typename PositionOf>
+void forward_query_tile(const ForwardOperands<scalar_t>& op, ForwardScratch<scalar_t>& scratch, int64_t b,
+                        int64_t kv_head, int64_t q_first, int64_t rows, int64_t min_pos, int64_t max_pos,
+                        const PositionOf& position_of, float* lse) {
+  const int64_t group = op.group, head_dim = op.head_dim, block_n = op.block_n, score_ld = op.score_ld;
+  const bool packed = op.packed;
+  auto& [q_stack, probs_lowp, scores, acc, row_max, row_sum] = scratch;
+  const int64_t stacked_rows = group * op.block_m;
+  q_stack.resize(stacked_rows * head_dim);
+  scores.resize(stacked_rows * score_ld);
+  acc.resize(stacked_rows * head_dim);
+  row_max.resize(stacked_rows);
+  row_sum.resize(stacked_rows);
+  if constexpr (!std::is_same_v<scalar_t, float>) probs_lowp.resize(stacked_rows * score_ld);
+
+  const int64_t m = group * rows;
+  const int32_t* row_mask_start = op.mask_start + b * op.key_len;
+  const TileBoundsView bounds{op.tile_min + b * op.num_k_tiles, op.tile_max + b * op.num_k_tiles};
+  const int64_t group_index = b * op.num_kv_heads + kv_head;
+
+  std::fill(row_max.begin(), row_max.begin() + m, kNegInf);
+  std::fill(row_sum.begin(), row_sum.begin() + m, 0.f);
+  bool started = false;  // Q stacked and acc zeroed: done at the first visited pair (padding tiles have none)
+
+  const int64_t last_k_tile = std::min(op.num_k_tiles - 1, max_pos / block_n);
+  for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
+    const TileClass tile_class = bounds.classify(min_pos, max_pos, k_tile, block_n);
+    if (tile_class == TileClass::kSkipped) continue;
+    // the keys this pair works on: key_first .. key_first + width - 1 (a partial tile is narrowed)
+    const int64_t k_first = k_tile * block_n;
+    int64_t key_first = k_first, width = std::min(block_n, op.key_len - k_first);
+    if (tile_class == TileClass::kPartial) {
+      const ColumnSpan span = visible_columns(row_mask_start, min_pos, max_pos, k_first, width);
+      if (span.begin == span.end) continue;
+      key_first = k_first + span.begin;
+      width = span.end - span.begin;
+      if (packed && key_first % 2 == 1) {  // V pairs start at even keys; the mask hides the extra key
+        --key_first;
+        ++width;
+      }
+    }
+    const scalar_t* k_span_data = op.k_rows.row(b, kv_head, key_first);
+    const scalar_t* v_span_data = op.v_rows.row(b, kv_head, key_first);
+    if (!started) {
+      stack_group_rows(op.q_rows, b, kv_head, group, q_first, rows, head_dim, q_stack.data());
+      std::fill(acc.begin(), acc.begin() + m * head_dim, 0.f);
+      started = true;
+    }
+
+    // scores[m, width] = Q_stack @ K_span^T, unscaled
+    bool scored = false;
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      if (packed) {
+        gemm_packed(m, width, head_dim, q_stack.data(), head_dim, op.packed_kv.keys_t(group_index, key_first),
+                    op.packed_kv.padded_len, scores.data(), score_ld, false);
+        scored = true;
+      }
+    }
+    if (!scored) {
+      gemm(false, true, m, width, head_dim, 1.f, q_stack.data(), head_dim, k_span_data, op.k_rows.stride_l, 0.f,
+           scores.data(), score_ld);
+    }
+    if (tile_class == TileClass::kPartial) {
+      mask_scores_at(scores.data(), score_ld, group, rows, position_of, key_first, width, row_mask_start, kNegInf);
+    }
+
+    // online softmax, one stacked row at a time; p = exp(scale * (s - max))
+    const float softmax_scale = op.softmax_scale;
+    for (int64_t r = 0; r < m; ++r) {
+      float* s = scores.data() + r * score_ld;
+      float tile_max_score = at::vec::reduce_all<float>(
+          [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, width);
+      const float new_max = std::max(row_max[r], tile_max_score);
+      if (new_max == kNegInf) {  // nothing visible to this row so far
+        std::fill(s, s + width, 0.f);
+        continue;
+      }
+      const float correction = std::exp(softmax_scale * (row_max[r] - new_max));  // 0 when row_max was -inf
+      const float tile_sum = exp_in_place_and_sum(s, width, softmax_scale, softmax_scale * new_max);
+      row_sum[r] = row_sum[r] * correction + tile_sum;
+      row_max[r] = new_max;
+      if (correction != 1.f) {
+        float* a = acc.data() + r * head_dim;
+        at::vec::map([correction](Vec x) { return x * Vec(correction); }, a, a, head_dim);
+      }
+    }
+
+    // acc[m, D] += P @ V_span
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      gemm(false, false, m, head_dim, width, 1.f, scores.data(), score_ld, v_span_data, op.v_rows.stride_l, 1.f,
+           acc.data(), head_dim);
+    } else {
+      convert_rows(scores.data(), score_ld, probs_lowp.data(), score_ld, m, width);
+      if (packed) {  // an odd span takes one more key pair: its P column is zero (its V row is a key or padding)
+        const int64_t paired = width + width % 2;
+        if (paired != width) {
+          for (int64_t r = 0; r < m; ++r) probs_lowp[r * score_ld + width] = scalar_t(0);
+        }
+        gemm_packed(m, head_dim, paired, probs_lowp.data(), score_ld, op.packed_kv.values(group_index, key_first),
+                    head_dim, acc.data(), head_dim, true);
+      } else {
+        gemm(false, false, m, head_dim, width, 1.f, probs_lowp.data(), score_ld, v_span_data, op.v_rows.stride_l,
+             1.f, acc.data(), head_dim);
+      }
+    }
+  }
+
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t head = kv_head * group + g;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = g * rows + i;
+      const int64_t row_index = (b * op.num_q_heads + head) * op.q_len + q_first + i;
+      scalar_t* o = op.out_rows.row(b, head, q_first + i);
+      const float* a = acc.data() + r * head_dim;
+      if (row_sum[r] == 0.f) {  // no visible key: zeros
+        std::fill(o, o + head_dim, scalar_t(0));
+        if (lse != nullptr) lse[row_index] = kPosInf;
+        continue;
+      }
+      const float inverse_sum = 1.f / row_sum[r];
+      for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<scalar_t>(a[d] * inverse_sum);
+      if (lse != nullptr) lse[row_index] = op.softmax_scale * row_max[r] + std::log(row_sum[r]);
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
                   const at::Tensor& tile_min, const at::Tensor& tile_max, double scale, int64_t block_m,
                   int64_t block_n, at::Tensor& out, at::Tensor& lse) {
-  const int64_t batch = q.size(0), num_q_heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
-  const int64_t num_kv_heads = k.size(1), group = num_q_heads / num_kv_heads;
-  const int64_t num_q_tiles = ceil_div(seq_len, block_m), num_k_tiles = ceil_div(seq_len, block_n);
-  const RowsView<const scalar_t> q_rows(q), k_rows(k), v_rows(v);
-  const RowsView<scalar_t> out_rows(out);
-  const int32_t* mask_start_data = mask_start.data_ptr<int32_t>();
-  const int32_t* tile_min_data = tile_min.data_ptr<int32_t>();
-  const int32_t* tile_max_data = tile_max.data_ptr<int32_t>();
+  const ForwardOperands<scalar_t> op(q, k, v, out, mask_start, tile_min, tile_max, scale, block_m, block_n);
+  const int64_t batch = q.size(0), seq_len = q.size(2), num_q_tiles = ceil_div(seq_len, block_m);
+  const int64_t num_groups = batch * op.num_kv_heads;
   float* lse_data = lse.data_ptr<float>();
-  const float softmax_scale = static_cast<float>(scale);
-  const int64_t stacked_rows = group * block_m;
-  // The packed path (16-bit, where the probe picked it): K^T and V of each (batch, kv head) packed once into
-  // VNNI pairs, read by every query tile and head of the group through the brgemm ukernel. A key span then
-  // starts at an even key (V pairs keys), so score rows get two spare columns.
-  const bool packed = use_packed_path<scalar_t>() && block_n % 2 == 0;
-  const int64_t score_ld = packed ? block_n + 2 : block_n;
-  PackedKeysValues<scalar_t> packed_kv;
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    if (packed) packed_kv = pack_keys_values<scalar_t>(k, v, false);
-  }
-
   // Later query tiles see more keys: hand them out first.
-  const int64_t num_items = batch * num_kv_heads * num_q_tiles;
-  struct Scratch {
-    std::vector<scalar_t> q_stack, probs_lowp;
-    std::vector<float> scores, acc, row_max, row_sum;
-  };
-  parallel_items<Scratch>(num_items, [&](int64_t item, Scratch& scratch) {
-    auto& [q_stack, probs_lowp, scores, acc, row_max, row_sum] = scratch;
-    q_stack.resize(stacked_rows * head_dim);
-    scores.resize(stacked_rows * score_ld);
-    acc.resize(stacked_rows * head_dim);
-    row_max.resize(stacked_rows);
-    row_sum.resize(stacked_rows);
-    if constexpr (!std::is_same_v<scalar_t, float>) probs_lowp.resize(stacked_rows * score_ld);
+  parallel_items<ForwardScratch<scalar_t>>(num_groups * num_q_tiles, [&](int64_t item,
+                                                                        ForwardScratch<scalar_t>& scratch) {
+    const int64_t q_tile = num_q_tiles - 1 - item / num_groups;
+    const int64_t b = (item % num_groups) / op.num_kv_heads, kv_head = item % op.num_kv_heads;
+    const int64_t q_first = q_tile * block_m, rows = std::min(block_m, seq_len - q_first);
+    forward_query_tile(op, scratch, b, kv_head, q_first, rows, q_first, q_first + rows - 1,
+                       [q_first](int64_t i) { return q_first + i; }, lse_data);
+  });
+}
 
-    const int64_t q_tile = num_q_tiles - 1 - item / (batch * num_kv_heads);
-    const int64_t b = (item % (batch * num_kv_heads)) / num_kv_heads;
-    const int64_t kv_head = item % num_kv_heads;
-    const int64_t q_first = q_tile * block_m;
-    const int64_t rows = std::min(block_m, seq_len - q_first);
-    const int64_t q_last = q_first + rows - 1;
-    const int64_t m = group * rows;
-    const int32_t* row_mask_start = mask_start_data + b * seq_len;
-    const TileBoundsView bounds{tile_min_data + b * num_k_tiles, tile_max_data + b * num_k_tiles};
+// ------------------------------------------------------------------------------------ cached prefill forward
+// Query row i of batch row b stands at key position p = query_positions[b, i] of the Lk keys and sees key j iff
+// j <= p < mask_start[b, j]; p >= Lk is a padding row (zeros). The query rows of a batch row are cut into work
+// tiles of consecutive rows, at most block_m each, that never straddle two samples: a tile starts anew where a
+// row's first visible key lies past every position of the tile so far (its visible keys are disjoint from the
+// tile's: another sample), so that a tile of one sample's rows visits that sample's keys only (key tiles of
+// the other samples are classified skipped). A run of rows of one sample is cut into equal tiles.
+struct QueryTile {
+  int64_t b, first, rows, min_pos, max_pos, cost;
+};
 
-    std::fill(row_max.begin(), row_max.begin() + m, kNegInf);
-    std::fill(row_sum.begin(), row_sum.begin() + m, 0.f);
-    bool started = false;  // Q stacked and acc zeroed: done at the first visited pair (padding tiles have none)
+// first_visible[p] for p in [0, Lk): the first key that position p sees (p + 1 when it sees none). A key hidden
+// from p (mask_start <= p, or past p) stays hidden from every later position, so one forward sweep finds them.
+void first_visible_keys(const int32_t* mask_start, int64_t key_len, int64_t* first_visible) {
+  int64_t lo = 0;
+  for (int64_t p = 0; p < key_len; ++p) {
+    while (lo <= p && mask_start[lo] <= p) ++lo;
+    first_visible[p] = lo;
+  }
+}
 
-    const int64_t last_k_tile = std::min(num_k_tiles - 1, q_last / block_n);
-    for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
-      const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n);
-      if (tile_class == TileClass::kSkipped) continue;
-      // the keys this pair works on: key_first .. key_first + width - 1 (a partial tile is narrowed)
-      const int64_t k_first = k_tile * block_n;
-      int64_t key_first = k_first, width = std::min(block_n, seq_len - k_first);
-      if (tile_class == TileClass::kPartial) {
-        const ColumnSpan span = visible_columns(row_mask_start, q_first, q_last, k_first, width);
-        if (span.begin == span.end) continue;
-        key_first = k_first + span.begin;
-        width = span.end - span.begin;
-        if (packed && key_first % 2 == 1) {  // V pairs start at even keys; the mask hides the extra key
-          --key_first;
-          ++width;
-        }
-      }
-      const scalar_t* k_span_data = k_rows.row(b, kv_head, key_first);
-      const scalar_t* v_span_data = v_rows.row(b, kv_head, key_first);
-      if (!started) {
-        stack_group_rows(q_rows, b, kv_head, group, q_first, rows, head_dim, q_stack.data());
-        std::fill(acc.begin(), acc.begin() + m * head_dim, 0.f);
-        started = true;
-      }
-
-      // scores[m, width] = Q_stack @ K_span^T, unscaled
-      bool scored = false;
-      if constexpr (!std::is_same_v<scalar_t, float>) {
-        if (packed) {
-          gemm_packed(m, width, head_dim, q_stack.data(), head_dim,
-                      packed_kv.keys_t(b * num_kv_heads + kv_head, key_first), packed_kv.padded_len, scores.data(),
-                      score_ld, false);
-          scored = true;
-        }
-      }
-      if (!scored) {
-        gemm(false, true, m, width, head_dim, 1.f, q_stack.data(), head_dim, k_span_data, k_rows.stride_l, 0.f,
-             scores.data(), score_ld);
-      }
-      if (tile_class == TileClass::kPartial) {
-        mask_scores(scores.data(), score_ld, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
-      }
-
-      // online softmax, one stacked row at a time; p = exp(scale * (s - max))
-      for (int64_t r = 0; r < m; ++r) {
-        float* s = scores.data() + r * score_ld;
-        float tile_max_score = at::vec::reduce_all<float>(
-            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, width);
-        const float new_max = std::max(row_max[r], tile_max_score);
-        if (new_max == kNegInf) {  // nothing visible to this row so far
-          std::fill(s, s + width, 0.f);
-          continue;
-        }
-        const float correction = std::exp(softmax_scale * (row_max[r] - new_max));  // 0 when row_max was -inf
-        const float tile_sum = exp_in_place_and_sum(s, width, softmax_scale, softmax_scale * new_max);
-        row_sum[r] = row_sum[r] * correction + tile_sum;
-        row_max[r] = new_max;
-        if (correction != 1.f) {
-          float* a = acc.data() + r * head_dim;
-          at::vec::map([correction](Vec x) { return x * Vec(correction); }, a, a, head_dim);
-        }
-      }
-
-      // acc[m, D] += P @ V_span
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        gemm(false, false, m, head_dim, width, 1.f, scores.data(), score_ld, v_span_data, v_rows.stride_l, 1.f,
-             acc.data(), head_dim);
-      } else {
-        convert_rows(scores.data(), score_ld, probs_lowp.data(), score_ld, m, width);
-        if (packed) {  // an odd span takes one more key pair: its P column is zero (its V row is a key or padding)
-          const int64_t paired = width + width % 2;
-          if (paired != width) {
-            for (int64_t r = 0; r < m; ++r) probs_lowp[r * score_ld + width] = scalar_t(0);
+std::vector<QueryTile> cached_query_tiles(const int64_t* positions, const int32_t* mask_start, int64_t batch,
+                                          int64_t q_len, int64_t key_len, int64_t block_m) {
+  std::vector<std::vector<QueryTile>> per_row(batch);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> first_visible(key_len);
+    for (int64_t b = begin; b < end; ++b) {
+      first_visible_keys(mask_start + b * key_len, key_len, first_visible.data());
+      const int64_t* pos = positions + b * q_len;
+      std::vector<QueryTile>& tiles = per_row[b];
+      auto cut_run = [&](int64_t first, int64_t count) {  // rows first .. first + count - 1: one sample's
+        const int64_t pieces = ceil_div(count, block_m);
+        for (int64_t piece = 0, row = first; piece < pieces; ++piece) {
+          const int64_t rows = count / pieces + (piece < count % pieces ? 1 : 0);
+          QueryTile tile{b, row, rows, pos[row], pos[row], 0};
+          int64_t lo = first_visible[pos[row]];
+          for (int64_t i = row; i < row + rows; ++i) {
+            tile.min_pos = std::min(tile.min_pos, pos[i]);
+            tile.max_pos = std::max(tile.max_pos, pos[i]);
+            lo = std::min(lo, first_visible[pos[i]]);
           }
-          gemm_packed(m, head_dim, paired, probs_lowp.data(), score_ld,
-                      packed_kv.values(b * num_kv_heads + kv_head, key_first), head_dim, acc.data(), head_dim, true);
-        } else {
-          gemm(false, false, m, head_dim, width, 1.f, probs_lowp.data(), score_ld, v_span_data, v_rows.stride_l,
-               1.f, acc.data(), head_dim);
+          tile.cost = rows * std::max<int64_t>(1, tile.max_pos + 1 - lo);
+          tiles.push_back(tile);
+          row += rows;
         }
+      };
+      int64_t run_first = -1, run_max = 0;
+      for (int64_t i = 0; i <= q_len; ++i) {
+        const bool real = i < q_len && pos[i] >= 0 && pos[i] < key_len;
+        if (run_first >= 0 && (!real || first_visible[pos[i]] > run_max)) {
+          cut_run(run_first, i - run_first);
+          run_first = -1;
+        }
+        if (!real) continue;
+        if (run_first < 0) {
+          run_first = i;
+          run_max = pos[i];
+        }
+        run_max = std::max(run_max, pos[i]);
       }
     }
+  });
+  std::vector<QueryTile> tiles;
+  for (auto& row : per_row) tiles.insert(tiles.end(), row.begin(), row.end());
+  return tiles;
+}
 
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t head = kv_head * group + g;
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t r = g * rows + i;
-        const int64_t row_index = (b * num_q_heads + head) * seq_len + q_first + i;
-        scalar_t* o = out_rows.row(b, head, q_first + i);
-        const float* a = acc.data() + r * head_dim;
-        if (row_sum[r] == 0.f) {  // no visible key: zeros, and an LSE of +inf makes every backward p zero
-          std::fill(o, o + head_dim, scalar_t(0));
-          lse_data[row_index] = kPosInf;
-          continue;
+template <typename scalar_t>
+void cached_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
+                         const at::Tensor& query_positions, const at::Tensor& tile_min, const at::Tensor& tile_max,
+                         double scale, int64_t block_m, int64_t block_n, at::Tensor& out) {
+  const ForwardOperands<scalar_t> op(q, k, v, out, mask_start, tile_min, tile_max, scale, block_m, block_n);
+  const int64_t batch = q.size(0), q_len = q.size(2), key_len = k.size(2);
+  const int64_t* positions = query_positions.data_ptr<int64_t>();
+  std::vector<QueryTile> tiles = cached_query_tiles(positions, op.mask_start, batch, q_len, key_len, block_m);
+  // the most expensive tiles (rows x visible key range) first, so that no thread ends with a long one
+  std::stable_sort(tiles.begin(), tiles.end(), [](const QueryTile& x, const QueryTile& y) { return x.cost > y.cost; });
+
+  // padding rows (position outside [0, Lk)) are in no tile: zeros
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t i = 0; i < q_len; ++i) {
+        const int64_t p = positions[b * q_len + i];
+        if (p >= 0 && p < key_len) continue;
+        for (int64_t head = 0; head < op.num_q_heads; ++head) {
+          scalar_t* o = op.out_rows.row(b, head, i);
+          std::fill(o, o + op.head_dim, scalar_t(0));
         }
-        const float inverse_sum = 1.f / row_sum[r];
-        for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<scalar_t>(a[d] * inverse_sum);
-        lse_data[row_index] = softmax_scale * row_max[r] + std::log(row_sum[r]);
       }
     }
+  });
+
+  const int64_t num_kv_heads = op.num_kv_heads;
+  parallel_items<ForwardScratch<scalar_t>>(static_cast<int64_t>(tiles.size()) * num_kv_heads,
+                                           [&](int64_t item, ForwardScratch<scalar_t>& scratch) {
+    const QueryTile& tile = tiles[item / num_kv_heads];
+    const int64_t* row_positions = positions + tile.b * q_len + tile.first;
+    forward_query_tile(op, scratch, tile.b, item % num_kv_heads, tile.first, tile.rows, tile.min_pos, tile.max_pos,
+                       [row_positions](int64_t i) { return row_positions[i]; }, nullptr);
   });
 }
 
@@ -852,22 +998,26 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 }
 
 // ---------------------------------------------------------------------------------------------- operators
+// keys_follow_queries: q, k and v cover the same L positions; false (the cached prefill): Lq query rows, Lk keys.
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
-                  const at::Tensor& tile_min, const at::Tensor& tile_max, int64_t block_m, int64_t block_n) {
+                  const at::Tensor& tile_min, const at::Tensor& tile_max, int64_t block_m, int64_t block_n,
+                  bool keys_follow_queries = true) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [B, H, L, D]");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v shapes differ");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3), "q / k shape mismatch");
+  TORCH_CHECK(q.size(0) == k.size(0) && (!keys_follow_queries || q.size(2) == k.size(2)) && q.size(3) == k.size(3),
+              "q / k shape mismatch");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v need unit stride along D");
   TORCH_CHECK(mask_start.scalar_type() == at::kInt && mask_start.is_contiguous(), "mask_start: contiguous int32");
-  TORCH_CHECK(mask_start.size(0) == q.size(0) && mask_start.size(1) == q.size(2), "mask_start must be [B, L]");
+  TORCH_CHECK(mask_start.dim() == 2 && mask_start.size(0) == k.size(0) && mask_start.size(1) == k.size(2),
+              "mask_start must be [B, L] (L: the keys)");
   TORCH_CHECK(block_m > 0 && block_n > 0, "tile sizes must be positive");
-  const int64_t num_k_tiles = ceil_div(q.size(2), block_n);
+  const int64_t num_k_tiles = ceil_div(k.size(2), block_n);
   for (const auto* bound : {&tile_min, &tile_max}) {
     TORCH_CHECK(bound->scalar_type() == at::kInt && bound->is_contiguous(), "tile bounds: contiguous int32");
-    TORCH_CHECK(bound->size(0) == q.size(0) && bound->size(1) == num_k_tiles,
+    TORCH_CHECK(bound->dim() == 2 && bound->size(0) == k.size(0) && bound->size(1) == num_k_tiles,
                 "tile bounds must be [B, ceil(L / block_n)] for this block_n");
   }
 }
@@ -888,6 +1038,30 @@ std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q
     }
   });
   return {out, lse};
+}
+
+// The cached prefill: q [B, Hq, Lq, D] at query_positions (int64 [B, Lq]) over k, v [B, Hkv, Lk, D] whose
+// mask_start and tile bounds are [B, Lk] and [B, ceil(Lk / block_n)]. Forward only: no LSE is kept.
+at::Tensor cached_session_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& mask_start, const at::Tensor& query_positions,
+                                            const at::Tensor& tile_min, const at::Tensor& tile_max, double scale,
+                                            int64_t block_m, int64_t block_n) {
+  check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n, false);
+  TORCH_CHECK(query_positions.scalar_type() == at::kLong && query_positions.is_contiguous() &&
+                  query_positions.dim() == 2 && query_positions.size(0) == q.size(0) &&
+                  query_positions.size(1) == q.size(2),
+              "query_positions must be a contiguous int64 [B, Lq] tensor");
+  at::Tensor out = empty_output(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "cached_session_attention_forward", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "float64 is served by the PyTorch fallback");
+    } else {
+      if constexpr (!std::is_same_v<scalar_t, float>) current_tile_gemm<scalar_t>();  // probe outside the pool
+      cached_forward_impl<scalar_t>(q, k, v, mask_start, query_positions, tile_min, tile_max, scale, block_m,
+                                    block_n, out);
+    }
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
@@ -938,6 +1112,9 @@ TORCH_LIBRARY(convret_cpu, m) {
       "session_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad_out, Tensor lse, "
       "Tensor mask_start, Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n, bool split) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cached_session_attention_forward(Tensor q, Tensor k, Tensor v, Tensor mask_start, Tensor query_positions, "
+      "Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n) -> Tensor");
   m.def("blas_info() -> str", &convret::blas_info);
   m.def("tile_gemm_info() -> str", &convret::tile_gemm_info);
   m.def("set_tile_gemm(str dtype, str impl) -> str", &convret::set_tile_gemm);
@@ -946,4 +1123,5 @@ TORCH_LIBRARY(convret_cpu, m) {
 TORCH_LIBRARY_IMPL(convret_cpu, CPU, m) {
   m.impl("session_attention_forward", &convret::session_attention_forward);
   m.impl("session_attention_backward", &convret::session_attention_backward);
+  m.impl("cached_session_attention_forward", &convret::cached_session_attention_forward);
 }

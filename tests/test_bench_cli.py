@@ -243,6 +243,18 @@ def test_serve_smoke(tmp_path):
 
 @pytest.mark.skipif(not __import__("convret.ops.session_attention.cpu", fromlist=["cpu"]).native_available(),
                     reason="native CPU backend not built")
+def test_cached_prefill_smoke(tmp_path):
+    code, payload = bench(tmp_path, "cached-prefill", "--smoke", "--threads", "1")
+    assert code == 0 and payload["passed"]
+    check_environment(payload)
+    [row] = payload["attention"]
+    assert row["max_abs_diff"] < 1e-5 and row["cpu_ms"] > 0 and row["sdpa_ms"] > 0
+    [e2e] = payload["end_to_end"]
+    assert e2e["target"] == 128 and e2e["max_abs_diff"] <= 1e-5 and e2e["mean_computed"] < e2e["mean_tokens"]
+
+
+@pytest.mark.skipif(not __import__("convret.ops.session_attention.cpu", fromlist=["cpu"]).native_available(),
+                    reason="native CPU backend not built")
 def test_tile_gemm_smoke_times_every_variant_and_peer(tmp_path):
     code, payload = bench(tmp_path, "tile-gemm", "--smoke", "--peers", "sdpa-decomposition", "--tiles", "16x32:16x32")
     assert code == 0 and payload["passed"]

@@ -105,3 +105,23 @@ def test_exact_reproduction_scores_one(tmp_path, model_family, monkeypatch, fami
     assert len(rows) == 3
     for row in rows:
         assert row["response"] == row["reference"] and row["f1"] == 1.0 and row["rougeL"] == 1.0, row
+
+
+def test_generate_passes_the_cache_under_the_models_own_keyword(tmp_path):
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); older
+    versions know only the old name. Generation must use whichever the model's forward takes, through a PEFT
+    wrapper too."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    ckpt = tiny_checkpoint(tmp_path / "m", seed=11, normalize=False)
+    model = load_retriever(ckpt).model
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    summary = load_retriever(ckpt).config.summary_token_ids
+    for m in (model, wrapped):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = generate_response(m, [5, 6, 7], summary, max_new_tokens=4, forced=[7])
+        assert len(out) == 4
+        assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]

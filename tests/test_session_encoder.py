@@ -1,6 +1,9 @@
 """SessionEncoder: incremental session encoding equals a full encode (``Encoder.encode_sessions``, the path of
 ``convret encode``) in fp32 within 1e-5, for growing sessions, edited sessions and truncated sessions, on the
-tiny Qwen2 retriever and on every family of the model matrix; the cache stays within its byte budget."""
+tiny Qwen2 retriever and on every family of the model matrix; the cache stays within its byte budget.
+The cached prefill runs on the backend "auto" picks (the native CPU kernel when built); the growing-session and
+mixed-batch tests run on both CPU backends of it, ``cpu`` and ``sdpa``, forced through
+``$CONVRET_BACKEND_CACHED_SESSION_ATTENTION``."""
 import random
 
 import numpy as np
@@ -8,6 +11,8 @@ import pytest
 import torch
 
 from convret.data.records import Turn
+from convret.ops.session_attention import cached as cached_op
+from convret.ops.session_attention.cpu import native_available
 from convret.retrieval.encoder import Encoder
 from convret.retrieval.session_encoder import SessionEncoder, turns_of
 from _model_matrix import FAMILIES
@@ -29,6 +34,20 @@ def tiny(tmp_path_factory):
     return Encoder.from_checkpoint(tiny_checkpoint(tmp_path_factory.mktemp("se") / "ck"))
 
 
+@pytest.fixture(params=[pytest.param("cpu", marks=pytest.mark.skipif(not native_available(),
+                                                                     reason="native extension not built")),
+                        "sdpa"])
+def cached_backend(request, monkeypatch):
+    """Forces the cached prefill's backend; afterwards checks that the native kernel ran (cpu) or did not (sdpa)."""
+    monkeypatch.setenv("CONVRET_BACKEND_CACHED_SESSION_ATTENTION", request.param)
+    calls = []
+    native = cached_op.cached_session_attention_native
+    monkeypatch.setattr(cached_op, "cached_session_attention_native",
+                        lambda *args, **kwargs: calls.append(1) or native(*args, **kwargs))
+    yield request.param
+    assert bool(calls) == (request.param == "cpu"), (request.param, len(calls))
+
+
 def grow_and_check(encoder, se, rng, conv="c", turns_n=8, words=WORDS):
     turns, infos = [], []
     for _ in range(turns_n):
@@ -41,7 +60,7 @@ def grow_and_check(encoder, se, rng, conv="c", turns_n=8, words=WORDS):
     return turns, infos
 
 
-def test_growing_session_reuses_the_prefix_and_truncation_recomputes(tiny):
+def test_growing_session_reuses_the_prefix_and_truncation_recomputes(tiny, cached_backend):
     se = SessionEncoder(tiny, cache_mb=4)
     turns, infos = grow_and_check(tiny, se, random.Random(0), turns_n=8)
     assert infos[0].cache == "miss" and infos[0].reused_tokens == 0
@@ -72,7 +91,7 @@ def test_edited_turn_reuses_the_common_prefix(tiny):
     assert info2.cache == "hit" and info2.computed_tokens == len(tiny.config.summary_token_ids)
 
 
-def test_batch_of_mixed_requests_is_one_forward(tiny):
+def test_batch_of_mixed_requests_is_one_forward(tiny, cached_backend):
     rng = random.Random(2)
     se = SessionEncoder(tiny, cache_mb=4, token_budget=150)
     sessions = {f"c{i}": [Turn("user", text(rng))] for i in range(5)}

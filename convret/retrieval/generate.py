@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import inspect
 import statistics
 import sys
 from collections import Counter
@@ -48,9 +49,12 @@ def generate_response(model: torch.nn.Module, prefix: Sequence[int], summary: Se
     t = len(summary)
     cache = DynamicCache()
     ids = torch.tensor([tokens], device=device)
-    out = model(input_ids=ids, position_ids=torch.arange(len(tokens), device=device)[None], past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    # transformers >= 5.x names the cache keyword and output field `cache` (`past_key_values` is deprecated there)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes it on
+    key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, position_ids=torch.arange(len(tokens), device=device)[None], use_cache=True,
+                logits_to_keep=1, **{key: cache})
+    cache = out[key]
     for layer in cache.layers:  # keep only the summary tokens' keys / values
         layer.keys = layer.keys[:, :, -t:].contiguous()
         layer.values = layer.values[:, :, -t:].contiguous()
@@ -58,8 +62,8 @@ def generate_response(model: torch.nn.Module, prefix: Sequence[int], summary: Se
     if forced:  # after the drop: the given start sees the summary tokens and itself only
         out = model(input_ids=torch.tensor([list(forced)], device=device),
                     position_ids=torch.arange(position, position + len(forced), device=device)[None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    use_cache=True, logits_to_keep=1, **{key: cache})
+        cache = out[key]
         position += len(forced)
     generated: list[int] = []
     stop = set(int(i) for i in eos_token_ids)
@@ -72,8 +76,8 @@ def generate_response(model: torch.nn.Module, prefix: Sequence[int], summary: Se
         if stop_sequence and generated[-len(stop_sequence):] == stop_sequence:
             break
         out = model(input_ids=torch.tensor([[next_id]], device=device),
-                    position_ids=torch.tensor([[position]], device=device), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    position_ids=torch.tensor([[position]], device=device), use_cache=True, **{key: cache})
+        cache = out[key]
         position += 1
         next_id = int(out.logits[0, -1].argmax())
     return generated

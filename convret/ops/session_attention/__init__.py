@@ -141,3 +141,4 @@ register_backend("reference", reference_attention, rank=0,
                  description="dense-mask oracle, O(L^2) memory, at least fp32")
 
 from . import cpu, triton  # noqa: E402,F401  (register backend="cpu" and backend="triton")
+from . import cached  # noqa: E402,F401  (registers the cached prefill's op, so that backend_info() lists it)

@@ -57,6 +57,16 @@ def default_tile_sizes(group: int) -> TileSizes:
     return TileSizes(fwd_block_m=rows_per_head, fwd_block_n=128, bwd_block_m=rows_per_head, bwd_block_n=64)
 
 
+def default_cached_tile_sizes(group: int) -> TileSizes:
+    """Tiles of the cached prefill's forward (only ``fwd_*`` are read): up to 64 query rows per head and 256
+    stacked rows (``G * block_m``) by 256 keys. Its query tiles are cut at sample boundaries, so they are
+    often shorter than ``block_m`` (85 new tokens: two tiles of 43 rows); taller and wider tiles than the
+    session forward's were 3-8% faster at serving shapes (32 conversations of 700 cached + 85 new tokens,
+    1 thread, fp32 and bf16, Hq/Hkv/D = 4/2/32, 16/4/128, 28/4/128: convret bench cached-prefill)."""
+    rows_per_head = max(16, min(64, 256 // group))
+    return TileSizes(fwd_block_m=rows_per_head, fwd_block_n=256, bwd_block_m=rows_per_head, bwd_block_n=64)
+
+
 # ------------------------------------------------------------------------------------ loading the library
 class _NativeState:
     """Finds and loads the built library (once); ``directory`` defaults to this package's."""
@@ -109,6 +119,10 @@ def _register_fake_kernels() -> None:
     def _forward_fake(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # outputs keep q's layout
 
+    @torch.library.register_fake("convret_cpu::cached_session_attention_forward")
+    def _cached_forward_fake(q, k, v, mask_start, query_positions, tile_min, tile_max, scale, block_m, block_n):
+        return torch.empty_like(q)
+
     @torch.library.register_fake("convret_cpu::session_attention_backward")
     def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n, split):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -140,7 +154,8 @@ def backend_info() -> dict[str, Any]:
     the loaded extension or None), ``blas`` (the GEMM routines the native kernels can call), ``tile_gemm``
     (per 16-bit dtype: the tile GEMM a probe picked and the rates it measured; the probe runs on first use),
     ``threads`` (``torch.get_num_threads()``), ``tile_sizes`` and ``work_items`` (how the forward and the
-    backward split their work over threads).
+    backward split their work over threads) and ``cached_prefill`` (which path serves the cached prefill of the
+    incremental session encoder on CPU: ``cached_session_attention``'s ``"auto"`` backend there, and why).
     """
     requested = _requested_implementation("auto")
     loaded = native_available()
@@ -164,7 +179,26 @@ def backend_info() -> dict[str, Any]:
             f"B * Hkv >= {FUSED_BACKWARD_ITEMS_PER_THREAD} * threads (${ENV_BACKWARD}=fused|split forces one); "
             "at B 2, Hkv 4, L 1411, G 4: " + repr(work_items(2, 4, 1411, default_tile_sizes(4)))
         ),
+        "cached_prefill": _cached_prefill_info(),
     }
+
+
+def _cached_prefill_info() -> str:
+    from ..._dispatch import env_variable, resolve
+    from .cached import OP
+
+    try:
+        backend = resolve(OP, "auto", "cpu").backend
+    except ValueError as error:
+        return f"none: {error}"
+    if backend == "cpu":
+        return ("native: torch.ops.convret_cpu.cached_session_attention_forward (cached_session_attention "
+                "backend='cpu'; float64 runs the sdpa path)")
+    why = cached_native_unavailable_reason(torch.device("cpu"))
+    if why is None:
+        variable = env_variable(OP)
+        why = f"available, not picked: ${variable}={os.environ.get(variable, '')!r}"
+    return f"{backend} (cached_session_attention backend={backend!r}; native kernel: {why})"
 
 
 def tile_gemm_info() -> dict[str, str]:
@@ -314,6 +348,52 @@ def session_attention_cpu(
         return fallback_session_attention(q, k, v, layout, float(scale))
     tiles = tile_sizes or default_tile_sizes(q.shape[1] // k.shape[1])
     return _NativeSessionAttention.apply(q, k, v, layout, float(scale), tiles)
+
+
+def cached_native_unavailable_reason(device: torch.device) -> str | None:
+    """Gate of the cached prefill's ``backend="cpu"`` (``convret.ops.session_attention.cached``): CPU tensors,
+    the native library loaded, and not forced off by ``$CONVRET_CPU_BACKEND=fallback`` (the cached prefill's
+    PyTorch path is its own ``backend="sdpa"``, which ``"auto"`` then picks)."""
+    if device.type != "cpu":
+        return f"needs CPU tensors, got device {device}"
+    if _requested_implementation("auto") == "fallback":
+        return f"forced off by ${ENV_IMPLEMENTATION}=fallback"
+    if not native_available():
+        return _native.reason
+    return None
+
+
+def cached_session_attention_native(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: SessionLayout,
+    query_positions: torch.Tensor,
+    scale: float,
+    tile_sizes: TileSizes | None = None,
+) -> torch.Tensor:
+    """The cached prefill (contract of :func:`convret.ops.session_attention.cached.cached_session_attention`) on
+    the native forward kernel: fp32 / bf16 / fp16 CPU tensors, inputs already checked. Forward only.
+
+    Query tiles hold at most ``tile_sizes.fwd_block_m`` (default: :func:`default_cached_tile_sizes`) rows of one
+    packed sample (cut at sample boundaries); each visits only the key tiles its positions can see. Padding
+    query rows are zeros. Raises ``RuntimeError`` when a gradient is asked for.
+    """
+    if not native_available():
+        raise RuntimeError(f"the native CPU backend is not available: {_native.reason}")
+    if q.dtype not in _NATIVE_DTYPES:
+        raise ValueError(f"the native CPU kernels take {_NATIVE_DTYPES}, got {q.dtype}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("cached_session_attention on the native CPU kernel is forward only (serving does not "
+                           "differentiate): run it under torch.no_grad() / torch.inference_mode(), or use "
+                           "backend='sdpa' or 'reference' for gradients")
+    tiles = tile_sizes or default_cached_tile_sizes(q.shape[1] // k.shape[1])
+    q, k, v = (_unit_stride_d(t) for t in (q, k, v))
+    bounds = layout.tile_bounds(tiles.fwd_block_n)
+    return torch.ops.convret_cpu.cached_session_attention_forward(
+        q, k, v, layout.mask_start.to(torch.int32).contiguous(), query_positions.to(torch.long).contiguous(),
+        bounds.min_mask_start, bounds.max_mask_start, float(scale), tiles.fwd_block_m, tiles.fwd_block_n,
+    )
 
 
 def _cpu_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float) -> torch.Tensor:
