@@ -212,6 +212,13 @@ def test_sentence_transformers_directory_as_the_retriever(files, checkpoint, tmp
     wanted = {e.positive.id for e in read_training(source)}
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(line for n, line in enumerate(lines) if n < 200 or json.loads(line)["id"] in wanted))
+    retriever = mine_module.make_retriever(str(st_dir), shard_size=50)
+    held = []
+    embed = retriever.encoder.embed_tokens
+    retriever.encoder.embed_tokens = lambda items, progress=None: (held.append(len(retriever.encoder._texts)),
+                                                                   embed(items, progress))[1]
+    retriever.prepare(corpus, tmp_path / "work", False)
+    assert len(held) == -(-len(retriever.ids) // 50) and max(held) == 50  # the text table holds one shard
     out = tmp_path / "mined.jsonl"
     assert mine_module.main(["--train-file", str(source), "--corpus", str(corpus), "--retriever", str(st_dir),
                              "--output", str(out), "--window", "3-12", "--num-negatives", "3", "--no-progress"]) == 0
@@ -256,3 +263,140 @@ def test_the_positive_and_its_text_twin_are_never_drawn_and_the_ratio_filter_app
     assert all(len(ex.negatives) == 3 and {n.id for n in ex.negatives} <= allowed for ex in mined)
     assert stats["filtered"] == 20 * len(window - allowed)
     assert len({tuple(n.id for n in ex.negatives) for ex in mined}) > 1  # each example draws its own
+
+
+def _write_world(root: Path, passages: int, text_chars: int, examples: int = 20) -> tuple[Path, Path]:
+    """A collection of ``passages`` random-word passages of about ``text_chars`` characters, written line by line,
+    and a triplet training file whose gold passages are its first ``examples`` passages."""
+    rng = np.random.default_rng(passages)
+    base = " ".join(f"w{i}" for i in rng.integers(0, 5000, 400_000))
+    starts = rng.integers(0, len(base) - text_chars, passages)
+    corpus, train = root / "corpus.jsonl", root / "train.jsonl"
+    golds = []
+    with open(corpus, "w", encoding="utf-8") as out:
+        for n in range(passages):
+            text = f"passage {n}: {base[starts[n] : starts[n] + text_chars]}"
+            out.write(json.dumps({"id": f"p{n}", "text": text}) + "\n")
+            if n < examples:
+                golds.append({"id": f"p{n}", "text": text})
+    with open(train, "w", encoding="utf-8") as out:
+        for n, gold in enumerate(golds):
+            out.write(json.dumps({"Conversation_no": n, "Turn_no": 1, "Question": f"question {n}",
+                                  "Gold_passage": gold}) + "\n")
+    return train, corpus
+
+
+def test_dense_mining_memory_does_not_grow_with_the_corpus_texts(tmp_path):
+    """Peak RSS of a fresh process (peak reset after its imports) mining against 5,000 and 50,000 passages of
+    2,000 characters (10 MB and 100 MB of text): it grows by the ids, hashes and index (measured ~8 MB), far less
+    than the 90 MB of text the larger collection adds (the corpus held as passages grew it by ~110 MB)."""
+    peaks = {}
+    for n in (5_000, 50_000):
+        root = tmp_path / str(n)
+        root.mkdir()
+        train, corpus = _write_world(root, n, 2000)
+        run = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "_mine_memory_driver.py"),
+                              str(train), str(corpus), str(root / "out.jsonl")], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        assert result["mined"] == 20
+        peaks[n] = result["maxrss_kb"] / 1024
+    growth = peaks[50_000] - peaks[5_000]
+    assert growth < 30, peaks  # MB; 90 MB of extra text held would exceed it
+
+
+def _reference_output(train: Path, corpus: Path, retriever, settings, work: Path) -> bytes:
+    """What the miner wrote before it streamed: the whole corpus held as passages, every example ranked at once,
+    candidates compared with the positives by id and by text, drawn with the same per-example seed."""
+    import random
+    from dataclasses import replace
+
+    passages = list(read_collection(corpus, strict=True))
+    from convret.data import ReadReport
+
+    report = ReadReport()
+    examples = list(read_training(train, corpus={p.id: p for p in passages}, report=report))
+    retriever.prepare(corpus, work, False)
+    assert list(retriever.ids) == [p.id for p in passages]  # the rows are the collection's order
+    lo, hi = settings.window
+    todo = [i for i, ex in enumerate(examples) if ex.positive is not None]
+    scores, rows, pos_scores = retriever.rank([mine_module.query_of(examples[i], settings.query) for i in todo],
+                                              [examples[i].positive for i in todo], hi)
+    new = list(examples)
+    for j, i in enumerate(todo):
+        ex = examples[i]
+        positives = ex.positives or [ex.positive]
+        candidates = []
+        for rank in range(lo, min(hi, rows.shape[1]) + 1):
+            row = int(rows[j, rank - 1])
+            p = passages[row]
+            if p.id in {q.id for q in positives} or p.text.strip() in {q.text.strip() for q in positives}:
+                continue
+            ratio = settings.max_positive_ratio
+            if ratio is not None and np.isfinite(pos_scores[j]) and scores[j, rank - 1] > ratio * pos_scores[j]:
+                continue
+            candidates.append(row)
+        rng = random.Random(f"{settings.seed}\x00{i}\x00{ex.id}")
+        new[i] = replace(ex, negatives=[passages[r] for r in rng.sample(candidates, min(settings.num_negatives,
+                                                                                         len(candidates)))])
+    groups = mine_module.group_records(new, report.format)
+    return "".join(json.dumps(mine_module.record_of([new[i] for i in g], report.format), ensure_ascii=False) + "\n"
+                   for g in groups).encode("utf-8")
+
+
+def test_streamed_mining_writes_what_the_in_memory_miner_wrote(files, checkpoint, tmp_path):
+    """Byte for byte, for a dense checkpoint and for BM25, over a corpus where passages share a positive's text
+    under other ids (dropped by the text filter, here compared as hashes)."""
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join((files / "triplets.jsonl").read_text().splitlines(keepends=True)[:40]))
+    train = list(read_training(source))
+    wanted = {e.positive.id for e in train}
+    lines = CORPUS.read_text(encoding="utf-8").splitlines(keepends=True)
+    twins = [json.dumps({"id": f"twin{k}", "text": e.positive.text}) + "\n" for k, e in enumerate(train[:15])]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join([*twins, *(line for n, line in enumerate(lines)
+                                         if n < 250 or json.loads(line)["id"] in wanted)]))
+    settings = mine_module.MineSettings(window=(1, 12), num_negatives=4, seed=3)
+    for spec in (str(checkpoint), "bm25"):
+        out = tmp_path / "mined.jsonl"
+        mine_module.mine(source, corpus, mine_module.make_retriever(spec, shard_size=100), out, settings,
+                         progress=False)
+        expected = _reference_output(source, corpus, mine_module.make_retriever(spec, shard_size=100), settings,
+                                     tmp_path / f"ref-{spec[-4:]}")
+        assert out.read_bytes() == expected, spec
+        after = list(read_training(out))
+        assert all(len(e.negatives) == 4 and not any(n.id.startswith("twin") and n.text == e.positive.text
+                                                     for n in e.negatives) for e in after)
+
+
+def test_every_tevatron_positive_is_written_back_and_none_is_drawn(tmp_path):
+    """Tevatron queries with 2 or 3 positives (the extra ones passages BM25 ranks in the window), in the legacy
+    schema (texts) and the new one (document ids): the output's positives are the input's, all of them, and no
+    negative is any of them (by id or text)."""
+    lines = (WORLD / sw.TRAIN_ADHOC).read_text(encoding="utf-8").splitlines(keepends=True)[:30]
+    single = tmp_path / "single.jsonl"
+    single.write_text("".join(lines))
+    first = tmp_path / "first.jsonl"
+    args = ["--corpus", str(CORPUS), "--retriever", "bm25", "--window", "1-30", "--num-negatives", "29",
+            "--no-progress"]
+    assert mine_module.main(["--train-file", str(single), "--output", str(first), *args]) == 0
+    legacy, new = tmp_path / "legacy.jsonl", tmp_path / "new.jsonl"
+    with open(legacy, "w") as a, open(new, "w") as b:
+        for n, line in enumerate(first.read_text(encoding="utf-8").splitlines()):
+            record = json.loads(line)
+            record["positive_passages"] += record.pop("negative_passages")[: 2 + n % 2]
+            a.write(json.dumps(record) + "\n")
+            b.write(json.dumps({"query_id": record["query_id"], "query_text": record["query"],
+                                "positive_document_ids": [p["docid"] for p in record["positive_passages"]]}) + "\n")
+    expected = [e.positives for e in read_training(legacy)]
+    assert all(len(p) in (3, 4) for p in expected)
+    for source in (legacy, new):
+        out = tmp_path / f"mined-{source.name}"
+        assert mine_module.main(["--train-file", str(source), "--output", str(out), *args]) == 0
+        after = list(read_training(out, strict=True))
+        assert [e.positives for e in after] == expected
+        for e in after:
+            assert len(e.negatives) >= 20
+            for n in e.negatives:
+                assert all(n.id != p.id and n.text.strip() != p.text.strip() for p in e.positives)

@@ -6,12 +6,12 @@ Every retrieval command formats text exactly as training did: :func:`formatter_f
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 from ..data.records import EvalTurn, Passage, Turn
 
 __all__ = ["formatter_for", "iter_collection", "iter_conversations", "load_qrels", "load_run", "save_run",
-           "passage_ids", "session_ids", "text_wrapping"]
+           "passage_ids", "select_passages", "session_ids", "text_wrapping"]
 
 
 def formatter_for(tokenizer: Any, config: Any) -> Any:
@@ -90,3 +90,19 @@ def save_run(path: str | os.PathLike, results: Mapping[str, Sequence[tuple[str, 
 
     write_run(path, results, tag)
 
+
+
+def select_passages(path: str | os.PathLike, ids: Collection[str], format: str = "auto") -> dict[str, Passage]:
+    """``{id: passage}`` of the passages of the collection ``path`` whose id is in ``ids``: one streaming pass
+    that keeps only those (memory bounded by what is asked for, not by the collection); it stops once every id is
+    found. An id the collection lacks is simply absent from the result."""
+    wanted = set(ids)
+    found: dict[str, Passage] = {}
+    if not wanted:
+        return found
+    for passage in iter_collection(path, format):
+        if passage.id in wanted and passage.id not in found:
+            found[passage.id] = passage
+            if len(found) == len(wanted):
+                break
+    return found

@@ -9,7 +9,7 @@ Retrievers (``--retriever``):
 
 - a convret checkpoint (a directory with ``convret_config.json``): passages and sessions are formatted and
   embedded exactly as ``convret encode`` does (:class:`~convret.retrieval.encoder.Encoder`,
-  :func:`~convret.retrieval.encode.encode_to_dir`), an exact inner-product index
+  :func:`~convret.retrieval.encode.encode_stream`), an exact inner-product index
   (:func:`~convret.retrieval.index.build_index`) and :func:`~convret.retrieval.search.search_index`;
 - a sentence-transformers model directory (``modules.json``): ``encode_document`` / ``encode_query`` (normalised
   when its similarity is cosine), the same embedding directory, index and search;
@@ -20,41 +20,60 @@ The ranking is score-descending with equal scores ordered by docid (as ``convret
 1. the query is the rewrite when the example has one (``--query auto``, the default), the rewrite always
    (``rewrite``: an example without one is an error) or the session (``session``);
 2. the candidates are the passages at ranks ``LO..HI`` (1-based, inclusive; ``--window 15-30``);
-3. a candidate is dropped when it is the example's positive (same id or same text);
+3. a candidate is dropped when it is one of the example's positives: the same id, or the same text (compared by
+   a 64-bit hash of the stripped text, see below);
 4. with ``--max-positive-ratio F``, a candidate is also dropped when its score exceeds ``F`` times the
    positive's score (the false-negative filter of positive-aware mining, NV-Retriever's "TopK-PercPos": a
    passage the retriever scores nearly as high as the gold one is often an unlabelled positive; 0.95 is the
-   usual value; meant for positive scores > 0);
+   usual value; meant for positive scores > 0; with several positives, the first one's score);
 5. ``--num-negatives`` of the remaining candidates are drawn without replacement with a generator seeded by
    ``(--seed, the example's position in the file, its id)``: the draw of one example does not depend on any
    other, so a resumed run draws the same.
 
+Every positive of the input is written back (a Tevatron query with several ``positive_passages`` keeps them all).
+
+Memory. The dense retrievers never hold the corpus texts: the collection is read line by line (the readers of
+``convret.data``) and embedded shard by shard as ``convret encode`` does, the index is built from the
+memory-mapped shards, and the ranking works on row numbers. What stays in memory for the run is the index (an
+exact float32 Flat index: 4 x dim bytes a passage), the list of passage ids, and one 64-bit hash a passage of its
+stripped text (``WORK/text_hashes.npy``, memory-mapped, row-aligned with the index, computed in the same pass that
+embeds): the "same text as the positive" filter compares hashes (a false match needs a 64-bit collision). The
+chosen negatives are recorded by id; the texts the output needs are fetched at the end in one more streaming pass
+that keeps only those ids. A Tevatron file in the new schema (document ids only) is resolved the same way: one
+pass over the collection keeps the passages its ids name. BM25 is different: ``bm25s`` tokenises the whole corpus
+in memory (the texts are held while indexing) and searches an in-memory sparse index; the index is saved in the
+work directory and loaded back memory-mapped (``bm25s.BM25.load(mmap=True)``), so a rerun does not index again.
+
 Resumable and atomic like ``convret encode``: everything goes into a work directory (``OUTPUT.work/`` by
-default): the corpus embeddings (shards kept across reruns), the index, and the mined records in chunks of
-``--chunk-size`` records, each written atomically. A rerun with the same settings keeps what is complete; the
-output file is written atomically at the end, then the work directory is deleted (``--keep-work`` keeps it).
+default): the corpus embeddings (shards kept across reruns), the text hashes, the index, and the chosen negative
+ids in chunks of ``--chunk-size`` records, each written atomically. A rerun with the same settings keeps what is
+complete; the output file is written atomically at the end, then the work directory is deleted (``--keep-work``
+keeps it).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from array import array
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .._io import atomic_write
 from ..data.records import ASSISTANT, USER, Passage, TrainingExample, Turn
+from .search import id_ranks
 
-__all__ = ["MineSettings", "mine", "mine_examples", "make_retriever", "parse_window", "query_of", "rank_scores",
-           "BM25Retriever", "DenseRetriever", "main"]
+__all__ = ["MineSettings", "mine", "mine_examples", "choose_negatives", "make_retriever", "parse_window", "query_of",
+           "rank_scores", "text_hash", "BM25Retriever", "DenseRetriever", "main"]
 
 DEFAULT_WINDOW = (15, 30)
 DEFAULT_CHUNK_SIZE = 500
@@ -111,6 +130,29 @@ def _passage_text(passage: Passage) -> str:
     return f"{passage.title} {passage.text}" if passage.title else passage.text
 
 
+def text_hash(text: str) -> int:
+    """A 64-bit hash (blake2b) of ``text.strip()``: what the "same text as the positive" filter compares."""
+    return int.from_bytes(hashlib.blake2b(text.strip().encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _text_hashes(passages: Sequence[Passage]) -> np.ndarray:
+    return np.fromiter((text_hash(p.text) for p in passages), dtype=np.uint64, count=len(passages))
+
+
+def _hashing_records(corpus: str | os.PathLike, hashes: array) -> Iterator[tuple[str, Passage]]:
+    """The collection's ``(id, passage)`` streamed, appending each passage's :func:`text_hash` to ``hashes``."""
+    from . import _data
+
+    for passage in _data.iter_collection(corpus):
+        hashes.append(text_hash(passage.text))
+        yield passage.id, passage
+
+
+def _save_hashes(path: Path, hashes: array) -> None:
+    with atomic_write(path, "wb", encoding=None) as handle:
+        np.save(handle, np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, np.uint64))
+
+
 def rank_scores(scores: np.ndarray, depth: int, id_rank: np.ndarray) -> np.ndarray:
     """Indices of the ``depth`` best of ``scores`` (one query), score descending, ties by ``id_rank``
     ascending (the docid order)."""
@@ -121,15 +163,13 @@ def rank_scores(scores: np.ndarray, depth: int, id_rank: np.ndarray) -> np.ndarr
     return candidates[order]
 
 
-def _id_ranks(ids: Sequence[str]) -> np.ndarray:
-    ranks = np.empty(len(ids), dtype=np.int64)
-    ranks[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
-    return ranks
-
-
 # ------------------------------------------------------------------------------------------ retrievers
 class BM25Retriever:
-    """BM25 over the corpus with ``bm25s`` (title and text; lower-cased, English stop words removed)."""
+    """BM25 over the corpus with ``bm25s`` (title and text; lower-cased, English stop words removed).
+
+    Not streaming: ``bm25s`` tokenises the whole corpus in memory (the texts are held while indexing) and scores
+    against an in-memory sparse index. The index is saved to ``WORK/bm25`` and loaded back memory-mapped, so a
+    rerun reuses it and the run holds the sparse matrix as file-backed pages."""
 
     name = "bm25"
 
@@ -140,16 +180,40 @@ class BM25Retriever:
             raise ValueError("--retriever bm25 needs the bm25s package (pip install bm25s, or "
                              "pip install -e .[retrieval])") from error
 
-    def prepare(self, passages: Sequence[Passage], work: Path, progress: bool) -> None:
+    def prepare(self, corpus: str | os.PathLike, work: Path, progress: bool) -> None:
+        """Index ``corpus`` (or load the index a previous run saved in ``work``); sets ``ids`` and
+        ``text_hashes`` (row-aligned with the index)."""
         import bm25s
 
-        self.ids = [p.id for p in passages]
-        self.id_rank = _id_ranks(self.ids)
-        self.row_of_text = {p.text.strip(): i for i, p in enumerate(passages)}
-        self.row_of_id = {p.id: i for i, p in enumerate(passages)}
-        self.bm25 = bm25s.BM25()
-        self.bm25.index(bm25s.tokenize([_passage_text(p) for p in passages], stopwords="en",
-                                       show_progress=progress), show_progress=progress)
+        from .._io import atomic_directory
+
+        saved = work / "bm25"
+        if not (saved / "ids.txt").is_file():
+            ids, texts, hashes, seen = [], [], array("Q"), {}
+            for n, (ident, passage) in enumerate(_hashing_records(corpus, hashes)):
+                if ident in seen:
+                    raise ValueError(f"{corpus}: duplicate passage id {ident!r} (passages {seen[ident] + 1} and "
+                                     f"{n + 1}): ids must be unique")
+                seen[ident] = n
+                ids.append(ident)
+                texts.append(_passage_text(passage))
+            del seen
+            if not ids:
+                raise ValueError(f"{corpus}: empty corpus")
+            bm25 = bm25s.BM25()
+            bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=progress), show_progress=progress)
+            del texts
+            with atomic_directory(saved, overwrite=True) as tmp:
+                bm25.save(str(tmp), show_progress=False)
+                _save_hashes(tmp / "text_hashes.npy", hashes)
+                (tmp / "ids.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+            del bm25, ids, hashes
+        self.bm25 = bm25s.BM25.load(str(saved), mmap=True, show_progress=False, verbosity=0)
+        self.ids = (saved / "ids.txt").read_text(encoding="utf-8").splitlines()
+        self.text_hashes = np.load(saved / "text_hashes.npy", mmap_mode="r")
+        self.id_rank = id_ranks(self.ids)
+        self.row_of_id = {ident: i for i, ident in enumerate(self.ids)}
+        self.row_of_hash = {int(h): i for i, h in enumerate(self.text_hashes)}
 
     def scores(self, text: str) -> np.ndarray:
         """bm25s's scores of every corpus passage for ``text`` (zeros when no token is left)."""
@@ -169,7 +233,7 @@ class BM25Retriever:
             all_rows.append(rows)
             all_scores.append(scores[rows])
             row = None if positive is None else self.row_of_id.get(positive.id,
-                                                                   self.row_of_text.get(positive.text.strip()))
+                                                                   self.row_of_hash.get(text_hash(positive.text)))
             # a positive outside the corpus has no BM25 score under the corpus's statistics
             pos_scores.append(np.nan if row is None else float(scores[row]))
         return np.stack(all_scores), np.stack(all_rows), np.asarray(pos_scores, dtype=np.float64)
@@ -199,13 +263,15 @@ class _SentenceTransformerEncoder:
     def embed_tokens(self, items: Sequence[Any], progress: Callable[[int], Any] | None = None) -> np.ndarray:
         """``items``: what :meth:`passage_tokens` returned (``encode_to_dir`` stores them as int arrays)."""
         out = self._encode([self._texts[int(np.asarray(item).reshape(-1)[0])] for item in items], "document")
+        self._texts.clear()  # encode_stream embeds a shard's items at once: the table restarts with the next shard
         if progress is not None:
             progress(len(items))
         return out
 
     def passage_tokens(self, passage: Passage) -> list[int]:
-        """A one-element "sequence", the passage's row in a text table: ``encode_to_dir`` moves token ids, a
-        sentence-transformers model takes text."""
+        """A one-element "sequence", the passage's row in a text table: ``encode_stream`` moves token ids, a
+        sentence-transformers model takes text. The table holds the texts of one shard (cleared by
+        :meth:`embed_tokens`)."""
         self._texts.append(_passage_text(passage))
         return [len(self._texts) - 1]
 
@@ -245,26 +311,39 @@ class DenseRetriever:
         self.name = name
         self.shard_size = shard_size
 
-    def prepare(self, passages: Sequence[Passage], work: Path, progress: bool) -> None:
-        from .encode import encode_to_dir
+    def prepare(self, corpus: str | os.PathLike, work: Path, progress: bool) -> None:
+        """Embed ``corpus`` into ``work/corpus`` streaming (shards complete on disk are kept), hash its texts in
+        the same pass into ``work/text_hashes.npy``, build the index; sets ``index``, ``ids``, ``text_hashes``.
+        No passage text outlives its shard."""
+        from .encode import encode_fingerprint, encode_stream
         from .index import build_index, load_index
 
-        corpus_dir, index_dir = work / "corpus", work / "index"
-        if not (index_dir / "meta.json").is_file():
-            ids = [p.id for p in passages]
-            items = [self.encoder.passage_tokens(p) for p in passages]
-            if not (corpus_dir / "meta.json").is_file():
-                encode_to_dir(self.encoder, ids, items, corpus_dir, shard_size=self.shard_size, kind="passages",
-                              progress=progress)
-            build_index(corpus_dir, index_dir, "Flat", use_gpu=None)
+        corpus_dir, index_dir, hash_path = work / "corpus", work / "index", work / "text_hashes.npy"
+        if not (index_dir / "meta.json").is_file() or not hash_path.is_file():
+            hashes: array = array("Q")
+            records = _hashing_records(corpus, hashes)
+            fingerprint = encode_fingerprint(self.encoder, "passages", None, shard_size=self.shard_size)
+            encode_stream(self.encoder, records, self.encoder.passage_tokens, corpus_dir, fingerprint,
+                          shard_size=self.shard_size, kind="passages", progress=progress, source=str(corpus))
+            for _ in records:  # an embedding directory already complete is returned without reading the input
+                pass
+            _save_hashes(hash_path, hashes)
+            del hashes
+            if not (index_dir / "meta.json").is_file():
+                build_index(corpus_dir, index_dir, "Flat", use_gpu=None)
         self.index, self.ids, _ = load_index(index_dir)
+        self.text_hashes = np.load(hash_path, mmap_mode="r")
+        self.id_rank = id_ranks(self.ids)  # once, not at every search
+        if len(self.text_hashes) != len(self.ids):
+            raise ValueError(f"{work}: {len(self.text_hashes)} text hashes for {len(self.ids)} indexed passages; "
+                             "pass --restart")
 
     def rank(self, queries: Sequence[tuple[list[Turn], str]], positives: Sequence[Passage | None],
              depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from .search import search_index
 
         vectors = self.encoder.queries(queries)
-        scores, rows = search_index(self.index, vectors, depth, ids=self.ids)
+        scores, rows = search_index(self.index, vectors, depth, ids=self.ids, id_rank=self.id_rank)
         pos_scores = np.full(len(queries), np.nan)
         have = [i for i, p in enumerate(positives) if p is not None]
         if have:
@@ -290,18 +369,23 @@ def make_retriever(spec: str, device: str | None = None, token_budget: int | Non
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def _draw(example: TrainingExample, position: int, passages: Sequence[Passage], rows: np.ndarray,
+def _positives(example: TrainingExample) -> list[Passage]:
+    return list(example.positives) or ([example.positive] if example.positive is not None else [])
+
+
+def _draw(example: TrainingExample, position: int, ids: Sequence[str], text_hashes: np.ndarray, rows: np.ndarray,
           scores: np.ndarray, positive_score: float, settings: MineSettings) -> tuple[list[int], int]:
     """Corpus rows of the negatives of one example, and how many window candidates the ratio filter dropped."""
     lo, hi = settings.window
-    positive = example.positive
+    positives = _positives(example)
+    positive_ids = {p.id for p in positives}
+    positive_hashes = {text_hash(p.text) for p in positives}
     candidates, filtered = [], 0
     for rank in range(lo, min(hi, len(rows)) + 1):
         row, score = int(rows[rank - 1]), float(scores[rank - 1])
         if row < 0:
             continue
-        passage = passages[row]
-        if passage.id == positive.id or passage.text.strip() == positive.text.strip():
+        if ids[row] in positive_ids or int(text_hashes[row]) in positive_hashes:
             continue
         if settings.max_positive_ratio is not None and np.isfinite(positive_score) \
                 and score > settings.max_positive_ratio * positive_score:
@@ -312,26 +396,38 @@ def _draw(example: TrainingExample, position: int, passages: Sequence[Passage], 
     return rng.sample(candidates, min(settings.num_negatives, len(candidates))), filtered
 
 
-def mine_examples(examples: Sequence[TrainingExample], positions: Sequence[int], retriever: Any,
-                  passages: Sequence[Passage], settings: MineSettings) -> tuple[list[TrainingExample], dict]:
-    """The examples with their negatives replaced by mined ones (an example without a positive is kept as it
-    is); ``stats``: ``filtered`` (window candidates dropped by the ratio filter), ``unscored`` (examples whose
+def choose_negatives(examples: Sequence[TrainingExample], positions: Sequence[int], retriever: Any,
+                     ids: Sequence[str], text_hashes: np.ndarray, settings: MineSettings
+                     ) -> tuple[list[list[int] | None], dict]:
+    """The corpus rows of each example's mined negatives (``None`` for an example without a positive), by row
+    only: ``ids`` and ``text_hashes`` (:func:`text_hash`) are the corpus's, row-aligned with ``retriever``'s
+    ranking. ``stats``: ``filtered`` (window candidates dropped by the ratio filter), ``unscored`` (examples whose
     positive has no score, so the ratio filter could not apply)."""
     stats = {"filtered": 0, "unscored": 0}
+    chosen: list[list[int] | None] = [None] * len(examples)
     todo = [i for i, ex in enumerate(examples) if ex.positive is not None]
-    out = list(examples)
     if not todo:
-        return out, stats
+        return chosen, stats
     queries = [query_of(examples[i], settings.query) for i in todo]
     scores, rows, pos_scores = retriever.rank(queries, [examples[i].positive for i in todo], settings.window[1])
     for j, i in enumerate(todo):
-        ex = examples[i]
         if settings.max_positive_ratio is not None and not np.isfinite(pos_scores[j]):
             stats["unscored"] += 1
-        chosen, filtered = _draw(ex, positions[i], passages, rows[j], scores[j], float(pos_scores[j]), settings)
+        chosen[i], filtered = _draw(examples[i], positions[i], ids, text_hashes, rows[j], scores[j],
+                                    float(pos_scores[j]), settings)
         stats["filtered"] += filtered
-        out[i] = TrainingExample(ex.id, ex.history, ex.query, ex.positive, [passages[r] for r in chosen],
-                                 ex.response, ex.rewrite)
+    return chosen, stats
+
+
+def mine_examples(examples: Sequence[TrainingExample], positions: Sequence[int], retriever: Any,
+                  passages: Sequence[Passage], settings: MineSettings) -> tuple[list[TrainingExample], dict]:
+    """The in-memory form of :func:`choose_negatives` (a corpus given as its passages, row-aligned with the
+    retriever's ranking): the examples with their negatives replaced by the mined passages (an example without a
+    positive is kept as it is), and the same ``stats``."""
+    chosen, stats = choose_negatives(examples, positions, retriever, [p.id for p in passages],
+                                     _text_hashes(passages), settings)
+    out = [ex if rows is None else replace(ex, negatives=[passages[r] for r in rows])
+           for ex, rows in zip(examples, chosen)]
     return out, stats
 
 
@@ -388,7 +484,8 @@ def record_of(examples: Sequence[TrainingExample], fmt: str) -> dict:
     if fmt == "tevatron":
         if ex.history:
             raise ValueError(f"example {ex.id}: a Tevatron record has no session")
-        return {"query_id": ex.id, "query": ex.query, "positive_passages": [_passage_json(ex.positive, "docid")],
+        return {"query_id": ex.id, "query": ex.query,
+                "positive_passages": [_passage_json(p, "docid") for p in _positives(ex)],
                 "negative_passages": [_passage_json(n, "docid") for n in ex.negatives]}
     conv, turn = _split_id(ex.id)
     record: dict[str, Any] = {"Conversation_no": conv, "Turn_no": int(turn) if turn.isdigit() else turn,
@@ -411,31 +508,47 @@ def _fingerprint(path: str | os.PathLike) -> dict:
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _training_corpus(train_file: str | os.PathLike, fmt: str, corpus: str | os.PathLike) -> dict | None:
+    """The passages a Tevatron file in the new schema names by id (``positive_document_ids`` /
+    ``negative_document_ids``), fetched from ``corpus`` in one streaming pass; ``None`` for other formats."""
+    from ..data import detect_format
+    from ..data.readers import iter_records
+    from ._data import select_passages
+
+    if (detect_format(train_file) if fmt == "auto" else fmt) != "tevatron":
+        return None
+    wanted: set[str] = set()
+    for _, obj in iter_records(train_file):
+        if isinstance(obj, dict):
+            for key in ("positive_document_ids", "negative_document_ids"):
+                value = obj.get(key)
+                if isinstance(value, list):
+                    wanted.update(str(d) for d in value if isinstance(d, (str, int)) and not isinstance(d, bool))
+    return select_passages(corpus, wanted)
+
+
 def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: Any, output: str | os.PathLike,
          settings: MineSettings = MineSettings(), train_format: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE,
          work_dir: str | os.PathLike | None = None, restart: bool = False, keep_work: bool = False,
          progress: bool = True, retriever_name: str | None = None) -> dict:
     """Mine negatives for ``train_file`` against ``corpus`` with ``retriever`` and write ``output`` (same format
-    as the input). Returns the report: ``examples``, ``mined`` (examples with a positive),
+    as the input). The corpus is read by streaming passes only (see the module's docstring for what each
+    retriever holds). Returns the report: ``examples``, ``mined`` (examples with a positive),
     ``negatives_per_example`` (``{count: examples}``), ``filtered``, ``unscored``, ``records``, ``format``."""
     from tqdm.auto import tqdm
 
-    from ..data import ReadReport, read_collection, read_training
+    from ..data import ReadReport, read_training
+    from ._data import select_passages
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     output = Path(output)
     work = Path(work_dir) if work_dir is not None else output.with_name(output.name + ".work")
-    passages = list(read_collection(corpus, strict=True))
-    if not passages:
-        raise ValueError(f"{corpus}: empty corpus")
-    by_id: dict[str, Passage] = {}
-    for n, p in enumerate(passages):
-        if p.id in by_id:
-            raise ValueError(f"{corpus}: duplicate passage id {p.id!r} (passage {n + 1})")
-        by_id[p.id] = p
+    if not Path(corpus).is_file():
+        raise FileNotFoundError(f"{corpus}: no such file")
     report = ReadReport()
-    examples = list(read_training(train_file, format=train_format, corpus=by_id, report=report))
+    examples = list(read_training(train_file, format=train_format,
+                                  corpus=_training_corpus(train_file, train_format, corpus), report=report))
     if report.skipped:
         print(report.summary(), file=sys.stderr)
     if not examples:
@@ -445,19 +558,19 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
     chunks = [groups[s : s + chunk_size] for s in range(0, len(groups), chunk_size)]
     state = {"train_file": _fingerprint(train_file), "format": fmt, "corpus": _fingerprint(corpus),
              "retriever": retriever_name or getattr(retriever, "name", type(retriever).__name__),
-             "settings": asdict(settings), "chunk_size": chunk_size, "version": 1}
+             "settings": asdict(settings), "chunk_size": chunk_size, "version": 2}
     state_path = work / "state.json"
     if restart and work.exists():
         shutil.rmtree(work)
     if state_path.is_file():
         previous = json.loads(state_path.read_text(encoding="utf-8"))
         if previous != json.loads(json.dumps(state)):
-            raise ValueError(f"{work} holds a mining run with other settings or inputs; pass --restart to delete it "
-                             "(or another --work-dir)")
+            raise ValueError(f"{work} holds a mining run with other settings or inputs (or of an older convret); "
+                             "pass --restart to delete it (or another --work-dir)")
     else:
         with atomic_write(state_path) as handle:
             json.dump(state, handle, indent=1)
-    retriever.prepare(passages, work, progress)
+    retriever.prepare(corpus, work, progress)
     chunk_dir = work / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     paths = [chunk_dir / f"chunk-{c:05d}.json" for c in range(len(chunks))]
@@ -466,25 +579,34 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
     try:
         for c in todo:
             positions = [i for g in chunks[c] for i in g]
-            mined, stats = mine_examples([examples[i] for i in positions], positions, retriever, passages, settings)
-            new = dict(zip(positions, mined))
-            records = [record_of([new[i] for i in g], fmt) for g in chunks[c]]
-            counts = [len(new[i].negatives) if new[i].positive is not None else None for i in positions]
+            chosen, stats = choose_negatives([examples[i] for i in positions], positions, retriever,
+                                             retriever.ids, retriever.text_hashes, settings)
+            negatives = [None if rows is None else [retriever.ids[r] for r in rows] for rows in chosen]
             with atomic_write(paths[c]) as handle:
-                json.dump({"records": records, "negatives": counts, **stats}, handle, ensure_ascii=False)
+                json.dump({"negatives": negatives, **stats}, handle, ensure_ascii=False)
             bar.update(len(positions))
     finally:
         bar.close()
+    # the texts: one streaming pass over the corpus keeping the chosen ids only
+    mined = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    texts = select_passages(corpus, {i for chunk in mined for ids in chunk["negatives"] if ids for i in ids})
     histogram: dict[int, int] = {}
     totals = {"filtered": 0, "unscored": 0}
     with atomic_write(output) as out:
-        for path in paths:
-            chunk = json.loads(path.read_text(encoding="utf-8"))
-            for record in chunk["records"]:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            for count in chunk["negatives"]:
-                if count is not None:
-                    histogram[count] = histogram.get(count, 0) + 1
+        for chunk, chunk_groups in zip(mined, chunks):
+            new = {}
+            for i, ids in zip((i for g in chunk_groups for i in g), chunk["negatives"]):
+                if ids is None:
+                    new[i] = examples[i]
+                    continue
+                missing = [d for d in ids if d not in texts]
+                if missing:
+                    raise ValueError(f"{corpus}: passage {missing[0]!r} (mined for example {examples[i].id}) is no "
+                                     f"longer in the corpus; pass --restart")
+                new[i] = replace(examples[i], negatives=[texts[d] for d in ids])
+                histogram[len(ids)] = histogram.get(len(ids), 0) + 1
+            for g in chunk_groups:
+                out.write(json.dumps(record_of([new[i] for i in g], fmt), ensure_ascii=False) + "\n")
             for key in totals:
                 totals[key] += chunk[key]
     if not keep_work:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -18,15 +18,17 @@ from . import _data
 from .embeddings import EmbeddingsError, read_embeddings
 from .index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, configure_search, load_index
 
-__all__ = ["search", "search_index", "main"]
+__all__ = ["search", "search_index", "id_ranks", "main"]
 
 _TIE_MARGIN = 16  # extra candidates fetched so that ties at the cut-off are broken by index order
 
 
 def search_index(index: Any, queries: np.ndarray, top_k: int, batch_size: int = 4096,
-                 ids: list[str] | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 ids: list[str] | None = None, progress: bool = False, id_rank: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, indices)`` ``[n, k]`` (k = min(top_k, ntotal)), score descending, ties by ascending ``ids``
-    (docids) when given, else by ascending index.
+    (docids) when given, else by ascending index. ``id_rank``: each row's position in the sorted ``ids``
+    (:func:`id_ranks`), for a caller that searches many times over one index (sorting the ids once).
 
     ``index`` is a faiss index or a list of index shards (rows numbered consecutively, shard after shard, as
     ``convret index --shard-size`` writes them): every shard is searched for its top k + margin and the
@@ -47,7 +49,7 @@ def search_index(index: Any, queries: np.ndarray, top_k: int, batch_size: int = 
     ntotal = int(offsets[-1])
     k = min(top_k, ntotal)
     all_scores, all_indices = [], []
-    rank_of = _id_ranks(ids) if ids is not None else None
+    rank_of = id_rank if id_rank is not None else id_ranks(ids) if ids is not None else None
     with tqdm(total=len(queries), unit="query", desc="search", disable=not progress) as bar:
         for start in range(0, len(queries), batch_size):
             batch = np.ascontiguousarray(queries[start : start + batch_size], dtype=np.float32)
@@ -62,7 +64,7 @@ def search_index(index: Any, queries: np.ndarray, top_k: int, batch_size: int = 
             # missing results (-1, e.g. IVF with too few probes) sort last
             scores = np.where(indices < 0, -np.inf, scores)
             if rank_of is not None:
-                tie = np.where(indices < 0, len(ids), rank_of[np.maximum(indices, 0)])
+                tie = np.where(indices < 0, len(rank_of), rank_of[np.maximum(indices, 0)])
             else:
                 tie = np.where(indices < 0, np.iinfo(np.int64).max, indices)
             order = np.lexsort((tie, -scores), axis=1)[:, :k]
@@ -72,7 +74,8 @@ def search_index(index: Any, queries: np.ndarray, top_k: int, batch_size: int = 
     return np.concatenate(all_scores), np.concatenate(all_indices)
 
 
-def _id_ranks(ids: list[str]) -> np.ndarray:
+def id_ranks(ids: Sequence[str]) -> np.ndarray:
+    """Each id's position in ``sorted(ids)`` (the docid tie-break order)."""
     ranks = np.empty(len(ids), dtype=np.int64)
     ranks[sorted(range(len(ids)), key=ids.__getitem__)] = np.arange(len(ids))
     return ranks
