@@ -109,9 +109,12 @@ class SearchService:
         if missing:
             raise ValueError(f"{len(missing)} passage ids of the index are not in the collection (first: "
                              f"{missing[0]!r}): pass the collection the index was built from")
+        from ..retrieval.search import id_ranks
+
         self.encoder = encoder
         self.index = index
         self.doc_ids = doc_ids
+        self.id_rank = id_ranks(doc_ids)  # the docid tie-break order, sorted once (not at every batch)
         self.texts = texts
         self.model_path = model_path
         self.index_path = index_path
@@ -167,7 +170,7 @@ class SearchService:
                 by_k.setdefault(job.top_k, []).append(j)
         for top_k, members in by_k.items():
             queries = np.stack([results[j].vectors[0] for j in members])
-            scores, indices = search_index(self.index, queries, top_k, ids=self.doc_ids)
+            scores, indices = search_index(self.index, queries, top_k, ids=self.doc_ids, id_rank=self.id_rank)
             for row, j in enumerate(members):
                 results[j].hits = [(self.doc_ids[i], float(s)) for s, i in zip(scores[row], indices[row]) if i >= 0]
         return results
