@@ -9,8 +9,9 @@
    compared (fp32, max |diff| <= 1e-5, else exit code 1).
 2. Encoder batching (in process, no HTTP): the request mix of the service measurement (each of C clients' i-th
    request is one round) through two :class:`SessionEncoder` s side by side: one ``encode_requests`` per
-   request against one per round (the dynamic batcher's best case). Per-request forward time, the ratio (the
-   most batching can give a service on this machine, whatever its HTTP costs) and the two ways' max |diff|.
+   request against one per round (the dynamic batcher's best case). Per-request forward time, the ratio (what
+   batching saves in the model itself; the service also saves per batch on its search and thread hand-offs) and
+   the two ways' max |diff|.
 3. Service: ``convret serve`` in a subprocess (the same model, an index of ``--passages`` sample-world
    passages), with batching on and off (``--no-batching``); ``--concurrency`` clients (default 1, 8, 32) in one
    asyncio process (aiohttp: a light load generator, so that the server gets the cores), each asking
@@ -364,8 +365,8 @@ def format_report(payload: dict) -> str:
             for r in payload.get("encoder_batching", [])]
     if rows:
         lines += ["", "Encoder batching, in process (the service's request mix; each round is every client's next "
-                      "request): per request, one forward each vs one forward per round. The gain is the most "
-                      "batching can give the service on this machine:", ""]
+                      "request): per request, one forward each vs one forward per round: the encoder's share of "
+                      "batching's gain (the service also shares its searches and thread hand-offs per batch):", ""]
         lines.append(H.markdown_table(["clients", "requests", "tokens run", "tokens reused", "one forward each",
                                        "one forward per round", "gain", "max |diff|"], rows))
     if payload["service"]:
