@@ -177,8 +177,7 @@ def run(args, argv: list[str]) -> int:
 
 
 def format_report(payload: dict) -> str:
-    lines = [f"Command: `{payload['command']}`", "", H.environment_line(payload["environment"]),
-             f"load average after the run: {', '.join(f'{x:.2f}' for x in payload['load_average_after'])}", "",
+    lines = [*H.report_header(payload),
              f"Attention alone: one packed row of {payload['conversations']} conversations x ({payload['cached']} "
              f"cached + {payload['new']} new tokens); medians of {payload['reps']} alternating rounds after "
              f"{payload['warmup']} warm-up calls (wall time; CPU time of the process):", ""]

@@ -425,6 +425,13 @@ def finish(out_dir: str | os.PathLike, name: str, payload: Mapping[str, Any], re
     print(f"\nwrote {json_path}, {md_path}" + "".join(f", {p}" for p in payload.get("plots", [])), flush=True)
 
 
+def report_header(payload: Mapping[str, Any]) -> list[str]:
+    """The first lines of a report: the command, the machine, the load average after the run."""
+    after = ", ".join(f"{x:.2f}" for x in payload["load_average_after"])
+    return [f"Command: `{payload['command']}`", "", environment_line(payload["environment"]),
+            f"load average after the run: {after}", ""]
+
+
 def command_line(prog: str, argv: Sequence[str]) -> str:
     """The exact command, as it goes beside a table."""
     return " ".join([prog, *argv]).strip()

@@ -345,8 +345,7 @@ def run(args, argv: list[str]) -> int:
 
 
 def format_report(payload: dict) -> str:
-    lines = [f"Command: `{payload['command']}`", "", H.environment_line(payload["environment"]),
-             f"load average after the run: {', '.join(f'{x:.2f}' for x in payload['load_average_after'])}", "",
+    lines = [*H.report_header(payload),
              f"Tiny Qwen2 (hidden {payload['hidden']}, {payload['layers']} layers), fp32, CPU; turns of "
              f"{payload['turn_words']} words.", "",
              f"Per turn: the incremental encoder vs a full re-encode of the same session, medians of "
