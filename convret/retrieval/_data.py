@@ -11,7 +11,7 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 from ..data.records import EvalTurn, Passage, Turn
 
 __all__ = ["formatter_for", "iter_collection", "iter_conversations", "load_qrels", "load_run", "save_run",
-           "passage_ids", "select_passages", "session_ids", "text_wrapping"]
+           "passage_ids", "select_passages", "session_ids", "text_wrapping", "unique_passages"]
 
 
 def formatter_for(tokenizer: Any, config: Any) -> Any:
@@ -106,3 +106,17 @@ def select_passages(path: str | os.PathLike, ids: Collection[str], format: str =
             if len(found) == len(wanted):
                 break
     return found
+
+
+def unique_passages(path: str | os.PathLike, format: str = "auto") -> Iterator[Passage]:
+    """The passages of the collection ``path`` (:func:`iter_collection`), raising ``ValueError`` on a duplicate id
+    (naming both positions) and, at the end, on an empty collection. Holds every id seen."""
+    seen: dict[str, int] = {}
+    for n, passage in enumerate(iter_collection(path, format)):
+        if passage.id in seen:
+            raise ValueError(f"{path}: duplicate passage id {passage.id!r} (passages {seen[passage.id] + 1} and "
+                             f"{n + 1}): ids must be unique")
+        seen[passage.id] = n
+        yield passage
+    if not seen:
+        raise ValueError(f"{path}: empty collection (no passages)")

@@ -45,16 +45,9 @@ def collection_items(path: str | os.PathLike, encoder: Encoder, fmt: str = "auto
     :func:`collection_records`). Raises ``ValueError`` on duplicate ids or an empty file."""
     ids: list[str] = []
     sequences: list[list[int]] = []
-    seen: dict[str, int] = {}
-    for n, passage in enumerate(_data.iter_collection(path, fmt)):
-        if passage.id in seen:
-            raise ValueError(f"{path}: duplicate passage id {passage.id!r} (passages {seen[passage.id] + 1} and "
-                             f"{n + 1}): ids must be unique")
-        seen[passage.id] = n
+    for passage in _data.unique_passages(path, fmt):
         ids.append(passage.id)
         sequences.append(encoder.passage_tokens(passage))
-    if not ids:
-        raise ValueError(f"{path}: empty collection (no passages)")
     return ids, sequences
 
 

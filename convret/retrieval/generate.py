@@ -13,9 +13,9 @@ of turn or at the wrapper's end, which is removed: the answer is the text alone 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
-import inspect
 import statistics
 import sys
 from collections import Counter

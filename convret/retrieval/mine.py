@@ -64,12 +64,13 @@ from array import array
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .._io import atomic_write
 from ..data.records import ASSISTANT, USER, Passage, TrainingExample, Turn
+from . import _data
 from .search import id_ranks
 
 __all__ = ["MineSettings", "mine", "mine_examples", "choose_negatives", "make_retriever", "parse_window", "query_of",
@@ -139,11 +140,9 @@ def _text_hashes(passages: Sequence[Passage]) -> np.ndarray:
     return np.fromiter((text_hash(p.text) for p in passages), dtype=np.uint64, count=len(passages))
 
 
-def _hashing_records(corpus: str | os.PathLike, hashes: array) -> Iterator[tuple[str, Passage]]:
-    """The collection's ``(id, passage)`` streamed, appending each passage's :func:`text_hash` to ``hashes``."""
-    from . import _data
-
-    for passage in _data.iter_collection(corpus):
+def _hashing_records(passages: Iterable[Passage], hashes: array) -> Iterator[tuple[str, Passage]]:
+    """``(id, passage)`` of streamed ``passages``, appending each passage's :func:`text_hash` to ``hashes``."""
+    for passage in passages:
         hashes.append(text_hash(passage.text))
         yield passage.id, passage
 
@@ -189,17 +188,10 @@ class BM25Retriever:
 
         saved = work / "bm25"
         if not (saved / "ids.txt").is_file():
-            ids, texts, hashes, seen = [], [], array("Q"), {}
-            for n, (ident, passage) in enumerate(_hashing_records(corpus, hashes)):
-                if ident in seen:
-                    raise ValueError(f"{corpus}: duplicate passage id {ident!r} (passages {seen[ident] + 1} and "
-                                     f"{n + 1}): ids must be unique")
-                seen[ident] = n
+            ids, texts, hashes = [], [], array("Q")
+            for ident, passage in _hashing_records(_data.unique_passages(corpus), hashes):
                 ids.append(ident)
                 texts.append(_passage_text(passage))
-            del seen
-            if not ids:
-                raise ValueError(f"{corpus}: empty corpus")
             bm25 = bm25s.BM25()
             bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=progress), show_progress=progress)
             del texts
@@ -321,7 +313,7 @@ class DenseRetriever:
         corpus_dir, index_dir, hash_path = work / "corpus", work / "index", work / "text_hashes.npy"
         if not (index_dir / "meta.json").is_file() or not hash_path.is_file():
             hashes: array = array("Q")
-            records = _hashing_records(corpus, hashes)
+            records = _hashing_records(_data.iter_collection(corpus), hashes)
             fingerprint = encode_fingerprint(self.encoder, "passages", None, shard_size=self.shard_size)
             encode_stream(self.encoder, records, self.encoder.passage_tokens, corpus_dir, fingerprint,
                           shard_size=self.shard_size, kind="passages", progress=progress, source=str(corpus))
@@ -513,7 +505,6 @@ def _training_corpus(train_file: str | os.PathLike, fmt: str, corpus: str | os.P
     ``negative_document_ids``), fetched from ``corpus`` in one streaming pass; ``None`` for other formats."""
     from ..data import detect_format
     from ..data.readers import iter_records
-    from ._data import select_passages
 
     if (detect_format(train_file) if fmt == "auto" else fmt) != "tevatron":
         return None
@@ -524,7 +515,7 @@ def _training_corpus(train_file: str | os.PathLike, fmt: str, corpus: str | os.P
                 value = obj.get(key)
                 if isinstance(value, list):
                     wanted.update(str(d) for d in value if isinstance(d, (str, int)) and not isinstance(d, bool))
-    return select_passages(corpus, wanted)
+    return _data.select_passages(corpus, wanted)
 
 
 def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: Any, output: str | os.PathLike,
@@ -538,7 +529,6 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
     from tqdm.auto import tqdm
 
     from ..data import ReadReport, read_training
-    from ._data import select_passages
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -589,7 +579,7 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
         bar.close()
     # the texts: one streaming pass over the corpus keeping the chosen ids only
     mined = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
-    texts = select_passages(corpus, {i for chunk in mined for ids in chunk["negatives"] if ids for i in ids})
+    texts = _data.select_passages(corpus, {i for chunk in mined for ids in chunk["negatives"] if ids for i in ids})
     histogram: dict[int, int] = {}
     totals = {"filtered": 0, "unscored": 0}
     with atomic_write(output) as out:

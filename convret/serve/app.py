@@ -206,7 +206,7 @@ def create_app(service: SearchService, settings: ServeSettings | None = None) ->
         bound = token_upper_bound(texts)
         if bound <= limits.max_tokens:
             return bound
-        return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids) if texts else 0
+        return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
 
     def session_request(cid, turns, where):
         # the limit is on what was sent (before the model's own truncation): tokenising is work too

@@ -354,8 +354,9 @@ def cached_native_unavailable_reason(device: torch.device) -> str | None:
     """Gate of the cached prefill's ``backend="cpu"`` (``convret.ops.session_attention.cached``): CPU tensors,
     the native library loaded, and not forced off by ``$CONVRET_CPU_BACKEND=fallback`` (the cached prefill's
     PyTorch path is its own ``backend="sdpa"``, which ``"auto"`` then picks)."""
-    if device.type != "cpu":
-        return f"needs CPU tensors, got device {device}"
+    reason = cpu_only(device)
+    if reason is not None:
+        return reason
     if _requested_implementation("auto") == "fallback":
         return f"forced off by ${ENV_IMPLEMENTATION}=fallback"
     if not native_available():
