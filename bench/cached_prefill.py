@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -156,6 +157,10 @@ def run(args, argv: list[str]) -> int:
         print("convret bench cached-prefill: the native CPU extension is not built (convret.backend_info() says "
               "why)")
         return 2
+    problem = _bad_arguments(args)
+    if problem:
+        print(f"convret bench cached-prefill: {problem}", file=sys.stderr)
+        return 2
     lengths = sorted(int(x) for x in args.encoder_lengths.split(",") if x.strip())
     if args.smoke:
         args.conversations, args.cached, args.new, args.heads, args.dtypes = 2, 40, 9, "4/2/32", "fp32"
@@ -174,6 +179,22 @@ def run(args, argv: list[str]) -> int:
     payload["plots"] = []
     H.finish(args.out, NAME, payload, format_report(payload))
     return 0 if payload["passed"] else 1
+
+
+def _bad_arguments(args) -> str | None:
+    """What is wrong with the options, or None."""
+    for heads in args.heads.split(","):
+        parts = heads.split("/")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts) or int(parts[0]) % int(parts[1]):
+            return f"--heads {heads!r}: want Hq/Hkv/D, positive integers with Hq a multiple of Hkv (e.g. 16/4/128)"
+    unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if unknown:
+        return f"--dtypes: unknown {unknown[0]!r}, choose from {sorted(DTYPES)}"
+    if not all(x.strip().isdigit() for x in args.encoder_lengths.split(",") if x.strip()):
+        return f"--encoder-lengths {args.encoder_lengths!r}: want comma-separated token counts (or '')"
+    if min(args.conversations, args.new, args.encoder_conversations) < 1 or args.cached < 0:
+        return "--conversations, --new and --encoder-conversations must be positive, --cached >= 0"
+    return None
 
 
 def format_report(payload: dict) -> str:

@@ -255,6 +255,16 @@ def test_cached_prefill_smoke(tmp_path):
 
 @pytest.mark.skipif(not __import__("convret.ops.session_attention.cpu", fromlist=["cpu"]).native_available(),
                     reason="native CPU backend not built")
+def test_cached_prefill_refuses_bad_options(tmp_path, capsys):
+    for argv, words in ((["--heads", "4/3/32"], "--heads"), (["--heads", "16/4"], "--heads"),
+                        (["--dtypes", "fp8"], "--dtypes"), (["--encoder-lengths", "1k"], "--encoder-lengths"),
+                        (["--new", "0"], "positive")):
+        assert main(["bench", "cached-prefill", *argv, "--out", str(tmp_path)]) == 2
+        assert words in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("convret.ops.session_attention.cpu", fromlist=["cpu"]).native_available(),
+                    reason="native CPU backend not built")
 def test_tile_gemm_smoke_times_every_variant_and_peer(tmp_path):
     code, payload = bench(tmp_path, "tile-gemm", "--smoke", "--peers", "sdpa-decomposition", "--tiles", "16x32:16x32")
     assert code == 0 and payload["passed"]
