@@ -87,11 +87,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ sits at the top of the repository (design card) but is installed as convret.kernels:
-    # a top-level package named `kernels` would shadow the PyPI package of that name, which transformers probes.
-    # bench/ likewise becomes convret.bench, so that `convret bench` (the console script) can import it.
-    packages=find_packages(include=["convret", "convret.*"]) + ["convret.kernels", "convret.bench"],
-    package_dir={"convret.kernels": "kernels", "convret.bench": "bench"},
+    # src layout: nothing importable sits at the repository root, so `python -m ...` run from a checkout never
+    # shadows an installed package (the PyPI `kernels`, which transformers imports, was shadowed by a root
+    # kernels/ once) and never mixes this checkout's modules with an installed one's.
+    packages=find_packages(where="src", include=["convret", "convret.*"]),
+    package_dir={"": "src"},
     # the bundled sample world, its tokenizer and the tiny model configs (convret.data.sample_world)
     package_data={"convret": ["resources/sample_world/*", "resources/tokenizer/*", "resources/models/*.json",
                               "resources/configs/*.yaml"]},

@@ -6,7 +6,7 @@
 - only the rows with a label take part (the LM head never runs on embedding samples or prompt tokens);
 - those rows are processed in chunks of ``chunk_size`` tokens: one ``[chunk, V]`` logits buffer at a time,
   turned in place into its gradient during the forward pass, so the backward pass is three small products;
-- on CUDA the per-chunk softmax / loss / gradient is one Triton kernel (kernels/linear_cross_entropy.py), on
+- on CUDA the per-chunk softmax / loss / gradient is one Triton kernel (src/convret/kernels/linear_cross_entropy.py), on
   CPU a few fused PyTorch ops.
 
 Gradients flow to ``hidden``, ``weight`` and ``bias`` (each only if it requires grad).

@@ -1,7 +1,7 @@
 """The bundled sample world: a small, deterministic, genuinely conversational retrieval data set.
 
 ``python -m convret.data.sample_world --out DIR`` writes it; ``--check`` regenerates it into a temporary
-directory and compares it byte for byte with the committed copy in ``convret/resources/sample_world/``;
+directory and compares it byte for byte with the committed copy in ``src/convret/resources/sample_world/``;
 ``--train-tokenizer`` (re)trains the bundled BPE tokenizer from it. Pure Python (``random.Random`` with a
 fixed seed), no network.
 

@@ -2,7 +2,7 @@
 
     convret train                                  # the embedded default: tiny Qwen2, bundled sample world, CPU
     convret train --config cfg.yaml --max_steps 100 --output_dir runs/x
-    torchrun --nproc_per_node 8 -m convret train --config convret/resources/configs/chatretriever-qwen-7b.yaml
+    torchrun --nproc_per_node 8 -m convret train --config src/convret/resources/configs/chatretriever-qwen-7b.yaml
 
 Flags override the config's fields; every ``transformers.TrainingArguments`` option keeps its name. Outputs in
 ``OUTPUT_DIR``: ``init/`` (the model before training), ``checkpoint-N/`` (Trainer checkpoints that are also
@@ -43,7 +43,7 @@ def _help() -> str:
         "Train a conversational dense retriever (recipes csit = ChatRetriever, uniconv = UniConv) with the Hugging "
         "Face Trainer. --config FILE.yaml sets fields, flags override them (the Trainer's own names: --output_dir, "
         "--max_steps, --save_steps, --logging_steps, --seed, --per_device_train_batch_size, --learning_rate, ...). "
-        "No config: the embedded tiny default (convret/resources/configs/tiny.yaml). --resume auto (default) "
+        "No config: the embedded tiny default (src/convret/resources/configs/tiny.yaml). --resume auto (default) "
         "continues from the newest complete checkpoint in output_dir, --resume PATH from that one, --resume none "
         "starts fresh (an error if output_dir holds checkpoints, unless --overwrite_output_dir, which deletes "
         "them first and never resumes).")
