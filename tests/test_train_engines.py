@@ -33,7 +33,7 @@ DRIVER = Path(__file__).resolve().parent / "_train_driver.py"
 LM_ONLY = [4, 5, 6, 7]  # the second rank's whole first batch under sequential sampling
 STEPS = 3
 COMMON = ["--max_session_len", "48", "--max_passage_len", "16", "--max_response_len", "16", "--num_negatives", "2",
-          "--max_steps", str(STEPS), "--save_steps", "100", "--learning_rate", "2e-3", "--warmup_steps", "0",
+          "--max_steps", str(STEPS), "--save_steps", "2", "--learning_rate", "2e-3", "--warmup_steps", "0",
           "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--temperature", "0.05",
           "--train_sampling_strategy", "sequential", "--seed", "5", "--dataloader_num_workers", "0",
           "--logging_steps", "1"]
@@ -98,6 +98,23 @@ def reference(world, tmp_path_factory):
             built = build_model(m, d, l)
             examples = make_examples(24, negatives=2, lm_only=LM_ONLY, triplets=mode == "lora")
             assert run(m, d, l, t, examples=examples, formatter=WordFormatter(built.tokenizer), built=built) == 0
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def engine_run(world, tmp_path_factory):
+    """``engine_run(engine, mode, *flags) -> Path``: the output directory of a finished 2-process run (run once
+    per module, shared by the tests that compare against it)."""
+    done: dict[tuple, Path] = {}
+
+    def get(engine: str, mode: str, *flags: str) -> Path:
+        key = (engine, mode, *flags)
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"run-{engine}-{mode}") / "out"
+            _check_finished(_torchrun(world, out, engine, mode, *flags))
             done[key] = out
         return done[key]
 
@@ -191,9 +208,101 @@ CASES = [
 
 
 @pytest.mark.parametrize("engine,mode", CASES)
-def test_two_processes_under_the_engine_equal_one_process(world, reference, tmp_path, engine, mode):
+def test_two_processes_under_the_engine_equal_one_process(reference, engine_run, engine, mode):
+    """Same losses and weights as one process; the engine in force is the one asked for; checkpoint-2 holds the
+    engine's own training state (sharded per rank) and consolidated retriever files that load like any other."""
     _needs(engine)
-    out = tmp_path / f"{engine}-{mode}"
-    _check_finished(_torchrun(world, out, engine, mode))
+    out = engine_run(engine, mode)
     _engine_report(out, engine)
-    _assert_same_training(reference(mode), out, mode)
+    ref = reference(mode)
+    _assert_same_training(ref, out, mode)
+    _assert_sharded_state(out / "checkpoint-2", engine)
+    _assert_same_training(ref, out, mode, what="checkpoint-2")
+    _assert_loads_like_any_checkpoint(ref / "final", out / "final")
+
+
+def _assert_sharded_state(checkpoint: Path, engine: str) -> None:
+    """The Trainer's engine state, written by every rank (2 ranks)."""
+    names = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()}
+    if engine == "fsdp2":  # torch.distributed.checkpoint shards (SHARDED_STATE_DICT)
+        for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+            assert {f"{part}/__0_0.distcp", f"{part}/__1_0.distcp", f"{part}/.metadata"} <= names, sorted(names)
+    else:
+        step = checkpoint.name.split("-")[1]
+        optim = {f"global_step{step}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
+        model = ({f"global_step{step}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)}
+                 if engine == "zero3" else {f"global_step{step}/mp_rank_00_model_states.pt"})
+        assert optim | model <= names, sorted(names)
+    assert "convret_config.json" in names and ("model.safetensors" in names or "adapter_model.safetensors" in names)
+
+
+def _assert_loads_like_any_checkpoint(reference_final: Path, final: Path) -> None:
+    """``final/`` of the engine run through the loading step of encode / evaluate / serve (``Encoder``) and through
+    ``convret export`` (sentence-transformers): the embeddings of the one-process run's ``final/``."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from convret.data.records import Turn
+    from convret.retrieval.encoder import Encoder
+    from convret.retrieval.export import export_sentence_transformers
+
+    passages = ["w1 w2 w3 the", "w44 w7", "tell me about w9 w10 w11"]
+    sessions = [([Turn("user", "tell me about w3"), Turn("assistant", "w3 w51")], "the w44"), ([], "the w12")]
+    expected = Encoder.from_checkpoint(reference_final)
+    encoder = Encoder.from_checkpoint(final)
+    got_p, got_s = encoder.encode_passages(passages), encoder.encode_sessions(sessions)
+    np.testing.assert_allclose(got_p, expected.encode_passages(passages), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got_s, expected.encode_sessions(sessions), rtol=0, atol=1e-4)
+    exported = export_sentence_transformers(final, final.parent / "st")
+    st = SentenceTransformer(str(exported), device="cpu")
+    np.testing.assert_allclose(st.encode(passages, convert_to_numpy=True), got_p, rtol=1e-4, atol=1e-5)
+
+
+GRADCACHE = [
+    pytest.param("fsdp2", id="fsdp2", marks=pytest.mark.engines),
+    pytest.param("zero2", id="zero2", marks=pytest.mark.engines),
+    pytest.param("zero3", id="zero3", marks=pytest.mark.engines),
+]
+
+
+@pytest.mark.parametrize("engine", GRADCACHE)
+def test_gradcache_under_the_engine_equals_one_process(world, reference, tmp_path, engine):
+    """GradCache (chunks of one packed row: a batch of 2 examples packs into 1 or 2 rows) with gradient accumulation 2 under the engine: 2 processes x 2 examples x
+    2 accumulation steps against one process x 4 x 2 without GradCache. Under DeepSpeed the chunks are the engine's
+    accumulation micro-steps (boundary and optimizer step only after the last chunk of the last micro-batch)."""
+    _needs(engine)
+    accumulation = ["--gradient_accumulation_steps", "2"]
+    out = tmp_path / f"{engine}-gradcache"
+    _check_finished(_torchrun(world, out, engine, "full", *accumulation, "--gradcache_chunk_rows", "1", batch=2))
+    _engine_report(out, engine)
+    _assert_same_training(reference("full", "--per_device_train_batch_size", "4", *accumulation), out, "full")
+
+
+RESUME = [
+    pytest.param("fsdp2", "lora", id="fsdp2-lora", marks=pytest.mark.engines),
+    pytest.param("zero2", "full", id="zero2-full", marks=pytest.mark.engines),
+    pytest.param("zero3", "lora", id="zero3-lora", marks=pytest.mark.engines),
+]
+
+
+@pytest.mark.parametrize("engine,mode", RESUME)
+def test_sigkill_during_a_save_then_resume_is_exact(world, engine_run, tmp_path, engine, mode):
+    """Every rank killed with SIGKILL in the middle of saving checkpoint-2 (its sharded state written, not renamed);
+    ``--resume auto`` continues from checkpoint-1 (the engine's sharded model and optimizer state, scheduler, RNG,
+    data position): the losses of the steps trained again and the final weights are those of the uninterrupted run
+    under the same engine (max abs difference <= 1e-6)."""
+    _needs(engine)
+    flags = ("--save_steps", "1")
+    uninterrupted = engine_run(engine, mode, *flags)
+    out = tmp_path / "killed"
+    killed = _torchrun(world, out, engine, mode, *flags, env={"CONVRET_TEST_KILL_IN_SAVE": "2"})
+    assert killed.returncode != 0
+    assert (out / ".staging-2").is_dir() and (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
+    _check_finished(_torchrun(world, out, engine, mode, *flags, "--resume", "auto"))
+    a, b = _losses(uninterrupted), _losses(out)
+    assert len(b) == STEPS and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    wa, wb = _weights(uninterrupted / "final", mode), _weights(out / "final", mode)
+    assert wa.keys() == wb.keys()
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert diff <= 1e-6, diff
+    _assert_sharded_state(out / "checkpoint-3", engine)
