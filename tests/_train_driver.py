@@ -10,7 +10,8 @@ WORLD_DIR holds tok/ (a tokenizer) and model.json (made by the test). CONVRET_TE
 process with SIGKILL in the middle of saving checkpoint-N (model files written, not yet renamed).
 CONVRET_TEST_ENGINE_REPORT=DIR: at its first training step each rank writes DIR/rank-R.json with the engine in
 force (the Trainer's is_fsdp_enabled / is_deepspeed_enabled, accelerate's distributed type, the class of
-model_wrapped, and the parameters this rank holds against the model's total).
+model_wrapped, and the parameters this rank holds against the model's total). CONVRET_TEST_NO_FSDP_SWITCH=1 leaves
+accelerate's state as accelerate sets it (DDP on CPU processes, whatever the FSDP request).
 
 DeepSpeed's CPU accelerator compiles its shared-memory all-reduce op (used only for inference) at start-up, about
 two minutes on two cores the first time on a machine: the driver marks it unavailable to keep the tests short."""
@@ -46,6 +47,8 @@ def main() -> int:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     except ImportError:
         pass
+    if os.environ.get("CONVRET_TEST_NO_FSDP_SWITCH"):  # accelerate's own behaviour on CPU processes: DDP
+        trainer_module.enable_fsdp_on_cpu = lambda accelerator, args: False
     report_dir = os.environ.get("CONVRET_TEST_ENGINE_REPORT")
     if report_dir:
         step = trainer_module.ConvretTrainer.training_step
@@ -96,7 +99,8 @@ def _report(trainer, model, directory: Path) -> None:
         "is_fsdp_enabled": bool(trainer.is_fsdp_enabled), "is_deepspeed_enabled": bool(trainer.is_deepspeed_enabled),
         "distributed_type": str(trainer.accelerator.distributed_type), "model_wrapped": type(trainer.model_wrapped).__name__,
         "step_model": type(model).__name__, "local_params": local, "total_params": total,
-        "world_size": trainer.args.world_size}))
+        "world_size": trainer.args.world_size, "local_rank": int(os.environ.get("LOCAL_RANK", -1)),
+        "node_rank": int(os.environ.get("GROUP_RANK", -1))}))
 
 
 if __name__ == "__main__":

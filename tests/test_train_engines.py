@@ -253,7 +253,9 @@ def _assert_loads_like_any_checkpoint(reference_final: Path, final: Path) -> Non
     got_p, got_s = encoder.encode_passages(passages), encoder.encode_sessions(sessions)
     np.testing.assert_allclose(got_p, expected.encode_passages(passages), rtol=0, atol=1e-4)
     np.testing.assert_allclose(got_s, expected.encode_sessions(sessions), rtol=0, atol=1e-4)
-    exported = export_sentence_transformers(final, final.parent / "st")
+    # a LoRA checkpoint exports merged: unmerged export needs a newer peft than the oldest convret supports
+    lora = (final / "adapter_config.json").is_file()
+    exported = export_sentence_transformers(final, final.parent / "st", merge=lora)
     st = SentenceTransformer(str(exported), device="cpu")
     np.testing.assert_allclose(st.encode(passages, convert_to_numpy=True), got_p, rtol=1e-4, atol=1e-5)
 
@@ -306,3 +308,137 @@ def test_sigkill_during_a_save_then_resume_is_exact(world, engine_run, tmp_path,
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert diff <= 1e-6, diff
     _assert_sharded_state(out / "checkpoint-3", engine)
+    if engine in ("fsdp2", "zero3"):  # killed after its last checkpoint: final/ comes from checkpoint-3's files
+        import shutil
+
+        shutil.rmtree(out / "final")
+        _check_finished(_torchrun(world, out, engine, mode, *flags, "--resume", "auto"))
+        again = _weights(out / "final", mode)
+        assert max(float((wa[k] - again[k]).abs().max()) for k in wa) <= 1e-6
+
+
+def test_two_nodes_equal_one_node(world, engine_run, tmp_path):
+    """``torchrun --nnodes 2 --nproc_per_node 1`` with the c10d rendezvous on 127.0.0.1 (two "nodes" on one machine,
+    each its own torchrun agent) under FSDP2: the same losses and weights as the one-node run with 2 processes
+    (max abs difference <= 1e-6)."""
+    one_node = engine_run("fsdp2", "full")
+    out = tmp_path / "two-nodes"
+    port = _free_port()
+    launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                f"127.0.0.1:{port}", "--rdzv_id", f"convret-test-{port}"]
+    agents = [_torchrun(world, out, "fsdp2", "full", launcher=launcher, wait=False) for _ in range(2)]
+    for agent in agents:
+        agent.wait(600)
+        _check_finished(agent)
+    reports = _engine_report(out, "fsdp2")
+    assert sorted(r["node_rank"] for r in reports) == [0, 1] and {r["local_rank"] for r in reports} == {0}
+    a, b = _losses(one_node), _losses(out)
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
+    wa, wb = _weights(one_node / "final", "full"), _weights(out / "final", "full")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- refusals (fast)
+def _parsed(world, *flags):
+    from convret.train.arguments import parse_arguments
+
+    return parse_arguments(["--model_config", str(world / "model.json"), "--tokenizer_name_or_path",
+                            str(world / "tok"), "--output_dir", str(world / "out"), *flags])
+
+
+def test_engine_requests_that_cannot_run_are_refused_with_the_reason(world, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from convret.train.engines import EngineError, check_request
+
+    def check(*flags, learnable=False, torchrun=True):
+        *_, args = _parsed(world, *flags)  # parsed outside torchrun's environment (no process group here)
+        if torchrun:
+            monkeypatch.setenv("LOCAL_RANK", "0")
+        try:
+            return check_request(args, learnable_temperature=learnable), args
+        finally:
+            monkeypatch.delenv("LOCAL_RANK", raising=False)
+
+    fsdp = ["--fsdp", "--fsdp_config", json.dumps({"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})]
+    engine, args = check(*fsdp)
+    assert engine == "fsdp2"
+    assert args.fsdp_plugin_args["state_dict_type"] == "SHARDED_STATE_DICT"  # convret's default: sharded saves
+    with pytest.raises(EngineError, match="FSDP2 \\(fully_shard\\) only"):
+        check("--fsdp", "--fsdp_config", json.dumps({"version": 1}))
+    with pytest.raises(EngineError, match="learnable_temperature is not supported under fsdp2"):
+        check(*fsdp, learnable=True)
+    with pytest.raises(EngineError, match="runs under torchrun"):
+        check(*fsdp, torchrun=False)
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "5.24.1" if name == "transformers" else real_version(name))
+    with pytest.raises(EngineError, match="fsdp2 engine needs transformers >= 5.25 \\(installed: 5.24.1\\)"):
+        check(*fsdp)
+    monkeypatch.setattr(importlib.metadata, "version", real_version)
+    if not HAS_DEEPSPEED:
+        return
+    for config, message in [({"zero_optimization": {"stage": 0}}, "stage 0 is DDP"),
+                            ({"zero_optimization": {"stage": 3}}, "stage3_gather_16bit_weights_on_model_save true")]:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(config))
+        with pytest.raises(EngineError, match=message):
+            check("--deepspeed", str(path))
+    zero3 = _engine_flags("zero3", tmp_path)
+    assert check(*zero3)[0] == "zero3"
+    with pytest.raises(EngineError, match="exclude each other"):
+        check(*zero3, *fsdp)
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.18.9" if name == "deepspeed" else real_version(name))
+    with pytest.raises(EngineError, match="needs deepspeed >= 0.19 \\(installed: 0.18.9\\)"):
+        check(*zero3)
+
+
+def test_single_process_engine_request_exits_with_the_reason(world, capsys, monkeypatch):
+    from convret.train.main import main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(["--model_config", str(world / "model.json"), "--tokenizer_name_or_path", str(world / "tok"),
+                 "--output_dir", str(world / "single"), "--max_steps", "1", "--fsdp"]) == 2
+    assert "the fsdp2 engine runs under torchrun" in capsys.readouterr().err
+    assert not (world / "single" / "init").exists()
+
+
+def test_verify_engine_refuses_any_other_engine():
+    """The check behind every engine run: accelerate's distributed type, then the class of the prepared model."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from convret.train.engines import EngineError, verify_engine
+
+    def accelerator(kind, version=2):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+            fsdp_version=version)))
+
+    model = torch.nn.Linear(2, 2)
+    ddp = type("DistributedDataParallel", (torch.nn.Module,), {})()
+    with pytest.raises(EngineError, match="fsdp2 was requested but accelerate runs DistributedType.MULTI_CPU"):
+        verify_engine("fsdp2", accelerator(DistributedType.MULTI_CPU))
+    with pytest.raises(EngineError, match="model: DistributedDataParallel"):
+        verify_engine("fsdp2", accelerator(DistributedType.FSDP), ddp)
+    with pytest.raises(EngineError, match="runs DistributedType.FSDP"):
+        verify_engine("fsdp2", accelerator(DistributedType.FSDP, version=1))
+    with pytest.raises(EngineError, match="zero3 was requested"):
+        verify_engine("zero3", accelerator(DistributedType.MULTI_CPU))
+    engine = type("DeepSpeedEngine", (torch.nn.Module,), {"zero_optimization_stage": lambda self: 2})()
+    with pytest.raises(EngineError, match="zero3 was requested.*DeepSpeedEngine"):
+        verify_engine("zero3", accelerator(DistributedType.DEEPSPEED), engine)
+    verify_engine("zero2", accelerator(DistributedType.DEEPSPEED), engine)
+    verify_engine("ddp", accelerator(DistributedType.MULTI_CPU), model)
+
+
+@pytest.mark.engines
+def test_fsdp_that_accelerate_leaves_as_ddp_stops_the_run(world, tmp_path):
+    """With convret's switch of accelerate's state turned off (CONVRET_TEST_NO_FSDP_SWITCH), accelerate keeps the
+    CPU processes on DDP: the run stops with the reason before any step instead of training as DDP."""
+    out = tmp_path / "no-switch"
+    proc = _torchrun(world, out, "fsdp2", "full", env={"CONVRET_TEST_NO_FSDP_SWITCH": "1"})
+    assert proc.returncode != 0
+    assert "fsdp2 was requested but accelerate runs DistributedType.MULTI_CPU" in proc.stderr.read()
+    assert not (out / "final").exists() and not (out / "log.jsonl").exists()

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -121,6 +122,9 @@ def check_request(args: Any, learnable_temperature: bool = False) -> str:
     engine = requested_engine(args)
     if engine.startswith("zero") and getattr(args, "fsdp", None):
         raise EngineError("--fsdp and --deepspeed exclude each other: choose one engine")
+    if engine != "ddp" and "LOCAL_RANK" not in os.environ:
+        raise EngineError(f"the {engine} engine runs under torchrun, also with one process: torchrun "
+                          "--nproc_per_node N -m convret train ... (see docs/train.md, Engines)")
     if engine == "fsdp2":
         _require("fsdp2")
         fsdp_config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
@@ -193,8 +197,9 @@ def verify_engine(engine: str, accelerator: Any, wrapped: torch.nn.Module | None
         return
     if not ok:
         what = type(wrapped).__name__ if wrapped is not None else "not prepared yet"
-        raise EngineError(f"{engine} was requested but accelerate runs {kind} (model: {what}); refusing to train "
-                          "with another engine")
+        hint = " (no process group: launch with torchrun)" if kind == DistributedType.NO else ""
+        raise EngineError(f"{engine} was requested but accelerate runs {kind}{hint} (model: {what}); refusing to "
+                          "train with another engine")
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:
