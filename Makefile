@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup demo test bench-micro bench-compare bench-compare-ratios bench-micro-smoke
+.PHONY: setup demo test test-engines bench-micro bench-compare bench-compare-ratios bench-micro-smoke
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
@@ -20,6 +20,12 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# the heavy distributed-engine cases too (FSDP2 / DeepSpeed ZeRO-2 / ZeRO-3 under torchrun on CPU processes: every
+# engine x {LoRA, full}, GradCache, SIGKILL resume, multi-node; about 15 minutes on 2 cores); `make test` runs one
+# case per engine
+test-engines: setup
+	$(PYTHON) -m pytest -q --engines tests/test_train_engines.py
 
 # Micro-benchmarks (bench/micro, pytest-benchmark; docs/benchmarks_micro.md). Run after `make setup`.
 # Saved runs go to $(BENCH_STORAGE)/<machine>/NNNN_<commit>_<date>.json (ignored by git).

@@ -103,13 +103,16 @@ setup(
         "data": ["datasets"],
         "train": ["transformers>=4.57", "peft>=0.17", "safetensors", "tokenizers", "accelerate>=1.0", "pyyaml",
                   "tqdm"],
+        # the DeepSpeed ZeRO engines of `convret train` (docs/train.md, "Engines"): a pure-Python install (its ops
+        # compile at first use)
+        "deepspeed": ["deepspeed>=0.19"],
         "retrieval": ["faiss-cpu", "pytrec-eval-terrier", "sentence-transformers", "rouge-score", "bm25s>=0.2"],
         "bench": ["matplotlib", "tqdm", "aiohttp>=3.9"],
         "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29", "prometheus-client>=0.20", "httpx>=0.27"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors",
                  "tokenizers", "accelerate>=1.0", "pyyaml", "tqdm", "datasets", "faiss-cpu", "pytrec-eval-terrier",
                  "sentence-transformers", "rouge-score", "matplotlib", "fastapi>=0.110", "uvicorn[standard]>=0.29",
-                 "prometheus-client>=0.20", "httpx>=0.27", "aiohttp>=3.9", "bm25s>=0.2"],
+                 "prometheus-client>=0.20", "httpx>=0.27", "aiohttp>=3.9", "bm25s>=0.2", "deepspeed>=0.19"],
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )

@@ -442,3 +442,56 @@ def test_fsdp_that_accelerate_leaves_as_ddp_stops_the_run(world, tmp_path):
     assert proc.returncode != 0
     assert "fsdp2 was requested but accelerate runs DistributedType.MULTI_CPU" in proc.stderr.read()
     assert not (out / "final").exists() and not (out / "log.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------ memory arithmetic
+def test_memory_plan_counts_the_real_7b_models_and_shards_by_engine():
+    """The arithmetic's parameter counts equal the models' (built on the meta device; 7,615,616,512 is Qwen2-7B's
+    published count), LoRA's trainable count
+    equals PEFT's (plus the summary tokens' rows), and the per-rank model state follows each engine's layout."""
+    import peft
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from convret.train.memory_plan import MISTRAL_7B, QWEN2_7B, lora_params, model_state
+
+    import dataclasses
+
+    assert (QWEN2_7B.params, MISTRAL_7B.params) == (7_615_616_512, 7_241_756_672)  # Qwen2-7B; Mistral-7B + 3 rows
+    for full, model_type, extra in [(QWEN2_7B, "qwen2", {}), (MISTRAL_7B, "mistral", {})]:
+        shape = dataclasses.replace(full, layers=2)  # the same layers, fewer of them: quicker to build
+        config = AutoConfig.for_model(model_type, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                                      num_hidden_layers=shape.layers, num_attention_heads=shape.hidden // 128,
+                                      num_key_value_heads=shape.kv_dim // 128, vocab_size=shape.vocab,
+                                      tie_word_embeddings=False, **extra)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        assert shape.params == sum(p.numel() for p in model.parameters())
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=32, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                "o_proj", "gate_proj", "up_proj",
+                                                                                "down_proj"]))
+        trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+        assert lora_params(shape, 32, summary_tokens=0) == trainable
+    p, t = 1000, 100
+    assert model_state("ddp", p, t, 8).model_state == 4 * p + 4 * t + 8 * t
+    assert model_state("fsdp2", p, t, 8).model_state == (4 * p + 4 * t + 8 * t) // 8
+    zero2, zero3 = model_state("zero2", p, t, 8), model_state("zero3", p, t, 8)  # bf16 module + fp32 master
+    assert (zero2.parameters, zero2.gradients, zero2.optimizer) == (2 * p + 4 * t // 8, 2 * t // 8, 8 * t // 8)
+    assert (zero3.parameters, zero3.gradients, zero3.optimizer) == (2 * p // 8 + 4 * t // 8, 2 * t // 8, 8 * t // 8)
+
+
+@pytest.mark.engines
+def test_bench_step_engine_memory_matches_the_arithmetic():
+    """``convret bench step --engines all`` at tiny size: each rank's parameters and optimizer states, counted
+    tensor by tensor, are what the arithmetic says (exactly), and under ZeRO-2 everything the process holds is the
+    arithmetic's model state within 1 %."""
+    from convret.bench.engine_memory import ENGINE_NAMES, measure
+
+    engines = [e for e in ENGINE_NAMES if HAS_DEEPSPEED or not e.startswith("zero")]
+    for record in measure(engines):
+        assert record["status"] == "ok", record.get("error")
+        predicted = record["predicted"]
+        for rank in record["ranks"]:
+            assert abs(rank["param_bytes"] - predicted["parameters"]) <= 1024, (record["engine"], rank)
+            assert abs(rank["optimizer_bytes"] - predicted["optimizer"]) <= 1024, (record["engine"], rank)
+            if record["engine"] == "zero2":
+                assert abs(rank["tensors_bytes"] - predicted["model_state"]) <= 0.01 * predicted["model_state"]
