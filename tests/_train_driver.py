@@ -5,6 +5,7 @@
 
 --negatives: hard negatives per example in the data (default: --num_negatives, i.e. none to sample from).
 --mixture W1,W2: two sources (a MixtureDataset), these examples and a second set, with those weights.
+--config FILE: the config the flags override (default: the embedded tiny one).
 
 WORLD_DIR holds tok/ (a tokenizer) and model.json (made by the test). CONVRET_TEST_KILL_IN_SAVE=N kills the
 process with SIGKILL in the middle of saving checkpoint-N (model files written, not yet renamed).
@@ -73,7 +74,8 @@ def main() -> int:
 
     argv = ["--model_config", str(world / "model.json"), "--tokenizer_name_or_path", str(world / "tok"),
             "--max_session_len", "48", "--max_passage_len", "16", "--max_response_len", "16", *flags]
-    m, d, l, t = parse_arguments(argv)
+    config = opts[opts.index("--config") + 1] if "--config" in opts else None
+    m, d, l, t = parse_arguments(argv, config)
     built = build_model(m, d, l)
     examples = make_examples(num_examples, negatives=d.num_negatives if negatives is None else negatives,
                              triplets=triplets, lm_only=lm_only)

@@ -495,3 +495,76 @@ def test_bench_step_engine_memory_matches_the_arithmetic():
             assert abs(rank["optimizer_bytes"] - predicted["optimizer"]) <= 1024, (record["engine"], rank)
             if record["engine"] == "zero2":
                 assert abs(rank["tensors_bytes"] - predicted["model_state"]) <= 0.01 * predicted["model_state"]
+
+
+# ------------------------------------------------------------------------------------- the bundled configs
+ENGINE_CONFIGS = {"chatretriever-qwen-7b-fsdp2.yaml": ("fsdp2", "Qwen2DecoderLayer"),
+                  "chatretriever-qwen-7b-zero3.yaml": ("zero3", None),
+                  "uniconv-mistral-7b-fsdp2.yaml": ("fsdp2", "MistralDecoderLayer"),
+                  "uniconv-mistral-7b-zero3.yaml": ("zero3", None)}
+
+
+def test_bundled_engine_configs_request_their_engine(world, monkeypatch):
+    """The 7B configs' FSDP2 / ZeRO-3 variants: the settings of their base config plus a valid engine request
+    (the layer class FSDP2 wraps exists in the model family)."""
+    import importlib
+
+    from convret.train.arguments import CONFIG_DIR, load_config, parse_arguments
+    from convret.train.engines import check_request
+
+    for name, (engine, layer) in ENGINE_CONFIGS.items():
+        if engine.startswith("zero") and not HAS_DEEPSPEED:
+            continue
+        base = load_config(CONFIG_DIR / (name.rsplit("-", 1)[0] + ".yaml"))
+        variant = load_config(CONFIG_DIR / name)
+        assert {k: v for k, v in variant.items() if k not in ("fsdp", "fsdp_config", "deepspeed", "output_dir")} \
+            == {k: v for k, v in base.items() if k != "output_dir"}, name
+        *_, args = parse_arguments([], CONFIG_DIR / name)
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert check_request(args) == engine
+        monkeypatch.delenv("LOCAL_RANK")
+        if layer is not None:
+            family = layer.removesuffix("DecoderLayer").lower()
+            assert hasattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), layer)
+            assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == layer
+
+
+CONFIG_RUNS = [pytest.param(name, id=name.removesuffix(".yaml"), marks=pytest.mark.engines)
+               for name in ("chatretriever-qwen-7b-fsdp2.yaml", "chatretriever-qwen-7b-zero3.yaml")]
+
+
+@pytest.mark.parametrize("name", CONFIG_RUNS)
+def test_bundled_engine_config_trains_at_tiny_size(world, tmp_path, name):
+    """The config as shipped (LoRA r 32 with dropout, gradient checkpointing, gradient accumulation 4, the engine
+    block, DeepSpeed's "auto" values) on 2 CPU processes with the tiny model: 2 optimizer steps, consolidated
+    final/ loads."""
+    from convret.train.arguments import CONFIG_DIR
+    from convret.train.checkpoint import load_retriever
+
+    import yaml
+
+    from convret.train.arguments import load_config
+
+    engine = ENGINE_CONFIGS[name][0]
+    _needs(engine)
+    out = tmp_path / "out"
+    config = load_config(CONFIG_DIR / name)
+    del config["model_name_or_path"], config["train_file"]  # the tiny model and the test world's data instead
+    (tmp_path / name).write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(DRIVER), str(world), "--config", str(tmp_path / name), "--",
+           "--model_config", str(world / "model.json"), "--tokenizer_name_or_path", str(world / "tok"),
+           "--max_session_len", "48", "--max_passage_len", "16", "--max_response_len", "16",
+           "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "2",
+           "--use_cpu", "true", "--ddp_backend", "gloo", "--report_to", "none", "--disable_tqdm", "true",
+           "--dataloader_num_workers", "0", "--logging_steps", "1"]
+    if engine == "fsdp2":
+        cmd += ["--fsdp_config", json.dumps({"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
+                                             "state_dict_type": "SHARDED_STATE_DICT"})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONVRET_TEST_ENGINE_REPORT": str(out) + "-report"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    _engine_report(out, engine)
+    _assert_sharded_state(out / "checkpoint-2", engine)
+    loaded = load_retriever(out / "final")
+    assert loaded.config.adapter and loaded.config.extra["global_step"] == 2
