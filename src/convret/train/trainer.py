@@ -13,7 +13,11 @@ consumed batches on resume, comes from the Trainer as it is):
   its summary tokens, safetensors weights or adapter) and is written into a hidden staging directory, flushed
   and renamed (:meth:`_save_checkpoint`, :meth:`_save`);
 - :meth:`create_optimizer` adds a learnable temperature; :meth:`log` adds the loss parts, tokens/s and the
-  packing fill to the Trainer's log.
+  packing fill to the Trainer's log;
+- engines (:mod:`convret.train.engines`): FSDP2 also on CPU processes, the engine in force checked against the
+  one requested (:meth:`create_accelerator_and_postprocess`, first :meth:`training_step`), GradCache through
+  DeepSpeed's own backward, consolidated retriever files under FSDP2 / ZeRO-3 (:meth:`save_model`,
+  :meth:`consolidated_model`).
 """
 from __future__ import annotations
 
