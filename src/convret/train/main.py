@@ -249,7 +249,7 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
     """Train: prepare the output directory, save ``init/``, train (resuming when asked), save ``final/``."""
     from ..memory import enable_for_training
     from .checkpoint import load_retriever, save_retriever
-    from .engines import check_request, is_sharded
+    from .engines import building_plain_model, check_request, is_sharded
     from .trainer import LOG_NAME, NonFiniteLossError
 
     train_args = finalize_training_args(train_args, model_args)
@@ -278,7 +278,8 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
             if finished and is_sharded(engine):
                 # the engine's state is sharded: the checkpoint's consolidated retriever files are the weights
                 if trainer.is_world_process_zero():
-                    loaded = load_retriever(resume)
+                    with building_plain_model():  # not partitioned by an active ZeRO-3 config
+                        loaded = load_retriever(resume)
                     save_retriever(output_dir / "final", loaded.model, loaded.tokenizer, loaded.config)
                 trainer.state.global_step = start_step
             elif finished:
