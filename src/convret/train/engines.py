@@ -35,12 +35,13 @@ __all__ = ["EngineError", "requested_engine", "check_request", "enable_fsdp_on_c
            "is_sharded", "is_partitioned", "meta_copy", "plain_model", "gathered_state_dict", "deepspeed_config", "ENGINE_VERSIONS",
            "building_plain_model"]
 
-# The versions each engine was proven with (tests/test_train_engines.py); older ones are refused with this
-# message. FSDP2 through the Trainer needs transformers' fsdp_config "version" handling and accelerate's
-# fully_shard preparation: transformers 4.57 configures FSDP1 through environment variables and accelerate 1.3
-# has no FSDP2 at all.
+# What each engine needs beyond convret's floors (older versions are refused with this message); proven by
+# tests/test_train_engines.py at these versions and the newest. FSDP2: accelerate 1.14 is the first to give the
+# LM head its own FSDP2 unit kept unsharded from the forward to the backward, where convret's chunked LM loss
+# reads its weight (1.3 has no FSDP2; 1.6 to 1.13 reshard the head after the forward: checked, refused by the
+# loss's own check).
 ENGINE_VERSIONS: dict[str, dict[str, str]] = {
-    "fsdp2": {"transformers": "5.25", "accelerate": "1.16"},
+    "fsdp2": {"accelerate": "1.14"},
     "deepspeed": {"deepspeed": "0.19"},
 }
 
@@ -115,9 +116,9 @@ def check_request(args: Any, learnable_temperature: bool = False) -> str:
     unless ``fsdp_config`` names another.
 
     Raises:
-        EngineError: FSDP and DeepSpeed together, FSDP1, a version below :data:`ENGINE_VERSIONS`, ZeRO stage 0,
-            a ZeRO-3 config that does not gather its weights on save, a learnable temperature under a sharded
-            engine.
+        EngineError: FSDP and DeepSpeed together, no torchrun, FSDP1, ZeRO stage 0, a ZeRO-3 config that does
+            not gather its weights on save, a learnable temperature under FSDP2 / DeepSpeed, a version below
+            :data:`ENGINE_VERSIONS`.
     """
     engine = requested_engine(args)
     if engine.startswith("zero") and getattr(args, "fsdp", None):
@@ -126,17 +127,12 @@ def check_request(args: Any, learnable_temperature: bool = False) -> str:
         raise EngineError(f"the {engine} engine runs under torchrun, also with one process: torchrun "
                           "--nproc_per_node N -m convret train ... (see docs/train.md, Engines)")
     if engine == "fsdp2":
-        _require("fsdp2")
         fsdp_config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
         version = int(fsdp_config.get("version", 2))
         if version != 2:
             raise EngineError(f"fsdp_config version {version}: convret runs FSDP2 (fully_shard) only; FSDP1 is "
                               "deprecated by transformers. Set fsdp_config version 2 (the default)")
-        if "state_dict_type" not in fsdp_config and args.fsdp_plugin_args is not None:
-            fsdp_config["state_dict_type"] = "SHARDED_STATE_DICT"
-            args.fsdp_plugin_args["state_dict_type"] = "SHARDED_STATE_DICT"
     elif engine.startswith("zero"):
-        _require("deepspeed")
         config = deepspeed_config(args)
         stage = _zero_stage(config)
         if stage not in (1, 2, 3):
@@ -151,6 +147,11 @@ def check_request(args: Any, learnable_temperature: bool = False) -> str:
         raise EngineError(f"--learnable_temperature is not supported under {engine}: the temperature is a parameter "
                           "of the loss, not of the model, and the sharded optimizers of FSDP2 and DeepSpeed hold only "
                           "the model's parameters. Use a fixed --temperature, or DDP")
+    if engine != "ddp":
+        _require("fsdp2" if engine == "fsdp2" else "deepspeed")
+    if engine == "fsdp2" and "state_dict_type" not in fsdp_config and args.fsdp_plugin_args is not None:
+        fsdp_config["state_dict_type"] = "SHARDED_STATE_DICT"
+        args.fsdp_plugin_args["state_dict_type"] = "SHARDED_STATE_DICT"
     return engine
 
 
