@@ -123,7 +123,7 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     from sentence_transformers.sentence_transformer.modules.pooling import Pooling
 
     from .._io import atomic_directory
-    from ..train.checkpoint import load_retriever
+    from ..train.checkpoint import is_peft_model, load_retriever
 
     if not merge:
         _check_adapter_loading(checkpoint)
@@ -147,7 +147,7 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     document_length = (config.max_passage_len or tokenizer.model_max_length) + len(passage_summary)
     query_length = (config.max_session_len or tokenizer.model_max_length) + len(summary)
     if query_suffix != suffix or not config.summary_on_passages:
-        if hasattr(model, "peft_config"):
+        if is_peft_model(model):
             raise ValueError(f"{checkpoint}: sessions and passages end differently (a template such as Mistral's, "
                              "or summary_on_passages false): the export needs a model per route; use --merge")
         return _export_routed(model, tokenizer, config, output, overwrite, prompts,
@@ -161,7 +161,7 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     # the post-processor): the exported tokenizer has none, its template already gives convret's ids
     tokenizer.chat_template = None
     output = Path(output).resolve()
-    adapter = hasattr(model, "peft_config")
+    adapter = is_peft_model(model)
     with atomic_directory(output, overwrite=overwrite) as tmp:
         hf_dir = tmp
         if adapter:
@@ -179,9 +179,7 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
         tokenizer.save_pretrained(hf_dir)
         transformer = Transformer(str(hf_dir), max_seq_length=document_length, query_length=query_length,
                                   document_length=document_length, model_kwargs={"attn_implementation": "sdpa"})
-        dim = transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension") else \
-            transformer.get_word_embedding_dimension()
-        modules = [transformer, Pooling(dim, pooling_mode="lasttoken")]
+        modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")]
         if config.normalize:
             modules.append(Normalize())
         st = SentenceTransformer(modules=modules, device="cpu",

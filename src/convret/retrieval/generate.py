@@ -49,7 +49,8 @@ def generate_response(model: torch.nn.Module, prefix: Sequence[int], summary: Se
     t = len(summary)
     cache = DynamicCache()
     ids = torch.tensor([tokens], device=device)
-    # transformers >= 5.x names the cache keyword and output field `cache` (`past_key_values` is deprecated there)
+    # transformers >= 5.24 names the cache keyword and output field `cache` (`past_key_values`, deprecated there,
+    # goes in 5.40); 5.13 .. 5.23 know only `past_key_values`. tests/test_retrieval_generate.py runs on both.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes it on
     key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     out = model(input_ids=ids, position_ids=torch.arange(len(tokens), device=device)[None], use_cache=True,
