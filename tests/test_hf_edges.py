@@ -315,3 +315,19 @@ def test_static_cache_prefill_and_generation(model_family, family):
     with torch.no_grad():
         got = run()
     assert torch.equal(got, with_impl(model, "sdpa", run))
+
+
+def test_sliding_window_under_torch_compile(model_family):
+    """Mistral with a window under torch.compile (aot_eager): the traced paths (the dense band for plain rows, the
+    session kernels with the window for a layout) give the eager-mode outputs, and a backward runs."""
+    model = load(model_family, "mistral", window=WINDOW).train()
+    ids = token_ids(model, (2, 17), seed=8)
+    layout = SessionLayout.from_segments([[(9, 2, 4)], [(6, 0, 0), (10, 0, 0)]], 17)
+    real = layout.dense_mask().any(-1)
+    compiled = torch.compile(model.model, backend="aot_eager", dynamic=False)
+    for kwargs in ({}, {"session_layout": layout, "position_ids": layout.position_ids()}):
+        want = model.model(ids, use_cache=False, **kwargs).last_hidden_state
+        got = compiled(ids, use_cache=False, **kwargs).last_hidden_state
+        got.sum().backward()
+        rows = real if kwargs else torch.ones_like(real)
+        assert rel_err(got[rows], want[rows]) < TOL, sorted(kwargs)
