@@ -331,3 +331,29 @@ def test_sliding_window_under_torch_compile(model_family):
         got.sum().backward()
         rows = real if kwargs else torch.ones_like(real)
         assert rel_err(got[rows], want[rows]) < TOL, sorted(kwargs)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3"])
+def test_packed_rows_train_with_attention_dropout(model_family, family):
+    """Packed rows found from position ids, in training with attention dropout (once refused as if a layout had
+    been given): SDPA with the block-diagonal mask, the same numbers as transformers' SDPA path under the same
+    random state; plain rows keep SDPA's causal fast path."""
+    model = load(model_family, family)
+    model.config.attention_dropout = 0.3
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    ids = token_ids(model, (2, 13), seed=9)
+    packed = SessionLayout.from_segments([[(6, 0, 0), (7, 0, 0)], [(4, 0, 0), (5, 0, 0), (4, 0, 0)]], 13)
+    for position_ids in (packed.position_ids(), None):
+        outputs = []
+        for impl in ("convret", "sdpa"):
+            model.set_attn_implementation(impl)
+            model.train()
+            torch.manual_seed(10)
+            outputs.append(model(ids, labels=ids, position_ids=position_ids, use_cache=False).loss)
+            outputs[-1].backward()
+        model.set_attn_implementation("convret")
+        assert rel_err(outputs[0].detach(), outputs[1].detach()) < TOL
+        torch.manual_seed(11)  # another random state, another dropout mask: the case can fail
+        other = model(ids, labels=ids, position_ids=position_ids, use_cache=False).loss.detach()
+        assert rel_err(other, outputs[0].detach()) > 1e-4

@@ -153,11 +153,15 @@ def convret_attention_forward(
     position_ids = kwargs.get("position_ids")
     packed_mask = None
     if session_layout is None and q_len == kv_len and (attention_mask is None or attention_mask.dim() == 2):
-        if torch.compiler.is_compiling() or dropout > 0.0:  # SDPA's own dropout; no host sync under compile
+        if torch.compiler.is_compiling():  # no host sync: the packed samples' mask densely, as transformers does
             packed_mask = _packed_causal_mask(position_ids, attention_mask, batch, kv_len, window)
         else:
             session_layout = _layout_from_position_ids(position_ids, attention_mask, batch, kv_len)
-            if session_layout is None and attention_mask is None and window is not None and window < kv_len:
+            if session_layout is not None and dropout > 0.0:  # packed rows in training: SDPA's dropout
+                session_layout = None
+                packed_mask = _packed_causal_mask(position_ids, attention_mask, batch, kv_len, window)
+            elif (session_layout is None and attention_mask is None and window is not None and window < kv_len
+                  and dropout == 0.0):
                 session_layout = _plain_layout(batch, kv_len)  # one sample per row: the window's tiles are skipped
     if want_weights:
         if packed_mask is None and session_layout is not None:
