@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import convret.hf  # noqa: F401  (registers "convret")
 from convret import SessionLayout
 from convret.baselines import additive_mask
+from convret.ops.session_attention import reference_attention
 
 TOL = 1e-5
 FAMILIES = ("qwen2.5", "qwen3", "llama3", "mistral")  # llama3-tied is llama3's architecture
@@ -317,20 +318,27 @@ def test_static_cache_prefill_and_generation(model_family, family):
     assert torch.equal(got, with_impl(model, "sdpa", run))
 
 
-def test_sliding_window_under_torch_compile(model_family):
-    """Mistral with a window under torch.compile (aot_eager): the traced paths (the dense band for plain rows, the
-    session kernels with the window for a layout) give the eager-mode outputs, and a backward runs."""
-    model = load(model_family, "mistral", window=WINDOW).train()
-    ids = token_ids(model, (2, 17), seed=8)
+def test_sliding_window_under_torch_compile():
+    """The attention function with a window under torch.compile (aot_eager), where no host sync may happen: plain
+    rows and packed position ids (the dense band with the samples' blocks), a layout (the session kernels with the
+    window) give the eager-mode outputs, which are the float64 oracle's."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, h, 17, 32, generator=g) for h in (4, 2, 2))
     layout = SessionLayout.from_segments([[(9, 2, 4)], [(6, 0, 0), (10, 0, 0)]], 17)
-    real = layout.dense_mask().any(-1)
-    compiled = torch.compile(model.model, backend="aot_eager", dynamic=False)
-    for kwargs in ({}, {"session_layout": layout, "position_ids": layout.position_ids()}):
-        want = model.model(ids, use_cache=False, **kwargs).last_hidden_state
-        got = compiled(ids, use_cache=False, **kwargs).last_hidden_state
-        got.sum().backward()
-        rows = real if kwargs else torch.ones_like(real)
-        assert rel_err(got[rows], want[rows]) < TOL, sorted(kwargs)
+    packed = SessionLayout.from_segments([[(8, 0, 0), (9, 0, 0)], [(17, 0, 0)]], 17)
+    cases = {"plain": ({"position_ids": torch.arange(17)[None]}, SessionLayout.from_segments([[(17, 0, 0)]] * 2, 17)),
+             "packed": ({"position_ids": packed.position_ids()}, packed),
+             "layout": ({"session_layout": layout, "position_ids": layout.position_ids()}, layout)}
+
+    def attend(q, k, v, **kwargs):
+        return convret.hf.convret_attention_forward(_Attention(), q, k, v, None, sliding_window=WINDOW, **kwargs)[0]
+
+    compiled = torch.compile(attend, backend="aot_eager", dynamic=False)
+    for name, (kwargs, oracle_layout) in cases.items():
+        want = reference_attention(q.double(), k.double(), v.double(), oracle_layout, 32**-0.5, WINDOW)
+        real = oracle_layout.dense_mask().any(-1)
+        for got in (attend(q, k, v, **kwargs), compiled(q, k, v, **kwargs)):
+            assert rel_err(got[real], want.transpose(1, 2)[real]) < TOL, name
 
 
 @pytest.mark.parametrize("family", ["qwen2.5", "llama3"])
@@ -357,3 +365,21 @@ def test_packed_rows_train_with_attention_dropout(model_family, family):
         torch.manual_seed(11)  # another random state, another dropout mask: the case can fail
         other = model(ids, labels=ids, position_ids=position_ids, use_cache=False).loss.detach()
         assert rel_err(other, outputs[0].detach()) > 1e-4
+
+
+def test_head_dims_the_kernels_do_not_take_stay_on_sdpa():
+    """Head dim 12 (not a multiple of 8): packed rows and sliding windows without a layout run through SDPA's
+    dense masks instead of refusing, and match eager."""
+    config = transformers.MistralConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                        sliding_window=4, tie_word_embeddings=False)
+    torch.manual_seed(12)
+    model = transformers.MistralForCausalLM._from_config(config, attn_implementation="convret").eval()
+    assert model.model.layers[0].self_attn.head_dim == 12
+    ids = torch.randint(0, 64, (2, 11))
+    packed = SessionLayout.from_segments([[(5, 0, 0), (6, 0, 0)], [(11, 0, 0)]], 11)
+    for kwargs in ({}, {"position_ids": packed.position_ids()}):
+        run = lambda: model(ids, use_cache=False, **kwargs).logits  # noqa: E731
+        with torch.no_grad():
+            got = run()
+        assert rel_err(got, with_impl(model, "eager", run)) < TOL, sorted(kwargs)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .layout import SessionLayout, check_window
-from .ops.session_attention import session_attention
+from .ops.session_attention import SUPPORTED_HEAD_DIMS, session_attention
 
 if TYPE_CHECKING:
     from .ops.session_attention.cached import CachedPrefill
@@ -157,11 +157,12 @@ def convret_attention_forward(
             packed_mask = _packed_causal_mask(position_ids, attention_mask, batch, kv_len, window)
         else:
             session_layout = _layout_from_position_ids(position_ids, attention_mask, batch, kv_len)
-            if session_layout is not None and dropout > 0.0:  # packed rows in training: SDPA's dropout
+            kernels_fit = dropout == 0.0 and query.shape[-1] in SUPPORTED_HEAD_DIMS
+            if session_layout is not None and not kernels_fit:  # dropout in training, or an odd head dim: SDPA
                 session_layout = None
                 packed_mask = _packed_causal_mask(position_ids, attention_mask, batch, kv_len, window)
             elif (session_layout is None and attention_mask is None and window is not None and window < kv_len
-                  and dropout == 0.0):
+                  and kernels_fit):
                 session_layout = _plain_layout(batch, kv_len)  # one sample per row: the window's tiles are skipped
     if want_weights:
         if packed_mask is None and session_layout is not None:
