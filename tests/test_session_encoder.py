@@ -149,14 +149,14 @@ def test_bad_turns_raise():
         turns_of([])
 
 
-def family_checkpoint(model_dir, out_dir, max_session_len):
+def family_checkpoint(model_dir, out_dir, max_session_len, **config_overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from convret.data.summary_tokens import add_summary_tokens
     from convret.train.checkpoint import RetrieverConfig, save_retriever
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **config_overrides)
     summary = add_summary_tokens(model, tokenizer, 3)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -185,3 +185,14 @@ def test_model_matrix_family(family, model_family, tmp_path):
     # grow until truncation drops the oldest exchanges
     _, infos = grow_and_check(encoder, se, rng, conv="long", turns_n=8, words=FAMILY_WORDS)
     assert any(i.cache == "changed" for i in infos), "the session never reached max_session_len"
+
+
+def test_sliding_window_mistral_incremental_equals_full(model_family, tmp_path, cached_backend):
+    """Mistral with a sliding window of 16 keys, shorter than the sessions: the cached prefill's window (native
+    kernel and SDPA loop) gives the full encode's vectors, whose window is session attention's."""
+    encoder = Encoder.from_checkpoint(family_checkpoint(model_family("mistral"), tmp_path / "ck", 180,
+                                                        sliding_window=16))
+    assert encoder.model.config.sliding_window == 16
+    se = SessionEncoder(encoder, cache_mb=8)
+    turns, infos = grow_and_check(encoder, se, random.Random(5), turns_n=3, words=FAMILY_WORDS)
+    assert infos[-1].total_tokens > 16 and all(i.cache == "hit" for i in infos[1:]), infos
