@@ -79,8 +79,8 @@ def check_output(path: str | os.PathLike, expected: dict[str, Any], recorded: di
     if overwrite or not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
     if recorded is None:
-        raise OutputExistsError(f"{path} already exists and does not record what produced it (not {what} written "
-                                f"by this convret): convret does not replace it on its own; {fix}")
+        raise OutputExistsError(f"{path} already exists and records nothing of what produced it (convret replaces "
+                                f"{what} on its own only when it can tell it is the same computation); {fix}")
     if recorded != expected:
         raise OutputExistsError(f"{path} holds {what} of another model, input or setting "
                                 f"({fingerprint_difference(recorded, expected)}); {fix}")

@@ -8,6 +8,7 @@ import sys
 from array import array
 from typing import Callable, Iterable, Iterator
 
+from .._args import parse
 from .readers import (COLLECTION_FORMATS, CONVERSATION_FORMATS, FORMATS, MAX_REPORTED_ERRORS, QRELS_FORMATS, DataError,
                       ReadReport, detect_format, read_collection, read_conversations, read_qrels, read_run,
                       read_training)
@@ -116,7 +117,7 @@ class _IdLedger:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(_parser(), argv)
     import logging
 
     logging.getLogger("convret.data").setLevel(logging.ERROR)  # the report below says it all, once

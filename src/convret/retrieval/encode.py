@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .._args import parse
 from .._io import atomic_write
 from ..provenance import content_identity
 from ..data.records import EvalTurn, Passage
@@ -398,10 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     rank, world, dist = _dist()
     started = time.perf_counter()
     try:
+        if args.collection:  # the input is checked before the model is loaded (minutes for a 7B)
+            _data.check_input(args.collection, args.format, "collection")
+        else:
+            _data.check_input(args.conversations, args.format, "conversations")
         encoder = Encoder.from_checkpoint(args.model, device=args.device, token_budget=args.token_budget,
                                           dtype=args.model_dtype)
         if args.collection:

@@ -68,6 +68,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .._args import parse
 from .._io import atomic_write
 from ..data.records import ASSISTANT, USER, Passage, TrainingExample, Turn
 from . import _data
@@ -655,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         settings = MineSettings(window=parse_window(args.window), num_negatives=args.num_negatives, seed=args.seed,
                                 query=args.query, max_positive_ratio=args.max_positive_ratio)

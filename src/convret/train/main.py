@@ -27,7 +27,7 @@ EXIT_NONFINITE = 3
 
 
 def _split_config(argv: Sequence[str]) -> tuple[str | None, list[str], bool]:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(list(argv))
@@ -39,6 +39,9 @@ def _help() -> str:
 
     parser = make_parser()
     parser.prog = "convret train"
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="YAML (or JSON) file of field values; flags override them (default: the embedded tiny "
+                             "config, src/convret/resources/configs/tiny.yaml)")
     parser.description = (
         "Train a conversational dense retriever (recipes csit = ChatRetriever, uniconv = UniConv) with the Hugging "
         "Face Trainer. --config FILE.yaml sets fields, flags override them (the Trainer's own names: --output_dir, "
