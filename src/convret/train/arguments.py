@@ -126,6 +126,9 @@ class ConvretTrainingArguments(TrainingArguments):
     resume: str | None = field(default="auto", metadata={
         "help": "auto: the newest complete checkpoint in output_dir, or a fresh start when there is none; none: "
                 "start fresh (an error if output_dir holds checkpoints); or a checkpoint path"})
+    resume_with_changes: bool = field(default=False, metadata={
+        "help": "resume even though the training data, sequence settings, recipe or model differ from the "
+                "checkpoint's (each change is printed); without it such a resume is an error naming them"})
     stop_on_nonfinite: bool = field(default=True, metadata={"help": "stop at a NaN / inf loss"})
     cpu_caching_allocator: bool = field(default=True, metadata={
         "help": "on CPU, serve torch's large blocks from convret's caching allocator (convret.memory; faster "
