@@ -38,17 +38,10 @@ TABLE_COLUMNS = [("NDCG@3", "ndcg_cut_3"), ("NDCG@10", "ndcg_cut_10"), ("MRR@10"
                  ("MAP", "map"), ("R@10", "recall_10"), ("R@100", "recall_100")]
 
 
-def _fingerprint(*paths: str | os.PathLike) -> str:
-    """Cache key: resolved paths, sizes and modification times of the files that determine the embeddings."""
-    digest = hashlib.sha1()
-    for path in paths:
-        path = Path(path).resolve()
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        digest.update(str(path).encode())
-        for f in files:
-            stat = f.stat()
-            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()[:16]
+def _cache_key(*paths: str | os.PathLike) -> str:
+    """Cache key: the content identities of the files that determine the embeddings (the checkpoint, the
+    collection)."""
+    return hashlib.sha1(";".join(content_identity(p) for p in paths).encode()).hexdigest()[:16]
 
 
 def _indexed_collection(encoder: Encoder, model: str, collection: str, cache: Path, fmt: str = "auto",
@@ -56,7 +49,7 @@ def _indexed_collection(encoder: Encoder, model: str, collection: str, cache: Pa
     """``(index shards, passage ids)``: the collection streamed into ``cache/collection-KEY-DTYPE/embeddings``
     (kept when its fingerprint matches) and an exact index built shard by shard from it into ``.../index`` (kept
     likewise)."""
-    directory = cache / f"collection-{_fingerprint(model, collection)}-{dtype}" / "embeddings"
+    directory = cache / f"collection-{_cache_key(model, collection)}-{dtype}" / "embeddings"
     records, tokenize = collection_records(collection, encoder, fmt)
     fingerprint = encode_fingerprint(encoder, "passages", collection, fmt, dtype=dtype, shard_size=shard_size)
     meta = encode_stream(encoder, records, tokenize, directory, fingerprint, dtype, shard_size, "passages",
