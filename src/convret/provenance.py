@@ -15,11 +15,13 @@ that a copied checkpoint keeps its identity and a retrained one at the same path
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["content_identity", "comparable", "fingerprint_difference", "check_output", "OutputExistsError"]
+__all__ = ["content_identity", "comparable", "fingerprint_difference", "check_output", "read_record",
+           "OutputExistsError"]
 
 _WHOLE_FILE = 32 << 20  # files up to this size are hashed whole; larger ones by their size and three samples
 _SAMPLE = 1 << 20
@@ -64,6 +66,16 @@ def fingerprint_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> s
         return "the shard records no fingerprint (written by an older convret, or interrupted)"
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "none"
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object in ``path`` where an output records what produced it (``None``: absent, unreadable or
+    not an object)."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def check_output(path: str | os.PathLike, expected: dict[str, Any], recorded: dict[str, Any] | None,

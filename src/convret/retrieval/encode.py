@@ -233,6 +233,8 @@ def _encode_stream(encoder: Encoder, records: Iterable[tuple[str, Any]], tokeniz
                    ) -> dict[str, Any] | None:
     from tqdm.auto import tqdm
 
+    if not overwrite:
+        _check_foreign(output, fix)
     done = _finished_meta(output, fingerprint)
     if done is not None:
         return done if rank == 0 else None
@@ -310,6 +312,15 @@ def _clear(output: Path) -> None:
     for path in output.glob("part-*"):
         path.unlink(missing_ok=True)
     (output / META).unlink(missing_ok=True)
+
+
+def _check_foreign(output: Path, fix: str) -> None:
+    # shards, meta.json and their temporary files (".part-00000.npy.XYZ.tmp") are an embedding directory's
+    foreign = sorted(p.name for p in output.iterdir()
+                     if p.name != META and not p.name.startswith(("part-", ".part-", f".{META}.")))
+    if foreign:
+        raise ValueError(f"{output}: holds files that are not an embedding directory's ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): not the output of convret encode; {fix}")
 
 
 def _check_fingerprints(output: Path, fingerprint: dict[str, Any], fix: str = OVERWRITE_FIX) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from .._args import parse
 from .._io import atomic_write
-from ..provenance import check_output, content_identity
+from ..provenance import check_output, content_identity, read_record
 from . import _data
 from .encode import (DEFAULT_SHARD_SIZE, collection_records, conversation_items, encode_fingerprint,
                      encode_stream)
@@ -124,7 +124,7 @@ def evaluate_chain(
                    "qrels": content_identity(qrels_path), "contexts": [content_identity(c) for c in contexts],
                    "query_only": query_only, "rewrite": rewrite, "top_k": top_k, "rel_threshold": rel_threshold,
                    "model_dtype": model_dtype, "dtype": dtype, "format": fmt, "collection_format": collection_format}
-    previous = _previous_result(output)
+    previous = read_record(output / RESULTS)
     check_output(output / RESULTS, fingerprint, None if previous is None else previous.get("fingerprint"),
                  overwrite, "the results of an evaluation", "pass --overwrite to replace them, or another --output")
     if overwrite and previous is not None:
@@ -184,14 +184,6 @@ def evaluate_chain(
         json.dump(result, handle, indent=2)
         handle.write("\n")
     return result
-
-
-def _previous_result(output: Path) -> dict[str, Any] | None:
-    try:
-        result = json.loads((output / RESULTS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return result if isinstance(result, dict) else None
 
 
 def markdown_table(result: dict[str, Any]) -> str:

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 from .._args import parse
 from ..data.records import Turn
-from ..provenance import check_output, content_identity
+from ..provenance import check_output, content_identity, read_record
 from . import _data
 
 __all__ = ["export_sentence_transformers", "passage_wrapping", "query_wrapping", "session_text", "main"]
@@ -96,14 +96,6 @@ def _template_tokenizer(tokenizer: Any, suffix: list[int], summary: list[int]) -
                                                                                special_tokens=specials)
 
 
-def _recorded_fingerprint(output: str | os.PathLike) -> dict[str, Any] | None:
-    try:
-        record = json.loads((Path(output) / "convret_export.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record.get("fingerprint") if isinstance(record, dict) else None
-
-
 def _check_adapter_loading(checkpoint: str | os.PathLike) -> None:
     """sentence-transformers loads base + adapter through transformers' PEFT integration, which has a minimum
     peft version: fail before writing anything rather than export a directory that cannot be loaded."""
@@ -145,7 +137,8 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
         raise ValueError(f"{checkpoint} is not a convret checkpoint (no {CONFIG_NAME}); give convret train's "
                          "OUTPUT_DIR/final")
     fingerprint = {"checkpoint": content_identity(checkpoint), "merged": bool(merge)}
-    check_output(output, fingerprint, _recorded_fingerprint(output), overwrite, "a sentence-transformers export",
+    recorded = (read_record(Path(output) / "convret_export.json") or {}).get("fingerprint")
+    check_output(output, fingerprint, recorded, overwrite, "a sentence-transformers export",
                  "pass --overwrite to replace it, or another output directory")
     if not merge:
         _check_adapter_loading(checkpoint)

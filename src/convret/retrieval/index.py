@@ -30,7 +30,7 @@ import numpy as np
 
 from .._args import parse
 from .._io import atomic_directory
-from ..provenance import check_output, comparable
+from ..provenance import check_output, comparable, read_record
 from .embeddings import EmbeddingsError, find_duplicate_id, iter_shards, read_meta
 
 __all__ = ["build_index", "load_index", "main", "gpu_count", "default_train_sample", "configure_search",
@@ -130,11 +130,7 @@ def index_fingerprint(embeddings: str | os.PathLike, meta: dict[str, Any], facto
 
 def recorded_fingerprint(index_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The fingerprint an existing index directory records (``None``: none, or not an index)."""
-    try:
-        meta = json.loads((Path(index_dir) / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta.get("index_fingerprint") if isinstance(meta, dict) else None
+    return (read_record(Path(index_dir) / "meta.json") or {}).get("index_fingerprint")
 
 
 def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, factory: str = "Flat",

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from .._args import parse
 from .._io import atomic_write
-from ..provenance import check_output, content_identity
+from ..provenance import check_output, content_identity, read_record
 from . import _data
 
 __all__ = ["MEASURES", "evaluate_run", "doc_max_aggregate", "format_measures", "judged_documents", "docid_mismatch",
@@ -217,14 +217,6 @@ def format_measures(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _recorded_fingerprint(path: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(open(path, encoding="utf-8").read())
-    except (OSError, ValueError):
-        return None
-    return record.get("fingerprint") if isinstance(record, dict) else None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convret eval",
@@ -252,7 +244,7 @@ def main(argv: list[str]) -> int:
         fingerprint = {"qrels": content_identity(args.qrels), "run": content_identity(args.run),
                        "rel_threshold": args.rel_threshold, "doc_max_aggregate": args.doc_max_aggregate}
         if args.json:
-            check_output(args.json, fingerprint, _recorded_fingerprint(args.json), args.overwrite,
+            check_output(args.json, fingerprint, (read_record(args.json) or {}).get("fingerprint"), args.overwrite,
                          "the metrics of a run", "pass --overwrite to replace it, or another --json")
         qrels = _data.load_qrels(args.qrels)
         run = _data.load_run(args.run)
