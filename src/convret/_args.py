@@ -18,9 +18,9 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """``" (did you mean X?)"`` with the closest of ``candidates`` (options or keys), or ``""`` when none is
     close."""
     candidates = list(candidates)
-    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    if not matches:  # a prefix typed short: --max_step for --max_steps
-        matches = sorted((c for c in candidates if c.startswith(name) and len(name) >= 3), key=len)[:1]
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.75)
+    if not matches and len(name.lstrip("-")) >= 3:  # a prefix typed short: --max_st for --max_steps
+        matches = sorted((c for c in candidates if c.startswith(name)), key=len)[:1]
     return f" (did you mean {matches[0]}?)" if matches else ""
 
 
