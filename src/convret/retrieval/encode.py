@@ -29,8 +29,8 @@ import numpy as np
 
 from .._args import parse
 from .._io import atomic_write
-from ..provenance import content_identity
 from ..data.records import EvalTurn, Passage
+from ..provenance import content_identity
 from . import _data
 from .embeddings import (FORMAT_VERSION, META, EmbeddingsError, find_duplicate_id, fingerprint_difference,
                          read_meta, shard_complete, shard_fingerprints, shard_name, write_shard)

@@ -71,8 +71,8 @@ import numpy as np
 
 from .._args import parse
 from .._io import atomic_write
-from ..provenance import check_output, content_identity
 from ..data.records import ASSISTANT, USER, Passage, TrainingExample, Turn
+from ..provenance import check_output, content_identity
 from . import _data
 from .search import id_ranks
 
@@ -534,7 +534,7 @@ def _claim_work_dir(work: Path, restart: bool) -> None:
     """Make ``work`` mine's: a new or empty directory, or one holding mine's ``state.json``. A directory with
     other files and no state is refused (its files are never touched); ``restart`` deletes mine's entries."""
     if work.is_dir() and not (work / STATE).is_file():
-        others = sorted(p.name for p in work.iterdir() if p.name not in WORK_ENTRIES)
+        others = sorted(p.name for p in work.iterdir() if not _is_mines(p.name))
         if others:
             raise ValueError(f"--work-dir {work} holds files mine did not write ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}) and no {STATE}: give mine a directory of its "
@@ -543,16 +543,23 @@ def _claim_work_dir(work: Path, restart: bool) -> None:
         _remove_work(work, keep_dir=True)
 
 
+def _is_mines(name: str) -> bool:
+    """An entry mine writes in its work directory, or the temporary form of one (``.state.json.X.tmp``,
+    ``.bm25.tmp-X``) an interrupted write leaves."""
+    return name in WORK_ENTRIES or any(name.startswith(f".{entry}.") for entry in WORK_ENTRIES)
+
+
 def _remove_work(work: Path, keep_dir: bool = False) -> None:
-    """Delete what mine wrote in ``work`` (:data:`WORK_ENTRIES`), then ``work`` itself when that left it empty
-    (and not ``keep_dir``): a file of anyone else stays, and so does the directory holding it."""
+    """Delete what mine wrote in ``work`` (:data:`WORK_ENTRIES` and their temporary forms), then ``work`` itself
+    when that left it empty (and not ``keep_dir``): a file of anyone else stays, and so does the directory."""
     if not work.is_dir():
         return
-    for name in WORK_ENTRIES:
-        entry = work / name
+    for entry in work.iterdir():
+        if not _is_mines(entry.name):
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
-        elif entry.exists() or entry.is_symlink():
+        else:
             entry.unlink(missing_ok=True)
     if not keep_dir:
         with contextlib.suppress(OSError):

@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .._args import parse
-from . import _data
 from ..provenance import check_output
+from . import _data
 from .embeddings import EmbeddingsError, read_embeddings, read_meta
 from .index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, check_same_model, configure_search, load_index, read_index_meta
 
