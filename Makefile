@@ -13,12 +13,13 @@ setup:
 	@$(PIP) install -q --no-build-isolation -e ".[test]" $(PIP_INSTALL_OPTS)
 
 # the main job: train the tiny retriever on the bundled sample world (CPU, about 2 minutes; rerun: resumes),
-# then evaluate it beside the untrained model, the current utterance alone and the manual rewrite
+# then evaluate it beside the untrained model, the current utterance alone and the manual rewrite (--overwrite:
+# the demo's own results, replaced when a rerun trained the model further)
 DEMO_DIR ?= runs/tiny
 demo: setup
 	$(PYTHON) -m convret train --output_dir $(DEMO_DIR)
 	$(PYTHON) -m convret evaluate --model $(DEMO_DIR)/final --baseline $(DEMO_DIR)/init --query-only --rewrite \
-		--output $(DEMO_DIR)/eval
+		--output $(DEMO_DIR)/eval --overwrite
 
 test: setup
 	$(PYTHON) -m pytest -q tests

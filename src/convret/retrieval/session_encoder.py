@@ -52,6 +52,7 @@ def turns_of(turns: Sequence[Turn | dict]) -> list[Turn]:
     out = []
     for i, turn in enumerate(turns):
         role, text = (turn.role, turn.text) if isinstance(turn, Turn) else (turn.get("role"), turn.get("text"))
+        role = role.lower() if isinstance(role, str) else role
         if role not in (USER, ASSISTANT):
             raise ValueError(f"turns[{i}].role must be {USER!r} or {ASSISTANT!r}, got {role!r}")
         if not isinstance(text, str) or not text.strip():

@@ -21,7 +21,7 @@ import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -64,6 +64,12 @@ class TurnIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["user", "assistant"]
     text: str
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        # "User" / "ASSISTANT" as every convret reader accepts them
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("text")
     @classmethod

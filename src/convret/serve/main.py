@@ -9,7 +9,9 @@ import ipaddress
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "is_loopback", "read_api_key"]
+from .._args import parse
+
+__all__ = ["main", "build_parser", "is_loopback", "read_api_key", "check_inputs"]
 
 MIN_KEY_CHARS = 16
 
@@ -36,6 +38,24 @@ def read_api_key(path: str) -> str:
     return key
 
 
+def check_inputs(model: str, index: str, collection: str, fmt: str = "auto", allow_model_mismatch: bool = False
+                 ) -> None:
+    """What start-up checks before loading anything large: ``model`` is a checkpoint, ``index`` an index whose
+    passages that checkpoint encoded (:func:`~convret.retrieval.index.check_same_model`), ``collection`` a
+    readable collection. Raises ``ValueError`` naming the input and the fix."""
+    from ..provenance import content_identity
+    from ..retrieval import _data
+    from ..retrieval.index import check_same_model, read_index_meta
+    from ..train.checkpoint import CONFIG_NAME, is_checkpoint
+
+    if not is_checkpoint(model):
+        raise ValueError(f"--model {model}: not a convret checkpoint (no {CONFIG_NAME}); give convret train's "
+                         "OUTPUT_DIR/final")
+    check_same_model(index, read_index_meta(index), content_identity(model), model, f"--model {model}",
+                     allow_model_mismatch, lambda message: print(f"convret serve: {message}", file=sys.stderr))
+    _data.check_input(collection, fmt, "collection")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .app import Limits
 
@@ -50,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory (convret train's OUTPUT_DIR/final)")
     p.add_argument("--index", required=True, help="index directory (convret index) built with this model")
     p.add_argument("--collection", required=True, help="the collection the index was built from (passage texts)")
+    from ..data.readers import COLLECTION_FORMATS
+
+    p.add_argument("--format", default="auto", choices=["auto", *COLLECTION_FORMATS], metavar="FORMAT",
+                   help="format of --collection (default: auto, detected from its first record; "
+                        f"{', '.join(COLLECTION_FORMATS)})")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="start even when --model is not the checkpoint that encoded the index's passages (an error "
+                        "otherwise: the scores would mean nothing)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key-file", default=None,
@@ -95,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     api_key = None
     try:
         if args.api_key_file:
@@ -107,6 +135,7 @@ def main(argv: list[str]) -> int:
                      "max_batch_tokens", "max_batch_requests"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        check_inputs(args.model, args.index, args.collection, args.format, args.allow_model_mismatch)
     except ValueError as error:
         print(f"convret serve: error: {error}", file=sys.stderr)
         return 2
@@ -123,7 +152,7 @@ def main(argv: list[str]) -> int:
         service = SearchService.load(args.model, args.index, args.collection, cache_mb=args.cache_mb,
                                      device=args.device, dtype=args.model_dtype,
                                      token_budget=args.token_budget, nprobe=args.nprobe,
-                                     ef_search=args.ef_search)
+                                     ef_search=args.ef_search, fmt=args.format)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"convret serve: error: {error}", file=sys.stderr)
         return 1

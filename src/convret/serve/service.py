@@ -123,7 +123,7 @@ class SearchService:
     def load(cls, model: str | os.PathLike, index: str | os.PathLike, collection: str | os.PathLike,
              cache_mb: float = 256.0, device: str | None = None, dtype: Any = None,
              token_budget: int | None = None, nprobe: int | None = None,
-             ef_search: int | None = None) -> "SearchService":
+             ef_search: int | None = None, fmt: str = "auto") -> "SearchService":
         from ..retrieval import _data
         from ..retrieval.encoder import Encoder
         from ..retrieval.index import DEFAULT_EF_SEARCH, configure_search, load_index
@@ -134,7 +134,7 @@ class SearchService:
         shards, doc_ids, _ = load_index(index)
         for shard in shards:  # the same search settings as `convret search` (IVF nprobe, HNSW efSearch)
             configure_search(shard, nprobe, DEFAULT_EF_SEARCH if ef_search is None else ef_search)
-        texts = {p.id: (p.text, p.title or "") for p in _data.iter_collection(collection)}
+        texts = {p.id: (p.text, p.title or "") for p in _data.iter_collection(collection, fmt)}
         return cls(SessionEncoder(encoder, cache_mb=cache_mb, token_budget=token_budget), shards, doc_ids,
                    texts, str(model), str(index))
 
