@@ -35,7 +35,7 @@ __all__ = ["PassageStore", "open_store", "build_store", "collection_identity", "
 
 STORE_NAME = "passages.sqlite"
 FORMAT = "convret-passage-store/1"
-_INSERT_CHUNK = 10_000
+_INSERT_CHUNK = 2_000  # rows per executemany: a few MB of text at most in memory
 _LOOKUP_CHUNK = 500  # ids per query (SQLite's host-parameter limit is 32,766 since 3.32, 999 before)
 
 
