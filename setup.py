@@ -109,7 +109,7 @@ setup(
         "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors",
                  "tokenizers", "accelerate>=1.0", "pyyaml", "tqdm", "datasets", "faiss-cpu", "pytrec-eval-terrier",
                  "sentence-transformers", "rouge-score", "matplotlib", "fastapi>=0.110", "uvicorn[standard]>=0.29",
-                 "prometheus-client>=0.20", "httpx>=0.27", "aiohttp>=3.9", "bm25s>=0.2"],
+                 "prometheus-client>=0.20", "httpx>=0.27", "aiohttp>=3.9", "bm25s>=0.2", "schemathesis>=4.0"],
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
-from pathlib import Path
 
 __all__ = ["main", "build_parser", "is_loopback", "settings_from_args"]
 
