@@ -294,12 +294,7 @@ def service(checkpoint: Path, index: Path, collection: Path, concurrency: list[i
                 record["batching"] = batching
                 rows.append(record)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
     return rows
 
 
@@ -376,17 +371,22 @@ def memory(checkpoint: Path, work: Path, sizes: list[int], threads: int | None) 
                 record[f"{start}_rss_mb"] = _status_bytes(proc.pid, "VmRSS") / 2**20
                 record[f"{start}_peak_mb"] = _status_bytes(proc.pid, "VmHWM") / 2**20
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                _stop(proc)
         record["store_mb"] = (directory / "idx" / "passages.sqlite").stat().st_size / 2**20
         record["dict_mb"] = _dict_rss(collection) / 2**20
         rows.append(record)
         shutil.rmtree(directory)
     return rows
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server's graceful shutdown), then a kill after a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:

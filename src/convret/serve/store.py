@@ -18,17 +18,15 @@ own that does not, and refuses a file at that path that it did not write.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .._io import _fsync_dir, current_umask
+from .._io import atomic_file
 
 __all__ = ["PassageStore", "open_store", "build_store", "collection_identity", "ids_digest", "STORE_NAME",
            "StoreError"]
@@ -160,40 +158,27 @@ def build_store(path: str | os.PathLike, collection: str | os.PathLike, ids: Seq
     identity = identity or collection_identity(collection)
     digest = digest or ids_digest(ids)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
+        with atomic_file(path) as tmp:
+            connection = sqlite3.connect(tmp)
+            try:
+                report = ReadReport()
+                passages = read_collection(collection, format=fmt, strict=True, report=report)
+                count = _fill(connection, ((p.id, p.title or "", p.text, report.line) for p in passages))
+                if count == 0:
+                    raise StoreError(f"{collection}: empty collection (no passages)")
+                _index_ids(connection, collection)
+                _check_covers(connection, collection, ids)
+                meta = {"format": FORMAT, "collection": identity, "ids": digest, "passages": count,
+                        "source": str(collection.resolve())}
+                connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                connection.executemany("INSERT INTO meta VALUES (?, ?)",
+                                       [(key, json.dumps(value)) for key, value in meta.items()])
+                connection.commit()
+            finally:
+                connection.close()
+    except (PermissionError, sqlite3.OperationalError) as error:
         raise StoreError(f"{path}: cannot write the passage store there ({error}); pass --passage-store with a "
                          "writable path") from None
-    tmp = Path(name)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        os.close(fd)
-        connection = sqlite3.connect(tmp)
-        try:
-            report = ReadReport()
-            passages = read_collection(collection, format=fmt, strict=True, report=report)
-            count = _fill(connection, ((p.id, p.title or "", p.text, report.line) for p in passages))
-            if count == 0:
-                raise StoreError(f"{collection}: empty collection (no passages)")
-            _index_ids(connection, collection)
-            _check_covers(connection, collection, ids)
-            meta = {"format": FORMAT, "collection": identity, "ids": digest, "passages": count,
-                    "source": str(collection.resolve())}
-            connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            connection.executemany("INSERT INTO meta VALUES (?, ?)",
-                                   [(key, json.dumps(value)) for key, value in meta.items()])
-            connection.commit()
-        finally:
-            connection.close()
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _fill(connection: sqlite3.Connection, rows: Iterable[tuple[str, str, str, int]]) -> int:
