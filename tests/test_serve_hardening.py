@@ -397,6 +397,9 @@ def test_flood_every_answer_200_or_503_health_prompt_rss_bounded(world):
         after = httpx.post(srv.url + "/v1/search", json=SEARCH, timeout=30)
     finally:
         srv.stop()
+    print(f"flood: {outcome['status'].count(200)} x 200, {outcome['status'].count(503)} x 503, "
+          f"{len(outcome['errors'])} errors; /healthz max {max(t for _, t in outcome['health']):.3f} s over "
+          f"{len(outcome['health'])} probes; RSS {rss_before / 2**20:.0f} -> max {max(outcome['rss']) / 2**20:.0f} MiB")
     assert outcome["errors"] == []
     assert set(outcome["status"]) <= {200, 503} and outcome["missing_retry_after"] == 0
     assert outcome["status"].count(200) > 0 and outcome["status"].count(503) > 0, outcome["status"][:20]
