@@ -485,10 +485,10 @@ def format_report(payload: dict) -> str:
                       f"(a PQ16 index: 16 bytes per passage), RSS after {SEARCHES} searches and the peak; first "
                       "start = the passage store built, second = reused; the last column is the RSS a dict of "
                       "the collection's texts adds to a process (what the service held before the store):", ""]
-        rows = [[f"{r['passages']:,}", f"{r['collection_mb']:.0f} MB", f"{r['store_mb']:.0f} MB",
-                 f"{r['first_rss_mb']:.0f} / {r['first_peak_mb']:.0f} MB",
-                 f"{r['second_rss_mb']:.0f} / {r['second_peak_mb']:.0f} MB",
-                 f"{r['first_start_s']:.0f} s / {r['second_start_s']:.0f} s", f"{r['dict_mb']:.0f} MB"]
+        rows = [[f"{r['passages']:,}", f"{r['collection_mb']:.0f} MiB", f"{r['store_mb']:.0f} MiB",
+                 f"{r['first_rss_mb']:.0f} / {r['first_peak_mb']:.0f} MiB",
+                 f"{r['second_rss_mb']:.0f} / {r['second_peak_mb']:.0f} MiB",
+                 f"{r['first_start_s']:.0f} s / {r['second_start_s']:.0f} s", f"{r['dict_mb']:.0f} MiB"]
                 for r in payload["memory"]]
         lines.append(H.markdown_table(["passages", "collection", "passage store", "RSS / peak, first start",
                                        "RSS / peak, second start", "ready after (first / second)",
