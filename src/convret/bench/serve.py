@@ -328,7 +328,8 @@ def _dict_rss(collection: Path) -> int:
                               text=True).stdout.split()[-1])
 
 
-def memory(checkpoint: Path, work: Path, sizes: list[int], threads: int | None) -> list[dict]:
+def memory(checkpoint: Path, work: Path, sizes: list[int], threads: int | None,
+           starts: tuple[str, ...] = ("first", "second")) -> list[dict]:
     import numpy as np
     import httpx
 
@@ -350,7 +351,7 @@ def memory(checkpoint: Path, work: Path, sizes: list[int], threads: int | None) 
         faiss_index(directory / "emb", directory / "idx", factory="PQ16")
         shutil.rmtree(directory / "emb")
         record: dict[str, Any] = {"passages": count, "collection_mb": collection.stat().st_size / 2**20}
-        for start in ("first", "second"):
+        for start in starts:
             port = _free_port()
             command = [sys.executable, "-m", "convret", "serve", "--model", str(checkpoint), "--index",
                        str(directory / "idx"), "--collection", str(collection), "--port", str(port),
@@ -412,7 +413,7 @@ def run(args, argv: list[str]) -> int:
     if args.smoke:
         lengths, args.reps, args.turn_words = [256, 512], 2, 20
         concurrency, args.requests_per_client, args.passages = [1, 4], 3, 40
-        rss_sizes = [1000, 10000] if rss_sizes else []
+        rss_sizes = [2000] if rss_sizes else []
     elif args.quick:
         lengths, args.reps = [1024, 4096], 3
         concurrency, args.requests_per_client, args.passages = [1, 8, 32], 8, 200
@@ -432,7 +433,9 @@ def run(args, argv: list[str]) -> int:
                                          args.turn_words, args.server_threads)
         else:
             payload["service"] = []
-        payload["memory"] = memory(checkpoint, work, rss_sizes, args.server_threads)
+        # --smoke: one start (the store's reuse is what tests/test_serve_store.py checks)
+        payload["memory"] = memory(checkpoint, work, rss_sizes, args.server_threads,
+                                   ("first",) if args.smoke else ("first", "second"))
     payload["load_average_after"] = list(os.getloadavg())
     diff = max((r["max_abs_diff"] for r in payload["per_turn"] + payload["encoder_batching"]), default=0.0)
     errors = sum(r["errors"] for r in payload["service"])
@@ -487,8 +490,9 @@ def format_report(payload: dict) -> str:
                       "the collection's texts adds to a process (what the service held before the store):", ""]
         rows = [[f"{r['passages']:,}", f"{r['collection_mb']:.0f} MiB", f"{r['store_mb']:.0f} MiB",
                  f"{r['first_rss_mb']:.0f} / {r['first_peak_mb']:.0f} MiB",
-                 f"{r['second_rss_mb']:.0f} / {r['second_peak_mb']:.0f} MiB",
-                 f"{r['first_start_s']:.0f} s / {r['second_start_s']:.0f} s", f"{r['dict_mb']:.0f} MiB"]
+                 f"{r['second_rss_mb']:.0f} / {r['second_peak_mb']:.0f} MiB" if "second_rss_mb" in r else "-",
+                 f"{r['first_start_s']:.0f} s / " + (f"{r['second_start_s']:.0f} s" if "second_start_s" in r else "-"),
+                 f"{r['dict_mb']:.0f} MiB"]
                 for r in payload["memory"]]
         lines.append(H.markdown_table(["passages", "collection", "passage store", "RSS / peak, first start",
                                        "RSS / peak, second start", "ready after (first / second)",
