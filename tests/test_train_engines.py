@@ -418,7 +418,7 @@ def test_engine_requests_that_cannot_run_are_refused_with_the_reason(world, tmp_
     with pytest.raises(EngineError, match="exclude each other"):
         check(*zero3, *fsdp)
     pretend("deepspeed", "0.18.9")
-    with pytest.raises(EngineError, match="needs deepspeed >= 0.19 \\(installed: 0.18.9\\)"):
+    with pytest.raises(EngineError, match="needs deepspeed >= 0.19.8 \\(installed: 0.18.9\\)"):
         check(*zero3)
 
 

@@ -42,7 +42,7 @@ __all__ = ["EngineError", "requested_engine", "check_request", "enable_fsdp_on_c
 # loss's own check).
 ENGINE_VERSIONS: dict[str, dict[str, str]] = {
     "fsdp2": {"accelerate": "1.14"},
-    "deepspeed": {"deepspeed": "0.19"},
+    "deepspeed": {"deepspeed": "0.19.8"},
 }
 
 
