@@ -237,6 +237,7 @@ def test_two_processes_under_the_engine_equal_one_process(reference, engine_run,
     ref = reference(mode)
     _assert_same_training(ref, out, mode)
     _assert_sharded_state(out / "checkpoint-2", engine)
+    assert json.loads((out / "checkpoint-2" / "convret_config.json").read_text())["extra"]["engine"] == engine
     _assert_same_training(ref, out, mode, what="checkpoint-2")
     _assert_loads_like_any_checkpoint(ref / "final", out / "final")
 
@@ -420,6 +421,22 @@ def test_engine_requests_that_cannot_run_are_refused_with_the_reason(world, tmp_
     pretend("deepspeed", "0.18.9")
     with pytest.raises(EngineError, match="needs deepspeed >= 0.19.8 \\(installed: 0.18.9\\)"):
         check(*zero3)
+
+
+def test_resume_under_another_engine_is_refused(tmp_path):
+    """A checkpoint records the engine that wrote it; resuming it under another one (whose Trainer would not find
+    the optimizer state and restart AdamW from zero without a word) is refused."""
+    from convret.train.engines import EngineError, check_resume_engine
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "convret_config.json").write_text(json.dumps({"extra": {"engine": "zero2", "global_step": 2}}))
+    check_resume_engine(checkpoint, "zero2")
+    for other in ("ddp", "fsdp2", "zero3"):
+        with pytest.raises(EngineError, match=f"trained under zero2 .* resume it under zero2, not {other}"):
+            check_resume_engine(checkpoint, other)
+    (checkpoint / "convret_config.json").write_text(json.dumps({"extra": {"global_step": 2}}))  # older convret
+    check_resume_engine(checkpoint, "fsdp2")
 
 
 def test_single_process_engine_request_exits_with_the_reason(world, capsys, monkeypatch):

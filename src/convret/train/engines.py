@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["EngineError", "requested_engine", "check_request", "enable_fsdp_on_cpu", "verify_engine",
+__all__ = ["EngineError", "requested_engine", "check_request", "check_resume_engine", "enable_fsdp_on_cpu", "verify_engine",
            "is_sharded", "is_partitioned", "meta_copy", "plain_model", "gathered_state_dict", "deepspeed_config", "ENGINE_VERSIONS",
            "building_plain_model"]
 
@@ -153,6 +153,23 @@ def check_request(args: Any, learnable_temperature: bool = False) -> str:
         fsdp_config["state_dict_type"] = "SHARDED_STATE_DICT"
         args.fsdp_plugin_args["state_dict_type"] = "SHARDED_STATE_DICT"
     return engine
+
+
+def check_resume_engine(checkpoint: str | Path, engine: str) -> None:
+    """Refuse to resume ``checkpoint`` under another engine than the one that wrote it: each engine keeps its
+    optimizer state in its own format (``optimizer.pt``, FSDP2's ``optimizer_0/`` shards, DeepSpeed's
+    ``global_stepN/`` partitions), and the Trainer skips a state it does not find without a word, so the resumed
+    run would restart AdamW from zero. A checkpoint that records no engine (an older convret) is not checked."""
+    from .checkpoint import CONFIG_NAME
+
+    try:
+        extra = json.loads((Path(checkpoint) / CONFIG_NAME).read_text(encoding="utf-8")).get("extra") or {}
+    except (OSError, json.JSONDecodeError):
+        return
+    recorded = extra.get("engine")
+    if recorded is not None and recorded != engine:
+        raise EngineError(f"{checkpoint} was trained under {recorded} and holds that engine's optimizer state: "
+                          f"resume it under {recorded}, not {engine} (or start over with --overwrite_output_dir)")
 
 
 def enable_fsdp_on_cpu(accelerator: Any, args: Any) -> bool:

@@ -235,7 +235,7 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
     """Train: prepare the output directory, save ``init/``, train (resuming when asked), save ``final/``."""
     from ..memory import enable_for_training
     from .checkpoint import load_retriever, save_retriever
-    from .engines import building_plain_model, check_request, is_sharded
+    from .engines import building_plain_model, check_request, check_resume_engine, is_sharded
     from .trainer import LOG_NAME, NonFiniteLossError
 
     from .resume import check_resume
@@ -246,6 +246,7 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
     resume = prepare_output_dir(train_args, is_main)
     fingerprint = _resume_fingerprint(model_args, data_args, loss_args, examples is not None)
     if resume is not None:  # before the model is built: a refused resume costs no load
+        check_resume_engine(resume, engine)
         for note in check_resume(resume, fingerprint, train_args.resume_with_changes):
             if is_main:
                 print(f"convret train: {note}", file=sys.stderr)

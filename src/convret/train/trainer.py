@@ -275,7 +275,7 @@ class ConvretTrainer(Trainer):
         config = RetrieverConfig(**{**self.retriever_config.__dict__})
         config.temperature = self.recipe.temperature_value()
         config.extra = {**config.extra, "log_temperature": float(self.recipe.log_temperature.detach()),
-                        "global_step": int(self.state.global_step)}
+                        "global_step": int(self.state.global_step), "engine": self.engine}
         return config
 
     def _get_output_dir(self, trial) -> str:
