@@ -90,6 +90,7 @@ class ReadReport:
         errors: ``(line, reason)`` of the first :data:`MAX_REPORTED_ERRORS` bad records.
         items: objects yielded (examples, turns, passages, qrels / run lines); an UltraChat conversation of
             three User turns is one record and three items.
+        line: the line of the record the last item yielded came from (while the iteration runs).
     """
 
     format: str = ""
@@ -98,6 +99,7 @@ class ReadReport:
     skipped: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
     items: int = 0
+    line: int = 0
 
     def add_error(self, line: int, reason: str) -> None:
         self.skipped += 1
@@ -428,6 +430,7 @@ def _drive(path: PathLike, fmt: str, records: Iterable[tuple[int, Any]], parse: 
         if items is None:
             continue
         report.records += 1
+        report.line = line
         for item in items:
             report.items += 1
             yield item
