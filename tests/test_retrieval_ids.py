@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from convret.retrieval.embeddings import read_embeddings, write_embeddings
 from convret.retrieval.ids import IdFileError, concatenate_ids, count_ids, id_problem, iter_ids, read_ids, write_ids
 
 from _retrieval_fixtures import random_text, tiny_checkpoint
@@ -47,6 +48,11 @@ def test_write_then_read_is_the_identity(ids):
         assert count_ids(path) == len(ids)
         for block in (1, 2, 5, 1 << 20):  # block edges inside multi-byte characters
             assert list(iter_ids(path, block_size=block)) == ids
+        if ids and len(set(ids)) == len(ids):  # through an embedding directory's shards, and an index's ids.txt
+            write_embeddings(Path(tmp) / "emb", ids, np.zeros((len(ids), 2), np.float32), shard_size=5)
+            assert read_embeddings(Path(tmp) / "emb")[0] == ids
+            concatenate_ids(sorted((Path(tmp) / "emb").glob("part-*.ids")), Path(tmp) / "index-ids.txt")
+            assert read_ids(Path(tmp) / "index-ids.txt") == ids
 
 
 @settings(max_examples=100, deadline=None)
