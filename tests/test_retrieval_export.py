@@ -111,7 +111,7 @@ UPPER_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['r
                   "{%- else %}{{- message['content'] }}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}")
 
 
-def test_a_template_no_query_prompt_can_express_exports_the_documents_alone(tmp_path, model_family):
+def test_a_template_no_query_prompt_can_express_exports_the_documents_alone(tmp_path, model_family, capsys):
     """The passages are exported exactly (encode / encode_document); encode_query raises (the Router has no query
     route) rather than embed a session differently from convret; the reason is in convret_export.json."""
     from sentence_transformers import SentenceTransformer
@@ -125,8 +125,10 @@ def test_a_template_no_query_prompt_can_express_exports_the_documents_alone(tmp_
     tokenizer.save_pretrained(family)
     ckpt = family_checkpoint(tmp_path / "ckpt", family, max_passage_len=40)
     out = tmp_path / "st"
+    capsys.readouterr()
     assert export_main([str(ckpt), str(out), "--merge"]) == 0
-    assert "queries" in json.loads((out / "convret_export.json").read_text())
+    assert "passages only; queries not exported: cannot write the query" in capsys.readouterr().err
+    assert "not exported" in json.loads((out / "convret_export.json").read_text())["queries"]
     st = SentenceTransformer(str(out), device="cpu")
     encoder = Encoder.from_checkpoint(ckpt)
     words = "the river runs north past old towns where bridges and mills stand by the water".split()
