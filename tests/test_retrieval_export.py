@@ -137,7 +137,7 @@ def test_a_template_no_query_prompt_can_express_exports_the_documents_alone(tmp_
     expected = encoder.encode_passages(passages)
     np.testing.assert_allclose(st.encode(passages, convert_to_numpy=True), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(st.encode_document(passages, convert_to_numpy=True), expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="query"):
+    with pytest.raises(ValueError, match="No route found for task type 'query'"):
         st.encode_query(["where is the bridge"])
 
 

@@ -19,7 +19,8 @@ The ranking is score-descending with equal scores ordered by docid (as ``convret
 
 1. the query is the rewrite when the example has one (``--query auto``, the default), the rewrite always
    (``rewrite``: an example without one is an error) or the session (``session``);
-2. the candidates are the passages at ranks ``LO..HI`` (1-based, inclusive; ``--window 15-30``);
+2. the candidates are the passages at ranks ``LO..HI`` (1-based, inclusive; ``--window 15-30``) among those the
+   retriever retrieved (``bm25``: a score above 0; a passage sharing no term with the query is never drawn);
 3. a candidate is dropped when it is one of the example's positives: the same id, or the same text (compared by
    a 64-bit hash of the stripped text, see below);
 4. with ``--max-positive-ratio F``, a candidate is also dropped when its score exceeds ``F`` times the
