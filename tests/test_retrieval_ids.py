@@ -32,7 +32,7 @@ def _unwritable(ident: str) -> bool:
     return "\n" in ident or "\r" in ident or any(0xD800 <= ord(c) <= 0xDFFF for c in ident)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(ids=IDS)
 def test_write_then_read_is_the_identity(ids):
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +55,7 @@ def test_write_then_read_is_the_identity(ids):
             assert read_ids(Path(tmp) / "index-ids.txt") == ids
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(parts=st.lists(st.lists(st.text(st.one_of(st.characters(codec="utf-8", exclude_characters="\n\r"),
                                                         st.sampled_from(SPLITLINES_ONLY)), max_size=6),
                                max_size=5), max_size=4))
