@@ -540,9 +540,8 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
     as the input). The corpus is read by streaming passes only (see the module's docstring for what each
     retriever holds). Returns the report: ``examples``, ``mined`` (examples with a positive),
     ``negatives_per_example`` (``{count: examples}``), ``fewer_than_asked`` (examples that got fewer than
-    ``num_negatives``: the retriever retrieved too few passages in the window; also logged as a warning on
-    the ``convret.mine`` logger),
-    ``filtered``, ``unscored``, ``records``, ``format``."""
+    ``num_negatives``: too few candidates in the window; also logged as a warning on the ``convret.mine``
+    logger), ``filtered``, ``unscored``, ``records``, ``format``."""
     from tqdm.auto import tqdm
 
     from ..data import ReadReport, read_training
@@ -620,9 +619,11 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
         shutil.rmtree(work, ignore_errors=True)
     short = sum(n for count, n in histogram.items() if count < settings.num_negatives)
     if short:
-        logger.warning("%s: %d of %d examples got fewer than %d negatives: the retriever retrieved too few passages "
-                       "in ranks %d-%d besides their positives (a passage it did not retrieve is never drawn)",
-                       output, short, sum(histogram.values()), settings.num_negatives, *settings.window)
+        logger.warning("%s: %d of %d examples got fewer than %d negatives: too few candidates in ranks %d-%d (the "
+                       "passages the retriever retrieved there, less the example's positives%s; a passage it did "
+                       "not retrieve is never drawn)", output, short, sum(histogram.values()),
+                       settings.num_negatives, *settings.window,
+                       " and what the ratio filter dropped" if settings.max_positive_ratio is not None else "")
     return {"format": fmt, "records": len(groups), "examples": len(examples), "mined": sum(histogram.values()),
             "negatives_per_example": dict(sorted(histogram.items())), "fewer_than_asked": short, **totals,
             "output": str(output)}
@@ -635,9 +636,9 @@ def format_report(report: dict, settings: MineSettings) -> str:
     for count, n in report["negatives_per_example"].items():
         lines.append(f"  {n} examples got {count} negative{'s' if count != 1 else ''}")
     if report["fewer_than_asked"]:
-        lines.append(f"  {report['fewer_than_asked']} examples got fewer than {settings.num_negatives}: the "
-                     f"retriever retrieved too few passages in ranks {lo}-{hi} (for bm25: passages sharing a term "
-                     "with the query)")
+        lines.append(f"  {report['fewer_than_asked']} examples got fewer than {settings.num_negatives}: too few "
+                     f"candidates in ranks {lo}-{hi} (retrieved there, not a positive; bm25 retrieves the passages "
+                     "sharing a term with the query)")
     if report["examples"] > report["mined"]:
         lines.append(f"  {report['examples'] - report['mined']} examples have no positive (kept as they were)")
     if settings.max_positive_ratio is not None:
