@@ -3,23 +3,37 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup demo test bench-micro bench-compare bench-compare-ratios bench-micro-smoke
+.PHONY: setup demo test test-oldest bench-micro bench-compare bench-compare-ratios bench-micro-smoke
 
+# PIP_INSTALL_OPTS: extra pip options for convret's own install (test-oldest passes the oldest versions' pins)
+PIP_INSTALL_OPTS ?=
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	@$(PIP) install -q "setuptools>=70"
-	@$(PIP) install -q --no-build-isolation -e ".[test]"
+	@$(PIP) install -q --no-build-isolation -e ".[test]" $(PIP_INSTALL_OPTS)
 
 # the main job: train the tiny retriever on the bundled sample world (CPU, about 2 minutes; rerun: resumes),
-# then evaluate it beside the untrained model, the current utterance alone and the manual rewrite
+# then evaluate it beside the untrained model, the current utterance alone and the manual rewrite (--overwrite:
+# the demo's own results, replaced when a rerun trained the model further)
 DEMO_DIR ?= runs/tiny
 demo: setup
 	$(PYTHON) -m convret train --output_dir $(DEMO_DIR)
 	$(PYTHON) -m convret evaluate --model $(DEMO_DIR)/final --baseline $(DEMO_DIR)/init --query-only --rewrite \
-		--output $(DEMO_DIR)/eval
+		--output $(DEMO_DIR)/eval --overwrite
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# the tests of everything that depends on transformers / peft / accelerate / sentence-transformers / faiss /
+# FastAPI, at the oldest versions convret claims (.ci/oldest.txt); CI runs it in a second virtualenv
+OLDEST_TESTS ?= tests/test_packaging.py tests/test_hf.py tests/test_model_matrix.py tests/test_csit.py \
+	tests/test_train.py tests/test_train_real.py tests/test_train_gradcache.py tests/test_train_mixture.py \
+	tests/test_retrieval_export.py tests/test_retrieval_generate.py tests/test_retrieval_chain.py \
+	tests/test_retrieval_search_eval.py tests/test_mine.py tests/test_serve.py tests/test_session_encoder.py \
+	tests/test_data_templates.py tests/test_summary_tokens.py
+test-oldest: PIP_INSTALL_OPTS = -c .ci/oldest.txt
+test-oldest: setup
+	$(PYTHON) -m pytest -q $(OLDEST_TESTS)
 
 # Micro-benchmarks (bench/micro, pytest-benchmark; docs/benchmarks_micro.md). Run after `make setup`.
 # Saved runs go to $(BENCH_STORAGE)/<machine>/NNNN_<commit>_<date>.json (ignored by git).

@@ -18,6 +18,18 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
+# the oldest versions CI tests (.ci/oldest.txt pins exactly these)
+TRANSFORMERS = "transformers>=5.13"
+PEFT = "peft>=0.18"
+ACCELERATE = "accelerate>=1.3"
+SENTENCE_TRANSFORMERS = "sentence-transformers>=6.1"
+DATASETS = "datasets>=3.0"
+FAISS = "faiss-cpu>=1.9"
+PYTREC_EVAL = "pytrec-eval-terrier>=0.5.6"
+BM25S = "bm25s>=0.3.14"
+AIOHTTP = "aiohttp>=3.9"
+SERVE = ["fastapi>=0.110", "uvicorn[standard]>=0.29", "prometheus-client>=0.20", "httpx>=0.27"]
+
 
 class CMakeExtension(Extension):
     """A library produced by CMakeLists.txt rather than by setuptools' own compiler calls."""
@@ -98,18 +110,17 @@ setup(
     ext_modules=[CMakeExtension("convret._convret_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
+    # Floors are the versions CI tests (.ci/oldest.txt, the second virtualenv of .ci/run); raise both together.
     extras_require={
-        "hf": ["transformers>=4.57", "peft>=0.17", "safetensors", "tokenizers"],
-        "data": ["datasets"],
-        "train": ["transformers>=4.57", "peft>=0.17", "safetensors", "tokenizers", "accelerate>=1.0", "pyyaml",
-                  "tqdm"],
-        "retrieval": ["faiss-cpu", "pytrec-eval-terrier", "sentence-transformers", "rouge-score", "bm25s>=0.2"],
-        "bench": ["matplotlib", "tqdm", "aiohttp>=3.9"],
-        "serve": ["fastapi>=0.110", "uvicorn[standard]>=0.29", "prometheus-client>=0.20", "httpx>=0.27"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "transformers>=4.57", "peft>=0.17", "safetensors",
-                 "tokenizers", "accelerate>=1.0", "pyyaml", "tqdm", "datasets", "faiss-cpu", "pytrec-eval-terrier",
-                 "sentence-transformers", "rouge-score", "matplotlib", "fastapi>=0.110", "uvicorn[standard]>=0.29",
-                 "prometheus-client>=0.20", "httpx>=0.27", "aiohttp>=3.9", "bm25s>=0.2"],
+        "hf": [TRANSFORMERS, PEFT, "safetensors", "tokenizers"],
+        "data": [DATASETS],
+        "train": [TRANSFORMERS, PEFT, "safetensors", "tokenizers", ACCELERATE, "pyyaml", "tqdm"],
+        "retrieval": [FAISS, PYTREC_EVAL, SENTENCE_TRANSFORMERS, "rouge-score", BM25S],
+        "bench": ["matplotlib", "tqdm", AIOHTTP],
+        "serve": SERVE,
+        "test": ["pytest", "hypothesis", "pytest-benchmark", TRANSFORMERS, PEFT, "safetensors", "tokenizers",
+                 ACCELERATE, "pyyaml", "tqdm", DATASETS, FAISS, PYTREC_EVAL, SENTENCE_TRANSFORMERS, "rouge-score",
+                 "matplotlib", BM25S, AIOHTTP, "schemathesis>=4.0"] + SERVE,
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )

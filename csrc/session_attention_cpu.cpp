@@ -3,6 +3,9 @@
 // The mask is one int32 per key, mask_start[b, j]: query row q sees key j iff j <= q < mask_start[b, j].
 // Per key tile, tile_min / tile_max of mask_start (SessionLayout.tile_bounds) classify
 // each (query tile, key tile) pair as skipped (never touched), full (no mask arithmetic) or partial.
+// A sliding window of w keys (window > 0; 0 = none) also hides key j from row q when q - j >= w: key loops then
+// start at the first tile the first query can reach, and the element mask takes the extra bound (a separate
+// loop, so that window-free tiles run the loop they always ran).
 //
 // Work is split per (batch, kv head): the G query heads of a GQA group are stacked into one [G * rows, D]
 // GEMM operand, so every K / V tile is read once per group and every GEMM is G times taller.
@@ -89,13 +92,22 @@ struct TileBoundsView {
   const int32_t* min_mask_start;  // [num_key_tiles] of one batch row
   const int32_t* max_mask_start;
 
-  TileClass classify(int64_t q_first, int64_t q_last, int64_t k_tile, int64_t block_n) const {
-    const int64_t k_first = k_tile * block_n;
+  // query rows q_first .. q_last against key tile k_tile; window: a sliding window of that many keys, 0 = none
+  TileClass classify(int64_t q_first, int64_t q_last, int64_t k_tile, int64_t block_n, int64_t window) const {
+    const int64_t k_first = k_tile * block_n, k_last = k_first + block_n - 1;
     if (k_first > q_last || max_mask_start[k_tile] <= q_first) return TileClass::kSkipped;
-    if (k_first + block_n - 1 <= q_first && min_mask_start[k_tile] > q_last) return TileClass::kFull;
+    if (window > 0 && k_last <= q_first - window) return TileClass::kSkipped;  // too old for every row
+    if (k_last <= q_first && min_mask_start[k_tile] > q_last && (window == 0 || k_first > q_last - window)) {
+      return TileClass::kFull;
+    }
     return TileClass::kPartial;
   }
 };
+
+// The first key tile a query at position q_first can reach: 0, or with a window the tile of key q_first - w + 1.
+int64_t first_key_tile(int64_t q_first, int64_t window, int64_t block_n) {
+  return window > 0 ? std::max<int64_t>(0, q_first - window + 1) / block_n : 0;
+}
 
 // A [B, H, L, D] tensor with unit stride along D, read (or, with a non-const element type, written) as rows.
 // Outputs are strided too: they take the memory layout of their input (Hugging Face's [B, L, H, D]).
@@ -127,13 +139,25 @@ void stack_group_rows(const RowsView<const scalar_t>& src, int64_t b, int64_t kv
 // position_of(i), repeated for each of the G stacked heads; keys k_first .. k_first + cols - 1.
 template <typename PositionOf>
 void mask_scores_at(float* scores, int64_t ld, int64_t group, int64_t rows, const PositionOf& position_of,
-                    int64_t k_first, int64_t cols, const int32_t* mask_start, float masked_value) {
+                    int64_t k_first, int64_t cols, const int32_t* mask_start, float masked_value, int64_t window) {
   const int32_t* key_mask_start = mask_start + k_first;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t q = position_of(i);
-    // key k_first + j is hidden from row q iff j > q - k_first or mask_start <= q; branch-free, so it vectorises
+    // key k_first + j is hidden from row q iff j > q - k_first or mask_start <= q (or, with a window, j < q - w + 1
+    // - k_first); branch-free, so it vectorises
     const int32_t q32 = static_cast<int32_t>(q), last_visible = static_cast<int32_t>(q - k_first);
     const int32_t width = static_cast<int32_t>(cols);
+    if (window > 0) {
+      const int32_t first_visible = static_cast<int32_t>(std::max<int64_t>(q - window + 1 - k_first, -1));
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = scores + (g * rows + i) * ld;
+        for (int32_t j = 0; j < width; ++j) {
+          const bool hidden = (j > last_visible) | (j < first_visible) | (key_mask_start[j] <= q32);
+          row[j] = hidden ? masked_value : row[j];
+        }
+      }
+      continue;
+    }
     for (int64_t g = 0; g < group; ++g) {
       float* row = scores + (g * rows + i) * ld;
       for (int32_t j = 0; j < width; ++j) {
@@ -146,24 +170,26 @@ void mask_scores_at(float* scores, int64_t ld, int64_t group, int64_t rows, cons
 
 // The query rows of session attention stand at their own index: rows q_first .. q_first + rows - 1.
 void mask_scores(float* scores, int64_t ld, int64_t group, int64_t rows, int64_t q_first, int64_t k_first,
-                 int64_t cols, const int32_t* mask_start, float masked_value) {
+                 int64_t cols, const int32_t* mask_start, float masked_value, int64_t window) {
   mask_scores_at(scores, ld, group, rows, [q_first](int64_t i) { return q_first + i; }, k_first, cols, mask_start,
-                 masked_value);
+                 masked_value, window);
 }
 
 // Columns [begin, end) of a partial tile that some query row in [q_first, q_last] can see: key j is visible to
-// a row of the tile iff j <= q_last and mask_start[j] > max(j, q_first). Narrowing the GEMMs to this span
-// removes most of the work a partial tile wastes: keys of the previous sample when a sample starts mid-tile,
-// session keys next to the summary for response rows, keys past the causal diagonal. begin == end: nothing.
+// a row of the tile iff j <= q_last and mask_start[j] > max(j, q_first) (and, with a window, j > q_first - w).
+// Narrowing the GEMMs to this span removes most of the work a partial tile wastes: keys of the previous sample
+// when a sample starts mid-tile, session keys next to the summary for response rows, keys past the causal
+// diagonal, keys behind the window. begin == end: nothing.
 struct ColumnSpan {
   int64_t begin, end;
 };
 
 ColumnSpan visible_columns(const int32_t* mask_start, int64_t q_first, int64_t q_last, int64_t k_first,
-                           int64_t cols) {
+                           int64_t cols, int64_t window) {
   const int64_t limit = std::min(cols, q_last - k_first + 1);
+  const int64_t start = window > 0 ? std::max<int64_t>(0, q_first - window + 1 - k_first) : 0;
   int64_t begin = limit, end = 0;
-  for (int64_t j = 0; j < limit; ++j) {
+  for (int64_t j = start; j < limit; ++j) {
     const int64_t key = k_first + j;
     if (mask_start[key] > std::max(key, q_first)) {
       begin = std::min(begin, j);
@@ -275,6 +301,7 @@ struct ForwardOperands {
   const int32_t* tile_min;    // [B, num_k_tiles]
   const int32_t* tile_max;
   int64_t num_q_heads, num_kv_heads, group, head_dim, q_len, key_len, num_k_tiles, block_m, block_n;
+  int64_t window;  // sliding window of that many keys; 0 = none
   float softmax_scale;
   // The packed path (16-bit, where the probe picked it): K^T and V of each (batch, kv head) packed once into
   // VNNI pairs, read by every query tile and head of the group through the brgemm ukernel. A key span then
@@ -285,12 +312,12 @@ struct ForwardOperands {
 
   ForwardOperands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& mask_start_, const at::Tensor& tile_min_, const at::Tensor& tile_max_,
-                  double scale, int64_t block_m_, int64_t block_n_)
+                  double scale, int64_t block_m_, int64_t block_n_, int64_t window_)
       : q_rows(q), k_rows(k), v_rows(v), out_rows(out), mask_start(mask_start_.data_ptr<int32_t>()),
         tile_min(tile_min_.data_ptr<int32_t>()), tile_max(tile_max_.data_ptr<int32_t>()),
         num_q_heads(q.size(1)), num_kv_heads(k.size(1)), group(q.size(1) / k.size(1)), head_dim(q.size(3)),
         q_len(q.size(2)), key_len(k.size(2)), num_k_tiles(ceil_div(k.size(2), block_n_)), block_m(block_m_),
-        block_n(block_n_), softmax_scale(static_cast<float>(scale)),
+        block_n(block_n_), window(window_), softmax_scale(static_cast<float>(scale)),
         packed(use_packed_path<scalar_t>() && block_n_ % 2 == 0), score_ld(packed ? block_n_ + 2 : block_n_) {
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (packed) packed_kv = pack_keys_values<scalar_t>(k, v, false);
@@ -335,14 +362,14 @@ void forward_query_tile(const ForwardOperands<scalar_t>& op, ForwardScratch<scal
   bool started = false;  // Q stacked and acc zeroed: done at the first visited pair (padding tiles have none)
 
   const int64_t last_k_tile = std::min(op.num_k_tiles - 1, max_pos / block_n);
-  for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
-    const TileClass tile_class = bounds.classify(min_pos, max_pos, k_tile, block_n);
+  for (int64_t k_tile = first_key_tile(min_pos, op.window, block_n); k_tile <= last_k_tile; ++k_tile) {
+    const TileClass tile_class = bounds.classify(min_pos, max_pos, k_tile, block_n, op.window);
     if (tile_class == TileClass::kSkipped) continue;
     // the keys this pair works on: key_first .. key_first + width - 1 (a partial tile is narrowed)
     const int64_t k_first = k_tile * block_n;
     int64_t key_first = k_first, width = std::min(block_n, op.key_len - k_first);
     if (tile_class == TileClass::kPartial) {
-      const ColumnSpan span = visible_columns(row_mask_start, min_pos, max_pos, k_first, width);
+      const ColumnSpan span = visible_columns(row_mask_start, min_pos, max_pos, k_first, width, op.window);
       if (span.begin == span.end) continue;
       key_first = k_first + span.begin;
       width = span.end - span.begin;
@@ -373,7 +400,8 @@ void forward_query_tile(const ForwardOperands<scalar_t>& op, ForwardScratch<scal
            scores.data(), score_ld);
     }
     if (tile_class == TileClass::kPartial) {
-      mask_scores_at(scores.data(), score_ld, group, rows, position_of, key_first, width, row_mask_start, kNegInf);
+      mask_scores_at(scores.data(), score_ld, group, rows, position_of, key_first, width, row_mask_start, kNegInf,
+                     op.window);
     }
 
     // online softmax, one stacked row at a time; p = exp(scale * (s - max))
@@ -439,8 +467,8 @@ void forward_query_tile(const ForwardOperands<scalar_t>& op, ForwardScratch<scal
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
                   const at::Tensor& tile_min, const at::Tensor& tile_max, double scale, int64_t block_m,
-                  int64_t block_n, at::Tensor& out, at::Tensor& lse) {
-  const ForwardOperands<scalar_t> op(q, k, v, out, mask_start, tile_min, tile_max, scale, block_m, block_n);
+                  int64_t block_n, int64_t window, at::Tensor& out, at::Tensor& lse) {
+  const ForwardOperands<scalar_t> op(q, k, v, out, mask_start, tile_min, tile_max, scale, block_m, block_n, window);
   const int64_t batch = q.size(0), seq_len = q.size(2), num_q_tiles = ceil_div(seq_len, block_m);
   const int64_t num_groups = batch * op.num_kv_heads;
   float* lse_data = lse.data_ptr<float>();
@@ -467,22 +495,23 @@ struct QueryTile {
 };
 
 // first_visible[p] for p in [0, Lk): the first key that position p sees (p + 1 when it sees none). A key hidden
-// from p (mask_start <= p, or past p) stays hidden from every later position, so one forward sweep finds them.
-void first_visible_keys(const int32_t* mask_start, int64_t key_len, int64_t* first_visible) {
+// from p (mask_start <= p, past p, or behind a window) stays hidden from every later position, so one forward
+// sweep finds them.
+void first_visible_keys(const int32_t* mask_start, int64_t key_len, int64_t window, int64_t* first_visible) {
   int64_t lo = 0;
   for (int64_t p = 0; p < key_len; ++p) {
-    while (lo <= p && mask_start[lo] <= p) ++lo;
+    while (lo <= p && (mask_start[lo] <= p || (window > 0 && lo <= p - window))) ++lo;
     first_visible[p] = lo;
   }
 }
 
 std::vector<QueryTile> cached_query_tiles(const int64_t* positions, const int32_t* mask_start, int64_t batch,
-                                          int64_t q_len, int64_t key_len, int64_t block_m) {
+                                          int64_t q_len, int64_t key_len, int64_t block_m, int64_t window) {
   std::vector<std::vector<QueryTile>> per_row(batch);
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> first_visible(key_len);
     for (int64_t b = begin; b < end; ++b) {
-      first_visible_keys(mask_start + b * key_len, key_len, first_visible.data());
+      first_visible_keys(mask_start + b * key_len, key_len, window, first_visible.data());
       const int64_t* pos = positions + b * q_len;
       std::vector<QueryTile>& tiles = per_row[b];
       auto cut_run = [&](int64_t first, int64_t count) {  // rows first .. first + count - 1: one sample's
@@ -525,11 +554,12 @@ std::vector<QueryTile> cached_query_tiles(const int64_t* positions, const int32_
 template <typename scalar_t>
 void cached_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
                          const at::Tensor& query_positions, const at::Tensor& tile_min, const at::Tensor& tile_max,
-                         double scale, int64_t block_m, int64_t block_n, at::Tensor& out) {
-  const ForwardOperands<scalar_t> op(q, k, v, out, mask_start, tile_min, tile_max, scale, block_m, block_n);
+                         double scale, int64_t block_m, int64_t block_n, int64_t window, at::Tensor& out) {
+  const ForwardOperands<scalar_t> op(q, k, v, out, mask_start, tile_min, tile_max, scale, block_m, block_n, window);
   const int64_t batch = q.size(0), q_len = q.size(2), key_len = k.size(2);
   const int64_t* positions = query_positions.data_ptr<int64_t>();
-  std::vector<QueryTile> tiles = cached_query_tiles(positions, op.mask_start, batch, q_len, key_len, block_m);
+  std::vector<QueryTile> tiles =
+      cached_query_tiles(positions, op.mask_start, batch, q_len, key_len, block_m, window);
   // the most expensive tiles (rows x visible key range) first, so that no thread ends with a long one
   std::stable_sort(tiles.begin(), tiles.end(), [](const QueryTile& x, const QueryTile& y) { return x.cost > y.cost; });
 
@@ -675,19 +705,19 @@ PairOperands<scalar_t> pair_probs_and_grad_scores(
     const RowsView<const scalar_t>& k_rows, const RowsView<const scalar_t>& v_rows, const TileBoundsView& bounds,
     const int32_t* row_mask_start, const GroupStacks<scalar_t>& stacks, int64_t b, int64_t kv_head, int64_t group,
     int64_t seq_len, int64_t head_dim, int64_t q_first, int64_t k_tile, int64_t block_m, int64_t block_n,
-    float softmax_scale, PairScratch<scalar_t>& scratch, const PackedKeysValues<scalar_t>* packed = nullptr,
-    int64_t num_kv_heads = 0) {
+    float softmax_scale, int64_t window, PairScratch<scalar_t>& scratch,
+    const PackedKeysValues<scalar_t>* packed = nullptr, int64_t num_kv_heads = 0) {
   PairOperands<scalar_t> pair{};
   const int64_t ld = packed ? block_n + 2 : block_n;
   const int64_t rows = std::min(block_m, seq_len - q_first);
   const int64_t q_last = q_first + rows - 1;
   const int64_t k_first = k_tile * block_n;
   const int64_t cols = std::min(block_n, seq_len - k_first);
-  const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n);
+  const TileClass tile_class = bounds.classify(q_first, q_last, k_tile, block_n, window);
   if (tile_class == TileClass::kSkipped) return pair;
   int64_t col_begin = 0, width = cols;
   if (tile_class == TileClass::kPartial) {
-    const ColumnSpan span = visible_columns(row_mask_start, q_first, q_last, k_first, cols);
+    const ColumnSpan span = visible_columns(row_mask_start, q_first, q_last, k_first, cols, window);
     if (span.begin == span.end) return pair;
     col_begin = span.begin;
     width = span.end - span.begin;
@@ -720,7 +750,7 @@ PairOperands<scalar_t> pair_probs_and_grad_scores(
     gemm(false, true, m, width, head_dim, 1.f, q_tile_data, head_dim, k_span_data, k_rows.stride_l, 0.f, scores, ld);
   }
   if (tile_class == TileClass::kPartial) {
-    mask_scores(scores, ld, group, rows, q_first, key_first, width, row_mask_start, kNegInf);
+    mask_scores(scores, ld, group, rows, q_first, key_first, width, row_mask_start, kNegInf, window);
   }
   for (int64_t r = 0; r < m; ++r) exp_in_place_and_sum(scores + r * ld, width, softmax_scale, stacks.lse[base + r]);
   // dP = dO @ V_span^T
@@ -781,7 +811,8 @@ template <typename scalar_t>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                    const at::Tensor& grad_out, const at::Tensor& lse, const at::Tensor& mask_start,
                    const at::Tensor& tile_min, const at::Tensor& tile_max, double scale, int64_t block_m,
-                   int64_t block_n, bool split, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+                   int64_t block_n, int64_t window, bool split, at::Tensor& grad_q, at::Tensor& grad_k,
+                   at::Tensor& grad_v) {
   const int64_t batch = q.size(0), num_q_heads = q.size(1), seq_len = q.size(2), head_dim = q.size(3);
   const int64_t num_kv_heads = k.size(1), group = num_q_heads / num_kv_heads;
   const int64_t num_k_tiles = ceil_div(seq_len, block_n), num_q_tiles = ceil_div(seq_len, block_m);
@@ -831,12 +862,14 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     // rows layout [cols, D]; packed path: transposed, [D, ld] (a widened span may start one column early)
     std::fill(grad_k_acc, grad_k_acc + ld * head_dim, 0.f);
     std::fill(grad_v_acc, grad_v_acc + ld * head_dim, 0.f);
-    // only query rows in [k_first, tile_max) can see a key of this tile
-    const int64_t visible_end = std::min<int64_t>(bounds.max_mask_start[k_tile], seq_len);
+    // only query rows in [k_first, tile_max) can see a key of this tile (with a window, only rows before the
+    // tile's last key + w)
+    int64_t visible_end = std::min<int64_t>(bounds.max_mask_start[k_tile], seq_len);
+    if (window > 0) visible_end = std::min(visible_end, k_first + cols - 1 + window);
     for (int64_t q_first = (k_first / block_m) * block_m; q_first < visible_end; q_first += block_m) {
       const PairOperands<scalar_t> pair = pair_probs_and_grad_scores(
           k_rows, v_rows, bounds, row_mask_start, stacks, b, kv_head, group, seq_len, head_dim, q_first, k_tile,
-          block_m, block_n, softmax_scale, pair_scratch, packed_operands, num_kv_heads);
+          block_m, block_n, softmax_scale, window, pair_scratch, packed_operands, num_kv_heads);
       if (!pair.visited) continue;
       if constexpr (!std::is_same_v<scalar_t, float>) {
         if (packed) {
@@ -977,10 +1010,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     const int32_t* row_mask_start = mask_start_data + b * seq_len;
     const GroupStacks<scalar_t> stacks = stacks_of(group_index);
     const int64_t last_k_tile = std::min(num_k_tiles - 1, (q_first + rows - 1) / block_n);
-    for (int64_t k_tile = 0; k_tile <= last_k_tile; ++k_tile) {
+    for (int64_t k_tile = first_key_tile(q_first, window, block_n); k_tile <= last_k_tile; ++k_tile) {
       const PairOperands<scalar_t> pair = pair_probs_and_grad_scores(
           k_rows, v_rows, bounds, row_mask_start, stacks, b, kv_head, group, seq_len, head_dim, q_first, k_tile,
-          block_m, block_n, softmax_scale, scratch.pair, packed_operands, num_kv_heads);
+          block_m, block_n, softmax_scale, window, scratch.pair, packed_operands, num_kv_heads);
       if (!pair.visited) continue;
       if constexpr (!std::is_same_v<scalar_t, float>) {
         if (packed) {
@@ -1001,7 +1034,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 // keys_follow_queries: q, k and v cover the same L positions; false (the cached prefill): Lq query rows, Lk keys.
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_start,
                   const at::Tensor& tile_min, const at::Tensor& tile_max, int64_t block_m, int64_t block_n,
-                  bool keys_follow_queries = true) {
+                  int64_t window, bool keys_follow_queries = true) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [B, H, L, D]");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
@@ -1014,6 +1047,7 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(mask_start.dim() == 2 && mask_start.size(0) == k.size(0) && mask_start.size(1) == k.size(2),
               "mask_start must be [B, L] (L: the keys)");
   TORCH_CHECK(block_m > 0 && block_n > 0, "tile sizes must be positive");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: no sliding window), got ", window);
   const int64_t num_k_tiles = ceil_div(k.size(2), block_n);
   for (const auto* bound : {&tile_min, &tile_max}) {
     TORCH_CHECK(bound->scalar_type() == at::kInt && bound->is_contiguous(), "tile bounds: contiguous int32");
@@ -1025,8 +1059,9 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& mask_start,
                                                              const at::Tensor& tile_min, const at::Tensor& tile_max,
-                                                             double scale, int64_t block_m, int64_t block_n) {
-  check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n);
+                                                             double scale, int64_t block_m, int64_t block_n,
+                                                             int64_t window) {
+  check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n, window);
   at::Tensor out = empty_output(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "session_attention_forward", [&] {
@@ -1034,7 +1069,7 @@ std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q
       TORCH_CHECK(false, "float64 is served by the PyTorch fallback");
     } else {
       if constexpr (!std::is_same_v<scalar_t, float>) current_tile_gemm<scalar_t>();  // probe outside the pool
-      forward_impl<scalar_t>(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n, out, lse);
+      forward_impl<scalar_t>(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n, window, out, lse);
     }
   });
   return {out, lse};
@@ -1045,8 +1080,8 @@ std::tuple<at::Tensor, at::Tensor> session_attention_forward(const at::Tensor& q
 at::Tensor cached_session_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             const at::Tensor& mask_start, const at::Tensor& query_positions,
                                             const at::Tensor& tile_min, const at::Tensor& tile_max, double scale,
-                                            int64_t block_m, int64_t block_n) {
-  check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n, false);
+                                            int64_t block_m, int64_t block_n, int64_t window) {
+  check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n, window, false);
   TORCH_CHECK(query_positions.scalar_type() == at::kLong && query_positions.is_contiguous() &&
                   query_positions.dim() == 2 && query_positions.size(0) == q.size(0) &&
                   query_positions.size(1) == q.size(2),
@@ -1058,7 +1093,7 @@ at::Tensor cached_session_attention_forward(const at::Tensor& q, const at::Tenso
     } else {
       if constexpr (!std::is_same_v<scalar_t, float>) current_tile_gemm<scalar_t>();  // probe outside the pool
       cached_forward_impl<scalar_t>(q, k, v, mask_start, query_positions, tile_min, tile_max, scale, block_m,
-                                    block_n, out);
+                                    block_n, window, out);
     }
   });
   return out;
@@ -1067,8 +1102,8 @@ at::Tensor cached_session_attention_forward(const at::Tensor& q, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& grad_out,
     const at::Tensor& lse, const at::Tensor& mask_start, const at::Tensor& tile_min, const at::Tensor& tile_max,
-    double scale, int64_t block_m, int64_t block_n, bool split) {
-  check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n);
+    double scale, int64_t block_m, int64_t block_n, bool split, int64_t window) {
+  check_common(q, k, v, mask_start, tile_min, tile_max, block_m, block_n, window);
   TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes(), "out / grad_out must match q");
   TORCH_CHECK(out.stride(3) == 1 && grad_out.stride(3) == 1, "out, grad_out need unit stride along D");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && grad_out.scalar_type() == q.scalar_type(), "dtype mismatch");
@@ -1082,7 +1117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> session_attention_backward(
     } else {
       if constexpr (!std::is_same_v<scalar_t, float>) current_tile_gemm<scalar_t>();
       backward_impl<scalar_t>(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n,
-                              split, grad_q, grad_k, grad_v);
+                              window, split, grad_q, grad_k, grad_v);
     }
   });
   return {grad_q, grad_k, grad_v};
@@ -1107,14 +1142,14 @@ std::string set_tile_gemm(const std::string& dtype, const std::string& impl) {
 TORCH_LIBRARY(convret_cpu, m) {
   m.def(
       "session_attention_forward(Tensor q, Tensor k, Tensor v, Tensor mask_start, Tensor tile_min, "
-      "Tensor tile_max, float scale, int block_m, int block_n) -> (Tensor, Tensor)");
+      "Tensor tile_max, float scale, int block_m, int block_n, int window=0) -> (Tensor, Tensor)");
   m.def(
       "session_attention_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor grad_out, Tensor lse, "
-      "Tensor mask_start, Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n, bool split) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor mask_start, Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n, bool split, "
+      "int window=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cached_session_attention_forward(Tensor q, Tensor k, Tensor v, Tensor mask_start, Tensor query_positions, "
-      "Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n) -> Tensor");
+      "Tensor tile_min, Tensor tile_max, float scale, int block_m, int block_n, int window=0) -> Tensor");
   m.def("blas_info() -> str", &convret::blas_info);
   m.def("tile_gemm_info() -> str", &convret::tile_gemm_info);
   m.def("set_tile_gemm(str dtype, str impl) -> str", &convret::set_tile_gemm);

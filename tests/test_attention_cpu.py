@@ -82,9 +82,9 @@ def make_inputs(layout: SessionLayout, q_heads: int, kv_heads: int, head_dim: in
     return make(q_heads), make(kv_heads), make(kv_heads)
 
 
-def oracle(q, k, v, layout, grad_out, scale):
+def oracle(q, k, v, layout, grad_out, scale, window=None):
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = reference_attention(q64, k64, v64, layout, scale)
+    out = reference_attention(q64, k64, v64, layout, scale, window)
     grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double())
     return (out.detach(), *grads)
 
@@ -97,13 +97,15 @@ def assert_close_scaled(name: str, actual: torch.Tensor, expected: torch.Tensor,
     assert error <= bound, f"{name}: max error {error:.3e} > {bound:.3e}"
 
 
-def check_parity(layout, q_heads, kv_heads, head_dim, dtype, memory_layout, implementation, tiles, seed=0):
+def check_parity(layout, q_heads, kv_heads, head_dim, dtype, memory_layout, implementation, tiles, seed=0,
+                 window=None):
     q, k, v = make_inputs(layout, q_heads, kv_heads, head_dim, dtype, memory_layout, seed)
     scale = head_dim**-0.5
-    out = session_attention_cpu(q, k, v, layout, scale, implementation=implementation, tile_sizes=tiles)
+    out = session_attention_cpu(q, k, v, layout, scale, implementation=implementation, tile_sizes=tiles,
+                                window=window)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    expected = oracle(q, k, v, layout, grad_out, scale)
+    expected = oracle(q, k, v, layout, grad_out, scale, window)
     assert out.dtype == dtype and out.shape == q.shape
     if implementation == "native" and memory_layout in ("contiguous", "transposed"):
         # outputs keep the inputs' memory layout: a model's transpose back to [B, L, H, D] is then free
@@ -331,6 +333,43 @@ def test_split_backward_matches_oracle_and_fused(monkeypatch, dtype, layout, gro
         grads[schedule] = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     for split, fused in zip(grads["split"], grads["fused"]):
         assert torch.equal(split, fused)
+
+
+# ------------------------------------------------------------------------------------ sliding windows
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(layout=layouts(), window=st.integers(1, 20), group=st.sampled_from([1, 4]), tiles=st.sampled_from(SMALL_TILES),
+       memory_layout=st.sampled_from(["contiguous", "transposed"]), schedule=st.sampled_from(["fused", "split"]),
+       seed=st.integers(0, 2**16))
+def test_parity_with_sliding_windows(monkeypatch, implementation, dtype, layout, window, group, tiles, memory_layout,
+                                     schedule, seed):
+    """A sliding window (query q sees key j only if q - j < window) beside the layout's mask: forward and both
+    backward schedules against the float64 oracle, windows shorter and longer than the samples and the tiles."""
+    monkeypatch.setenv(_cpu_backend.ENV_BACKWARD, schedule)
+    check_parity(layout, 2 * group, 2, 32, dtype, memory_layout, implementation, tiles, seed, window=window)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_sliding_window_default_tiles_and_tiles_behind_the_window_are_never_read(dtype, monkeypatch):
+    """One 300-token sample, window 40, default tiles: parity; then with NaN in the keys and values of the first 64
+    positions, every row from 160 on (whose window starts past key 64 + one tile) is still exact, as are the key
+    gradients from 160 on: the kernels never load a key tile behind a query tile's window."""
+    layout = SessionLayout.from_segments([[(300, 0, 0)], [(120, 3, 60), (80, 0, 0)]], seq_len=301)
+    check_parity(layout, 8, 2, 64, dtype, "transposed", "native", None, window=40)
+    for schedule in ("fused", "split"):
+        monkeypatch.setenv(_cpu_backend.ENV_BACKWARD, schedule)
+        q, k, v = make_inputs(layout, 8, 2, 64, dtype, "contiguous", 7)
+        grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+        expected = oracle(q, k, v, layout, grad_out, 0.125, window=40)
+        with torch.no_grad():
+            k[0, :, :64], v[0, :, :64] = float("nan"), float("nan")
+        out = session_attention_cpu(q, k, v, layout, 0.125, implementation="native", window=40)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+            assert_close_scaled(name, got[0, :, 160:], want[0, :, 160:], TOLERANCE[dtype])
 
 
 def test_backward_schedule_and_work_items(monkeypatch):

@@ -190,16 +190,16 @@ def serving_case(seed: int, batch: int, samples: int, max_len: int = 60, full_ra
     return layout, positions
 
 
-def check_cpu(layout, positions, q_heads, kv_heads, head_dim, dtype, tiles=None, seed=0, scale=None):
+def check_cpu(layout, positions, q_heads, kv_heads, head_dim, dtype, tiles=None, seed=0, scale=None, window=None):
     q, k, v = qkv(layout, positions, q_heads, kv_heads, head_dim, dtype, seed=seed)
     scale = head_dim ** -0.5 if scale is None else scale
     if tiles is None:
-        got = cached_session_attention(q, k, v, layout, positions, scale, backend="cpu")
+        got = cached_session_attention(q, k, v, layout, positions, scale, backend="cpu", window=window)
     else:
-        got = cached_session_attention_native(q, k, v, layout, positions, scale, tiles)
+        got = cached_session_attention_native(q, k, v, layout, positions, scale, tiles, window=window)
     assert got.dtype == dtype and got.shape == q.shape
     got = got.double()
-    want = reference_cached_attention(q.double(), k.double(), v.double(), layout, positions, scale)
+    want = reference_cached_attention(q.double(), k.double(), v.double(), layout, positions, scale, window)
     tol = _dispatch.get(OP, "cpu").tolerance(dtype)
     err = (got - want).abs()
     assert bool((err <= tol * (1 + want.abs())).all()), (dtype, float(err.max()))
@@ -223,6 +223,60 @@ def test_cpu_backend_random_packed_rows(dtype, seed, group, kv_heads, head_dim, 
     key tiles that keep the bf16 packed path off) and the default ones."""
     layout, positions = serving_case(seed, batch=2, samples=4, full_rate=full_rate)
     check_cpu(layout, positions, group * kv_heads, kv_heads, head_dim, dtype, tiles, seed)
+
+
+# ------------------------------------------------------------------------------------ sliding windows
+@pytest.mark.parametrize("window", [1, 6, 25])
+def test_window_reference_equals_session_oracle_on_its_rows(window):
+    layout, positions = random_case(window)
+    q, k, v = qkv(layout, positions, 4, 2, 16, torch.float64, seed=window)
+    got = reference_cached_attention(q, k, v, layout, positions, 0.3, window)
+    full_q = torch.zeros(q.shape[0], q.shape[1], layout.seq_len + 1, q.shape[3], dtype=q.dtype)
+    full_q.scatter_(2, positions.clamp(max=layout.seq_len).view(q.shape[0], 1, -1, 1).expand_as(q), q)
+    want = reference_attention(full_q[:, :, : layout.seq_len], k, v, layout, 0.3, window)
+    for b in range(q.shape[0]):
+        real = positions[b] < layout.seq_len
+        torch.testing.assert_close(got[b][:, real], want[b][:, positions[b][real]], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_sdpa_backend(seed, dtype):
+    layout, positions = random_case(seed)
+    window = (3, 9, 30)[seed]
+    q, k, v = qkv(layout, positions, 4, 2, 16, dtype, seed=seed)
+    got = cached_session_attention(q, k, v, layout, positions, backend="sdpa", window=window).double()
+    want = reference_cached_attention(q.double(), k.double(), v.double(), layout, positions, 16 ** -0.5, window)
+    tol = _dispatch.get(OP, "sdpa").tolerance(dtype)
+    assert bool(((got - want).abs() <= tol * (1 + want.abs())).all()), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_window_triton_backend(dtype):
+    from convret.kernels.session_attention import cached_session_attention_triton
+
+    device = triton_device()
+    layout, positions = random_case(11, batch=2)
+    q, k, v = qkv(layout, positions, 4, 2, 16, dtype, device=device, seed=11)
+    tol = _dispatch.get(OP, "triton").tolerance(dtype, device)
+    for window in (2, 13):
+        want = reference_cached_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout, positions,
+                                          0.25, window)
+        got = cached_session_attention_triton(q, k, v, layout.to(device), positions.to(device), 0.25,
+                                              (16, 16, 4, 1), window=window).double().cpu()
+        assert bool(((got - want).abs() <= tol * (1 + want.abs())).all()), float((got - want).abs().max())
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), window=st.integers(1, 40), group=st.sampled_from([1, 4]),
+       tiles=st.sampled_from(SMALL_CACHED_TILES + [None]))
+def test_window_cpu_backend_random_packed_rows(dtype, seed, window, group, tiles):
+    """The native cached prefill with a sliding window: query tiles cut at samples and where the window moves
+    the first visible key past the tile's positions, key tiles behind the window skipped."""
+    layout, positions = serving_case(seed, batch=2, samples=4)
+    check_cpu(layout, positions, 2 * group, 2, 64, dtype, tiles, seed, window=window)
 
 
 @requires_native

@@ -240,8 +240,8 @@ def test_session_layout_rejects_a_cache_and_dropout():
     k = torch.randn(1, 1, 4, 32)
     with pytest.raises(NotImplementedError, match="dropout"):
         convret.hf.convret_attention_forward(Module(), q, k, k, None, dropout=0.1, session_layout=layout)
-    with pytest.raises(NotImplementedError, match="sliding"):
-        convret.hf.convret_attention_forward(Module(), q, k, k, None, session_layout=layout, sliding_window=2)
+    with pytest.raises(ValueError, match="sliding_window=0"):
+        convret.hf.convret_attention_forward(Module(), q, k, k, None, session_layout=layout, sliding_window=0)
 
 
 def test_torch_compile_smoke():
@@ -349,8 +349,9 @@ def test_harmless_keywords_are_accepted():
 
 
 def test_sliding_window_applies_to_samples_not_rows():
-    """Mistral with sliding_window=12: a packed row of 30 tokens whose samples are at most 12 long runs (and
-    matches eager); a sample whose queries reach further back than the window raises."""
+    """Mistral with sliding_window=12: a packed row of 30 tokens whose samples are at most 12 long runs as
+    without a window (and matches eager); a sample whose queries reach further back than the window sees only
+    the window (eager under the layout's mask banded by the window)."""
     config, cls = tiny_config("mistral")
     config.sliding_window = 12
     torch.manual_seed(8)
@@ -367,10 +368,19 @@ def test_sliding_window_applies_to_samples_not_rows():
         want_packed = eager_dense(model, input_ids, plain)
     assert rel_err(got[real], want[real]) < TOL
     assert rel_err(packed[real], want_packed[real]) < TOL
-    too_long = SessionLayout.from_segments([[(13, 0, 0)]], 30)
-    with pytest.raises(NotImplementedError, match="sliding_window=12"):
-        with torch.no_grad():
-            model(input_ids[:1], session_layout=too_long, position_ids=too_long.position_ids(), use_cache=False)
+    too_long = SessionLayout.from_segments([[(25, 0, 0)]], 30)
+    real = real_positions(too_long)
+    with torch.no_grad():
+        got = model(input_ids[:1], session_layout=too_long, position_ids=too_long.position_ids(),
+                    use_cache=False).logits
+        banded = too_long.dense_mask(12).unsqueeze(1)
+        model.set_attn_implementation("eager")
+        want = model(input_ids[:1], attention_mask=torch.zeros(banded.shape).masked_fill(~banded, torch.finfo(torch.float32).min),
+                     position_ids=too_long.position_ids(), use_cache=False).logits
+        model.set_attn_implementation("convret")
+        unbanded = eager_dense(model, input_ids[:1], too_long)
+    assert rel_err(got[real], want[real]) < TOL
+    assert rel_err(unbanded[real], want[real]) > 1e-3  # the window changes the result: the case can fail
 
 
 def test_max_attention_span():

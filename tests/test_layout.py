@@ -67,10 +67,10 @@ def test_pooling_positions_and_position_ids(batch):
     assert position_ids.dtype == torch.long and position_ids.shape == (len(segments), seq_len)
 
 
-def brute_force_tile_classes(layout: SessionLayout, block_m: int, block_n: int) -> torch.Tensor:
+def brute_force_tile_classes(layout: SessionLayout, block_m: int, block_n: int, window=None) -> torch.Tensor:
     """The oracle, from the dense mask alone: a tile with no visible pair is skipped, a tile whose every pair
     (inside the [L, L] bounds) is visible is full, anything else, edge tiles that overhang L included, partial."""
-    mask = layout.dense_mask()
+    mask = layout.dense_mask(window)
     batch, seq_len, _ = mask.shape
     q_tiles, k_tiles = -(-seq_len // block_m), -(-seq_len // block_n)
     padded = torch.zeros(batch, q_tiles * block_m, k_tiles * block_n, dtype=torch.bool)
@@ -89,6 +89,39 @@ def test_tile_classes_equal_the_dense_mask_oracle(layout, block_m, block_n):
     """Exact, not only safe: every tile the mask lets the kernels skip is skipped, every mask-free tile runs
     without the mask (a classifier that marks every tile partial fails here)."""
     assert torch.equal(layout.tile_classes(block_m, block_n), brute_force_tile_classes(layout, block_m, block_n))
+
+
+@given(segment_batches(), st.integers(1, 30))
+def test_dense_mask_with_a_window_is_the_band_of_the_mask(batch, window):
+    segments, seq_len = batch
+    layout = SessionLayout.from_segments(segments, seq_len)
+    positions = torch.arange(seq_len)
+    band = (positions.view(-1, 1) - positions.view(1, -1)) < window  # query - key < window
+    assert torch.equal(layout.dense_mask(window), mask_from_segments(segments, seq_len) & band)
+
+
+@given(layouts(max_padding=40), st.sampled_from([8, 16, 32]), st.sampled_from([8, 16, 64]), st.integers(1, 50))
+def test_tile_classes_with_a_window_are_safe_and_skip_what_the_window_hides(layout, block_m, block_n, window):
+    """With a sliding window: every tile classified skipped has no visible pair and every tile classified full
+    has no hidden one (what the kernels need); every tile the window alone hides (all its keys too old for every
+    query of the tile) is skipped; and a window no shorter than the row classifies every tile as no window does
+    (the window costs nothing when it hides nothing)."""
+    classes = layout.tile_classes(block_m, block_n, window)
+    exact = brute_force_tile_classes(layout, block_m, block_n, window)
+    assert not bool(((classes == 0) & (exact != 0)).any())
+    assert not bool(((classes == 1) & (exact != 1)).any())
+    q_first = (torch.arange(classes.shape[1]) * block_m).view(1, -1, 1)
+    k_last = (torch.arange(classes.shape[2]) * block_n + block_n - 1).view(1, 1, -1)
+    assert bool((classes[(k_last <= q_first - window).expand_as(classes)] == 0).all())
+    assert torch.equal(layout.tile_classes(block_m, block_n, layout.seq_len), layout.tile_classes(block_m, block_n))
+    assert torch.equal(layout.tile_classes(block_m, block_n, None), brute_force_tile_classes(layout, block_m, block_n))
+
+
+def test_window_validation():
+    layout = SessionLayout.from_segments([[(5, 2, 3)]], seq_len=12)
+    for bad in (0, -3, True, 2.5, "4"):
+        with pytest.raises(ValueError, match="window must be None or a positive number of keys"):
+            layout.dense_mask(bad)
 
 
 def counts(classes: torch.Tensor) -> tuple[int, int, int]:

@@ -102,7 +102,7 @@ def test_bm25_negatives_come_from_the_window_of_bm25s_scores(files, tmp_path):
                       "--output", str(again), "--num-negatives", "3", "--seed", "5", "--no-progress"])
     assert again.read_bytes() == out.read_bytes()
     mine_module.main(["--train-file", str(files / "ultrachat.jsonl"), "--corpus", str(CORPUS), "--retriever", "bm25",
-                      "--output", str(again), "--num-negatives", "3", "--seed", "6", "--no-progress"])
+                      "--output", str(again), "--num-negatives", "3", "--seed", "6", "--no-progress", "--overwrite"])
     assert again.read_bytes() != out.read_bytes()
 
 
@@ -181,7 +181,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_output(files, checkp
     assert done[0].stat().st_mtime_ns == first  # kept, not mined again
     assert out.read_bytes() == reference.read_bytes()
     # other settings over the same work directory are refused
-    assert mine_module.main(_mine_cmd(files, checkpoint, out, "--seed", "3")[2:]) == 1
+    assert mine_module.main(_mine_cmd(files, checkpoint, out, "--seed", "3", "--overwrite")[2:]) == 1
 
 
 def test_records_round_trip_each_format(tmp_path):

@@ -106,8 +106,16 @@ def test_chain_equals_the_step_by_step_commands(world, tmp_path, capsys):
     caches = sorted(p.name for p in (out / "cache").iterdir())
     assert len(caches) == 2
     mtimes = [p.stat().st_mtime_ns for p in (out / "cache").rglob("*.npy")]
-    assert evaluate_main(argv[:8] + ["--output", str(out), "--top_k", "100", "--contexts"]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "00-model.trec", "01-model_current_utterance_only.trec", "02-model_manual_rewrite.trec",
+        "03-baseline_init.trec"]  # no commas or spaces in the names
+    fewer = argv[:8] + ["--output", str(out), "--top_k", "100", "--contexts"]
+    capsys.readouterr()
+    assert evaluate_main(fewer) == 1  # other settings than the results there: refused, nothing replaced
+    assert "--overwrite" in capsys.readouterr().err and len(json.loads((out / "results.json").read_text())["rows"]) == 4
+    assert evaluate_main(fewer + ["--overwrite"]) == 0
     assert [p.stat().st_mtime_ns for p in (out / "cache").rglob("*.npy")] == mtimes
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["00-model.trec"]  # the earlier runs went with them
 
 
 def test_chain_rejects_qrels_for_unknown_queries(world, tmp_path):

@@ -79,6 +79,24 @@ def test_bad_inputs_raise_a_clear_error(make, match):
         session_attention(*args)
 
 
+def test_sliding_window_argument():
+    """The window is checked; one that hides nothing (no sample longer than it) reaches the backend as None, so that
+    the window-free kernels run; a shorter one changes the result to the banded oracle's."""
+    from convret.ops.session_attention import effective_window
+
+    q, k, v = qkv()
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="window must be None or a positive number of keys"):
+            session_attention(q, k, v, LAYOUT, window=bad)
+    assert LAYOUT.max_attention_span() == 6  # the last session token sees the first
+    assert effective_window(7, LAYOUT) is None and effective_window(6, LAYOUT) == 6
+    assert torch.equal(session_attention(q, k, v, LAYOUT, window=7), session_attention(q, k, v, LAYOUT))
+    banded = session_attention(q.double(), k.double(), v.double(), LAYOUT, backend="reference", window=3)
+    torch.testing.assert_close(session_attention(q, k, v, LAYOUT, window=3).double(), banded, atol=1e-5, rtol=0)
+    assert not torch.allclose(banded, session_attention(q.double(), k.double(), v.double(), LAYOUT,
+                                                        backend="reference"))
+
+
 def test_bad_layout_type_and_backend_name():
     q, k, v = qkv()
     with pytest.raises(TypeError, match="SessionLayout"):

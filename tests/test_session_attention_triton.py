@@ -41,9 +41,9 @@ def make_qkv(layout, q_heads, kv_heads, head_dim, dtype, generator, hf_strides=F
     return draw(q_heads), draw(kv_heads), draw(kv_heads)
 
 
-def oracle(q, k, v, layout, grad_out, scale):
+def oracle(q, k, v, layout, grad_out, scale, window=None):
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    out = reference_attention(q64, k64, v64, layout.to("cpu"), scale)
+    out = reference_attention(q64, k64, v64, layout.to("cpu"), scale, window)
     out.backward(grad_out.detach().cpu().double())
     return out, q64.grad, k64.grad, v64.grad
 
@@ -56,15 +56,15 @@ def assert_close(name, got, want, dtype):
     assert err.max() <= tol, f"{name}: max violation {err.max().item():.3g} (tol {tol})"
 
 
-def run_and_compare(layout, q_heads, kv_heads, head_dim, dtype, configs, seed, hf_strides=False):
+def run_and_compare(layout, q_heads, kv_heads, head_dim, dtype, configs, seed, hf_strides=False, window=None):
     generator = torch.Generator().manual_seed(seed)
     layout = layout.to(triton_device())
     q, k, v = make_qkv(layout, q_heads, kv_heads, head_dim, dtype, generator, hf_strides)
     scale = head_dim**-0.5
-    out = session_attention_triton(q, k, v, layout, scale, configs)
+    out = session_attention_triton(q, k, v, layout, scale, configs, window=window)
     grad_out = torch.randn(out.shape, generator=generator).to(out)
     out.backward(grad_out)
-    want = oracle(q, k, v, layout, grad_out, scale)
+    want = oracle(q, k, v, layout, grad_out, scale, window)
     for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), want):
         assert_close(name, got, ref, dtype)
     return out, q, k, v
@@ -80,6 +80,39 @@ def run_and_compare(layout, q_heads, kv_heads, head_dim, dtype, configs, seed, h
 def test_matches_float64_oracle_on_random_layouts(layout, gqa, dtype, configs, seed):
     q_heads, kv_heads = gqa
     run_and_compare(layout, q_heads, kv_heads, 32, dtype, configs, seed)
+
+
+@settings(max_examples=8)
+@given(
+    layout=layouts(max_rows=2, max_samples=3, max_padding=6),
+    window=st.integers(1, 40),
+    gqa=st.sampled_from([(2, 2), (4, 1)]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    configs=st.sampled_from(SMALL_TILES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sliding_windows_match_float64_oracle(layout, window, gqa, dtype, configs, seed):
+    """A sliding window (query q sees key j only if q - j < window) beside the layout's mask, forward and
+    backward, windows shorter and longer than the samples and the tiles."""
+    q_heads, kv_heads = gqa
+    run_and_compare(layout, q_heads, kv_heads, 32, dtype, configs, seed, window=window)
+
+
+def test_tiles_behind_a_sliding_window_are_never_read():
+    """One 96-token sample, window 10, 16 x 16 tiles: with NaN in the keys and values of positions 0..15, every
+    output row, dq row and key gradient from 32 on is finite and exact: no program of the forward, dk / dv or dq
+    kernel loads a key tile behind its query tile's window (the loops start at the first tile in reach)."""
+    layout = SessionLayout.from_segments([[(96, 0, 0)]], seq_len=96).to(triton_device())
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(layout, 2, 1, 32, torch.float32, generator)
+    grad_out = torch.randn(q.shape, generator=generator).to(q)
+    want = oracle(q, k, v, layout, grad_out, 32**-0.5, window=10)
+    with torch.no_grad():
+        k[:, :, :16], v[:, :, :16] = float("nan"), float("nan")
+    out = session_attention_triton(q, k, v, layout, 32**-0.5, SMALL_TILES[0], window=10)
+    out.backward(grad_out)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), want):
+        assert_close(name, got[:, :, 32:], ref[:, :, 32:], torch.float32)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

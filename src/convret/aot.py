@@ -21,6 +21,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from ._args import parse
+
 TARGETS = (80, 90)
 KERNEL_MODULES = ("convret.kernels.session_attention", "convret.kernels.info_nce",
                   "convret.kernels.linear_cross_entropy")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile session attention at every head dim (multiples of 8 up to 256), not a "
                              "representative subset")
     parser.add_argument("--workers", type=int, default=2, help="compiler processes (default 2)")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     rows = []
     print("| kernel | target | registers | shared memory | stack | local | spills |")
     print("|---|---|---|---|---|---|---|")

@@ -10,6 +10,7 @@ import time
 import torch
 
 from . import SessionLayout, session_attention
+from ._args import parse
 from .ops.session_attention import resolve_backend
 from .baselines import additive_mask, dense_mask_eager_attention, sdpa_dense_mask_attention
 from .bench.harness import peak_rss_bytes as _peak_rss_bytes, reset_peak_rss as _reset_peak_rss
@@ -85,7 +86,7 @@ def demo(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     device = torch.device(args.device)
 
     backend = resolve_backend("auto", device)

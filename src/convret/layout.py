@@ -10,6 +10,11 @@ response_len)`` and occupies ``prefix_len + summary_len + response_len`` consecu
 
 The whole mask is one int32 per key, ``mask_start[b, j]``: the first query row that may *not* see key j.
 Row q may attend to key j iff ``j <= q`` and ``q < mask_start[b, j]``.
+
+A sliding window of ``w`` keys (Mistral, Qwen2's ``use_sliding_window``, FlashAttention-2's ``window_size``) is a
+lower bound per query row beside it: row q then also needs ``q - j < w``. The window belongs to an attention layer,
+not to the batch (models mix windowed and full layers over one batch), so it is an argument of the attention
+functions and of :meth:`SessionLayout.dense_mask` / :meth:`SessionLayout.tile_classes`, never part of the layout.
 """
 from __future__ import annotations
 
@@ -149,12 +154,17 @@ class SessionLayout:
         return f"SessionLayout(batch={self.batch_size}, seq_len={self.seq_len}, samples={self.num_samples})"
 
     # ------------------------------------------------------------------ derived views
-    def dense_mask(self) -> torch.Tensor:
-        """bool ``[B, L, L]``, True = query row may attend to key column. Debugging and oracles only: O(L^2)."""
+    def dense_mask(self, window: int | None = None) -> torch.Tensor:
+        """bool ``[B, L, L]``, True = query row may attend to key column; with ``window``, row q sees only keys
+        ``j > q - window`` besides. Debugging and oracles only: O(L^2)."""
+        window = check_window(window)
         positions = torch.arange(self.seq_len, device=self.device)
         query = positions.view(1, -1, 1)
         key = positions.view(1, 1, -1)
-        return (key <= query) & (query < self.mask_start.unsqueeze(1))
+        mask = (key <= query) & (query < self.mask_start.unsqueeze(1))
+        if window is not None:
+            mask = mask & (key > query - window)
+        return mask
 
     def pooling_positions(self) -> torch.Tensor:
         """LongTensor ``[num_samples, 2]`` of (row, position of the sample's last summary token), row-major.
@@ -184,7 +194,8 @@ class SessionLayout:
 
     def max_attention_span(self) -> int:
         """The largest ``q - j`` over visible pairs (query q sees key j): a sliding window of ``w`` keys
-        (``q - j < w``) hides nothing iff this is below ``w``. -1 for a layout of padding only. Cached."""
+        (``q - j < w``) hides nothing iff this is below ``w`` (the attention functions then drop it, so that it
+        costs nothing). -1 for a layout of padding only. Cached."""
         if self._max_span is None:
             positions = torch.arange(self.seq_len, device=self.device, dtype=torch.int64)
             # key j is seen by rows j .. mask_start - 1; padding keys (mask_start <= j) by nobody
@@ -216,10 +227,14 @@ class SessionLayout:
             self._tile_bounds[block_n] = cached
         return cached
 
-    def tile_classes(self, block_m: int, block_n: int) -> torch.Tensor:
+    def tile_classes(self, block_m: int, block_n: int, window: int | None = None) -> torch.Tensor:
         """int8 ``[B, num_query_tiles, num_key_tiles]``: 0 = skipped, 1 = full (no mask), 2 = partial.
 
-        The rule the kernels apply, materialised for tests and statistics (O((L / tile)^2))."""
+        The rule the kernels apply, materialised for tests and statistics (O((L / tile)^2)). With a sliding
+        ``window``, a key tile is also skipped when its last key is too old for the tile's first query
+        (``k_last <= q_first - window``), and full only if its first key is recent enough for the last query
+        (``k_first > q_last - window``); without one the rule is the plain one."""
+        window = check_window(window)
         bounds = self.tile_bounds(block_n)
         num_q_tiles = -(-self.seq_len // block_m)
         q_first = (torch.arange(num_q_tiles, device=self.device) * block_m).view(1, -1, 1)
@@ -230,10 +245,24 @@ class SessionLayout:
         max_ms = bounds.max_mask_start.unsqueeze(1)
         skipped = (k_first > q_last) | (max_ms <= q_first)
         full = (k_last <= q_first) & (min_ms > q_last)
+        if window is not None:
+            skipped = skipped | (k_last <= q_first - window)
+            full = full & (k_first > q_last - window)
         classes = torch.full(skipped.shape, 2, dtype=torch.int8, device=self.device)
         classes[full] = 1
         classes[skipped] = 0
         return classes
+
+
+def check_window(window: object) -> int | None:
+    """A sliding window: None (no window) or a positive number of keys (query q sees keys ``j > q - window``).
+    Raises ``ValueError`` otherwise."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, Integral) or window <= 0:
+        raise ValueError(f"window must be None or a positive number of keys (query q sees keys j with "
+                         f"q - j < window), got {window!r}")
+    return int(window)
 
 
 def _check_sample(sample: object, row: int, index: int) -> Segment:

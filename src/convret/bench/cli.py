@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from .._args import parse
+
 # subcommand -> (module, one-line summary); the module has add_arguments(parser) and run(args, argv) -> int
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "attention": ("convret.bench.attention", "session attention vs dense eager, SDPA, FlexAttention, flash-attn"),
@@ -77,7 +79,7 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     common_arguments(parser)
-    args = parser.parse_args(rest)
+    args = parse(parser, rest)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available() and name != "gpu-check":

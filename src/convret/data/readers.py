@@ -47,7 +47,7 @@ __all__ = [
     "DataError", "ReadReport", "MAX_REPORTED_ERRORS", "FORMATS", "TRAINING_FORMATS", "CONVERSATION_FORMATS",
     "COLLECTION_FORMATS", "QRELS_FORMATS",
     "detect_format", "read_training", "read_conversations", "read_collection", "read_qrels", "read_run",
-    "write_run", "write_qrels", "iter_records",
+    "write_run", "write_qrels", "iter_records", "readable_formats",
 ]
 
 logger = logging.getLogger("convret.data")
@@ -69,13 +69,14 @@ QRELS_FORMATS = ("qrels", "beir-qrels")
 FORMATS = tuple(dict.fromkeys((*TRAINING_FORMATS, *CONVERSATION_FORMATS, *COLLECTION_FORMATS, *QRELS_FORMATS, "run")))
 
 class DataError(ValueError):
-    """A malformed record: ``str()`` is ``"{path}:{line}: {reason}"``."""
+    """A malformed record: ``str()`` is ``"{path}:{line}: {reason}"``, or ``"{path}: {reason}"`` for an error
+    of the whole file (``line`` 0: missing, empty, unknown format)."""
 
     def __init__(self, path: PathLike, line: int, reason: str):
         self.path = str(path)
         self.line = int(line)
         self.reason = reason
-        super().__init__(f"{self.path}:{self.line}: {reason}")
+        super().__init__(f"{self.path}:{self.line}: {reason}" if self.line > 0 else f"{self.path}: {reason}")
 
 
 @dataclass
@@ -90,7 +91,7 @@ class ReadReport:
         errors: ``(line, reason)`` of the first :data:`MAX_REPORTED_ERRORS` bad records.
         items: objects yielded (examples, turns, passages, qrels / run lines); an UltraChat conversation of
             three User turns is one record and three items.
-        line: the line of the record the last item yielded came from (while the iteration runs).
+        line: the line of the record whose items are being yielded (while iterating).
     """
 
     format: str = ""
@@ -297,7 +298,7 @@ def detect_format(path: PathLike) -> str:
             if fmt is None:
                 keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
                 raise DataError(path, line, f"cannot detect the format: the first record (keys {keys}) fits no "
-                                            "format exactly; pass format=... (--format)")
+                                            f"format exactly; {_format_advice(path)}")
             return fmt
         raise DataError(path, 0, "empty JSON array")
     lines = list(itertools.islice(_iter_lines(path), _DETECT_LINES))
@@ -315,11 +316,50 @@ def detect_format(path: PathLike) -> str:
             return fmt
     raise DataError(path, lines[0][0], "cannot detect the format of this text file: its first lines fit neither "
                                        "TREC qrels ('qid 0 docid rel'), a TREC run ('qid Q0 docid rank score tag'), "
-                                       "an 'id<TAB>text' TSV, nor a BEIR qrels or DPR TSV header; pass "
-                                       "format=... (--format)")
+                                       "an 'id<TAB>text' TSV, nor a BEIR qrels or DPR TSV header; "
+                                       + _format_advice(path))
 
 
 _BEIR_QRELS_HEADER = ("query-id", "corpus-id", "score")
+
+
+def readable_formats(path: PathLike, records: int = _DETECT_LINES) -> list[str]:
+    """The formats whose reader reads the first ``records`` records of ``path`` without a bad one (what a file
+    that detection cannot place could be read as with ``format=``)."""
+    readers: dict[str, Callable[[PathLike, str], Iterable[Any]]] = {}
+    for fmt in TRAINING_FORMATS:
+        readers.setdefault(fmt, lambda p, f: read_training(p, f, strict=True))
+    for fmt in CONVERSATION_FORMATS:
+        readers.setdefault(fmt, lambda p, f: read_conversations(p, f, strict=True))
+    for fmt in COLLECTION_FORMATS:
+        readers.setdefault(fmt, lambda p, f: read_collection(p, f, strict=True))
+    found = []
+    for fmt in FORMATS:
+        try:
+            if fmt in readers:
+                ok = any(True for _ in itertools.islice(readers[fmt](path, fmt), records))
+            else:  # qrels / run: whole-file readers; their line shape decides
+                fits = {"qrels": _is_qrels_line, "run": _is_run_line}.get(fmt)
+                lines = [text for _, text in itertools.islice(_iter_lines(path), records)
+                         if not text.lstrip().startswith("#")]
+                ok = fits is not None and bool(lines) and all(map(fits, lines))
+        except Exception:  # noqa: BLE001  (any failure of a reader means: this format cannot read the file)
+            ok = False
+        if ok:
+            found.append(fmt)
+    return found
+
+
+def _format_advice(path: PathLike) -> str:
+    """What to do about a file detection could not place: the formats that can read it, or that none can."""
+    try:
+        formats = readable_formats(path)
+    except OSError:
+        formats = []
+    if formats:
+        return f"pass format=... (--format): {', '.join(formats)} can read its first records"
+    return ("no format convret reads fits it (the formats, with an example of each: docs/data.md); convert it to "
+            "one of them")
 
 
 def _is_qrels_line(text: str) -> bool:

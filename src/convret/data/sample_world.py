@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._args import parse
 from .._io import atomic_directory, atomic_write
 
 __all__ = ["SAMPLE_WORLD_DIR", "TOKENIZER_DIR", "TINY_MODEL_CONFIG", "TINY_TEST_MODEL_CONFIG", "COLLECTION",
@@ -609,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-tokenizer", action="store_true",
                         help=f"also (re)train the BPE tokenizer from the world into {TOKENIZER_DIR}")
     parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.check:
         differ = check(args.out, seed=args.seed)
         if differ:

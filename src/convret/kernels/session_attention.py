@@ -9,6 +9,11 @@ Per key tile we also get ``min`` / ``max`` of mask_start (``SessionLayout.tile_b
 - full: ``k_last <= q_first`` and ``tile_min > q_last``; no mask arithmetic at all;
 - partial: everything else; the element mask is computed from mask_start.
 
+A sliding window of ``w`` keys (query q also needs ``q - j < w``) is a runtime argument with a constexpr flag,
+``HAS_WINDOW``: without it the compiled kernels are the window-free ones. With it, the key loops start at the first
+tile the tile's first query can reach, the dK / dV loop over query tiles ends at the last query that can see the
+tile's last key, "full" also needs ``k_first > q_last - w``, and the element mask gains ``j > q - w``.
+
 Forward: flash-attention-2 online softmax in fp32, base-2 exponentials, the row log-sum-exp kept for the
 backward. Backward: one kernel for dK/dV (one program per key tile and KV head, looping over the query heads
 of its GQA group, so no atomics: deterministic), one for dQ. Rows with no visible key (padding) produce zeros
@@ -83,8 +88,9 @@ def _store_rows(ptrs, x, rows_ok, d_ok, PADDED: tl.constexpr):
 @triton.jit
 def _fwd_tile(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first, seq_len,
-    qk_scale, stride_kl, stride_vl,
+    qk_scale, stride_kl, stride_vl, window,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PADDED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     offs_n = k_first + tl.arange(0, BLOCK_N)
     in_bounds = offs_n < seq_len
@@ -93,6 +99,8 @@ def _fwd_tile(
     if MASKED:
         mask_start = tl.load(mask_start_ptr + offs_n, mask=in_bounds, other=0)
         visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < mask_start[None, :])
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > offs_m[:, None] - window)
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # a row that has seen no visible key yet keeps m = -inf; use 0 so that exp2 gives 0, not NaN
@@ -114,9 +122,9 @@ def _session_attn_fwd(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_mask_b, stride_tile_b,
-    seq_len, num_q_heads, group_size, qk_scale,
+    seq_len, num_q_heads, group_size, qk_scale, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     # grid (query tiles, Hq, B): no B * Hq axis, whose 65535 limit a large batch would pass
     q_tile = tl.program_id(0)
@@ -150,21 +158,28 @@ def _session_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # causality bounds the loop: key tiles that start after the last query row are never visited
+    # causality bounds the loop: key tiles that start after the last query row are never visited; a window
+    # bounds it below: tiles whose last key is too old for the first query row neither
     num_k_tiles = tl.minimum(tl.cdiv(seq_len, BLOCK_N), q_last // BLOCK_N + 1)
-    for k_tile in range(0, num_k_tiles):
+    first_k_tile = 0
+    if HAS_WINDOW:
+        first_k_tile = tl.maximum(q_first - window + 1, 0) // BLOCK_N
+    for k_tile in range(first_k_tile, num_k_tiles):
         tile_max = tl.load(tile_max_ptr + k_tile)
         if tile_max > q_first:  # otherwise skipped: every key of the tile is hidden from every query row
             k_first = k_tile * BLOCK_N
             tile_min = tl.load(tile_min_ptr + k_tile)
-            if (k_first + BLOCK_N - 1 <= q_first) & (tile_min > q_last):
+            full = (k_first + BLOCK_N - 1 <= q_first) & (tile_min > q_last)
+            if HAS_WINDOW:
+                full = full & (k_first > q_last - window)
+            if full:
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first,
-                                          seq_len, qk_scale, stride_kl, stride_vl,
-                                          BLOCK_N, False, PADDED, INPUT_PRECISION)
+                                          seq_len, qk_scale, stride_kl, stride_vl, window,
+                                          BLOCK_N, False, PADDED, INPUT_PRECISION, HAS_WINDOW)
             else:
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first,
-                                          seq_len, qk_scale, stride_kl, stride_vl,
-                                          BLOCK_N, True, PADDED, INPUT_PRECISION)
+                                          seq_len, qk_scale, stride_kl, stride_vl, window,
+                                          BLOCK_N, True, PADDED, INPUT_PRECISION, HAS_WINDOW)
 
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
@@ -178,8 +193,9 @@ def _session_attn_fwd(
 @triton.jit
 def _bwd_dkdv_tile(
     dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n, d_ok, q_first, seq_len,
-    qk_scale, stride_ql, stride_dol,
+    qk_scale, stride_ql, stride_dol, window,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PADDED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     offs_m = q_first + tl.arange(0, BLOCK_M)
     row_ok = offs_m < seq_len
@@ -192,6 +208,8 @@ def _bwd_dkdv_tile(
     p_t = tl.math.exp2(qk_t - lse[None, :])
     if MASKED:
         visible = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < mask_start[:, None])
+        if HAS_WINDOW:
+            visible = visible & (offs_n[:, None] > offs_m[None, :] - window)
         p_t = tl.where(visible, p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -208,9 +226,9 @@ def _session_attn_bwd_dkdv(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_mask_b, stride_tile_b,
-    seq_len, num_q_heads, num_kv_heads, group_size, qk_scale, sm_scale,
+    seq_len, num_q_heads, num_kv_heads, group_size, qk_scale, sm_scale, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     k_tile = tl.program_id(0)  # grid (key tiles, Hkv, B)
     kv_head = tl.program_id(1)
@@ -236,9 +254,13 @@ def _session_attn_bwd_dkdv(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # only query rows in [k_first, tile_max) can see a key of this tile: that range bounds the loop
+    # only query rows in [k_first, tile_max) can see a key of this tile (with a window, also rows before
+    # k_last + window): that range bounds the loop
     first_q_tile = k_first // BLOCK_M
-    end_q_tile = tl.cdiv(tl.minimum(tile_max, seq_len), BLOCK_M)
+    end_row = tl.minimum(tile_max, seq_len)
+    if HAS_WINDOW:
+        end_row = tl.minimum(end_row, k_last + window)
+    end_q_tile = tl.cdiv(end_row, BLOCK_M)
     for group_index in range(0, group_size):
         head = kv_head * group_size + group_index
         q_ptrs = (Q + _head_offset(batch, head, stride_qb, stride_qh)
@@ -249,14 +271,17 @@ def _session_attn_bwd_dkdv(
         DELTA_row = DELTA + _dense_row_offset(batch, head, num_q_heads, seq_len, 0, 1)
         for q_tile in range(first_q_tile, end_q_tile):
             q_first = q_tile * BLOCK_M
-            if (k_last <= q_first) & (tile_min > q_first + BLOCK_M - 1):
+            full = (k_last <= q_first) & (tile_min > q_first + BLOCK_M - 1)
+            if HAS_WINDOW:
+                full = full & (k_first > q_first + BLOCK_M - 1 - window)
+            if full:
                 dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n, d_ok,
-                                        q_first, seq_len, qk_scale, stride_ql, stride_dol,
-                                        BLOCK_M, False, PADDED, INPUT_PRECISION)
+                                        q_first, seq_len, qk_scale, stride_ql, stride_dol, window,
+                                        BLOCK_M, False, PADDED, INPUT_PRECISION, HAS_WINDOW)
             else:
                 dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, LSE_row, DELTA_row, mask_start, offs_n, d_ok,
-                                        q_first, seq_len, qk_scale, stride_ql, stride_dol,
-                                        BLOCK_M, True, PADDED, INPUT_PRECISION)
+                                        q_first, seq_len, qk_scale, stride_ql, stride_dol, window,
+                                        BLOCK_M, True, PADDED, INPUT_PRECISION, HAS_WINDOW)
 
     # DK, DV: contiguous [B, Hkv, L, HEAD_DIM]
     # (pointer + int64 scalar) + int32 block: the per-element offsets stay 32-bit
@@ -269,8 +294,9 @@ def _session_attn_bwd_dkdv(
 @triton.jit
 def _bwd_dq_tile(
     dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first, seq_len,
-    qk_scale, stride_kl, stride_vl,
+    qk_scale, stride_kl, stride_vl, window,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PADDED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     offs_n = k_first + tl.arange(0, BLOCK_N)
     in_bounds = offs_n < seq_len
@@ -281,6 +307,8 @@ def _bwd_dq_tile(
     if MASKED:
         mask_start = tl.load(mask_start_ptr + offs_n, mask=in_bounds, other=0)
         visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < mask_start[None, :])
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > offs_m[:, None] - window)
         p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -296,9 +324,9 @@ def _session_attn_bwd_dq(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_mask_b, stride_tile_b,
-    seq_len, num_q_heads, group_size, qk_scale, sm_scale,
+    seq_len, num_q_heads, group_size, qk_scale, sm_scale, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     q_tile = tl.program_id(0)  # grid (query tiles, Hq, B)
     head = tl.program_id(1)
@@ -332,17 +360,25 @@ def _session_attn_bwd_dq(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     num_k_tiles = tl.minimum(tl.cdiv(seq_len, BLOCK_N), q_last // BLOCK_N + 1)
-    for k_tile in range(0, num_k_tiles):
+    first_k_tile = 0
+    if HAS_WINDOW:
+        first_k_tile = tl.maximum(q_first - window + 1, 0) // BLOCK_N
+    for k_tile in range(first_k_tile, num_k_tiles):
         tile_max = tl.load(tile_max_ptr + k_tile)
         if tile_max > q_first:
             k_first = k_tile * BLOCK_N
             tile_min = tl.load(tile_min_ptr + k_tile)
-            if (k_first + BLOCK_N - 1 <= q_first) & (tile_min > q_last):
+            full = (k_first + BLOCK_N - 1 <= q_first) & (tile_min > q_last)
+            if HAS_WINDOW:
+                full = full & (k_first > q_last - window)
+            if full:
                 dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first,
-                                  seq_len, qk_scale, stride_kl, stride_vl, BLOCK_N, False, PADDED, INPUT_PRECISION)
+                                  seq_len, qk_scale, stride_kl, stride_vl, window, BLOCK_N, False, PADDED,
+                                  INPUT_PRECISION, HAS_WINDOW)
             else:
                 dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_start_ptr, offs_m, d_ok, k_first,
-                                  seq_len, qk_scale, stride_kl, stride_vl, BLOCK_N, True, PADDED, INPUT_PRECISION)
+                                  seq_len, qk_scale, stride_kl, stride_vl, window, BLOCK_N, True, PADDED,
+                                  INPUT_PRECISION, HAS_WINDOW)
 
     # DQ: contiguous [B, Hq, L, HEAD_DIM]
     dq_ptrs = (DQ + _dense_row_offset(batch, head, num_q_heads, seq_len, q_first, HEAD_DIM)
@@ -403,7 +439,12 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _forward(q, k, v, layout, scale, config):
+def _window_args(window: int | None) -> tuple[int, bool]:
+    """(window, HAS_WINDOW) of a launch: 0 and False without a window (the window-free compiled kernel)."""
+    return (0, False) if window is None else (int(window), True)
+
+
+def _forward(q, k, v, layout, scale, config, window=None):
     batch, num_q_heads, seq_len, head_dim = q.shape
     block_m, block_n, num_warps, num_stages = config
     bounds = layout.tile_bounds(block_n)
@@ -412,19 +453,20 @@ def _forward(q, k, v, layout, scale, config):
     mask_start = layout.mask_start
     _check_grid(batch, num_q_heads)
     grid = (triton.cdiv(seq_len, block_m), num_q_heads, batch)
+    window, has_window = _window_args(window)
     _session_attn_fwd[grid](
         q, k, v, out, lse, mask_start, bounds.min_mask_start, bounds.max_mask_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         mask_start.stride(0), bounds.min_mask_start.stride(0),
-        seq_len, num_q_heads, num_q_heads // k.shape[1], scale * LOG2E,
+        seq_len, num_q_heads, num_q_heads // k.shape[1], scale * LOG2E, window,
         HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        INPUT_PRECISION=input_precision(q.dtype),
+        INPUT_PRECISION=input_precision(q.dtype), HAS_WINDOW=has_window,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 
 
-def _backward(q, k, v, out, lse, grad_out, layout, scale, dkdv_config, dq_config):
+def _backward(q, k, v, out, lse, grad_out, layout, scale, dkdv_config, dq_config, window=None):
     batch, num_q_heads, seq_len, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group_size = num_q_heads // num_kv_heads
@@ -434,6 +476,7 @@ def _backward(q, k, v, out, lse, grad_out, layout, scale, dkdv_config, dq_config
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     mask_start = layout.mask_start
+    window, has_window = _window_args(window)
 
     block_m, block_n, num_warps, num_stages = dkdv_config
     bounds = layout.tile_bounds(block_n)
@@ -441,9 +484,9 @@ def _backward(q, k, v, out, lse, grad_out, layout, scale, dkdv_config, dq_config
         q, k, v, grad_out, dk, dv, lse, delta, mask_start, bounds.min_mask_start, bounds.max_mask_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         mask_start.stride(0), bounds.min_mask_start.stride(0),
-        seq_len, num_q_heads, num_kv_heads, group_size, scale * LOG2E, scale,
+        seq_len, num_q_heads, num_kv_heads, group_size, scale * LOG2E, scale, window,
         HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        INPUT_PRECISION=precision,
+        INPUT_PRECISION=precision, HAS_WINDOW=has_window,
         num_warps=num_warps, num_stages=num_stages,
     )
     block_m, block_n, num_warps, num_stages = dq_config
@@ -452,9 +495,9 @@ def _backward(q, k, v, out, lse, grad_out, layout, scale, dkdv_config, dq_config
         q, k, v, grad_out, dq, lse, delta, mask_start, bounds.min_mask_start, bounds.max_mask_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
         mask_start.stride(0), bounds.min_mask_start.stride(0),
-        seq_len, num_q_heads, group_size, scale * LOG2E, scale,
+        seq_len, num_q_heads, group_size, scale * LOG2E, scale, window,
         HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        INPUT_PRECISION=precision,
+        INPUT_PRECISION=precision, HAS_WINDOW=has_window,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv
@@ -462,10 +505,10 @@ def _backward(q, k, v, out, lse, grad_out, layout, scale, dkdv_config, dq_config
 
 class SessionAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale, configs):
-        out, lse = _forward(q, k, v, layout, scale, configs["fwd"])
+    def forward(ctx, q, k, v, layout, scale, configs, window):
+        out, lse = _forward(q, k, v, layout, scale, configs["fwd"], window)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.configs = layout, scale, configs
+        ctx.layout, ctx.scale, ctx.configs, ctx.window = layout, scale, configs, window
         return out
 
     @staticmethod
@@ -473,15 +516,16 @@ class SessionAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, out, lse, grad_out, ctx.layout, ctx.scale,
-                               ctx.configs["dkdv"], ctx.configs["dq"])
-        return dq, dk, dv, None, None, None
+                               ctx.configs["dkdv"], ctx.configs["dq"], ctx.window)
+        return dq, dk, dv, None, None, None, None
 
 
-def session_attention_triton(q, k, v, layout, scale, configs=None):
-    """Launch the Triton kernels. ``configs`` overrides :func:`default_configs` (tests use small tiles)."""
+def session_attention_triton(q, k, v, layout, scale, configs=None, window=None):
+    """Launch the Triton kernels. ``configs`` overrides :func:`default_configs` (tests use small tiles);
+    ``window``: a sliding window of that many keys, or None."""
     if configs is None:
         configs = default_configs(q.shape[-1], q.dtype)
-    return SessionAttentionFunction.apply(q, k, v, layout, scale, configs)
+    return SessionAttentionFunction.apply(q, k, v, layout, scale, configs, window)
 
 
 # Head dims the ahead-of-time check compiles: every BLOCK_D (16 .. 256) at its largest D (no padding) and, for
@@ -490,21 +534,31 @@ def session_attention_triton(q, k, v, layout, scale, configs=None):
 # --all-head-dims` compiles all 32 of them.
 AOT_HEAD_DIMS = (8, 16, 32, 64, 80, 96, 128, 136, 256)
 ALL_HEAD_DIMS = tuple(range(8, 257, 8))
+# The sliding-window build (HAS_WINDOW) adds a few integer operations per tile: it is compiled at the head dim
+# with the fewest spare registers, 256, wherever that head dim is checked, for each tile table (bf16 stands for
+# fp16, which has the same tiles).
+WINDOW_AOT_HEAD_DIMS = (256,)
 
 
 def aot_specs(head_dims: tuple[int, ...] = AOT_HEAD_DIMS) -> list[dict]:
-    """Every kernel at every default config, for the ahead-of-time compile check (``convret.aot``)."""
+    """Every kernel at every default config, for the ahead-of-time compile check (``convret.aot``); the
+    sliding-window builds at :data:`WINDOW_AOT_HEAD_DIMS`."""
     specs = []
     pointer_args = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
     fp32_args = {"LSE", "DELTA"}
     float_args = {"qk_scale", "sm_scale"}
     kernels = {"fwd": _session_attn_fwd, "dkdv": _session_attn_bwd_dkdv, "dq": _session_attn_bwd_dq}
+    builds = [(head_dim, False) for head_dim in head_dims]
+    builds += [(head_dim, True) for head_dim in head_dims if head_dim in WINDOW_AOT_HEAD_DIMS]
     for dtype, type_name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        for head_dim in head_dims:
+        for head_dim, has_window in builds:
+            if has_window and dtype == torch.float16:
+                continue
             for kernel_name, (block_m, block_n, num_warps, num_stages) in default_configs(head_dim, dtype).items():
                 fn = kernels[kernel_name]
                 constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": padded_head_dim(head_dim), "BLOCK_M": block_m,
-                              "BLOCK_N": block_n, "INPUT_PRECISION": input_precision(dtype)}
+                              "BLOCK_N": block_n, "INPUT_PRECISION": input_precision(dtype),
+                              "HAS_WINDOW": has_window}
                 signature = {}
                 for arg in fn.arg_names:
                     if arg in constexprs:
@@ -520,7 +574,8 @@ def aot_specs(head_dims: tuple[int, ...] = AOT_HEAD_DIMS) -> list[dict]:
                     else:
                         signature[arg] = "i32"
                 specs.append({
-                    "name": f"session_attn_{kernel_name}[{type_name},d{head_dim},{block_m}x{block_n}]",
+                    "name": f"session_attn_{kernel_name}[{type_name},d{head_dim},{block_m}x{block_n}"
+                            f"{',window' if has_window else ''}]",
                     "fn": fn, "signature": signature, "constexprs": constexprs,
                     "num_warps": num_warps, "num_stages": num_stages,
                 })
@@ -536,13 +591,14 @@ def _cached_attn_fwd(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_pos_b, stride_mask_b, stride_tile_b,
-    q_len, kv_len, group_size, qk_scale,
+    q_len, kv_len, group_size, qk_scale, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """The forward of ``convret.ops.session_attention.cached``: query row i of row b stands at key position QPOS[b, i]
     (a cached prefill); the mask is the one that position has in the full row. Key tiles past the tile's last
-    query position, or whose keys are all hidden from its first one, are skipped; the others are masked."""
+    query position, or whose keys are all hidden from its first one (or, with a window, too old for it), are
+    skipped; the others are masked."""
     q_tile = tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -575,12 +631,15 @@ def _cached_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     num_k_tiles = tl.minimum(tl.cdiv(kv_len, BLOCK_N), pos_last // BLOCK_N + 1)
-    for k_tile in range(0, num_k_tiles):
+    first_k_tile = 0
+    if HAS_WINDOW:
+        first_k_tile = tl.maximum(pos_first - window + 1, 0) // BLOCK_N
+    for k_tile in range(first_k_tile, num_k_tiles):
         tile_max = tl.load(tile_max_ptr + k_tile)
         if tile_max > pos_first:
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_start_ptr, pos, d_ok,
-                                      k_tile * BLOCK_N, kv_len, qk_scale, stride_kl, stride_vl,
-                                      BLOCK_N, True, PADDED, INPUT_PRECISION)
+                                      k_tile * BLOCK_N, kv_len, qk_scale, stride_kl, stride_vl, window,
+                                      BLOCK_N, True, PADDED, INPUT_PRECISION, HAS_WINDOW)
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     o_ptrs = (O + _head_offset(batch, head, stride_ob, stride_oh) + _row_offset(q_first, stride_ol)
@@ -588,9 +647,10 @@ def _cached_attn_fwd(
     _store_rows(o_ptrs, out.to(O.dtype.element_ty), row_ok, d_ok, PADDED)
 
 
-def cached_session_attention_triton(q, k, v, layout, query_positions, scale, config=None):
+def cached_session_attention_triton(q, k, v, layout, query_positions, scale, config=None, window=None):
     """Launch the cached-prefill forward (``convret.ops.session_attention.cached``). ``config``: (BLOCK_M, BLOCK_N,
-    num_warps, num_stages), default the forward kernel's."""
+    num_warps, num_stages), default the forward kernel's; ``window``: a sliding window of that many keys, or
+    None."""
     batch, num_q_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     block_m, block_n, num_warps, num_stages = config or default_configs(head_dim, q.dtype)["fwd"]
@@ -599,13 +659,14 @@ def cached_session_attention_triton(q, k, v, layout, query_positions, scale, con
     out = torch.empty_like(q)
     _check_grid(batch, num_q_heads)
     grid = (triton.cdiv(q_len, block_m), num_q_heads, batch)
+    window, has_window = _window_args(window)
     _cached_attn_fwd[grid](
         q, k, v, out, positions, layout.mask_start, bounds.max_mask_start,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         positions.stride(0), layout.mask_start.stride(0), bounds.max_mask_start.stride(0),
-        q_len, kv_len, num_q_heads // k.shape[1], scale * LOG2E,
+        q_len, kv_len, num_q_heads // k.shape[1], scale * LOG2E, window,
         HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        INPUT_PRECISION=input_precision(q.dtype),
+        INPUT_PRECISION=input_precision(q.dtype), HAS_WINDOW=has_window,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

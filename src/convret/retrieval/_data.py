@@ -6,11 +6,12 @@ Every retrieval command formats text exactly as training did: :func:`formatter_f
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 from ..data.records import EvalTurn, Passage, Turn
 
-__all__ = ["formatter_for", "iter_collection", "iter_conversations", "load_qrels", "load_run", "save_run",
+__all__ = ["check_input", "formatter_for", "iter_collection", "iter_conversations", "load_qrels", "load_run", "save_run",
            "passage_ids", "select_passages", "session_ids", "text_wrapping", "unique_passages"]
 
 
@@ -87,6 +88,30 @@ def _id_checked(items: Iterator[Any], key: str, path: str | os.PathLike, report:
         if id_problem(ident) is not None:
             check_id(ident, f"{path}:{report.line}")
         yield item
+
+
+def check_input(path: str | os.PathLike, format: str, kind: str) -> str:
+    """Validate an input file before any model is loaded: it exists, its format (``"auto"``: detected) is one of
+    ``kind``'s (``"collection"`` or ``"conversations"``) and its first record reads. Returns the format.
+
+    Raises:
+        ValueError (``convret.data.DataError``): naming the file, its line and what to do.
+    """
+    from ..data import DataError, detect_format
+    from ..data.readers import COLLECTION_FORMATS, CONVERSATION_FORMATS
+
+    formats, noun = ((COLLECTION_FORMATS, "collection of passages") if kind == "collection"
+                     else (CONVERSATION_FORMATS, "conversation file"))
+    if not Path(path).is_file():
+        raise DataError(path, 0, "no such file")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt not in formats:
+        raise DataError(path, 0, f"a {fmt} file, not a {noun} (its formats: {', '.join(formats)})"
+                                 + (" given as --format" if format != "auto" else ""))
+    read = iter_collection if kind == "collection" else iter_conversations
+    if next(iter(read(path, fmt)), None) is None:
+        raise DataError(path, 0, f"empty {noun}")
+    return fmt
 
 
 def load_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:

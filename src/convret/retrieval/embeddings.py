@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .._io import atomic_write
+from ..provenance import fingerprint_difference
 from .ids import IdFileError, count_ids, iter_ids, read_ids, write_ids
 
 __all__ = ["META", "write_embeddings", "shard_name", "write_shard", "read_shard", "shard_complete", "read_meta",
@@ -94,14 +95,6 @@ def shard_fingerprints(directory: Path) -> dict[str, dict[str, Any] | None]:
         record = _shard_record(directory, name)
         out[name] = None if record is None else record.get("fingerprint")
     return out
-
-
-def fingerprint_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
-    """A readable account of how ``old`` differs from ``new`` (``"key: old -> new; ..."``)."""
-    if old is None:
-        return "the shard records no fingerprint (written by an older convret, or interrupted)"
-    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "none"
 
 
 def read_shard(directory: Path, name: str, dim: int | None = None, mmap: bool = False) -> tuple[list[str], np.ndarray]:

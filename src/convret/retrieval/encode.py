@@ -17,7 +17,7 @@ are there.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
 import sys
@@ -27,8 +27,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .._args import parse
 from .._io import atomic_write
 from ..data.records import EvalTurn, Passage
+from ..provenance import content_identity
 from . import _data
 from .embeddings import (FORMAT_VERSION, META, EmbeddingsError, find_duplicate_id, fingerprint_difference,
                          read_meta, shard_complete, shard_fingerprints, shard_name, write_shard)
@@ -39,6 +41,8 @@ __all__ = ["encode_to_dir", "encode_stream", "encode_fingerprint", "checkpoint_i
            "conversation_records", "collection_items", "conversation_items", "main"]
 
 DEFAULT_SHARD_SIZE = 50_000
+OVERWRITE_FIX = "use another --output, or --overwrite to re-encode into it"
+_ITEM = {"passages": "passage", "queries": "query"}  # a progress bar's unit, an error's noun
 
 
 def collection_items(path: str | os.PathLike, encoder: Encoder, fmt: str = "auto") -> tuple[list[str], list[list[int]]]:
@@ -98,24 +102,8 @@ def _dist() -> tuple[int, int, Any]:
 
 
 def checkpoint_identity(path: str | os.PathLike) -> str:
-    """A content hash of a checkpoint directory (file names, sizes and bytes; files over 32 MB by their size
-    and three 1 MB samples), so that a copied checkpoint keeps its identity and a retrained one changes it."""
-    path = Path(path)
-    digest = hashlib.sha1()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    if not files:
-        return f"unknown:{path}"
-    for f in files:
-        size = f.stat().st_size
-        digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size};".encode())
-        with open(f, "rb") as handle:
-            if size <= 32 << 20:
-                digest.update(handle.read())
-            else:
-                for offset in (0, size // 2, size - (1 << 20)):
-                    handle.seek(offset)
-                    digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:20]
+    """The content identity of a checkpoint (:func:`convret.provenance.content_identity`)."""
+    return content_identity(path)
 
 
 def _source_identity(source: str | os.PathLike | None) -> dict[str, Any]:
@@ -207,6 +195,7 @@ def encode_stream(
     barrier: Callable[[], Any] | None = None,
     total: int | None = None,
     source: str = "",
+    fix: str = OVERWRITE_FIX,
 ) -> dict[str, Any] | None:
     """Encode ``records`` (``(id, item)`` in order; ``tokenize(item)`` gives its token ids, or the item is
     its token ids when ``tokenize`` is None) into the embedding directory ``output``, one shard at a time.
@@ -214,20 +203,40 @@ def encode_stream(
     Shards complete on disk with the same ``fingerprint`` are kept (their records are skipped untokenised).
     Shards of another fingerprint: ``ValueError`` naming the difference, or with ``overwrite`` deleted first.
     ``barrier`` (torch.distributed's, under torchrun) synchronises ranks around the deletion and before rank 0
-    writes ``meta.json``. Returns the metadata written (by rank 0 with ``finish``), else ``None``.
+    writes ``meta.json``. ``fix``: what the error about another fingerprint tells the user to do (a command
+    without ``--overwrite`` names its own remedy). A run that fails leaves no empty ``output`` directory behind
+    (one it created). Returns the metadata written (by rank 0 with ``finish``), else ``None``.
 
     Raises:
         ValueError: no records, a duplicate id (naming both positions), an id an id file cannot hold
             (:mod:`convret.retrieval.ids`), shards of another fingerprint.
     """
-    from tqdm.auto import tqdm
-
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     output = Path(output)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
+    try:
+        return _encode_stream(encoder, records, tokenize, output, fingerprint, dtype, shard_size, kind, rank,
+                              world_size, extra_meta, progress, finish, overwrite, barrier, total, source, fix)
+    except BaseException:
+        if created and rank == 0:
+            with contextlib.suppress(OSError):
+                output.rmdir()  # only when empty: complete shards stay for the rerun
+        raise
+
+
+def _encode_stream(encoder: Encoder, records: Iterable[tuple[str, Any]], tokenize: Callable[[Any], Sequence[int]] | None,
+                   output: Path, fingerprint: dict[str, Any], dtype: str, shard_size: int, kind: str, rank: int,
+                   world_size: int, extra_meta: dict[str, Any] | None, progress: bool, finish: bool, overwrite: bool,
+                   barrier: Callable[[], Any] | None, total: int | None, source: str, fix: str
+                   ) -> dict[str, Any] | None:
+    from tqdm.auto import tqdm
+
+    if not overwrite:
+        _check_foreign(output, fix)
     done = _finished_meta(output, fingerprint)
     if done is not None:
         return done if rank == 0 else None
@@ -235,12 +244,12 @@ def encode_stream(
         if rank == 0:
             _clear(output)
     else:
-        _check_fingerprints(output, fingerprint)
+        _check_fingerprints(output, fingerprint, fix)
     if barrier is not None and world_size > 1:
         barrier()
     if rank == 0:
         (output / META).unlink(missing_ok=True)  # rewritten last, once every shard is there
-    item = kind[:-1] if kind.endswith("s") else kind
+    item = _ITEM.get(kind, kind)
     bar = tqdm(total=total, unit=item, disable=not progress, desc=f"encode{f' rank {rank}' if world_size > 1 else ''}")
     np_dtype = np.float16 if dtype == "float16" else np.float32
     count, kept = 0, 0
@@ -309,20 +318,28 @@ def _clear(output: Path) -> None:
     (output / META).unlink(missing_ok=True)
 
 
-def _check_fingerprints(output: Path, fingerprint: dict[str, Any]) -> None:
+def _check_foreign(output: Path, fix: str) -> None:
+    # shards, meta.json and their temporary files (".part-00000.npy.XYZ.tmp") are an embedding directory's
+    foreign = sorted(p.name for p in output.iterdir()
+                     if p.name != META and not p.name.startswith(("part-", ".part-", f".{META}.")))
+    if foreign:
+        raise ValueError(f"{output}: holds files that are not an embedding directory's ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): not the output of convret encode; {fix}")
+
+
+def _check_fingerprints(output: Path, fingerprint: dict[str, Any], fix: str = OVERWRITE_FIX) -> None:
     fingerprints = shard_fingerprints(output)
     for name, old in fingerprints.items():
         if old is not None and old != fingerprint:
             raise ValueError(f"{output}: holds shards of another encoding ({name}: "
-                             f"{fingerprint_difference(old, fingerprint)}); use another --output, or --overwrite "
-                             "to re-encode into it")
+                             f"{fingerprint_difference(old, fingerprint)}); {fix}")
     try:
         meta = read_meta(output)
     except EmbeddingsError:
         return
     if fingerprints and "fingerprint" not in meta:
         raise ValueError(f"{output}: written by an older convret without shard fingerprints (model "
-                         f"{meta.get('model')!r}); use another --output, or --overwrite to re-encode into it")
+                         f"{meta.get('model')!r}); {fix}")
 
 
 def _finish(output: Path, encoder: Encoder, bounds: list[tuple[int, int]], dtype: str, kind: str, rank: int,
@@ -338,7 +355,7 @@ def _finish(output: Path, encoder: Encoder, bounds: list[tuple[int, int]], dtype
     duplicate = find_duplicate_id([output / f"{shard_name(s)}.ids" for s in range(len(bounds))])
     if duplicate is not None:
         ident, first, second = duplicate
-        item = kind[:-1] if kind.endswith("s") else kind
+        item = _ITEM.get(kind, kind)
         raise ValueError(f"{source or output}: duplicate {item} id {ident!r} ({kind} {first + 1} and {second + 1}): "
                          "ids must be unique")
     meta = {
@@ -397,10 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     rank, world, dist = _dist()
     started = time.perf_counter()
     try:
+        if args.collection:  # the input is checked before the model is loaded (minutes for a 7B)
+            _data.check_input(args.collection, args.format, "collection")
+        else:
+            _data.check_input(args.conversations, args.format, "conversations")
         encoder = Encoder.from_checkpoint(args.model, device=args.device, token_budget=args.token_budget,
                                           dtype=args.model_dtype)
         if args.collection:

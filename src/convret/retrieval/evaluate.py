@@ -14,13 +14,15 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-
+from .._args import parse
 from .._io import atomic_write
+from ..provenance import check_output, content_identity, read_record
 from . import _data
 from .encode import (DEFAULT_SHARD_SIZE, collection_records, conversation_items, encode_fingerprint,
                      encode_stream)
@@ -31,21 +33,15 @@ from .search import search_index
 
 __all__ = ["evaluate_chain", "markdown_table", "main"]
 
+RESULTS = "results.json"
 TABLE_COLUMNS = [("NDCG@3", "ndcg_cut_3"), ("NDCG@10", "ndcg_cut_10"), ("MRR@10", "recip_rank_cut_10"),
                  ("MAP", "map"), ("R@10", "recall_10"), ("R@100", "recall_100")]
 
 
-def _fingerprint(*paths: str | os.PathLike) -> str:
-    """Cache key: resolved paths, sizes and modification times of the files that determine the embeddings."""
-    digest = hashlib.sha1()
-    for path in paths:
-        path = Path(path).resolve()
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        digest.update(str(path).encode())
-        for f in files:
-            stat = f.stat()
-            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()[:16]
+def _cache_key(*paths: str | os.PathLike) -> str:
+    """Cache key: the content identities of the files that determine the embeddings (the checkpoint, the
+    collection)."""
+    return hashlib.sha1(";".join(content_identity(p) for p in paths).encode()).hexdigest()[:16]
 
 
 def _indexed_collection(encoder: Encoder, model: str, collection: str, cache: Path, fmt: str = "auto",
@@ -53,7 +49,7 @@ def _indexed_collection(encoder: Encoder, model: str, collection: str, cache: Pa
     """``(index shards, passage ids)``: the collection streamed into ``cache/collection-KEY-DTYPE/embeddings``
     (kept when its fingerprint matches) and an exact index built shard by shard from it into ``.../index`` (kept
     likewise)."""
-    directory = cache / f"collection-{_fingerprint(model, collection)}-{dtype}" / "embeddings"
+    directory = cache / f"collection-{_cache_key(model, collection)}-{dtype}" / "embeddings"
     records, tokenize = collection_records(collection, encoder, fmt)
     fingerprint = encode_fingerprint(encoder, "passages", collection, fmt, dtype=dtype, shard_size=shard_size)
     meta = encode_stream(encoder, records, tokenize, directory, fingerprint, dtype, shard_size, "passages",
@@ -103,9 +99,16 @@ def evaluate_chain(
     fmt: str = "auto",
     collection_format: str = "auto",
     shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    log: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the chain; returns ``{"rows": [{"name", "model", "measures", "queries", "run"}], "robustness": ...}``
-    and writes every run to ``OUTPUT/runs/`` and the result to ``OUTPUT/results.json``.
+    """Run the chain; returns ``{"rows": [{"name", "model", "measures", "queries", "run", "judged"}], "robustness":
+    ..., "fingerprint": ...}`` and writes every run to ``OUTPUT/runs/`` and the result to ``OUTPUT/results.json``.
+
+    An ``OUTPUT`` whose ``results.json`` came from other models, data or settings is refused naming the difference,
+    unless ``overwrite`` (then its earlier run files are deleted first); the same ones are evaluated again
+    (:mod:`convret.provenance`). Every input is checked before a model is loaded. ``log`` is told of runs whose
+    documents the qrels do not judge (:func:`~convret.retrieval.metrics.judged_documents`).
 
     Raises:
         ValueError: qrels naming queries the conversation file does not hold (unless ``allow_unknown_qrels``),
@@ -113,6 +116,22 @@ def evaluate_chain(
     """
     output = Path(output)
     cache = output / "cache"
+    for path in (conversations, *contexts):
+        _data.check_input(path, fmt, "conversations")
+    _data.check_input(collection, collection_format, "collection")
+    fingerprint = {"models": [content_identity(m) for m in (model, *baselines)],
+                   "conversations": content_identity(conversations), "collection": content_identity(collection),
+                   "qrels": content_identity(qrels_path), "contexts": [content_identity(c) for c in contexts],
+                   "query_only": query_only, "rewrite": rewrite, "top_k": top_k, "rel_threshold": rel_threshold,
+                   "model_dtype": model_dtype, "dtype": dtype, "format": fmt, "collection_format": collection_format}
+    previous = read_record(output / RESULTS)
+    check_output(output / RESULTS, fingerprint, None if previous is None else previous.get("fingerprint"),
+                 overwrite, "the results of an evaluation", "pass --overwrite to replace them, or another --output")
+    if overwrite and previous is not None:
+        for row in previous.get("rows", []):  # the earlier evaluation's runs (this one may write fewer)
+            run = Path(str(row.get("run", "")))
+            if run.parent == output / "runs" and run.suffix == ".trec":
+                run.unlink(missing_ok=True)
     qrels = _data.load_qrels(qrels_path)
     turn_ids = {t.qid for t in _data.iter_conversations(conversations, fmt)}
     unknown = sorted(set(qrels) - turn_ids)
@@ -126,12 +145,15 @@ def evaluate_chain(
     robustness = None
 
     def add_row(name: str, ckpt: str, results: dict[str, list[tuple[str, float]]]) -> None:
-        run_path = output / "runs" / f"{len(rows):02d}-{name.replace(' ', '_').replace('/', '_')}.trec"
-        _data.save_run(run_path, results, tag=name.replace(" ", "_"))
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+        run_path = output / "runs" / f"{len(rows):02d}-{slug}.trec"
+        _data.save_run(run_path, results, tag=slug)
         metrics = evaluate_run(qrels, _data.load_run(run_path), rel_threshold)
+        if metrics["judged"]["warning"] and log is not None:
+            log(f"warning: {name} ({run_path}): {metrics['judged']['warning']}")
         rows.append({"name": name, "model": ckpt, "measures": metrics["measures"], "queries": metrics["queries"],
                      "graded_queries": metrics["graded_queries"], "missing": len(metrics["missing"]),
-                     "run": str(run_path)})
+                     "run": str(run_path), "judged": metrics["judged"]})
 
     for position, ckpt in enumerate([model, *baselines]):
         encoder = Encoder.from_checkpoint(ckpt, device=device, token_budget=token_budget, dtype=model_dtype)
@@ -156,8 +178,9 @@ def evaluate_chain(
                               "std": statistics.pstdev(values), "contexts": [str(c) for c in contexts]}
         del encoder
     result = {"rows": rows, "robustness": robustness, "conversations": str(conversations),
-              "collection": str(collection), "qrels": str(qrels_path), "rel_threshold": rel_threshold}
-    with atomic_write(output / "results.json") as handle:
+              "collection": str(collection), "qrels": str(qrels_path), "rel_threshold": rel_threshold,
+              "fingerprint": fingerprint}
+    with atomic_write(output / RESULTS) as handle:
         json.dump(result, handle, indent=2)
         handle.write("\n")
     return result
@@ -212,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", nargs="*", default=None, metavar="FILE",
                    help="alternative-context versions of the eval turns: NDCG@3 mean and std across them "
                         "(default with the sample world: its eval_context_*.json)")
-    p.add_argument("--output", default="runs/eval", help="runs, results.json and the embedding cache")
+    p.add_argument("--output", default="runs/eval",
+                   help="directory of the runs, results.json and the embedding cache (default runs/eval)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results in --output of another model, data or setting (an error otherwise)")
     p.add_argument("--top_k", "--top-k", type=int, default=1000)
     p.add_argument("--rel_threshold", "--rel-threshold", type=int, default=1)
     p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
@@ -236,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         data = {"conversations": args.conversations, "collection": args.collection, "qrels": args.qrels,
                 "contexts": args.contexts}
@@ -245,10 +271,14 @@ def main(argv: list[str]) -> int:
                 raise ValueError("give all of --conversations, --collection and --qrels, or none (sample world)")
             defaults = _sample_world_defaults()
             data = {**defaults, "contexts": defaults["contexts"] if args.contexts is None else args.contexts}
+        print(f"convret evaluate: writing the runs, results.json and the embedding cache to {args.output}",
+              file=sys.stderr)
         result = evaluate_chain(args.model, data["conversations"], data["collection"], data["qrels"], args.output,
                                 args.baseline, args.query_only, args.rewrite, data["contexts"] or (), args.top_k,
                                 args.rel_threshold, args.token_budget, args.device, args.allow_unknown_qrels,
-                                args.model_dtype, args.dtype, args.format, args.collection_format, args.shard_size)
+                                args.model_dtype, args.dtype, args.format, args.collection_format, args.shard_size,
+                                args.overwrite, log=lambda message: print(f"convret evaluate: {message}",
+                                                                          file=sys.stderr))
     except (ValueError, OSError, RuntimeError) as error:
         print(f"convret evaluate: error: {error}", file=sys.stderr)
         return 1

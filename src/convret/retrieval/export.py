@@ -46,7 +46,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .._args import parse
 from ..data.records import Turn
+from ..provenance import check_output, content_identity, read_record
 from . import _data
 
 __all__ = ["export_sentence_transformers", "passage_wrapping", "query_wrapping", "query_prompt", "text_prompt",
@@ -196,16 +198,27 @@ def _check_adapter_loading(checkpoint: str | os.PathLike) -> None:
 
 
 def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os.PathLike, merge: bool = False,
-                                 overwrite: bool = True) -> Path:
-    """Write the sentence-transformers directory for ``checkpoint`` to ``output`` (atomically)."""
+                                 overwrite: bool = False) -> Path:
+    """Write the sentence-transformers directory for ``checkpoint`` to ``output`` (atomically).
+
+    An existing ``output`` exported from the same checkpoint (by content) with the same ``merge`` is replaced;
+    another model's export (or a directory that is not an export) is refused naming the difference, unless
+    ``overwrite`` (:mod:`convret.provenance`)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules.normalize import Normalize
     from sentence_transformers.base.modules.transformer import Transformer
     from sentence_transformers.sentence_transformer.modules.pooling import Pooling
 
     from .._io import atomic_directory
-    from ..train.checkpoint import load_retriever
+    from ..train.checkpoint import CONFIG_NAME, is_checkpoint, is_peft_model, load_retriever
 
+    if not is_checkpoint(checkpoint):
+        raise ValueError(f"{checkpoint} is not a convret checkpoint (no {CONFIG_NAME}); give convret train's "
+                         "OUTPUT_DIR/final")
+    fingerprint = {"checkpoint": content_identity(checkpoint), "merged": bool(merge)}
+    recorded = (read_record(Path(output) / "convret_export.json") or {}).get("fingerprint")
+    check_output(output, fingerprint, recorded, overwrite, "a sentence-transformers export",
+                 "pass --overwrite to replace it, or another output directory")
     if not merge:
         _check_adapter_loading(checkpoint)
     loaded = load_retriever(checkpoint, merge=merge, attn_implementation="sdpa")
@@ -228,23 +241,24 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     # tokens within max_passage_len as in convret; a session from session_text() is already truncated
     document_length = (config.max_passage_len or tokenizer.model_max_length) + len(passage_summary)
     query_length = (config.max_session_len or tokenizer.model_max_length) + len(summary)
-    info = {"checkpoint": str(checkpoint), "merged": True, "passage_prefix": _tokens(tokenizer, document_prompt)}
+    info = {"checkpoint": str(checkpoint), "merged": True, "passage_prefix": _tokens(tokenizer, document_prompt),
+            "fingerprint": fingerprint}
     if query_suffix is None:
         # documents only, behind a Router whose only route is "document": encode_query raises instead of embedding
         # sessions some other way than convret does
-        if hasattr(model, "peft_config"):
+        if is_peft_model(model):
             raise ValueError(f"{checkpoint}: only passages can be exported ({queries_refused}): the export is then a "
                              "model with a documents route only; use --merge")
-        return _export_routed(model, tokenizer, config, output, overwrite, prompts,
+        return _export_routed(model, tokenizer, config, output, prompts,
                               {"document": (suffix + passage_summary, document_length)},
                               {**info, "queries": f"not exported: {queries_refused}; embed sessions with "
                                                   "`convret encode`"})
     info["query_prefix"] = _tokens(tokenizer, prompts["query"])
     if query_suffix != suffix or not config.summary_on_passages:
-        if hasattr(model, "peft_config"):
+        if is_peft_model(model):
             raise ValueError(f"{checkpoint}: sessions and passages end differently (a template such as Mistral's, "
                              "or summary_on_passages false): the export needs a model per route; use --merge")
-        return _export_routed(model, tokenizer, config, output, overwrite, prompts,
+        return _export_routed(model, tokenizer, config, output, prompts,
                               {"query": (query_suffix + summary, query_length),
                                "document": (suffix + passage_summary, document_length)}, info)
     prefix = info["passage_prefix"]
@@ -255,8 +269,8 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     # the post-processor): the exported tokenizer has none, its template already gives convret's ids
     tokenizer.chat_template = None
     output = Path(output).resolve()
-    adapter = hasattr(model, "peft_config")
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    adapter = is_peft_model(model)
+    with atomic_directory(output, overwrite=True) as tmp:
         hf_dir = tmp
         if adapter:
             base_dir = output / "base"  # where it will be after the rename
@@ -273,9 +287,7 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
         tokenizer.save_pretrained(hf_dir)
         transformer = Transformer(str(hf_dir), max_seq_length=document_length, query_length=query_length,
                                   document_length=document_length, model_kwargs={"attn_implementation": "sdpa"})
-        dim = transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension") else \
-            transformer.get_word_embedding_dimension()
-        modules = [transformer, Pooling(dim, pooling_mode="lasttoken")]
+        modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")]
         if config.normalize:
             modules.append(Normalize())
         st = SentenceTransformer(modules=modules, device="cpu",
@@ -305,11 +317,11 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
         (tmp / "convret_export.json").write_text(json.dumps(
             {"checkpoint": str(checkpoint), "merged": not adapter, "passage_prefix": prefix,
              "query_prefix": query_prefix, "appended": suffix + summary, "document_length": document_length,
-             "query_length": query_length}, indent=2) + "\n", encoding="utf-8")
+             "query_length": query_length, "fingerprint": fingerprint}, indent=2) + "\n", encoding="utf-8")
     return output
 
 
-def _export_routed(model: Any, tokenizer: Any, config: Any, output: str | os.PathLike, overwrite: bool,
+def _export_routed(model: Any, tokenizer: Any, config: Any, output: str | os.PathLike,
                    prompts: dict[str, str], routes: dict[str, tuple[list[int], int]], info: dict[str, Any]) -> Path:
     """A sentence-transformers ``Router`` with a Transformer per task in ``routes`` (``"query"``: ``encode_query``,
     ``"document"``: ``encode_document`` and plain ``encode``), each with its own tokenizer appending its task's
@@ -325,7 +337,7 @@ def _export_routed(model: Any, tokenizer: Any, config: Any, output: str | os.Pat
 
     tokenizer.chat_template = None
     output = Path(output).resolve()
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, overwrite=True) as tmp:
         with tempfile.TemporaryDirectory(dir=tmp.parent) as staging:
             modules = {}
             for task, (appended, length) in routes.items():
@@ -371,13 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="convret checkpoint directory")
     p.add_argument("output", help="directory to write")
     p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the weights")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output exported from another checkpoint (or not an export); without it "
+                        "that is an error naming the difference")
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
-        out = export_sentence_transformers(args.checkpoint, args.output, args.merge)
+        out = export_sentence_transformers(args.checkpoint, args.output, args.merge, args.overwrite)
     except (ValueError, OSError) as error:
         print(f"convret export: error: {error}", file=sys.stderr)
         return 1

@@ -23,7 +23,9 @@ from typing import Any, Sequence
 
 import torch
 
+from .._args import parse
 from .._io import atomic_write
+from ..provenance import check_output
 from . import _data
 
 __all__ = ["generate_response", "response_text", "token_f1", "main"]
@@ -49,7 +51,8 @@ def generate_response(model: torch.nn.Module, prefix: Sequence[int], summary: Se
     t = len(summary)
     cache = DynamicCache()
     ids = torch.tensor([tokens], device=device)
-    # transformers >= 5.x names the cache keyword and output field `cache` (`past_key_values` is deprecated there)
+    # transformers >= 5.24 names the cache keyword and output field `cache` (`past_key_values`, deprecated there,
+    # goes in 5.40); 5.13 .. 5.23 know only `past_key_values`. tests/test_retrieval_generate.py runs on both.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes it on
     key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     out = model(input_ids=ids, position_ids=torch.arange(len(tokens), device=device)[None], use_cache=True,
@@ -111,7 +114,8 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _passages_for(run_path: str | None, collection: str | None, k: int) -> dict[str, list[Any]]:
+def _passages_for(run_path: str | None, collection: str | None, k: int, fmt: str = "auto"
+                  ) -> dict[str, list[Any]]:
     if not run_path:
         return {}
     if not collection:
@@ -119,7 +123,7 @@ def _passages_for(run_path: str | None, collection: str | None, k: int) -> dict[
     run = _data.load_run(run_path)
     wanted = {q: [d for d, _ in sorted(docs.items(), key=lambda x: (-x[1], x[0]))[:k]] for q, docs in run.items()}
     needed = {d for docs in wanted.values() for d in docs}
-    texts = {p.id: p for p in _data.iter_collection(collection) if p.id in needed}
+    texts = {p.id: p for p in _data.iter_collection(collection, fmt) if p.id in needed}
     missing = needed - set(texts)
     if missing:
         raise ValueError(f"{run_path}: run names passages missing from {collection}, e.g. {sorted(missing)[:3]}")
@@ -139,7 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="TREC run of the same turns (convret search)")
     p.add_argument("--collection", default=None, help="the passages of --run")
     p.add_argument("--passages", type=int, default=3, help="top-K passages of --run put before the summary tokens")
+    from ..data.readers import COLLECTION_FORMATS, CONVERSATION_FORMATS
+
+    p.add_argument("--format", default="auto", choices=["auto", *CONVERSATION_FORMATS], metavar="FORMAT",
+                   help=f"format of --conversations (default: auto; {', '.join(CONVERSATION_FORMATS)})")
+    p.add_argument("--collection-format", default="auto", choices=["auto", *COLLECTION_FORMATS], metavar="FORMAT",
+                   help=f"format of --collection (default: auto; {', '.join(COLLECTION_FORMATS)})")
     p.add_argument("--output", required=True, help="jsonl file to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (never replaced without it: a jsonl file does not record "
+                        "which model wrote it)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: the checkpoint's max_response_len less the response wrapper's start")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -153,11 +166,16 @@ def main(argv: list[str]) -> int:
 
     from .encoder import Encoder
 
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
+        check_output(args.output, {}, None, args.overwrite, "responses",
+                     "pass --overwrite to replace it, or another --output")
+        _data.check_input(args.conversations, args.format, "conversations")
+        if args.collection:
+            _data.check_input(args.collection, args.collection_format, "collection")
+        passages = _passages_for(args.run, args.collection, args.passages, args.collection_format)
         encoder = Encoder.from_checkpoint(args.model, device=args.device, dtype=args.model_dtype)
         tokenizer, config, formatter = encoder.tokenizer, encoder.config, encoder.formatter
-        passages = _passages_for(args.run, args.collection, args.passages)
         wrapper = _data.text_wrapping(tokenizer, formatter.response)
         start, end = wrapper
         # an end of turn: the tokenizer's EOS, ChatML's <|im_end|>, the wrapper's end when it opens with a special
@@ -170,7 +188,7 @@ def main(argv: list[str]) -> int:
         budget = args.max_new_tokens or max(1, (config.max_response_len or 128) - len(start))
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         rows = []
-        for turn in _data.iter_conversations(args.conversations):
+        for turn in _data.iter_conversations(args.conversations, args.format):
             prefix = list(formatter.session_with_passages(turn.history, turn.query, passages.get(turn.qid, [])))
             ids = generate_response(encoder.model, prefix, config.summary_block(), budget, eos, forced=start,
                                     stop_sequence=end)

@@ -28,12 +28,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._args import parse
 from .._io import atomic_directory
+from ..provenance import check_output, comparable, read_record
 from .embeddings import EmbeddingsError, find_duplicate_id, iter_shards, read_meta
 from .ids import concatenate_ids, read_ids
 
 __all__ = ["build_index", "load_index", "main", "gpu_count", "default_train_sample", "configure_search",
-           "default_nprobe",
+           "default_nprobe", "check_same_model", "read_index_meta", "index_fingerprint", "recorded_fingerprint",
            "DEFAULT_NPROBE", "DEFAULT_EF_SEARCH"]
 
 # chosen from the recall-vs-time tables in docs/retrieval.md (recall@100 against Flat >= 0.95 on the sample
@@ -117,10 +119,30 @@ def _blocks(embeddings: Path, meta: dict[str, Any], block: int = ADD_BLOCK):
             yield start + a, np.ascontiguousarray(vectors[a : a + block], dtype=np.float32)
 
 
+def index_fingerprint(embeddings: str | os.PathLike, meta: dict[str, Any], factory: str,
+                      train_sample: int | None, seed: int, shard_size: int | None) -> dict[str, Any]:
+    """What determines an index: the embeddings' own fingerprint (the checkpoint, input and settings that
+    produced them; for embeddings written without one, their directory and count) and the build settings."""
+    source = meta.get("fingerprint") or {"directory": str(Path(embeddings).resolve()), "count": meta.get("count"),
+                                         "model": meta.get("model")}
+    return {"embeddings": source, "factory": factory, "train_sample": train_sample, "seed": seed,
+            "shard_size": shard_size}
+
+
+def recorded_fingerprint(index_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The fingerprint an existing index directory records (``None``: none, or not an index)."""
+    return (read_record(Path(index_dir) / "meta.json") or {}).get("index_fingerprint")
+
+
 def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, factory: str = "Flat",
-                train_sample: int | None = None, use_gpu: bool | None = None, overwrite: bool = True,
+                train_sample: int | None = None, use_gpu: bool | None = None, overwrite: bool = False,
                 seed: int = 0, shard_size: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Build an inner-product index of ``embeddings`` into ``output``; returns its metadata.
+    """Build an inner-product index of ``embeddings`` (passage embeddings) into ``output``; returns its
+    metadata.
+
+    An existing ``output`` built from the same embeddings with the same settings is rebuilt; one of other
+    embeddings or settings (or not an index) is refused naming the difference, unless ``overwrite``
+    (:mod:`convret.provenance`). Query embeddings are refused: their ids are query ids.
 
     Args:
         factory: a faiss ``index_factory`` string: ``"Flat"`` exact; ``"Flat"`` stores float32, ``"SQfp16"``
@@ -138,10 +160,16 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, factor
     embeddings = Path(embeddings)
     meta = read_meta(embeddings)
     count, dim = int(meta["count"]), int(meta["dim"])
+    if meta.get("kind") == "queries":
+        raise EmbeddingsError(f"{embeddings}: holds query embeddings (kind 'queries', encoded from "
+                              f"{meta.get('source', 'a conversation file')}), not passages: index the collection's "
+                              "embeddings (convret encode --collection FILE --output DIR), and search with these")
     if count == 0 or not meta["shards"]:
         raise EmbeddingsError(f"{embeddings}: no embeddings (empty collection or conversation file)")
     if shard_size is not None and shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
+    fingerprint = index_fingerprint(embeddings, meta, factory, train_sample, seed, shard_size)
+    check_output(output, fingerprint, recorded_fingerprint(output), overwrite, "an index")
     duplicate = find_duplicate_id([embeddings / f"{s['name']}.ids" for s in meta["shards"]])
     if duplicate is not None:
         raise EmbeddingsError(f"{embeddings}: duplicate id {duplicate[0]!r} (rows {duplicate[1]} and {duplicate[2]}): "
@@ -166,10 +194,10 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, factor
     info = {"dim": dim, "count": count, "factory": factory, "metric": "inner_product",
             "model": meta.get("model"), "normalized": meta.get("normalized"), "embeddings": str(embeddings),
             "train_sample": trained_on, "shards": [{"name": n, "count": b - a} for n, (a, b) in zip(names, bounds)],
-            "fingerprint": meta.get("fingerprint")}
+            "fingerprint": meta.get("fingerprint"), "index_fingerprint": fingerprint}
     bar = tqdm(total=count, unit="vector", desc=f"index {factory}", disable=not progress)
     try:
-        with atomic_directory(output, overwrite=overwrite) as tmp:
+        with atomic_directory(output, overwrite=True) as tmp:
             blocks = _blocks(embeddings, meta)
             pending: tuple[int, np.ndarray] | None = None
             for name, (a, b) in zip(names, bounds):
@@ -216,6 +244,20 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, factor
     return info
 
 
+def read_index_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """``meta.json`` of an index directory (cheap: nothing of the index is read)."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise ValueError(f"{path}: not an index directory written by `convret index` (no meta.json)")
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path / 'meta.json'}: unreadable ({error})") from error
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path / 'meta.json'}: not a JSON object")
+    return meta
+
+
 def load_index(path: str | os.PathLike, use_gpu: bool | None = None,
                log: Callable[[str], Any] | None = None) -> tuple[list[Any], list[str], dict[str, Any]]:
     """``(index shards, ids, meta)`` of an index directory (one shard for an index written whole).
@@ -226,9 +268,7 @@ def load_index(path: str | os.PathLike, use_gpu: bool | None = None,
     import faiss
 
     path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise ValueError(f"{path}: not an index directory written by `convret index` (no meta.json)")
-    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    meta = read_index_meta(path)
     names = [s["name"] for s in meta.get("shards", [{"name": "index.faiss"}])]
     shards = []
     for name in names:
@@ -250,6 +290,35 @@ def load_index(path: str | os.PathLike, use_gpu: bool | None = None,
     elif log and use_gpu is not False:
         log(f"searching on CPU ({faiss.omp_get_max_threads()} threads): {_why_cpu()}")
     return shards, ids, meta
+
+
+def check_same_model(index_dir: str | os.PathLike, meta: dict[str, Any], identity: str | None, name: Any,
+                     what: str, allow: bool = False, log: Callable[[str], Any] | None = None) -> None:
+    """Refuse to score ``what`` (query vectors of checkpoint ``name`` whose content identity is ``identity``)
+    against an index whose passages another checkpoint encoded: the scores would mean nothing. ``allow``: warn
+    through ``log`` instead. Where either side records no identity (vectors written by another tool, an older
+    convret), ``log`` is told the check could not be made.
+
+    Raises:
+        ValueError: naming both checkpoints and the fix.
+    """
+    indexed = (meta.get("fingerprint") or {}).get("checkpoint")
+    if not comparable(indexed) or not comparable(identity):
+        if log is not None:
+            missing = f"{index_dir} (its passages)" if not comparable(indexed) else what
+            log(f"cannot check that {what} and the passages of {index_dir} come from the same model: {missing} "
+                "records no checkpoint identity")
+        return
+    if indexed == identity:
+        return
+    message = (f"{index_dir} holds passages encoded with checkpoint {meta.get('model')!r} (content identity "
+               f"{indexed}) but {what} come from checkpoint {name!r} (content identity {identity}): scores between "
+               "two models' vectors mean nothing. Encode the passages and the queries with one checkpoint (or pass "
+               "--allow-model-mismatch if comparing two models' vectors is what you mean)")
+    if not allow:
+        raise ValueError(message)
+    if log is not None:
+        log(f"warning (--allow-model-mismatch): {message}")
 
 
 def _why_cpu() -> str:
@@ -284,15 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "IVF, at least 16384 for PQ/SQ codebooks, capped at the collection)")
     p.add_argument("--shard-size", type=int, default=None,
                    help="write index shards of at most N vectors (default: one index); search merges them exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUTPUT built from other embeddings or settings (or not an index); "
+                        "without it that is an error naming the difference")
     p.add_argument("--cpu", action="store_true", help="accepted for compatibility: building is always on CPU")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
-        info = build_index(args.embeddings, args.output, args.factory, args.train_sample,
+        info = build_index(args.embeddings, args.output, args.factory, args.train_sample, overwrite=args.overwrite,
                            shard_size=args.shard_size, progress=not args.no_progress)
     except (ValueError, RuntimeError, OSError, EmbeddingsError) as error:
         print(f"convret index: error: {error}", file=sys.stderr)

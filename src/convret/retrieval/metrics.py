@@ -22,12 +22,15 @@ import json
 import math
 import re
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from .._args import parse
 from .._io import atomic_write
+from ..provenance import check_output, content_identity, read_record
 from . import _data
 
-__all__ = ["MEASURES", "evaluate_run", "doc_max_aggregate", "format_measures", "main"]
+__all__ = ["MEASURES", "evaluate_run", "doc_max_aggregate", "format_measures", "judged_documents", "docid_mismatch",
+           "main"]
 
 MEASURES = ["ndcg_cut_3", "ndcg_cut_10", "recip_rank", "recip_rank_cut_10", "map", "recall_5", "recall_10",
             "recall_20", "recall_100", "recall_1000"]
@@ -49,6 +52,97 @@ def doc_max_aggregate(run: Mapping[str, Mapping[str, float]]) -> dict[str, dict[
     return out
 
 
+# a run whose retrieved documents are judged less than this share of what they could be (see judged_documents)
+MIN_JUDGED_SHARE = 0.01
+_ID_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9]*_")  # CAsT's MARCO_ / CAR_, KILT_, WAPO_
+_SAMPLE_IDS = 20_000
+
+
+def judged_documents(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
+                     ) -> dict[str, Any]:
+    """How much of ``run`` the qrels judge, over the queries they share: ``judged`` (retrieved documents judged
+    for their query, any grade), ``possible`` (the most that could be: per query the smaller of its judged
+    documents and its retrieved ones), ``share`` = judged / possible, and ``warning``: ``None``, or, when the share
+    is below :data:`MIN_JUDGED_SHARE` (none judged included), a sentence with the counts and the likely cause
+    read from the ids' shapes (:func:`docid_mismatch`): with none judged every measure is 0 because of the ids,
+    not the model."""
+    judged = possible = 0
+    for q, docs in run.items():
+        graded = qrels.get(q)
+        if not graded or not docs:
+            continue
+        judged += sum(d in graded for d in docs)
+        possible += min(len(graded), len(docs))
+    share = judged / possible if possible else 1.0
+    warning = None
+    if possible and share < MIN_JUDGED_SHARE:
+        head = ("none of the documents the run retrieved is judged in the qrels" if judged == 0 else
+                f"only {judged} of the documents the run retrieved are judged in the qrels ({share:.2%} of the "
+                f"{possible} that could be)")
+        cause = docid_mismatch(_sample_ids(d for docs in qrels.values() for d in docs),
+                               _sample_ids(d for docs in run.values() for d in docs))
+        warning = (f"{head}: {cause}" if cause else
+                   f"{head}: the measures are about the ids, not the model; check that the run was retrieved from "
+                   "the collection these qrels judge (its passage ids are the qrels' document ids)")
+    return {"judged": judged, "possible": possible, "share": share, "warning": warning}
+
+
+def _sample_ids(ids: Any) -> list[str]:
+    out: dict[str, None] = {}
+    for d in ids:
+        out[d] = None
+        if len(out) >= _SAMPLE_IDS:
+            break
+    return list(out)
+
+
+def docid_mismatch(qrels_ids: Sequence[str], run_ids: Sequence[str]) -> str | None:
+    """The likely reason the run's document ids miss the qrels', read from their shapes, or ``None`` when no
+    rewriting of one side's ids (a prefix such as CAsT's ``MARCO_`` / ``CAR_``, a passage suffix ``-N``, letter
+    case) makes them meet."""
+    judged, retrieved = set(qrels_ids), set(run_ids)
+
+    def strip_prefix(ids: set[str]) -> set[str]:
+        return {_ID_PREFIX.sub("", d, count=1) for d in ids}
+
+    def strip_passage(ids: set[str]) -> set[str]:
+        return {_PASSAGE_SUFFIX.sub(r"\1", d) for d in ids}
+
+    def prefixes(ids: set[str]) -> str:
+        counts: dict[str, int] = {}
+        for d in ids:
+            match = _ID_PREFIX.match(d)
+            if match:
+                counts[match.group(0)] = counts.get(match.group(0), 0) + 1
+        return " / ".join(sorted(counts, key=lambda p: (-counts[p], p))[:4])
+
+    def example(ids: set[str]) -> str:
+        return min(ids, key=lambda d: (len(d), d)) if ids else ""
+
+    if strip_prefix(retrieved) & judged:
+        return (f"the run's ids carry the prefix {prefixes(retrieved)} that the qrels' ids lack (run e.g. "
+                f"{example(retrieved)!r}, qrels e.g. {example(judged)!r}): the collection's ids are prefixed (as "
+                "CAsT's MARCO_ / CAR_) and these qrels' are not; use qrels with the same ids (the CAsT originals are "
+                "prefixed) or a collection without the prefixes")
+    if retrieved & strip_prefix(judged):
+        return (f"the qrels' ids carry the prefix {prefixes(judged)} that the run's ids lack (qrels e.g. "
+                f"{example(judged)!r}, run e.g. {example(retrieved)!r}): CAsT's qrels prefix MARCO_ / CAR_; encode "
+                "a collection whose ids carry the same prefixes, or use qrels without them")
+    if strip_passage(retrieved) & judged:
+        return (f"the run ranks passages ('docid-N', e.g. {example(retrieved)!r}) but the qrels judge documents "
+                f"(e.g. {example(judged)!r}): pass --doc-max-aggregate (each document scored by its best passage)")
+    if retrieved & strip_passage(judged):
+        return (f"the qrels judge passages ('docid-N', e.g. {example(judged)!r}) but the run ranks documents (e.g. "
+                f"{example(retrieved)!r}): evaluate a passage-level run")
+    if strip_passage(strip_prefix(retrieved)) & strip_passage(strip_prefix(judged)):
+        return (f"the ids differ in prefix and passage suffix (run e.g. {example(retrieved)!r}, qrels e.g. "
+                f"{example(judged)!r}): the run was not retrieved from the collection these qrels judge")
+    if {d.lower() for d in retrieved} & {d.lower() for d in judged}:
+        return (f"the ids differ in letter case only (run e.g. {example(retrieved)!r}, qrels e.g. "
+                f"{example(judged)!r})")
+    return None
+
+
 def _cut(run: Mapping[str, Mapping[str, float]], k: int) -> dict[str, dict[str, float]]:
     # the same order trec_eval ranks by: score descending, then docid descending
     return {q: dict(sorted(d.items(), key=lambda x: (x[1], x[0]), reverse=True)[:k]) for q, d in run.items()}
@@ -62,7 +156,8 @@ def evaluate_run(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mappi
         ``{"measures": {name: mean}, "per_query": {qid: {name: value}} (graded queries; the binary measures only
         for queries with a relevant passage), "queries": N (queries with a relevant passage: the binary
         measures' count), "graded_queries": M (nDCG's count), "missing": [graded qids without results],
-        "ignored": number of run queries without qrels, "rel_threshold": R}``.
+        "ignored": number of run queries without qrels, "rel_threshold": R, "judged":`` :func:`judged_documents`
+        ``}`` (its ``warning`` says when the run's ids miss the qrels').
 
     Raises:
         ValueError: ``rel_threshold < 1``, no query with a relevant passage, or no query in common between qrels
@@ -107,7 +202,8 @@ def evaluate_run(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mappi
         measures[m] = math.fsum(per_query[q][m] for q in over) / len(over)
     return {"measures": measures, "per_query": per_query, "queries": len(relevant),
             "graded_queries": len(graded_qrels), "missing": sorted(set(graded_qrels) - set(common)),
-            "ignored": len(set(run) - set(graded_qrels)), "rel_threshold": rel_threshold}
+            "ignored": len(set(run) - set(graded_qrels)), "rel_threshold": rel_threshold,
+            "judged": judged_documents(qrels, run)}
 
 
 def format_measures(result: Mapping[str, Any]) -> str:
@@ -133,15 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rel_threshold", "--rel-threshold", type=int, default=1,
                    help="binary relevance threshold of MRR, MAP and recall, as trec_eval -l (CAsT-21 uses 2; "
                         "default 1); nDCG always uses the grades")
-    p.add_argument("--json", default=None, help="also write {measures, per_query, queries} to this file")
+    p.add_argument("--json", default=None, help="also write {measures, per_query, queries, judged, fingerprint} to "
+                                               "this file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --json file written for another run, qrels or threshold")
     p.add_argument("--doc-max-aggregate", action="store_true",
                    help="passage ids docid-N: score each document by its best passage (CAsT)")
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
+        fingerprint = {"qrels": content_identity(args.qrels), "run": content_identity(args.run),
+                       "rel_threshold": args.rel_threshold, "doc_max_aggregate": args.doc_max_aggregate}
+        if args.json:
+            check_output(args.json, fingerprint, (read_record(args.json) or {}).get("fingerprint"), args.overwrite,
+                         "the metrics of a run", "pass --overwrite to replace it, or another --json")
         qrels = _data.load_qrels(args.qrels)
         run = _data.load_run(args.run)
         if args.doc_max_aggregate:
@@ -150,8 +254,11 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as error:
         print(f"convret eval: error: {error}", file=sys.stderr)
         return 1
+    if result["judged"]["warning"]:
+        print(f"convret eval: warning: {args.run}: {result['judged']['warning']}", file=sys.stderr)
     print(format_measures(result))
     if args.json:
+        result["fingerprint"] = fingerprint
         with atomic_write(args.json) as handle:
             json.dump(result, handle, indent=2, sort_keys=True)
             handle.write("\n")

@@ -54,6 +54,7 @@ keeps it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -70,8 +71,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .._args import parse
 from .._io import atomic_write
 from ..data.records import ASSISTANT, USER, Passage, TrainingExample, Turn
+from ..provenance import check_output, content_identity
 from . import _data
 from .ids import read_ids, write_ids
 from .search import id_ranks
@@ -312,10 +315,11 @@ class DenseRetriever:
     ``WORK/corpus`` (resumable shards), an exact inner-product index in ``WORK/index``, queries searched with
     :func:`search_index` (ties by docid)."""
 
-    def __init__(self, encoder: Any, name: str, shard_size: int = 50_000):
+    def __init__(self, encoder: Any, name: str, shard_size: int = 50_000, identity: str | None = None):
         self.encoder = encoder
         self.name = name
         self.shard_size = shard_size
+        self.identity = identity  # the model's content identity: a retrained model at the same path differs
 
     def prepare(self, corpus: str | os.PathLike, work: Path, progress: bool) -> None:
         """Embed ``corpus`` into ``work/corpus`` streaming (shards complete on disk are kept), hash its texts in
@@ -330,13 +334,15 @@ class DenseRetriever:
             records = _hashing_records(_data.iter_collection(corpus), hashes)
             fingerprint = encode_fingerprint(self.encoder, "passages", None, shard_size=self.shard_size)
             encode_stream(self.encoder, records, self.encoder.passage_tokens, corpus_dir, fingerprint,
-                          shard_size=self.shard_size, kind="passages", progress=progress, source=str(corpus))
+                          shard_size=self.shard_size, kind="passages", progress=progress, source=str(corpus),
+                          fix="pass --restart to mine from scratch (it deletes only what mine wrote), or another "
+                              "--work-dir")
             for _ in records:  # an embedding directory already complete is returned without reading the input
                 pass
             _save_hashes(hash_path, hashes)
             del hashes
             if not (index_dir / "meta.json").is_file():
-                build_index(corpus_dir, index_dir, "Flat", use_gpu=None)
+                build_index(corpus_dir, index_dir, "Flat", use_gpu=None, overwrite=True)  # mine's own work
         self.index, self.ids, _ = load_index(index_dir)
         self.text_hashes = np.load(hash_path, mmap_mode="r")
         self.id_rank = id_ranks(self.ids)  # once, not at every search
@@ -366,10 +372,11 @@ def make_retriever(spec: str, device: str | None = None, token_budget: int | Non
         return BM25Retriever()
     path = Path(spec)
     if (path / "convret_config.json").is_file():
-        return DenseRetriever(_ConvretEncoder(spec, device, token_budget), f"convret:{path}", shard_size)
+        return DenseRetriever(_ConvretEncoder(spec, device, token_budget), f"convret:{path}", shard_size,
+                              content_identity(path))
     if (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file():
         return DenseRetriever(_SentenceTransformerEncoder(spec, device), f"sentence-transformers:{path}",
-                              shard_size)
+                              shard_size, content_identity(path))
     raise ValueError(f"--retriever {spec}: not 'bm25', a convret checkpoint (convret_config.json) or a "
                      "sentence-transformers model directory (modules.json)")
 
@@ -532,16 +539,67 @@ def _training_corpus(train_file: str | os.PathLike, fmt: str, corpus: str | os.P
     return _data.select_passages(corpus, wanted)
 
 
+STATE = "state.json"
+#: what mine writes into its work directory, and all it ever deletes there
+WORK_ENTRIES = (STATE, "chunks", "corpus", "index", "text_hashes.npy", "bm25")
+
+
+def _claim_work_dir(work: Path, restart: bool) -> None:
+    """Make ``work`` mine's: a new or empty directory, or one holding mine's ``state.json``. A directory with
+    other files and no state is refused (its files are never touched); ``restart`` deletes mine's entries."""
+    if work.is_dir() and not (work / STATE).is_file():
+        others = sorted(p.name for p in work.iterdir() if not _is_mines(p.name))
+        if others:
+            raise ValueError(f"--work-dir {work} holds files mine did not write ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}) and no {STATE}: give mine a directory of its "
+                             "own (a new or empty one; the default is OUTPUT.work)")
+    if restart:
+        _remove_work(work, keep_dir=True)
+
+
+def _is_mines(name: str) -> bool:
+    """An entry mine writes in its work directory, or the temporary form of one (``.state.json.X.tmp``,
+    ``.bm25.tmp-X``) an interrupted write leaves."""
+    return name in WORK_ENTRIES or any(name.startswith(f".{entry}.") for entry in WORK_ENTRIES)
+
+
+def _remove_work(work: Path, keep_dir: bool = False) -> None:
+    """Delete what mine wrote in ``work`` (:data:`WORK_ENTRIES` and their temporary forms), then ``work`` itself
+    when that left it empty (and not ``keep_dir``): a file of anyone else stays, and so does the directory."""
+    if not work.is_dir():
+        return
+    for entry in work.iterdir():
+        if not _is_mines(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if not keep_dir:
+        with contextlib.suppress(OSError):
+            work.rmdir()
+
+
+def _difference(previous: dict, state: dict) -> str:
+    keys = [k for k in sorted(set(previous) | set(state)) if previous.get(k) != state.get(k)]
+    return "; ".join(f"{k}: {previous.get(k)!r} -> {state.get(k)!r}" for k in keys)
+
+
 def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: Any, output: str | os.PathLike,
          settings: MineSettings = MineSettings(), train_format: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE,
          work_dir: str | os.PathLike | None = None, restart: bool = False, keep_work: bool = False,
-         progress: bool = True, retriever_name: str | None = None) -> dict:
+         progress: bool = True, retriever_name: str | None = None, overwrite: bool = False) -> dict:
     """Mine negatives for ``train_file`` against ``corpus`` with ``retriever`` and write ``output`` (same format
     as the input). The corpus is read by streaming passes only (see the module's docstring for what each
     retriever holds). Returns the report: ``examples``, ``mined`` (examples with a positive),
     ``negatives_per_example`` (``{count: examples}``), ``fewer_than_asked`` (examples that got fewer than
     ``num_negatives``: too few candidates in the window; also logged as a warning on the ``convret.mine``
-    logger), ``filtered``, ``unscored``, ``records``, ``format``."""
+    logger), ``filtered``, ``unscored``, ``records``, ``format``.
+
+    The work directory is mine's alone: one with other files and no ``state.json`` is refused, and mine deletes
+    only what it wrote there (:data:`WORK_ENTRIES`). Work of another retriever (by content: a model retrained at
+    the same path differs), input or setting is refused naming the difference; ``restart`` starts over. An
+    existing ``output`` is replaced only with ``overwrite``."""
     from tqdm.auto import tqdm
 
     from ..data import ReadReport, read_training
@@ -552,6 +610,9 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
     work = Path(work_dir) if work_dir is not None else output.with_name(output.name + ".work")
     if not Path(corpus).is_file():
         raise FileNotFoundError(f"{corpus}: no such file")
+    check_output(output, {}, None, overwrite, "a training file", "pass --overwrite to replace it, or another --output")
+    if output.resolve() == Path(train_file).resolve():
+        raise ValueError(f"--output {output} is the training file itself: write the mined file elsewhere")
     report = ReadReport()
     examples = list(read_training(train_file, format=train_format,
                                   corpus=_training_corpus(train_file, train_format, corpus), report=report))
@@ -564,15 +625,17 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
     chunks = [groups[s : s + chunk_size] for s in range(0, len(groups), chunk_size)]
     state = {"train_file": _fingerprint(train_file), "format": fmt, "corpus": _fingerprint(corpus),
              "retriever": retriever_name or getattr(retriever, "name", type(retriever).__name__),
-             "settings": asdict(settings), "chunk_size": chunk_size, "version": 3}
-    state_path = work / "state.json"
-    if restart and work.exists():
-        shutil.rmtree(work)
+             "retriever_identity": getattr(retriever, "identity", None),
+             "settings": asdict(settings), "chunk_size": chunk_size,
+             "version": 4}  # 4: BM25 draws only the passages it retrieved (version 3 chunks may hold others)
+    state_path = work / STATE
+    _claim_work_dir(work, restart)
     if state_path.is_file():
         previous = json.loads(state_path.read_text(encoding="utf-8"))
         if previous != json.loads(json.dumps(state)):
-            raise ValueError(f"{work} holds a mining run with other settings or inputs (or of an older convret); "
-                             "pass --restart to delete it (or another --work-dir)")
+            raise ValueError(f"{work} holds a mining run of another retriever, input or setting "
+                             f"({_difference(previous, json.loads(json.dumps(state)))}); pass --restart to start "
+                             "over (it deletes only what mine wrote there), or another --work-dir")
     else:
         with atomic_write(state_path) as handle:
             json.dump(state, handle, indent=1)
@@ -616,7 +679,7 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
             for key in totals:
                 totals[key] += chunk[key]
     if not keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_work(work)
     short = sum(n for count, n in histogram.items() if count < settings.num_negatives)
     if short:
         logger.warning("%s: %d of %d examples got fewer than %d negatives: too few candidates in ranks %d-%d (the "
@@ -648,6 +711,20 @@ def format_report(report: dict, settings: MineSettings) -> str:
     return "\n".join(lines)
 
 
+def _check_inputs(train_file: str, fmt: str, corpus: str, output: str, overwrite: bool) -> None:
+    """Before a retriever's model is loaded: the training file's format, the corpus, the output."""
+    from ..data import DataError, detect_format
+    from ..data.readers import TRAINING_FORMATS
+
+    if not Path(train_file).is_file():
+        raise DataError(train_file, 0, "no such file")
+    found = detect_format(train_file) if fmt == "auto" else fmt
+    if found not in TRAINING_FORMATS:
+        raise DataError(train_file, 0, f"a {found} file, not training data (formats: {', '.join(TRAINING_FORMATS)})")
+    _data.check_input(corpus, "auto", "collection")
+    check_output(output, {}, None, overwrite, "a training file", "pass --overwrite to replace it, or another --output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convret mine",
@@ -663,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retriever", required=True,
                    help="bm25, a convret checkpoint directory or a sentence-transformers model directory")
     p.add_argument("--output", required=True, help="training file to write (atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (never replaced without it: a training file does not record "
+                        "what produced it)")
     p.add_argument("--num-negatives", "--num_negatives", type=int, default=4, help="negatives per example (4)")
     p.add_argument("--window", default="15-30", help="ranks LO-HI (1-based, inclusive) to sample from (15-30)")
     p.add_argument("--query", choices=QUERY_MODES, default="auto",
@@ -672,8 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "filter, e.g. 0.95; off by default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (per example)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="records per resumable chunk")
-    p.add_argument("--work-dir", default=None, help="work directory (default OUTPUT.work)")
-    p.add_argument("--restart", action="store_true", help="delete the work directory first")
+    p.add_argument("--work-dir", default=None,
+                   help="work directory, mine's alone: new, empty or an earlier mine's (default OUTPUT.work)")
+    p.add_argument("--restart", action="store_true",
+                   help="delete what mine wrote in the work directory first (its other files stay)")
     p.add_argument("--keep-work", action="store_true", help="keep the work directory (embeddings, index, chunks)")
     p.add_argument("--device", default=None, help="torch device of a dense retriever (default cpu)")
     p.add_argument("--token-budget", type=int, default=None, help="convret checkpoint: tokens per forward pass")
@@ -683,14 +765,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         settings = MineSettings(window=parse_window(args.window), num_negatives=args.num_negatives, seed=args.seed,
                                 query=args.query, max_positive_ratio=args.max_positive_ratio)
+        _check_inputs(args.train_file, args.format, args.corpus, args.output, args.overwrite)
         retriever = make_retriever(args.retriever, args.device, args.token_budget, args.shard_size)
         started = time.perf_counter()
         report = mine(args.train_file, args.corpus, retriever, args.output, settings, args.format, args.chunk_size,
-                      args.work_dir, args.restart, args.keep_work, progress=not args.no_progress)
+                      args.work_dir, args.restart, args.keep_work, progress=not args.no_progress,
+                      overwrite=args.overwrite)
     except (ValueError, OSError) as error:
         print(f"convret mine: error: {error}", file=sys.stderr)
         return 1

@@ -16,9 +16,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .._args import parse
+from ..provenance import check_output
 from . import _data
-from .embeddings import EmbeddingsError, read_embeddings
-from .index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, configure_search, load_index
+from .embeddings import EmbeddingsError, read_embeddings, read_meta
+from .index import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, check_same_model, configure_search, load_index, read_index_meta
 
 __all__ = ["search", "search_index", "id_ranks", "main"]
 
@@ -85,8 +87,18 @@ def id_ranks(ids: Sequence[str]) -> np.ndarray:
 
 def search(index_dir: str, queries_dir: str, top_k: int, output: str, tag: str = "convret",
            nprobe: int | None = None, ef_search: int | None = DEFAULT_EF_SEARCH, batch_size: int = 4096,
-           use_gpu: bool | None = None, progress: bool = False, log: Callable[[str], Any] | None = None) -> int:
-    """Search ``queries_dir`` against ``index_dir``; write the run to ``output``. Returns the number of queries."""
+           use_gpu: bool | None = None, progress: bool = False, log: Callable[[str], Any] | None = None,
+           overwrite: bool = False, allow_model_mismatch: bool = False) -> int:
+    """Search ``queries_dir`` against ``index_dir``; write the run to ``output``. Returns the number of queries.
+
+    Refused (``ValueError``): an existing ``output`` without ``overwrite`` (a run file records no provenance:
+    :mod:`convret.provenance`); query embeddings of another checkpoint than the index's passages, unless
+    ``allow_model_mismatch`` (:func:`~convret.retrieval.index.check_same_model`)."""
+    check_output(output, {}, None, overwrite, "a run", "pass --overwrite to replace it, or another --output")
+    qmeta = read_meta(queries_dir)
+    index_meta = read_index_meta(index_dir)
+    check_same_model(index_dir, index_meta, (qmeta.get("fingerprint") or {}).get("checkpoint"), qmeta.get("model"),
+                     f"the query embeddings {queries_dir}", allow_model_mismatch, log)
     shards, doc_ids, meta = load_index(index_dir, use_gpu=use_gpu, log=log)
     _check_run_words(doc_ids, "docid", lambda row: f"{Path(index_dir) / 'ids.txt'}:{row + 1}")
     qids, queries, qmeta = read_embeddings(queries_dir, unique=True)
@@ -138,20 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"HNSW indexes: search-time candidate list size (default {DEFAULT_EF_SEARCH}; raise it "
                         "with --top_k)")
     p.add_argument("--batch-size", type=int, default=4096, help="queries per faiss search call")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (a run file does not record which model wrote it, so it is "
+                        "never replaced without this)")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="search even when the queries were encoded by another checkpoint than the index's passages "
+                        "(an error otherwise: the scores would mean nothing)")
     p.add_argument("--cpu", action="store_true", help="never use a GPU")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
 
     def log(message: str) -> None:
         print(f"convret search: {message}", file=sys.stderr)
 
     try:
         n = search(args.index, args.queries, args.top_k, args.output, args.tag, args.nprobe, args.ef_search,
-                   args.batch_size, use_gpu=False if args.cpu else None, progress=not args.no_progress, log=log)
+                   args.batch_size, use_gpu=False if args.cpu else None, progress=not args.no_progress, log=log,
+                   overwrite=args.overwrite, allow_model_mismatch=args.allow_model_mismatch)
     except (ValueError, OSError, EmbeddingsError) as error:
         print(f"convret search: error: {error}", file=sys.stderr)
         return 1

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .._args import did_you_mean, known_options, unknown_options
+
 __all__ = ["ModelArguments", "DataArguments", "LossArguments", "ConvretTrainingArguments", "parse_arguments",
            "RECIPES", "RECIPE_DEFAULTS", "CONFIG_DIR", "DEFAULT_CONFIG"]
 
@@ -121,8 +123,12 @@ class LossArguments:
 class ConvretTrainingArguments(TrainingArguments):
     """``transformers.TrainingArguments`` plus convret's run control."""
 
-    resume: str | None = field(default=None, metadata={
-        "help": "auto: the newest complete checkpoint in output_dir (none: start fresh); or a checkpoint path"})
+    resume: str | None = field(default="auto", metadata={
+        "help": "auto: the newest complete checkpoint in output_dir, or a fresh start when there is none; none: "
+                "start fresh (an error if output_dir holds checkpoints); or a checkpoint path"})
+    resume_with_changes: bool = field(default=False, metadata={
+        "help": "resume even though the training data, sequence settings, recipe or model differ from the "
+                "checkpoint's (each change is printed); without it such a resume is an error naming them"})
     stop_on_nonfinite: bool = field(default=True, metadata={"help": "stop at a NaN / inf loss"})
     cpu_caching_allocator: bool = field(default=True, metadata={
         "help": "on CPU, serve torch's large blocks from convret's caching allocator (convret.memory; faster "
@@ -153,7 +159,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: a config is a mapping of field names to values")
     unknown = sorted(set(data) - set(valid_keys()))
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {', '.join(valid_keys())}")
+        raise ValueError(f"{path}: " + "; ".join(f"unknown key {key!r}{did_you_mean(key, valid_keys())}"
+                                                for key in unknown) + " (every key: convret train --help)")
     return data
 
 
@@ -174,14 +181,18 @@ def parse_arguments(
     Raises:
         ValueError: an unknown key in the config or an unknown flag (the message lists the valid names).
     """
-    parser = HfArgumentParser(_dataclass_types())
+    parser = make_parser()
+    unknown = unknown_options(parser, list(argv or []))
+    if unknown:
+        known = sorted(known_options(parser))
+        raise ValueError("; ".join(f"unknown option {name}{did_you_mean(name, known)}" for name in unknown)
+                         + " (every option: convret train --help)")
     values = load_config(config if config is not None else DEFAULT_CONFIG)
     values = _resolve_paths(values, CONFIG_DIR.parent)
     parser.set_defaults(**values)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=list(argv or []), return_remaining_strings=True)
     if remaining:
-        raise ValueError(f"unknown arguments {remaining}; valid options: "
-                         + ", ".join(f"--{k}" for k in valid_keys()))
+        raise ValueError(f"unexpected arguments {remaining} (every option: convret train --help)")
     model_args, data_args, loss_args, train_args = parsed
     if data_args.train_files is not None:
         from .mixture import parse_train_files
@@ -203,4 +214,5 @@ def parse_arguments(
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(_dataclass_types())
+    """The parser of every field, without abbreviations (``--max_step`` never means ``--max_steps``)."""
+    return HfArgumentParser(_dataclass_types(), allow_abbrev=False)

@@ -165,7 +165,7 @@ def write_retriever(
     directory that is renamed into place afterwards."""
     directory = Path(directory)
     config = copy.deepcopy(config)
-    config.adapter = _is_peft(model)
+    config.adapter = is_peft_model(model)
     config.model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     config.format_version = FORMAT_VERSION
     input_weight, _ = embedding_matrices(model)
@@ -254,7 +254,7 @@ def _plain_weight(module: torch.nn.Module) -> torch.Tensor:
 def embedding_matrices(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(input embedding weight, output embedding weight or None when tied or absent)`` of a ``*ForCausalLM``
     or a PEFT wrapper of one: the base weights, without trainable-token deltas or LoRA."""
-    base = model.get_base_model() if _is_peft(model) else model
+    base = model.get_base_model() if is_peft_model(model) else model
     input_weight = _plain_weight(base.get_input_embeddings())
     output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     output_weight = _plain_weight(output) if output is not None else None
@@ -336,7 +336,8 @@ def _redo_embedding_rows(model: torch.nn.Module, path: Path, config: RetrieverCo
         output_weight.index_copy_(0, index, saved["output"].to(output_weight))
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """A PEFT wrapper (not a transformers model that merely carries adapter attributes)."""
     try:
         from peft import PeftModel
     except ImportError:

@@ -27,7 +27,7 @@ EXIT_NONFINITE = 3
 
 
 def _split_config(argv: Sequence[str]) -> tuple[str | None, list[str], bool]:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(list(argv))
@@ -39,6 +39,9 @@ def _help() -> str:
 
     parser = make_parser()
     parser.prog = "convret train"
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
+                        help="YAML (or JSON) file of field values; flags override them (default: the embedded tiny "
+                             "config, src/convret/resources/configs/tiny.yaml)")
     parser.description = (
         "Train a conversational dense retriever (recipes csit = ChatRetriever, uniconv = UniConv) with the Hugging "
         "Face Trainer. --config FILE.yaml sets fields, flags override them (the Trainer's own names: --output_dir, "
@@ -116,8 +119,14 @@ def _default_train_file(recipe: str) -> str:
     return str(Path(sample_world.SAMPLE_WORLD_DIR) / name)
 
 
-def read_examples(data_args: Any, loss_args: Any) -> list:
-    """All training examples of ``data_args.train_file`` (the sample world's by default), with a report."""
+def read_examples(data_args: Any, loss_args: Any, sources: list[dict[str, Any]] | None = None) -> list:
+    """All training examples of ``data_args.train_file`` (the sample world's by default), with a report: one line
+    on stderr naming the file, its format and the example count (appended to ``sources`` for ``log.jsonl``).
+
+    Raises:
+        ValueError: no usable example, or none with a positive passage (both recipes train a retriever on
+            (session, positive passage) pairs: without one the contrastive loss is 0), naming the file and counts.
+    """
     from ..data import ReadReport, read_training
 
     path = data_args.train_file or _default_train_file(loss_args.recipe)
@@ -129,15 +138,45 @@ def read_examples(data_args: Any, loss_args: Any) -> list:
             break
     if report.skipped:
         print(report.summary(), file=sys.stderr)
+    read = len(examples)
     if loss_args.recipe == "uniconv":
         if report.format == "ultrachat":
             raise ValueError(f"{path}: the uniconv recipe trains on (session, gold passage, response) triplets "
                              "(QReCC / TopiOCQA style); UltraChat data uses the response itself as the positive")
         examples = [ex for ex in examples if ex.positive is None or ex.response is None
                     or ex.positive.text.strip() != ex.response.strip()]
+    dropped = f", {read - len(examples)} dropped (their gold passage is their response)" if read > len(examples) \
+        else ""
     if not examples:
-        raise ValueError(f"{path}: no usable training examples")
+        raise ValueError(f"{path}: no usable training examples ({report.format}: {read} read{dropped}, "
+                         f"{report.skipped} records skipped; `convret data check {path}` lists what is wrong)")
+    positives = sum(ex.positive is not None for ex in examples)
+    if positives == 0:
+        raise ValueError(f"{path}: none of its {len(examples)} {report.format} examples has a positive passage "
+                         "(QReCC / TopiOCQA: Gold_passage; Tevatron: positive_passages or positive_document_ids with "
+                         f"--corpus): the {loss_args.recipe} recipe trains a retriever on (session, positive passage) "
+                         "pairs, and its contrastive loss would be 0. Give a file with positives")
+    sample_world = not data_args.train_file
+    if int(os.environ.get("RANK", "0")) == 0:
+        where = f"no train_file given: the bundled sample world, {path}" if sample_world else path
+        print(f"convret train: training on {where} ({report.format}): {len(examples)} examples, {positives} with a "
+              f"positive passage{dropped}", file=sys.stderr)
+    if sources is not None:
+        sources.append({"train_file": str(path), "format": report.format, "examples": len(examples),
+                        "with_positive": positives, "skipped_records": report.skipped,
+                        "sample_world": sample_world})
     return examples
+
+
+def _resume_fingerprint(model_args: Any, data_args: Any, loss_args: Any, examples_given: bool) -> dict[str, Any]:
+    from .arguments import CONFIG_DIR
+    from .mixture import parse_train_files
+    from .resume import resume_fingerprint
+
+    sources = (parse_train_files(data_args.train_files, CONFIG_DIR.parent)
+               if data_args.train_files is not None and not examples_given else None)
+    default = None if data_args.train_file or examples_given else _default_train_file(loss_args.recipe)
+    return resume_fingerprint(model_args, data_args, loss_args, sources, default, examples_given)
 
 
 def _max_len(data_args: Any, num_summary: int, recipe: str) -> int:
@@ -162,6 +201,12 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
     from .recipes import make_recipe
     from .trainer import LOG_NAME, ConvretTrainer, JsonlLogCallback
 
+    from .mixture import MixtureCollator, MixtureDataset, read_mixture
+
+    sources: list[dict[str, Any]] = []
+    if examples is None:  # read (and checked) before the model is built: a bad file costs no model load
+        examples = (read_mixture(data_args, loss_args, CONFIG_DIR.parent, sources) if data_args.train_files is not None
+                    else read_examples(data_args, loss_args, sources))
     set_seed(train_args.seed)
     if built is None:
         built = build_model(model_args, data_args, loss_args)
@@ -174,11 +219,6 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
                                       max_response_len=data_args.max_response_len,
                                       instruction=data_args.instruction,
                                       passage_instruction=data_args.passage_instruction)
-    from .mixture import MixtureCollator, MixtureDataset, read_mixture
-
-    if examples is None:
-        examples = (read_mixture(data_args, loss_args, CONFIG_DIR.parent) if data_args.train_files is not None
-                    else read_examples(data_args, loss_args))
     data_seed = train_args.data_seed if train_args.data_seed is not None else train_args.seed
     collator = TrainingCollator(
         formatter,
@@ -197,7 +237,8 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
                                   sample=data_args.sample_negatives)
     return ConvretTrainer(
         model=model, args=train_args, train_dataset=dataset, data_collator=collator,
-        processing_class=tokenizer, callbacks=[JsonlLogCallback(Path(train_args.output_dir) / LOG_NAME)],
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(Path(train_args.output_dir) / LOG_NAME, data=sources or None)],
         recipe=make_recipe(loss_args), retriever_config=retriever_config,
         gradcache_chunk_rows=loss_args.gradcache_chunk_rows,
     )
@@ -251,10 +292,18 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
     from .checkpoint import save_retriever
     from .trainer import LOG_NAME, NonFiniteLossError
 
+    from .resume import check_resume
+
     train_args = finalize_training_args(train_args, model_args)
     is_main = int(os.environ.get("RANK", "0")) == 0
     resume = prepare_output_dir(train_args, is_main)
+    fingerprint = _resume_fingerprint(model_args, data_args, loss_args, examples is not None)
+    if resume is not None:  # before the model is built: a refused resume costs no load
+        for note in check_resume(resume, fingerprint, train_args.resume_with_changes):
+            if is_main:
+                print(f"convret train: {note}", file=sys.stderr)
     trainer = build_trainer(model_args, data_args, loss_args, train_args, examples, formatter, built)
+    trainer.resume_fingerprint = fingerprint
     output_dir = Path(train_args.output_dir)
     start_step = 0
     if resume is not None:  # every rank reads it: all of them must agree on whether to train

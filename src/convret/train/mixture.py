@@ -228,9 +228,10 @@ class MixtureCollator:
         return out
 
 
-def read_mixture(data_args: Any, loss_args: Any, resources: Path | None = None) -> MixtureDataset:
+def read_mixture(data_args: Any, loss_args: Any, resources: Path | None = None,
+                 report: list[dict[str, Any]] | None = None) -> MixtureDataset:
     """Every source of ``data_args.train_files`` read with ``convret train``'s reader (``max_examples`` applies
-    to each source)."""
+    to each source; what each holds is appended to ``report``)."""
     from .main import read_examples
 
     sources = []
@@ -240,5 +241,5 @@ def read_mixture(data_args: Any, loss_args: Any, resources: Path | None = None) 
                                   train_files=None)
         if not os.path.isfile(source.path):
             raise FileNotFoundError(f"train_files: {source.path}: no such file")
-        sources.append((source.name, source.weight, read_examples(one, loss_args)))
+        sources.append((source.name, source.weight, read_examples(one, loss_args, report)))
     return MixtureDataset(sources)

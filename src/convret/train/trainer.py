@@ -39,6 +39,7 @@ from .data import EpochShuffleSampler
 from .gradcache import gradcache_step
 from .mixture import SOURCE_COUNTS_KEY
 from .recipes import Recipe
+from .resume import write_resume_fingerprint
 
 __all__ = ["ConvretTrainer", "NonFiniteLossError", "JsonlLogCallback", "ProgressBarCallback",
            "complete_checkpoints", "last_complete_checkpoint", "LOG_NAME", "STAGING_PREFIX"]
@@ -111,6 +112,7 @@ class ConvretTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
         self._staging_dir: str | None = None
         self.source_totals: list[int] | None = None  # a mixture's examples per source in this run
+        self.resume_fingerprint: dict[str, Any] | None = None  # written into every checkpoint (train/resume.py)
         self._reset_log_sums()
         if self.args.disable_tqdm is False:
             self.remove_callback(ProgressCallback)
@@ -250,6 +252,8 @@ class ConvretTrainer(Trainer):
         if world_size > 1:
             dist.barrier()  # every rank's RNG state is in
         if self.args.should_save:
+            if self.resume_fingerprint is not None:
+                write_resume_fingerprint(staging / name, self.resume_fingerprint)
             fsync_tree(staging)
             final = run_dir / name
             if final.exists():  # the same step saved again (a resumed run): replace it
@@ -300,17 +304,22 @@ def _fsync_dir(directory: Path) -> None:
 class JsonlLogCallback(TrainerCallback):
     """Appends every training log as one JSON object per line to ``OUTPUT_DIR/log.jsonl``: ``step``, ``loss``,
     ``contrastive``, ``generation`` (``cii`` for UniConv), ``lr``, ``grad_norm``, ``tokens_per_s``, ``fill``,
-    ``temperature``, ``epoch``. Main process only; each line is flushed and fsynced."""
+    ``temperature``, ``epoch``. The first line a run writes also holds ``data``: what it trains on (the
+    training files, their format and example counts), when given. Main process only; each line is flushed and
+    fsynced."""
 
     KEYS = {"learning_rate": "lr"}
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, data: list[dict[str, Any]] | None = None):
         self.path = Path(path)
+        self.data = data
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        record = {"step": state.global_step}
+        record: dict[str, Any] = {"step": state.global_step}
+        if self.data:
+            record["data"], self.data = self.data, None
         for key, value in logs.items():
             if key == "total_flos":
                 continue

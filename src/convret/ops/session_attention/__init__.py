@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from ... import _dispatch
-from ...layout import SessionLayout
+from ...layout import SessionLayout, check_window
 
 OP = "session_attention"
 HEAD_DIM_MULTIPLE = 8
@@ -25,7 +25,8 @@ def register_backend(
     tolerances: dict | None = None,
     description: str = "",
 ) -> None:
-    """Internal: make ``fn(q, k, v, layout, scale)`` selectable as ``backend=name`` (see ``convret._dispatch``)."""
+    """Internal: make ``fn(q, k, v, layout, scale, window=None)`` selectable as ``backend=name`` (see
+    ``convret._dispatch``); ``window`` is None or a sliding window that hides something."""
     _dispatch.register(OP, name, fn, rank=rank, gate=gate, auto_devices=auto_devices, tolerances=tolerances,
                        description=description)
 
@@ -37,6 +38,7 @@ def session_attention(
     layout: SessionLayout,
     scale: float | None = None,
     backend: str = "auto",
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention under a :class:`SessionLayout` mask, differentiable in q, k and v.
 
@@ -49,6 +51,9 @@ def session_attention(
             ``"reference"`` (dense O(L^2) oracle, any device) or ``"auto"`` (``$CONVRET_BACKEND_SESSION_ATTENTION``
             if set, else triton on CUDA, cpu on CPU, reference elsewhere). A named backend that cannot run on
             the tensors' device raises ``ValueError`` with the reason.
+        window: a sliding window of that many keys (Mistral's and Qwen2's ``sliding_window``): query q then sees
+            key j only if ``q - j < window`` besides the layout's mask. Every backend takes it and skips the key
+            tiles it hides. None (the default), or a window longer than every sample, costs nothing.
 
     Returns:
         ``[B, Hq, L, D]`` in q's dtype. Query rows with no visible key (padding) are zeros, with zero gradient.
@@ -56,8 +61,19 @@ def session_attention(
     _check_inputs(q, k, v, layout)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    window = effective_window(window, layout)
     impl = _dispatch.resolve(OP, backend, q.device)
-    return impl.fn(q, k, v, layout.to(q.device), float(scale))
+    return impl.fn(q, k, v, layout.to(q.device), float(scale), window=window)
+
+
+def effective_window(window: int | None, layout: SessionLayout) -> int | None:
+    """``window`` checked, or None where it hides nothing from the layout (no sample is longer than the window):
+    the kernels then run their window-free code. Under torch.compile the window is kept as given (finding the
+    layout's longest span reads a tensor)."""
+    window = check_window(window)
+    if window is None or torch.compiler.is_compiling():
+        return window
+    return window if window <= layout.max_attention_span() else None
 
 
 def available_backends(op: str = OP, device: torch.device | str | None = None) -> list[str]:
@@ -118,17 +134,18 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Ses
 
 # ---------------------------------------------------------------------- reference backend
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Dense-mask attention computed in at least fp32 (float64 inputs stay float64): the oracle.
 
-    O(B * H * L^2) memory. Differentiable through plain autograd."""
+    O(B * H * L^2) memory. Differentiable through plain autograd. ``window``: see :func:`session_attention`."""
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     group = q.shape[1] // k.shape[1]
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
     kc = kc.repeat_interleave(group, dim=1)
     vc = vc.repeat_interleave(group, dim=1)
-    allowed = layout.dense_mask().unsqueeze(1)  # [B, 1, L, L]
+    allowed = layout.dense_mask(window).unsqueeze(1)  # [B, 1, L, L]
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     # finite fill, then zero the masked probabilities: a row with no visible key gives zeros, not NaN,
     # and its gradient is zero too.

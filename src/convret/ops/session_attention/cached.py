@@ -13,7 +13,8 @@ one contiguous tail of it, so every query row carries the key position it stands
   ``>= Lk`` (padding of the query rows) sees nothing and gives zeros.
 
 With ``query_positions = arange(Lk)`` this is :func:`convret.session_attention`; with ``Lq < Lk`` and one
-sample per row at positions ``Lk - Lq .. Lk - 1`` it is bottom-right aligned causal attention over a cache.
+sample per row at positions ``Lk - Lq .. Lk - 1`` it is bottom-right aligned causal attention over a cache. A
+sliding ``window`` also hides key j from position p when ``p - j >= window``, in every backend.
 
 Backends: ``reference`` (dense float64 oracle), ``sdpa`` (PyTorch SDPA per packed sample, any device),
 ``cpu`` (the native C++ forward kernel of ``csrc/``, ``torch.ops.convret_cpu.cached_session_attention_forward``:
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from ... import _dispatch
 from . import _check_inputs as check_qkv
-from ...layout import SessionLayout
+from ...layout import SessionLayout, check_window
 from .cpu import _NATIVE_DTYPES, cached_native_unavailable_reason, cached_session_attention_native
 
 OP = "cached_session_attention"
@@ -52,6 +53,7 @@ def cached_session_attention(
     query_positions: torch.Tensor,
     scale: float | None = None,
     backend: str = "auto",
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of the query rows at ``query_positions`` under ``layout`` (module docstring). No gradient.
 
@@ -64,15 +66,21 @@ def cached_session_attention(
             SDPA per packed sample, any device), ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"reference"`` (dense oracle) or ``"auto"`` (``$CONVRET_BACKEND_CACHED_SESSION_ATTENTION`` if set,
             else triton on CUDA, cpu on CPU when the native library is loaded, sdpa elsewhere).
+        window: a sliding window of that many keys (position p sees key j only if ``p - j < window``), or None;
+            one longer than every sample of the layout costs nothing.
 
     Returns:
         ``[B, Hq, Lq, D]`` in q's dtype; padding query rows are zeros.
     """
+    from . import effective_window
+
     _check_inputs(q, k, v, layout, query_positions)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    window = effective_window(window, layout)
     impl = _dispatch.resolve(OP, backend, q.device)
-    return impl.fn(q, k, v, layout.to(q.device), query_positions.to(q.device, torch.long), float(scale))
+    return impl.fn(q, k, v, layout.to(q.device), query_positions.to(q.device, torch.long), float(scale),
+                   window=window)
 
 
 def _check_inputs(q, k, v, layout, query_positions) -> None:
@@ -84,30 +92,37 @@ def _check_inputs(q, k, v, layout, query_positions) -> None:
                          f"{tuple(getattr(query_positions, 'shape', ()))}")
 
 
-def dense_cached_mask(layout: SessionLayout, query_positions: torch.Tensor) -> torch.Tensor:
-    """bool ``[B, Lq, Lk]``: True where query row i (at ``query_positions[b, i]``) may attend to key j."""
+def dense_cached_mask(layout: SessionLayout, query_positions: torch.Tensor,
+                      window: int | None = None) -> torch.Tensor:
+    """bool ``[B, Lq, Lk]``: True where query row i (at ``query_positions[b, i]``) may attend to key j (with
+    ``window``: only keys ``j > p - window`` besides)."""
+    window = check_window(window)
     keys = torch.arange(layout.seq_len, device=layout.device).view(1, 1, -1)
     pos = query_positions.to(layout.device).unsqueeze(-1)
-    return (keys <= pos) & (pos < layout.mask_start.unsqueeze(1))
+    mask = (keys <= pos) & (pos < layout.mask_start.unsqueeze(1))
+    if window is not None:
+        mask = mask & (keys > pos - window)
+    return mask
 
 
-def reference_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tensor:
+def reference_cached_attention(q, k, v, layout, query_positions, scale, window=None) -> torch.Tensor:
     """Dense-mask oracle in at least fp32 (float64 stays float64); O(B * H * Lq * Lk) memory."""
     compute = torch.promote_types(q.dtype, torch.float32)
     group = q.shape[1] // k.shape[1]
     qc, kc, vc = (t.to(compute) for t in (q, k, v))
     kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
-    allowed = dense_cached_mask(layout, query_positions).unsqueeze(1)
+    allowed = dense_cached_mask(layout, query_positions, window).unsqueeze(1)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, torch.finfo(compute).min)
     probs = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
     return torch.matmul(probs, vc).to(q.dtype)
 
 
-def sdpa_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tensor:
+def sdpa_cached_attention(q, k, v, layout, query_positions, scale, window=None) -> torch.Tensor:
     """PyTorch SDPA per packed sample: the query rows standing in a sample attend to that sample's keys only.
-    A sample whose queries are all of its positions runs ``is_causal=True`` (a full encode); otherwise the
-    sample's own rows of the mask (``[queries, sample length]``, bottom-right causal for a cached prefill)."""
+    A sample whose queries are all of its positions runs ``is_causal=True`` (a full encode, when no window is
+    shorter than it); otherwise the sample's own rows of the mask (``[queries, sample length]``, bottom-right
+    causal for a cached prefill, banded by the window)."""
     out = q.new_zeros(q.shape)
     positions = query_positions.cpu()
     mask_start = layout.mask_start
@@ -124,12 +139,15 @@ def sdpa_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tens
                 qs = q[b : b + 1, :, idx]
                 ks, vs = k[b : b + 1, :, start:end], v[b : b + 1, :, start:end]
                 pos = row_pos[rows]
-                if count == end - start and bool((pos == torch.arange(start, end)).all()) and sample[2] == 0:
+                full_encode = count == end - start and bool((pos == torch.arange(start, end)).all())
+                if full_encode and sample[2] == 0 and (window is None or end - start <= window):
                     res = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
                 else:
                     keys = torch.arange(start, end, device=q.device).view(1, -1)
                     p = pos.to(q.device).view(-1, 1)
                     allowed = (keys <= p) & (p < mask_start[b, start:end].view(1, -1))
+                    if window is not None:
+                        allowed = allowed & (keys > p - window)
                     res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed.view(1, 1, *allowed.shape),
                                                          scale=scale, enable_gqa=True)
                 out[b : b + 1, :, idx] = res
@@ -137,16 +155,16 @@ def sdpa_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tens
     return out
 
 
-def _cpu_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tensor:
+def _cpu_cached_attention(q, k, v, layout, query_positions, scale, window=None) -> torch.Tensor:
     if q.dtype not in _NATIVE_DTYPES:  # float64: the native kernels take fp32 / bf16 / fp16 only
-        return sdpa_cached_attention(q, k, v, layout, query_positions, scale)
-    return cached_session_attention_native(q, k, v, layout, query_positions, scale)
+        return sdpa_cached_attention(q, k, v, layout, query_positions, scale, window)
+    return cached_session_attention_native(q, k, v, layout, query_positions, scale, window=window)
 
 
-def _triton_cached_attention(q, k, v, layout, query_positions, scale) -> torch.Tensor:
+def _triton_cached_attention(q, k, v, layout, query_positions, scale, window=None) -> torch.Tensor:
     from ...kernels.session_attention import cached_session_attention_triton
 
-    return cached_session_attention_triton(q, k, v, layout, query_positions, scale)
+    return cached_session_attention_triton(q, k, v, layout, query_positions, scale, window=window)
 
 
 _dispatch.register(OP, "reference", reference_cached_attention, rank=0,
@@ -226,5 +244,6 @@ class CachedPrefill:
 
 
 def register_backend(name: str, fn: Callable[..., torch.Tensor], **kwargs) -> None:
-    """Internal: make ``fn(q, k, v, layout, query_positions, scale)`` selectable as ``backend=name``."""
+    """Internal: make ``fn(q, k, v, layout, query_positions, scale, window=None)`` selectable as
+    ``backend=name``."""
     _dispatch.register(OP, name, fn, **kwargs)

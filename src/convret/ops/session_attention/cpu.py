@@ -8,7 +8,8 @@ Two implementations behind one entry point, :func:`session_attention_cpu`:
   units, oneDNN's brgemm ukernel on K / V packed once per kv head), threads = ``torch.get_num_threads()``.
 - **fallback**: pure PyTorch, used when the extension is not built or cannot load. Each sample becomes causal
   SDPA calls (its session segment; its response rows against ``[summary | response]`` keys) with
-  ``enable_gqa=True``; padding rows are zeros.
+  ``enable_gqa=True``; padding rows are zeros. A sliding window longer than a segment changes nothing there;
+  a shorter one becomes that segment's banded bool mask.
 
 ``CONVRET_CPU_BACKEND=fallback`` (environment, read at every call) or ``implementation="fallback"`` forces
 the fallback; ``convret.backend_info()`` says which path is active and why.
@@ -26,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from ..._dispatch import cpu_only
 from . import register_backend
-from ...layout import SessionLayout
+from ...layout import SessionLayout, check_window
 
 ENV_IMPLEMENTATION = "CONVRET_CPU_BACKEND"
 ENV_BACKWARD = "CONVRET_CPU_BACKWARD"
@@ -116,15 +117,17 @@ def _register_fake_kernels() -> None:
     _fakes_registered = True
 
     @torch.library.register_fake("convret_cpu::session_attention_forward")
-    def _forward_fake(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n):
+    def _forward_fake(q, k, v, mask_start, tile_min, tile_max, scale, block_m, block_n, window=0):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # outputs keep q's layout
 
     @torch.library.register_fake("convret_cpu::cached_session_attention_forward")
-    def _cached_forward_fake(q, k, v, mask_start, query_positions, tile_min, tile_max, scale, block_m, block_n):
+    def _cached_forward_fake(q, k, v, mask_start, query_positions, tile_min, tile_max, scale, block_m, block_n,
+                             window=0):
         return torch.empty_like(q)
 
     @torch.library.register_fake("convret_cpu::session_attention_backward")
-    def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n, split):
+    def _backward_fake(q, k, v, out, grad_out, lse, mask_start, tile_min, tile_max, scale, block_m, block_n, split,
+                       window=0):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -256,18 +259,23 @@ def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _native_window(window: int | None) -> int:
+    """The native ops' window argument: 0 means none."""
+    return 0 if window is None else int(window)
+
+
 class _NativeSessionAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout: SessionLayout, scale: float, tiles: TileSizes):
+    def forward(ctx, q, k, v, layout: SessionLayout, scale: float, tiles: TileSizes, window: int | None):
         q, k, v = (_unit_stride_d(t) for t in (q, k, v))
         mask_start = layout.mask_start.to(torch.int32).contiguous()
         bounds = layout.tile_bounds(tiles.fwd_block_n)
         out, lse = torch.ops.convret_cpu.session_attention_forward(
             q, k, v, mask_start, bounds.min_mask_start, bounds.max_mask_start, scale,
-            tiles.fwd_block_m, tiles.fwd_block_n,
+            tiles.fwd_block_m, tiles.fwd_block_n, _native_window(window),
         )
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.tiles = layout, scale, tiles
+        ctx.layout, ctx.scale, ctx.tiles, ctx.window = layout, scale, tiles, window
         return out
 
     @staticmethod
@@ -279,18 +287,20 @@ class _NativeSessionAttention(torch.autograd.Function):
         grad_q, grad_k, grad_v = torch.ops.convret_cpu.session_attention_backward(
             q, k, v, out, _unit_stride_d(grad_out), lse, layout.mask_start.to(torch.int32).contiguous(),
             bounds.min_mask_start, bounds.max_mask_start, ctx.scale, tiles.bwd_block_m, tiles.bwd_block_n,
-            backward_schedule(q.shape[0], k.shape[1]) == "split",
+            backward_schedule(q.shape[0], k.shape[1]) == "split", _native_window(ctx.window),
         )
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- fallback path
 def fallback_session_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Pure-PyTorch session attention: per sample, causal SDPA over its session segment (prefix + summary),
     then causal SDPA of ``[summary | response]`` queries against the same keys, keeping the response rows.
-    Padding rows are zeros. Differentiable through SDPA's own backward."""
+    Padding rows are zeros. Differentiable through SDPA's own backward. ``window``: a sliding window of that
+    many keys (the segments are contiguous, so it is the same band in their own coordinates), or None."""
     batch, num_q_heads, seq_len, head_dim = q.shape
     rows = []
     for b, samples in enumerate(layout.segments):
@@ -298,10 +308,10 @@ def fallback_session_attention(
         pos = 0
         for prefix_len, summary_len, response_len in samples:
             session_end = pos + prefix_len + summary_len
-            pieces.append(_causal_sdpa(q, k, v, b, pos, session_end, scale))
+            pieces.append(_causal_sdpa(q, k, v, b, pos, session_end, scale, window))
             if response_len > 0:
                 summary_start, end = pos + prefix_len, session_end + response_len
-                pieces.append(_causal_sdpa(q, k, v, b, summary_start, end, scale)[:, :, summary_len:])
+                pieces.append(_causal_sdpa(q, k, v, b, summary_start, end, scale, window)[:, :, summary_len:])
             pos = session_end + response_len
         if pos < seq_len:
             pieces.append(q.new_zeros(1, num_q_heads, seq_len - pos, head_dim))
@@ -309,12 +319,15 @@ def fallback_session_attention(
     return torch.cat(rows, dim=0)
 
 
-def _causal_sdpa(q, k, v, b: int, start: int, end: int, scale: float) -> torch.Tensor:
+def _causal_sdpa(q, k, v, b: int, start: int, end: int, scale: float, window: int | None = None) -> torch.Tensor:
     span = slice(start, end)
-    return F.scaled_dot_product_attention(
-        q[b : b + 1, :, span], k[b : b + 1, :, span], v[b : b + 1, :, span],
-        is_causal=True, scale=scale, enable_gqa=True,
-    )
+    qs, ks, vs = q[b : b + 1, :, span], k[b : b + 1, :, span], v[b : b + 1, :, span]
+    if window is None or end - start <= window:
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+    positions = torch.arange(end - start, device=q.device)
+    offset = positions.view(-1, 1) - positions.view(1, -1)  # query - key
+    band = (offset >= 0) & (offset < window)
+    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=scale, enable_gqa=True)
 
 
 # ------------------------------------------------------------------------------------------- entry point
@@ -327,6 +340,7 @@ def session_attention_cpu(
     *,
     implementation: str = "auto",
     tile_sizes: TileSizes | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Session attention on CPU tensors (same contract as :func:`convret.session_attention`).
 
@@ -335,7 +349,9 @@ def session_attention_cpu(
             PyTorch) or ``"auto"`` (native when it loads, unless ``$CONVRET_CPU_BACKEND=fallback``). float64
             inputs always take the fallback.
         tile_sizes: native tile sizes (tests force small ones so that every tile class occurs).
+        window: a sliding window of that many keys, or None.
     """
+    window = check_window(window)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     requested = _requested_implementation(implementation)
@@ -345,9 +361,9 @@ def session_attention_cpu(
         raise ValueError(f"the native CPU kernels take {_NATIVE_DTYPES}, got {q.dtype}")
     use_native = requested != "fallback" and q.dtype in _NATIVE_DTYPES and native_available()
     if not use_native:
-        return fallback_session_attention(q, k, v, layout, float(scale))
+        return fallback_session_attention(q, k, v, layout, float(scale), window)
     tiles = tile_sizes or default_tile_sizes(q.shape[1] // k.shape[1])
-    return _NativeSessionAttention.apply(q, k, v, layout, float(scale), tiles)
+    return _NativeSessionAttention.apply(q, k, v, layout, float(scale), tiles, window)
 
 
 def cached_native_unavailable_reason(device: torch.device) -> str | None:
@@ -372,6 +388,7 @@ def cached_session_attention_native(
     query_positions: torch.Tensor,
     scale: float,
     tile_sizes: TileSizes | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The cached prefill (contract of :func:`convret.ops.session_attention.cached.cached_session_attention`) on
     the native forward kernel: fp32 / bf16 / fp16 CPU tensors, inputs already checked. Forward only.
@@ -394,11 +411,13 @@ def cached_session_attention_native(
     return torch.ops.convret_cpu.cached_session_attention_forward(
         q, k, v, layout.mask_start.to(torch.int32).contiguous(), query_positions.to(torch.long).contiguous(),
         bounds.min_mask_start, bounds.max_mask_start, float(scale), tiles.fwd_block_m, tiles.fwd_block_n,
+        _native_window(check_window(window)),
     )
 
 
-def _cpu_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float) -> torch.Tensor:
-    return session_attention_cpu(q, k, v, layout, scale)
+def _cpu_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: SessionLayout, scale: float,
+                 window: int | None = None) -> torch.Tensor:
+    return session_attention_cpu(q, k, v, layout, scale, window=window)
 
 
 # Bounds of tests/test_attention_cpu.py against the float64 oracle: max |error| <= tol * max(1, max |oracle|).

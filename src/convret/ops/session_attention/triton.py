@@ -5,10 +5,10 @@ from ... import _dispatch
 from . import register_backend
 
 
-def _triton_session_attention(q, k, v, layout, scale):
+def _triton_session_attention(q, k, v, layout, scale, window=None):
     from ...kernels.session_attention import session_attention_triton
 
-    return session_attention_triton(q, k, v, layout, scale)
+    return session_attention_triton(q, k, v, layout, scale, window=window)
 
 
 # Bounds of tests/test_session_attention_triton.py, |got - want| <= tol * (1 + |want|) elementwise against the
