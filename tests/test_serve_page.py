@@ -10,7 +10,6 @@
   an evaluation session replayed with its judged relevance; with an API key configured, a 401 shown without the
   key, results with it. Skipped, with the reason, without playwright or /usr/bin/chromium.
 """
-import json
 import os
 import re
 import shutil
@@ -168,10 +167,14 @@ def _browser_or_skip():
 
 
 @pytest.fixture(scope="module")
-def servers(world):
+def sync_playwright():
+    return _browser_or_skip()
+
+
+@pytest.fixture(scope="module")
+def servers(sync_playwright, world):
     """Two `convret serve` subprocesses (started together): without a key and with one, both with the
     evaluation file and its qrels."""
-    _browser_or_skip()
     key_file = Path(world["dir"]) / "keys"
     key_file.write_text(KEY + "\n")
     extra = ["--eval-file", world["eval"], "--qrels", world["qrels"], "--max-wait-ms", "1"]
@@ -188,8 +191,7 @@ def servers(world):
 
 
 @pytest.fixture(scope="module")
-def browser(servers, tmp_path_factory):
-    sync_playwright = _browser_or_skip()
+def browser(sync_playwright, servers, tmp_path_factory):
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,

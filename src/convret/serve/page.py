@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -103,7 +102,7 @@ def page_router(auth_required: bool) -> APIRouter:
     @router.get("/static/{name}")
     async def static(name: str) -> Response:
         if name not in files:
-            return JSONResponse({"detail": f"no such file: {name}"}, 404)
+            return JSONResponse({"detail": "no such file"}, 404)
         return Response(files[name], media_type=_FILES[name], headers=_HEADERS)
 
     return router
