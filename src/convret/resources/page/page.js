@@ -173,7 +173,8 @@
     if (judgments) {
       const relevant = Object.values(judgments).filter((r) => r > 0).length;
       const found = hits.filter((h) => (judgments[h.id] || 0) > 0).length;
-      summary = el("div", "judged", `${found} of ${relevant} relevant passages in the top ${hits.length}`);
+      summary = el("div", found ? "judged" : "judged none",
+                   `${found} of ${relevant} relevant passages in the top ${hits.length}`);
     }
     const list = el("ol", "hits", ...hits.map((h, i) => hitItem(h, i + 1, judgments)));
     const col = el("div", "column " + kind, el("h3", null, heading), stats, summary, list);
