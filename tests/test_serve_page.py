@@ -5,16 +5,15 @@
   convret's readers read from ``--eval-file`` and ``--qrels``, under the API key like every ``/v1`` route;
   ``--no-page``; the flags refused with their reason;
 - in a real browser (the system's Chromium driven by playwright, against a ``convret serve`` subprocess on
-  127.0.0.1): two typed turns, the results as the API answers them, the session's cached tokens reused at the
-  second turn; a passage and an utterance holding ``<script>`` / ``<img onerror>`` shown as text, no script run;
-  an evaluation session replayed with its judged relevance; with an API key configured, a 401 shown without the
-  key, results with it. Skipped, with the reason, without playwright or /usr/bin/chromium.
+  127.0.0.1; the keyed server in this process): two typed turns, the results as the API answers them, the
+  session's cached tokens reused at the second turn; a passage and an utterance holding ``<script>`` / ``<img
+  onerror>`` shown as text, no script run; an evaluation session replayed with its judged relevance; with an API
+  key configured, a 401 shown without the key, results with it. Skipped, with the reason, without playwright or
+  /usr/bin/chromium.
 """
 import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -172,22 +171,18 @@ def sync_playwright():
 
 
 @pytest.fixture(scope="module")
-def servers(sync_playwright, world):
-    """Two `convret serve` subprocesses (started together): without a key and with one, both with the
-    evaluation file and its qrels."""
-    key_file = Path(world["dir"]) / "keys"
-    key_file.write_text(KEY + "\n")
-    extra = ["--eval-file", world["eval"], "--qrels", world["qrels"], "--max-wait-ms", "1"]
-    open_port, keyed_port = free_port(), free_port()
-    both = [Server(base_args(world, open_port) + extra, open_port),
-            Server(base_args(world, keyed_port) + extra + ["--api-key-file", str(key_file)], keyed_port)]
+def servers(sync_playwright, world, service):
+    """`convret serve` in a subprocess with the evaluation file and its qrels, no key; and the same app with an API
+    key, served by uvicorn in this process (one model load fewer: the CLI's --api-key-file is test_serve.py's)."""
+    port = free_port()
+    server = Server(base_args(world, port) + ["--eval-file", world["eval"], "--qrels", world["qrels"],
+                                              "--max-wait-ms", "1"], port)
     try:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda s: s.wait_ready(), both))
-        yield {"open": both[0], "keyed": both[1]}
+        with AppServer(_app(service, world, keys=[KEY])) as keyed_url:
+            server.wait_ready()
+            yield {"open": server.url, "keyed": keyed_url}
     finally:
-        for server in both:
-            server.stop()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +226,9 @@ def _column(page, turn, kind):
     return page.evaluate("""([turn, kind]) => {
         const col = document.querySelector(`details[data-turn="${turn}"] [data-column="${kind}"]`);
         const stats = {};
-        for (const s of col.querySelectorAll('[data-stat]')) stats[s.dataset.stat] = s.querySelector('.value').textContent;
+        for (const s of col.querySelectorAll('[data-stat]')) {
+            stats[s.dataset.stat] = s.querySelector('.value').textContent;
+        }
         const hits = [...col.querySelectorAll('li.hit')].map(li => ({
             id: li.dataset.id, score: li.querySelector('.score').textContent,
             text: li.querySelector('.passage').textContent,
@@ -250,7 +247,7 @@ def _api_hits(url, turns, top_k):
 
 
 def test_two_typed_turns_in_a_browser_cache_reuse_and_text_never_parsed_as_html(servers, browser):
-    url = servers["open"].url
+    url = servers["open"]
     page, messages = _open(browser, url)
     assert page.locator("#key-form").is_hidden()  # no key configured: none asked
     page.wait_for_selector("#eval-form:not([hidden])")
@@ -290,7 +287,7 @@ def test_an_evaluation_session_replayed_with_its_judged_relevance(servers, brows
     from playwright.sync_api import expect
 
     qrels = _data.load_qrels(world["qrels"])
-    page, messages = _open(browser, servers["open"].url)
+    page, messages = _open(browser, servers["open"])
     page.wait_for_selector("#eval-form:not([hidden])")
     page.fill("#top-k", "40")
     page.select_option("#eval-session", "1")
@@ -322,7 +319,7 @@ def test_an_evaluation_session_replayed_with_its_judged_relevance(servers, brows
 def test_with_an_api_key_the_page_shows_the_401_then_works_with_the_key(servers, browser):
     from playwright.sync_api import expect
 
-    page, _ = _open(browser, servers["keyed"].url)
+    page, _ = _open(browser, servers["keyed"])
     assert page.locator("#key-form").is_visible() and page.locator("#eval-form").is_hidden()
     page.fill("#utterance", "w1 w2")
     page.click("#send")

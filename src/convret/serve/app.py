@@ -87,8 +87,9 @@ class AppState:
 
 def create_app(service: SearchService, settings: ServeSettings | None = None, evalset: EvalSet | None = None
                ) -> FastAPI:
-    """The application serving ``service`` (and the evaluation sessions ``evalset`` to the page). Its lifespan starts the batcher and the tokenising threads and stops
-    them (dropping queued jobs nobody waits for); it can run any number of times."""
+    """The application serving ``service`` (and the evaluation sessions ``evalset`` to the page). Its lifespan
+    starts the batcher and the tokenising threads and stops them (dropping queued jobs nobody waits for); it can
+    run any number of times."""
     settings = settings or ServeSettings()
     metrics = Metrics(service.encoder)
     batcher = Batcher(service.run_batch, max_wait_ms=settings.max_wait_ms,

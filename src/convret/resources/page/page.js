@@ -20,7 +20,8 @@
   function el(tag, className, ...children) {
     const node = document.createElement(tag);
     if (className) node.className = className;
-    node.append(...children.filter((c) => c !== null && c !== undefined).map((c) => (typeof c === "number" ? String(c) : c)));
+    const parts = children.filter((c) => c !== null && c !== undefined);
+    node.append(...parts.map((c) => (typeof c === "number" ? String(c) : c)));  // strings become text nodes
     return node;
   }
 
