@@ -123,6 +123,9 @@ def test_the_eval_endpoints_answer_what_the_readers_read(service, world):
         assert client.get("/v1/eval/session", params={"conv_id": "nope"}).status_code == 404
         assert "no such query" in client.get("/v1/qrels", params={"qid": "nope"}).json()["detail"]
         assert client.get("/v1/eval/session").status_code == 422
+        metrics = client.get("/metrics").text  # each endpoint of the page counted under its own label
+        for endpoint in ("/v1/eval/sessions", "/v1/eval/session", "/v1/qrels"):
+            assert f'convret_requests_total{{endpoint="{endpoint}",status="200"}}' in metrics, endpoint
         paths = client.get("/openapi.json").json()["paths"]
         assert {"/v1/eval/sessions", "/v1/eval/session", "/v1/qrels"} <= paths.keys()
         assert "/" not in paths and not any(p.startswith("/static") for p in paths)
