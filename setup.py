@@ -29,6 +29,9 @@ PYTREC_EVAL = "pytrec-eval-terrier>=0.5.6"
 BM25S = "bm25s>=0.3.14"
 AIOHTTP = "aiohttp>=3.9"
 DEEPSPEED = "deepspeed>=0.19.8"
+# the browser test of `convret serve`'s page drives the system's Chromium (/usr/bin/chromium): playwright's own
+# browser download is never used
+PLAYWRIGHT = "playwright>=1.65"
 SERVE = ["fastapi>=0.110", "uvicorn[standard]>=0.29", "prometheus-client>=0.20", "httpx>=0.27"]
 
 
@@ -105,9 +108,11 @@ setup(
     # kernels/ once) and never mixes this checkout's modules with an installed one's.
     packages=find_packages(where="src", include=["convret", "convret.*"]),
     package_dir={"": "src"},
-    # the bundled sample world, its tokenizer and the tiny model configs (convret.data.sample_world)
+    # the bundled sample world, its tokenizer and the tiny model configs (convret.data.sample_world); the page of
+    # `convret serve` (convret.serve.page)
     package_data={"convret": ["resources/sample_world/*", "resources/tokenizer/*", "resources/models/*.json",
-                              "resources/configs/*.yaml"]},
+                              "resources/configs/*.yaml", "resources/page/*.html", "resources/page/*.js",
+                              "resources/page/*.css"]},
     ext_modules=[CMakeExtension("convret._convret_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.5", "triton>=3.2", "numpy"],
@@ -124,7 +129,7 @@ setup(
         "serve": SERVE,
         "test": ["pytest", "hypothesis", "pytest-benchmark", TRANSFORMERS, PEFT, "safetensors", "tokenizers",
                  ACCELERATE, "pyyaml", "tqdm", DATASETS, FAISS, PYTREC_EVAL, SENTENCE_TRANSFORMERS, "rouge-score",
-                 "matplotlib", BM25S, AIOHTTP, "schemathesis>=4.0", DEEPSPEED] + SERVE,
+                 "matplotlib", BM25S, AIOHTTP, "schemathesis>=4.0", DEEPSPEED, PLAYWRIGHT] + SERVE,
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )

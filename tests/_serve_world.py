@@ -20,16 +20,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_world(d, **checkpoint_config) -> dict:
-    """A tiny checkpoint, an eval world, `convret encode` + `convret index` of its collection and `convret
-    search`'s run of its sessions (top 5): the oracle of the service's answers."""
+def build_world(d, extra_passages=(), n_conv=4, turns=4, **checkpoint_config) -> dict:
+    """A tiny checkpoint, an eval world (``n_conv`` conversations of ``turns`` turns; ``extra_passages``, dicts
+    of a JSONL collection, added to its collection), `convret encode` + `convret index` of its collection and
+    `convret search`'s run of its sessions (top 5): the oracle of the service's answers."""
+    import json
+
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine is shared: more threads stall more than they help at this size
     try:
         ck = tiny_checkpoint(d / "ck", **checkpoint_config)
-        write_eval_world(d / "w", n_conv=4, turns=4)
+        write_eval_world(d / "w", n_conv=n_conv, turns=turns)
+        with open(d / "w/collection.jsonl", "a") as collection:
+            collection.writelines(json.dumps(p) + "\n" for p in extra_passages)
         assert cli(["encode", "--model", str(ck), "--collection", str(d / "w/collection.jsonl"), "--output",
                     str(d / "emb"), "--no-progress"]) == 0
         assert cli(["index", "--embeddings", str(d / "emb"), "--output", str(d / "idx"), "--cpu"]) == 0
@@ -40,7 +45,8 @@ def build_world(d, **checkpoint_config) -> dict:
     finally:
         torch.set_num_threads(threads)
     return {"dir": d, "model": str(ck), "index": str(d / "idx"), "collection": str(d / "w/collection.jsonl"),
-            "eval": str(d / "w/eval.json"), "run": str(d / "run.trec"), "emb": str(d / "emb")}
+            "eval": str(d / "w/eval.json"), "qrels": str(d / "w/qrels.tsv"), "run": str(d / "run.trec"),
+            "emb": str(d / "emb")}
 
 
 def base_args(world, port):

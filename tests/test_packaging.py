@@ -91,7 +91,8 @@ def test_the_wheel_holds_the_triton_sources_the_native_extension_and_the_resourc
     for required in ("convret/kernels/session_attention.py", "convret/kernels/info_nce.py",
                      "convret/kernels/linear_cross_entropy.py", "convret/bench/cli.py",
                      "convret/resources/configs/tiny.yaml", "convret/resources/tokenizer/tokenizer.json",
-                     "convret/resources/sample_world/collection.jsonl"):
+                     "convret/resources/sample_world/collection.jsonl", "convret/resources/page/page.html",
+                     "convret/resources/page/page.js", "convret/resources/page/page.css"):
         assert required in names, required
     assert any(n.startswith("convret/_convret_cpu") and n.endswith(".so") for n in names), \
         "the wheel lacks the native CPU extension"

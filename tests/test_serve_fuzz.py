@@ -21,18 +21,20 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fuzzed_server(world):
-    from convret.serve.app import ServeSettings, create_app
+    from convret.serve.app import EvalSet, ServeSettings, create_app
     from convret.serve.service import SearchService
 
     service = SearchService.load(world["model"], world["index"], world["collection"], cache_mb=1)
-    app = create_app(service, ServeSettings(api_keys=[KEY]))
+    app = create_app(service, ServeSettings(api_keys=[KEY]), EvalSet.load(world["eval"], qrels=world["qrels"]))
     with AppServer(app) as url:
         yield url
 
 
 @pytest.mark.parametrize("method,path,mode", [
-    *[(m, p, mode) for m, p in (("POST", "/v1/search"), ("POST", "/v1/encode")) for mode in ("positive", "negative")],
-    ("GET", "/healthz", "positive"), ("GET", "/metrics", "positive")])  # no parameters: nothing to make invalid
+    *[(m, p, mode) for m, p in (("POST", "/v1/search"), ("POST", "/v1/encode"), ("GET", "/v1/eval/session"),
+                                ("GET", "/v1/qrels")) for mode in ("positive", "negative")],
+    # no parameters: nothing to make invalid
+    ("GET", "/healthz", "positive"), ("GET", "/metrics", "positive"), ("GET", "/v1/eval/sessions", "positive")])
 def test_requests_generated_from_the_openapi_schema(fuzzed_server, method, path, mode):
     """Requests generated from the service's own schema (schemathesis; bodies that fit it and bodies that do
     not, with the API key): never a 5xx, every answer's status, content type and body as the schema says."""
@@ -42,7 +44,8 @@ def test_requests_generated_from_the_openapi_schema(fuzzed_server, method, path,
     schema = schemathesis.openapi.from_url(fuzzed_server + "/openapi.json", headers=AUTH)
     operation = schema[path][method]
     operations = {f"{result.ok().method.upper()} {result.ok().path}" for result in schema.get_all_operations()}
-    assert operations == {"POST /v1/search", "POST /v1/encode", "GET /healthz", "GET /metrics"}, operations
+    assert operations == {"POST /v1/search", "POST /v1/encode", "GET /healthz", "GET /metrics",
+                          "GET /v1/eval/sessions", "GET /v1/eval/session", "GET /v1/qrels"}, operations
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))

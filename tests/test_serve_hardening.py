@@ -186,15 +186,18 @@ def test_flags_reach_the_settings_by_name(world, monkeypatch):
     captured = {}
     monkeypatch.setattr(service_module.SearchService, "load", classmethod(lambda cls, *a, **k: type(
         "Stub", (), {"doc_ids": []})()))
-    monkeypatch.setattr(app_module, "create_app", lambda service, settings: captured.setdefault("s", settings))
+    monkeypatch.setattr(app_module, "create_app",
+                        lambda service, settings, evalset=None: captured.setdefault("s", (settings, evalset))[0])
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
     flags = {"--max-body-bytes": 1001, "--max-turns": 1002, "--max-text-chars": 1003, "--max-tokens": 1004,
              "--max-top-k": 1005, "--max-items": 1006, "--max-batch-tokens": 1007, "--max-batch-requests": 1008,
              "--max-wait-ms": 1009, "--max-concurrent-requests": 1010, "--max-queued-tokens": 1011,
              "--request-timeout": 1012, "--max-connections": 1013}
-    argv = ["--model", world["model"], "--index", world["index"], "--collection", world["collection"]]
+    argv = ["--model", world["model"], "--index", world["index"], "--collection", world["collection"],
+            "--eval-file", world["eval"], "--no-page"]
     assert serve_main.main(argv + [str(x) for pair in flags.items() for x in pair]) == 0
-    s = captured["s"]
+    s, evalset = captured["s"]
+    assert s.page is False and len(evalset.qids) == 16 and evalset.qrels is None
     got = {"--max-body-bytes": s.limits.max_body_bytes, "--max-turns": s.limits.max_turns,
            "--max-text-chars": s.limits.max_text_chars, "--max-tokens": s.limits.max_tokens,
            "--max-top-k": s.limits.max_top_k, "--max-items": s.limits.max_items,

@@ -8,6 +8,8 @@ Endpoints (JSON bodies, pydantic validation: :mod:`convret.serve.schemas`; the O
   -> their vectors.
 - ``GET /healthz``: liveness for anyone; what is loaded, to an authenticated caller.
 - ``GET /metrics``: Prometheus text format.
+- ``GET /``: the exploration page, and the data it loads: ``GET /v1/eval/sessions``, ``GET /v1/eval/session``,
+  ``GET /v1/qrels`` (:mod:`convret.serve.page`).
 
 A request passes, outermost first: :class:`~convret.serve.metrics.RequestMetrics` (every answer counted),
 CORS (when origins are allowed: a preflight is answered here), :class:`~convret.serve.auth.Authentication`,
@@ -36,11 +38,13 @@ from .auth import AUTHENTICATED, TENANT, ApiKeys, Authentication
 from .batching import Batcher, Job, QueueFull
 from .limits import BodyLimit, LimitError, Limits, token_upper_bound
 from .metrics import Metrics, RequestMetrics
+from .page import PAGE_PATHS, EvalSet, eval_router, page_router
 from .schemas import (EncodeIn, EncodeOut, Encoding, ErrorOut, HealthOut, Hit, PassageIn, SearchIn, SearchOut,
                       TurnIn, ValidationErrorOut)
 from .service import SearchService
 
-__all__ = ["ServeSettings", "AppState", "create_app", "router", "Limits", "Admission", "token_upper_bound"]
+__all__ = ["ServeSettings", "AppState", "create_app", "router", "Limits", "Admission", "EvalSet",
+           "token_upper_bound"]
 
 T = TypeVar("T")
 
@@ -57,6 +61,7 @@ class ServeSettings:
     max_batch_tokens: int = 16384
     max_batch_requests: int = 64
     always_wait: bool = False
+    page: bool = True  # the exploration page at / (its files are served without a key; its data is not)
 
 
 @dataclass
@@ -68,6 +73,7 @@ class AppState:
     metrics: Metrics
     batcher: Batcher
     admitted: Admitted = field(default_factory=Admitted)
+    evalset: EvalSet | None = None  # the page's evaluation sessions and qrels (--eval-file, --qrels)
     tokenize_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def in_thread(self, fn: Callable[[], T]) -> T:
@@ -79,16 +85,18 @@ class AppState:
         return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn)
 
 
-def create_app(service: SearchService, settings: ServeSettings | None = None) -> FastAPI:
-    """The application serving ``service``. Its lifespan starts the batcher and the tokenising threads and stops
-    them (dropping queued jobs nobody waits for); it can run any number of times."""
+def create_app(service: SearchService, settings: ServeSettings | None = None, evalset: EvalSet | None = None
+               ) -> FastAPI:
+    """The application serving ``service`` (and the evaluation sessions ``evalset`` to the page). Its lifespan
+    starts the batcher and the tokenising threads and stops them (dropping queued jobs nobody waits for); it can
+    run any number of times."""
     settings = settings or ServeSettings()
     metrics = Metrics(service.encoder)
     batcher = Batcher(service.run_batch, max_wait_ms=settings.max_wait_ms,
                       max_batch_tokens=settings.max_batch_tokens, max_batch_requests=settings.max_batch_requests,
                       max_queued_tokens=settings.admission.max_queued_tokens, metrics=metrics,
                       always_wait=settings.always_wait)
-    state = AppState(service=service, settings=settings, metrics=metrics, batcher=batcher)
+    state = AppState(service=service, settings=settings, metrics=metrics, batcher=batcher, evalset=evalset)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -110,11 +118,15 @@ def create_app(service: SearchService, settings: ServeSettings | None = None) ->
     app.add_exception_handler(LimitError, _over_limit)
     app.add_exception_handler(QueueFull, _queue_full)
     app.include_router(router)
+    app.include_router(eval_router)
+    if settings.page:
+        app.include_router(page_router(auth_required=bool(settings.api_keys)))
     # added innermost first: each add_middleware wraps everything added before it
     app.add_middleware(BodyLimit, max_body_bytes=settings.limits.max_body_bytes)
     app.add_middleware(AdmissionControl, settings=settings.admission, metrics=metrics,
                        retry_after=batcher.retry_after, admitted=state.admitted)
-    app.add_middleware(Authentication, keys=ApiKeys(settings.api_keys) if settings.api_keys else None)
+    app.add_middleware(Authentication, keys=ApiKeys(settings.api_keys) if settings.api_keys else None,
+                       open_paths=("/healthz", *(PAGE_PATHS if settings.page else ())))
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

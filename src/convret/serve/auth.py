@@ -74,9 +74,9 @@ class ApiKeys:
 
 
 class Authentication:
-    """ASGI middleware: 401 without a valid key, except on ``open_paths`` (the health probe), which are told
-    whether the caller is authenticated (``scope["convret.authenticated"]``). Every request's tenant is put in
-    ``scope["convret.tenant"]``."""
+    """ASGI middleware: 401 without a valid key, except on ``open_paths`` (the health probe; the page's files,
+    which hold no data), which are told whether the caller is authenticated (``scope["convret.authenticated"]``).
+    Every request's tenant is put in ``scope["convret.tenant"]``."""
 
     def __init__(self, app, keys: ApiKeys | None, open_paths: Iterable[str] = ("/healthz",)):
         self.app = app

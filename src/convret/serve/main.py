@@ -49,15 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convret serve",
         description="Serve conversational search over HTTP (FastAPI + uvicorn): POST /v1/search, POST /v1/encode, "
-                    "GET /healthz, GET /metrics (Prometheus), OpenAPI page at /docs. Each conversation's session "
-                    "is cached (keys / values per layer) so that a new turn runs only its new tokens; concurrent "
-                    "requests are batched into one forward pass. Binds 127.0.0.1 unless --host says otherwise; any "
+                    "GET /healthz, GET /metrics (Prometheus), OpenAPI page at /docs, and a page at / to explore the "
+                    "retriever turn by turn (--eval-file, --qrels). Each conversation's session is cached (keys / "
+                    "values per layer) so that a new turn runs only its new tokens; concurrent requests are batched "
+                    "into one forward pass. Binds 127.0.0.1 unless --host says otherwise; any "
                     "other address requires --api-key-file. Under load it sheds work (503 with Retry-After) "
                     "rather than queueing without bound. SIGTERM finishes the requests in flight, then exits.")
     p.add_argument("--model", required=True, help="checkpoint directory (convret train's OUTPUT_DIR/final)")
     p.add_argument("--index", required=True, help="index directory (convret index) built with this model")
     p.add_argument("--collection", required=True, help="the collection the index was built from (passage texts)")
-    from ..data.readers import COLLECTION_FORMATS
+    from ..data.readers import COLLECTION_FORMATS, CONVERSATION_FORMATS
 
     p.add_argument("--format", default="auto", choices=["auto", *COLLECTION_FORMATS], metavar="FORMAT",
                    help="format of --collection (default: auto, detected from its first record; "
@@ -68,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passage-store", default=None,
                    help="the passages' texts on disk (SQLite), built from --collection at the first start and "
                         "reused while the collection and the index are unchanged (default: INDEX/passages.sqlite)")
+    p.add_argument("--eval-file", default=None,
+                   help="evaluation sessions the page at / can load and replay turn by turn (any format `convret "
+                        "evaluate --conversations` reads)")
+    p.add_argument("--eval-format", default="auto", choices=["auto", *CONVERSATION_FORMATS], metavar="FORMAT",
+                   help=f"format of --eval-file (default: auto; {', '.join(CONVERSATION_FORMATS)})")
+    p.add_argument("--qrels", default=None,
+                   help="TREC qrels of --eval-file's queries: the page marks each passage's judged relevance")
+    p.add_argument("--no-page", action="store_true",
+                   help="no exploration page at / (the JSON API only)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key-file", default=None,
@@ -140,7 +150,7 @@ def settings_from_args(args: argparse.Namespace, api_keys: list[str]):
     return ServeSettings(limits=limits, admission=admission, api_keys=api_keys, cors_origins=args.cors_origin,
                          max_wait_ms=args.max_wait_ms, max_batch_tokens=args.max_batch_tokens,
                          max_batch_requests=1 if args.no_batching else args.max_batch_requests,
-                         always_wait=args.always_wait)
+                         always_wait=args.always_wait, page=not args.no_page)
 
 
 def _check(args: argparse.Namespace) -> list[str]:
@@ -164,6 +174,8 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--max-connections ({args.max_connections}) must exceed --max-concurrent-requests "
                          f"({args.max_concurrent_requests}): the connections beyond it keep /healthz and /metrics "
                          "answering under load")
+    if args.qrels and not args.eval_file:
+        raise ValueError("--qrels needs --eval-file: the qrels judge the queries of an evaluation file")
     check_inputs(args.model, args.index, args.collection, args.format, args.allow_model_mismatch)
     return keys
 
@@ -172,6 +184,11 @@ def main(argv: list[str]) -> int:
     args = parse(build_parser(), argv)
     try:
         keys = _check(args)
+        evalset = None
+        if args.eval_file:
+            from .page import EvalSet
+
+            evalset = EvalSet.load(args.eval_file, args.eval_format, args.qrels)
     except ValueError as error:
         print(f"convret serve: error: {error}", file=sys.stderr)
         return 2
@@ -195,7 +212,7 @@ def main(argv: list[str]) -> int:
         print(f"convret serve: error: {error}", file=sys.stderr)
         return 1
     settings = settings_from_args(args, keys)
-    app = create_app(service, settings)
+    app = create_app(service, settings, evalset)
     print(f"convret serve: {len(service.doc_ids)} passages, model {args.model}, cache {args.cache_mb:g} MiB, "
           f"http://{args.host}:{args.port}" + (f" ({len(keys)} API key(s) required)" if keys else ""),
           file=sys.stderr, flush=True)

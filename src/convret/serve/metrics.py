@@ -8,7 +8,8 @@ from ..retrieval.session_encoder import SessionEncoder
 __all__ = ["Metrics", "RequestMetrics", "ENDPOINTS"]
 
 # answers to any other path are counted as "other" (a label per path requested would let clients grow the series)
-ENDPOINTS = frozenset({"/v1/search", "/v1/encode", "/healthz", "/metrics"})
+ENDPOINTS = frozenset({"/v1/search", "/v1/encode", "/healthz", "/metrics", "/v1/eval/sessions", "/v1/eval/session",
+                       "/v1/qrels", "/"})
 
 
 class Metrics:

@@ -10,7 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["TurnIn", "SearchIn", "SessionIn", "PassageIn", "EncodeIn", "Encoding", "Hit", "SearchOut", "EncodeOut",
-           "HealthOut", "ErrorOut", "ValidationErrorOut", "CONVERSATION_ID"]
+           "HealthOut", "ErrorOut", "ValidationErrorOut", "TurnOut", "EvalSessionSummary", "EvalSessionsOut",
+           "EvalTurnOut", "EvalSessionOut", "QrelsOut", "CONVERSATION_ID"]
 
 CONVERSATION_ID = r"^[A-Za-z0-9._:@+=-]{1,128}$"
 _CONVERSATION_ID_DOC = "the cache key of the conversation: 1-128 of [A-Za-z0-9._:@+=-]; without it nothing is cached"
@@ -137,3 +138,43 @@ class ErrorItem(BaseModel):
 
 class ValidationErrorOut(BaseModel):
     detail: list[ErrorItem]
+
+
+# ---------------------------------------------------------------------------------------------- the page's data
+class TurnOut(BaseModel):
+    role: Literal["user", "assistant"]
+    text: str
+
+
+class EvalSessionSummary(BaseModel):
+    conv_id: str
+    turns: int
+    first_query: str
+
+
+class EvalSessionsOut(BaseModel):
+    """``loaded``: whether the server was started with ``--eval-file``; ``qrels``: with ``--qrels``."""
+
+    loaded: bool
+    qrels: bool
+    sessions: list[EvalSessionSummary]
+
+
+class EvalTurnOut(BaseModel):
+    """One evaluation query: its session is ``history`` then the user's ``query``."""
+
+    qid: str
+    turn_id: str
+    history: list[TurnOut]
+    query: str
+    rewrite: str | None = None
+
+
+class EvalSessionOut(BaseModel):
+    conv_id: str
+    turns: list[EvalTurnOut]
+
+
+class QrelsOut(BaseModel):
+    qid: str
+    judgments: dict[str, int]
