@@ -178,7 +178,7 @@ def step(model, examples, shape: dict, config: Config) -> float:
         contrastive = F.cross_entropy(queries @ passages.T / TEMPERATURE, torch.arange(len(queries)) * group)
     loss = contrastive + ALPHA * generation
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def lora_grads(model) -> torch.Tensor:
@@ -335,7 +335,8 @@ def headline(ratios: Sequence[float | None], max_spread: float = DEFAULT_MAX_SPR
     else:
         note = ("; one round: agreement not checked (--reps 2 or more checks it)" if len(complete) == 1 else
                 f" <= {max_spread}")
-        out.update(ratio=out["median"], message=f"{out['median']:.2f}x faster (median of {len(complete)} rounds; "
+        out.update(ratio=out["median"], message=f"{out['median']:.2f}x faster (median of {len(complete)} round"
+                                                f"{'s' * (len(complete) > 1)}; "
                                                 f"{span}{note})")
     return out
 
@@ -590,7 +591,7 @@ def format_report(payload: dict) -> str:
     lines += [f"Qwen2 (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads / {s['kv_heads']} KV heads, "
               f"vocab {s['vocab']}, LoRA r=16), fp32; {s['sessions']} sessions of {s['session']} + 3 tokens, "
               f"1 + {s['negatives']} passages of {s['passage']}, responses of {s['response']}; one-pass rows of "
-              f"{s['max_len']}. Step time: median of {payload['reps']} rounds, all rows in one process, in a fresh "
+              f"{s['max_len']}. Step time: median of {payload['reps']} round{'s' * (payload['reps'] > 1)}, all rows in one process, in a fresh "
               "random order each round; peak: fresh process per row, VmHWM above the built model.", ""]
     rows = []
     ref = payload["results"][0]
