@@ -21,9 +21,20 @@ difference between two neighbouring rows is what that part buys:
 6. + caching allocator: ``convret.enable_cpu_caching_allocator()`` (CPU only) = convret as shipped.
 
 Every row computes the same loss from the same weights and batch: the check compares each row's loss and
-LoRA gradients with the reference's. Time: all rows side by side in one process, alternating, medians after
-one warm-up step each (the allocator row turns the cache on for its own step and off after it). Peak memory:
-a fresh process per row, ``VmHWM`` above the built model.
+LoRA gradients with the reference's. Time: the rows of ``--rows`` side by side in one process, in a fresh
+random order each round (``--seed``, the orders recorded), medians after one warm-up step each (the allocator
+row turns the cache on for its own step and off after it). Peak memory: a fresh process per row, ``VmHWM``
+above the built model.
+
+Allocators (``--allocators``, default glibc, jemalloc and tcmalloc): the reference, convret's parts on that
+malloc (row ``chunked``) and convret as shipped (row ``cache``) in a fresh process per cell and round, with
+``LD_PRELOAD`` set to the malloc's library (found under /usr/lib/<multiarch>; one not installed is reported as
+skipped, with its Debian package); each cell one untimed and one timed step, peak RSS of both. The per-round
+speed-up is the reference's fastest malloc over convret's fastest cell in that round. Headline: the median of
+the per-round speed-ups (of the allocator rounds; of the in-process rounds with ``--allocators none``), written
+only when the largest is at most ``--max-round-spread`` times the smallest; otherwise the report says "rounds
+disagree: no headline" and the command exits with 3. The 1-min load average is recorded before and after the
+run and at the start of every round.
 """
 from __future__ import annotations
 
