@@ -89,8 +89,10 @@ def test_loss_smoke(tmp_path):
 
 
 def test_step_smoke_ablation_rows_match_the_reference(tmp_path):
-    code, payload = bench(tmp_path, "step", "--smoke", "--no-memory")
+    # --allocators none: the allocator cells are fresh processes (~10 s each here); tests/test_bench_step.py
+    code, payload = bench(tmp_path, "step", "--smoke", "--no-memory", "--allocators", "none")
     assert code == 0 and payload["passed"]
+    assert payload["headline"]["source"] == "ablation" and payload["headline"]["ratio"] > 0
     rows = payload["results"]
     assert rows[0]["config"]["name"].startswith("reference")
     assert len(rows) >= 5

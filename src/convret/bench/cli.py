@@ -5,7 +5,8 @@ flags, shapes, every measurement, the in-run GEMM ceiling), ``--out/NAME.md`` an
 
 Exit codes: 0 done (and every numerical check passed); 1 a numerical check failed (for ``encode``: convret's
 encoder and the plain HF way give different embeddings; for ``serve``: the incremental and the full encode differ,
-or a request failed); 2 bad usage; 4 ``gpu-check``: nothing failed, but the CUDA checks could not run (no CUDA device).
+or a request failed); 2 bad usage; 3 ``step``: the checks passed, but the per-round speed-ups disagree by more
+than ``--max-round-spread``, so no headline figure was written; 4 ``gpu-check``: nothing failed, but the CUDA checks could not run (no CUDA device).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gpu-check": ("convret.bench.gpu_check", "on CUDA: every kernel vs its oracle in fp16/bf16/fp32, then timings"),
 }
 
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_NO_CUDA = 0, 1, 2, 4
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_NO_HEADLINE, EXIT_NO_CUDA = 0, 1, 2, 3, 4
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
