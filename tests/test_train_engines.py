@@ -45,6 +45,11 @@ MODES = {
 }
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-4
+# GradCache embeds the batch in chunks (other GEMM shapes, so other rounding than the whole batch's pass), and
+# Adam's first steps, normalised per parameter, carry that round-off into the loss of step 3: 1.4e-5 relative
+# under each engine on an Intel Xeon (AVX-512), within 1e-5 on the AMD EPYC the test was written on; the final
+# weights stay within WEIGHT_RTOL
+GRADCACHE_LOSS_RTOL = 1e-4
 HAS_DEEPSPEED = True
 try:
     import deepspeed as _deepspeed  # noqa: F401
@@ -197,11 +202,11 @@ def _weights(directory: Path, mode: str) -> dict[str, torch.Tensor]:
     return load_file(directory / ("model.safetensors" if mode == "full" else "adapter_model.safetensors"))
 
 
-def _assert_same_training(ref: Path, out: Path, mode: str, what: str = "final") -> None:
+def _assert_same_training(ref: Path, out: Path, mode: str, what: str = "final", loss_rtol: float = LOSS_RTOL) -> None:
     a, b = _losses(ref), _losses(out)
     assert len(a) == len(b) == STEPS, (a, b)
     for step, (x, y) in enumerate(zip(a, b), 1):
-        assert abs(x - y) <= LOSS_RTOL * abs(x), f"step {step}: loss {x} (one process) vs {y}"
+        assert abs(x - y) <= loss_rtol * abs(x), f"step {step}: loss {x} (one process) vs {y}"
     wa, wb, init = _weights(ref / what, mode), _weights(out / what, mode), _weights(ref / "init", mode)
     assert wa.keys() == wb.keys()
     moved = max(float((wa[k] - init[k]).abs().max()) for k in wa if k in init)
@@ -298,7 +303,8 @@ def test_gradcache_under_the_engine_equals_one_process(world, reference, tmp_pat
     out = tmp_path / f"{engine}-gradcache"
     _check_finished(_torchrun(world, out, engine, "full", *accumulation, "--gradcache_chunk_rows", "1", batch=2))
     _engine_report(out, engine)
-    _assert_same_training(reference("full", "--per_device_train_batch_size", "4", *accumulation), out, "full")
+    _assert_same_training(reference("full", "--per_device_train_batch_size", "4", *accumulation), out, "full",
+                          loss_rtol=GRADCACHE_LOSS_RTOL)
 
 
 RESUME = [
