@@ -120,7 +120,7 @@ setup(
         "serve": SERVE,
         "test": ["pytest", "hypothesis", "pytest-benchmark", TRANSFORMERS, PEFT, "safetensors", "tokenizers",
                  ACCELERATE, "pyyaml", "tqdm", DATASETS, FAISS, PYTREC_EVAL, SENTENCE_TRANSFORMERS, "rouge-score",
-                 "matplotlib", BM25S, AIOHTTP] + SERVE,
+                 "matplotlib", BM25S, AIOHTTP, "schemathesis>=4.0"] + SERVE,
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )

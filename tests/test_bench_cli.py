@@ -239,6 +239,10 @@ def test_serve_smoke(tmp_path):
     for row in payload["encoder_batching"]:
         assert row["max_abs_diff"] <= 1e-5 and row["single_ms_per_request"] > 0 and row["batched_ms_per_request"] > 0
         assert 0 < row["computed_tokens_per_request"] and row["reused_tokens_per_request"] > 0
+    # the memory part: a server over 2,000 passages (its passage store built at its start)
+    [memory] = payload["memory"]
+    assert memory["passages"] == 2000 and memory["store_mb"] > 0 and memory["dict_mb"] >= 0
+    assert 0 < memory["first_rss_mb"] <= memory["first_peak_mb"]
 
 
 @pytest.mark.skipif(not __import__("convret.ops.session_attention.cpu", fromlist=["cpu"]).native_available(),

@@ -74,8 +74,14 @@ def test_one_checkout_is_never_mixed_with_another(tmp_path):
 def wheel(tmp_path_factory) -> Path:
     """``pip wheel .`` against the installed torch (no build isolation, as the README says)."""
     dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(dist),
-          str(ROOT)], cwd=ROOT, timeout=900)
+    egg_info = ROOT / "src" / "convret.egg-info"  # setuptools' in-tree build metadata: remove it if this made it
+    existed = egg_info.exists()
+    try:
+        _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(dist),
+              str(ROOT)], cwd=ROOT, timeout=900)
+    finally:
+        if not existed:
+            shutil.rmtree(egg_info, ignore_errors=True)
     (built,) = dist.glob("convret-*.whl")
     return built
 
@@ -146,3 +152,81 @@ def test_the_claimed_floors_are_the_versions_ci_tests():
                 floors.setdefault(canonicalize_name(requirement.name), set()).add(Version(spec.version))
     for name, pin in pins.items():
         assert floors.get(name) == {pin}, f"{name}: floors {floors.get(name)} in setup.py, {pin} in .ci/oldest.txt"
+
+
+def _convret_import_graph() -> dict[str, set[str]]:
+    """module -> the convret modules it imports anywhere in its source (top level, inside functions, under
+    TYPE_CHECKING), relative imports resolved, ``from package import name`` taken as the submodule when one
+    exists."""
+    import ast
+
+    package_root = ROOT / "src" / "convret"
+    modules: dict[str, tuple[Path, bool]] = {}
+    for path in package_root.rglob("*.py"):
+        parts = list(path.relative_to(package_root.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_package) in modules.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names if alias.name.split(".")[0] == "convret")
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = name.split(".") if is_package else name.split(".")[:-1]
+                    module = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                if module.split(".")[0] == "convret":
+                    targets.update(f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module
+                                   for alias in node.names)
+        graph[name] = {t for t in map(owner, targets) if t and t != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circle_in_convret():
+    """Data flows one way: no module imports (at any depth, lazily or not) a module that imports it back."""
+    graph = _convret_import_graph()
+    assert len(graph) > 50 and "convret.train.main" in graph["convret.cli"] | {"convret.train.main"}
+    assert _cycles(graph) == []
+    # the checker finds a circle where there is one
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -10,11 +10,7 @@
   budget at every poll.
 """
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,89 +21,16 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from convret.cli import main as cli  # noqa: E402
 from convret.data import read_conversations  # noqa: E402
 from convret.retrieval._data import load_run  # noqa: E402
-from _retrieval_fixtures import tiny_checkpoint, write_eval_world  # noqa: E402
+from _serve_world import Server, base_args, build_world, free_port  # noqa: E402
 
-START_TIMEOUT = 90  # seconds for a server to load (the machine is shared)
 CACHE_MB = 0.15
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, args, port, env=None):
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(args.log, "w") if hasattr(args, "log") else None
-        self.proc = subprocess.Popen([sys.executable, "-m", "convret", "serve", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env)
-        self.output: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.output.append(line)
-
-    def wait_ready(self, headers=None):
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + "".join(self.output))
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2, headers=headers).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not ready:\n" + "".join(self.output))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import torch
-
-    d = tmp_path_factory.mktemp("serve")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: more threads stall more than they help at this size
-    try:
-        return _build_world(d)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _build_world(d):
-    ck = tiny_checkpoint(d / "ck")
-    write_eval_world(d / "w", n_conv=4, turns=4)
-    assert cli(["encode", "--model", str(ck), "--collection", str(d / "w/collection.jsonl"), "--output",
-                str(d / "emb"), "--no-progress"]) == 0
-    assert cli(["index", "--embeddings", str(d / "emb"), "--output", str(d / "idx"), "--cpu"]) == 0
-    assert cli(["encode", "--model", str(ck), "--conversations", str(d / "w/eval.json"), "--output",
-                str(d / "q"), "--no-progress"]) == 0
-    assert cli(["search", "--index", str(d / "idx"), "--queries", str(d / "q"), "--top_k", "5", "--output",
-                str(d / "run.trec")]) == 0
-    return {"dir": d, "model": str(ck), "index": str(d / "idx"), "collection": str(d / "w/collection.jsonl"),
-            "eval": str(d / "w/eval.json"), "run": str(d / "run.trec"), "emb": str(d / "emb")}
-
-
-def base_args(world, port):
-    return ["--model", world["model"], "--index", world["index"], "--collection", world["collection"],
-            "--port", str(port), "--log-level", "warning", "--threads", "1"]
+    return build_world(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """SessionEncoder: incremental session encoding equals a full encode (``Encoder.encode_sessions``, the path of
 ``convret encode``) in fp32 within 1e-5, for growing sessions, edited sessions and truncated sessions, on the
-tiny Qwen2 retriever and on every family of the model matrix; the cache stays within its byte budget.
+tiny Qwen2 retriever and on every family of the model matrix, with and without ``chatretriever_compat`` (whose
+summary block starts with the separator); the cache stays within its byte budget; the LRU order is observable.
 The cached prefill runs on the backend "auto" picks (the native CPU kernel when built); the growing-session and
 mixed-batch tests run on both CPU backends of it, ``cpu`` and ``sdpa``, forced through
 ``$CONVRET_BACKEND_CACHED_SESSION_ATTENTION``."""
@@ -138,6 +139,94 @@ def test_cache_budget_lru_eviction(tiny):
     np.testing.assert_allclose(vec, full(tiny, turns), atol=TOL, rtol=0)
 
 
+def lru_violations(se) -> list[str]:
+    """Runs an eviction scenario on an empty ``se`` and returns what contradicts least-recently-used order.
+
+    Four equal-sized sessions (5 tokens each plus the template); the budget holds three. a, b, c are cached, a is
+    asked again (the most recent now), d arrives: b, the least recently used, must go. Then c is asked again and
+    e arrives: a must go. Which conversations are cached is read with ``cached_tokens`` and with the next
+    request's ``cache`` status (a hit or a miss)."""
+    sessions = {cid: [Turn("user", " ".join(f"w{10 * i + j}" for j in range(5)))] for i, cid in enumerate("abcde")}
+    se.encode("a", sessions["a"])
+    entry = se.cache_info()["bytes"]
+    se.stats.budget_bytes = int(3.5 * entry)
+    problems = []
+
+    def expect(cached: str, gone: str, when: str) -> None:
+        held = {cid for cid in "abcde" if se.cached_tokens(cid)}
+        if held != set(cached):
+            problems.append(f"{when}: cached {sorted(held)}, expected {sorted(cached)}")
+        for cid in gone:
+            if se.cached_tokens(cid):
+                problems.append(f"{when}: {cid} should have been evicted")
+
+    for cid in "bc":
+        se.encode(cid, sessions[cid])
+    expect("abc", "", "after a, b, c")
+    se.encode("a", sessions["a"])  # a: the most recently used
+    se.encode("d", sessions["d"])
+    expect("acd", "b", "after a again, then d")
+    se.encode("c", sessions["c"])
+    se.encode("e", sessions["e"])
+    expect("cde", "a", "after c again, then e")
+    statuses = {cid: se.encode(cid, sessions[cid])[1].cache for cid in "ed"}
+    if statuses != {"e": "hit", "d": "hit"}:
+        problems.append(f"the most recent conversations are not hits: {statuses}")
+    return problems
+
+
+def test_cache_evicts_the_least_recently_used_conversation(tiny):
+    """The eviction order is observable: the conversation evicted is the least recently *used* one (a request
+    refreshes it), never the newest. Mutants prove that this test can fail: a cache that evicts its most recent
+    entry, with and without the refresh on use (``move_to_end``; storing the new session re-inserts the entry,
+    which refreshes it too)."""
+    from collections import OrderedDict
+
+    class EvictsTheNewest(OrderedDict):
+        def popitem(self, last=True):
+            return super().popitem(last=True)
+
+    class EvictsTheNewestNeverRefreshed(EvictsTheNewest):
+        def move_to_end(self, key, last=True):
+            pass
+
+    assert lru_violations(SessionEncoder(tiny, cache_mb=1)) == []
+    for mutant in (EvictsTheNewest, EvictsTheNewestNeverRefreshed):
+        se = SessionEncoder(tiny, cache_mb=1)
+        se._cache = mutant()
+        assert lru_violations(se), f"the scenario does not notice a cache that {mutant.__name__}"
+
+
+def test_chatretriever_compat_sessions_equal_convret_encode(tmp_path):
+    """A chatretriever_compat checkpoint appends [separator, EMB_1..EMB_t] to every session: the incremental
+    encoder, turn by turn under one conversation id (cache hits), gives the vectors `convret encode` writes."""
+    from convret.cli import main as cli
+    from convret.data import read_conversations
+    from convret.retrieval.embeddings import read_embeddings
+    from _retrieval_fixtures import write_eval_world
+    from _tiny import word_tokenizer
+
+    separator = word_tokenizer().convert_tokens_to_ids("<|im_end|>")
+    ck = tiny_checkpoint(tmp_path / "ck", chatretriever_compat=True, separator_token="<|im_end|>",
+                         separator_token_id=separator)
+    write_eval_world(tmp_path / "w", n_conv=2, turns=3)
+    assert cli(["encode", "--model", str(ck), "--conversations", str(tmp_path / "w/eval.json"), "--output",
+                str(tmp_path / "q"), "--no-progress"]) == 0
+    ids, vectors, _ = read_embeddings(tmp_path / "q")
+    want = dict(zip(ids, vectors))
+    encoder = Encoder.from_checkpoint(ck)
+    se = SessionEncoder(encoder, cache_mb=4)
+    infos = []
+    for turn in read_conversations(tmp_path / "w/eval.json"):
+        turns = [*turn.history, Turn("user", turn.query)]
+        request = se.session_request(f"c{turn.conv_id}", turns)
+        assert request.tokens[-4:] == [separator, *encoder.config.summary_token_ids]
+        vec, info = se.encode(f"c{turn.conv_id}", turns)
+        np.testing.assert_allclose(vec, want[turn.qid], atol=TOL, rtol=0)
+        infos.append(info)
+    assert [i.cache for i in infos] == ["miss", "hit", "hit"] * 2
+
+
 def test_bad_turns_raise():
     with pytest.raises(ValueError, match="role"):
         turns_of([{"role": "system", "text": "x"}])
@@ -149,7 +238,7 @@ def test_bad_turns_raise():
         turns_of([])
 
 
-def family_checkpoint(model_dir, out_dir, max_session_len, **config_overrides):
+def family_checkpoint(model_dir, out_dir, max_session_len, compat=False, **config_overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from convret.data.summary_tokens import add_summary_tokens
@@ -162,7 +251,11 @@ def family_checkpoint(model_dir, out_dir, max_session_len, **config_overrides):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    config = RetrieverConfig(summary.tokens, summary.ids, max_session_len=max_session_len, max_passage_len=64)
+    # chatretriever_compat: every summary block is [separator, EMB_1..EMB_t], the separator the EOS by default
+    separator = dict(chatretriever_compat=True, separator_token=tokenizer.eos_token,
+                     separator_token_id=tokenizer.eos_token_id) if compat else {}
+    config = RetrieverConfig(summary.tokens, summary.ids, max_session_len=max_session_len, max_passage_len=64,
+                             **separator)
     return save_retriever(out_dir, model, tokenizer, config)
 
 
@@ -170,9 +263,12 @@ FAMILY_WORDS = ["tell", "me", "about", "the", "lighthouse", "color", "and", "wha
                 "it", "is", "built", "year", "museum", "bridge", "river", "old", "stone"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_model_matrix_family(family, model_family, tmp_path):
-    encoder = Encoder.from_checkpoint(family_checkpoint(model_family(family), tmp_path / "ck", 180))
+@pytest.mark.parametrize("family,compat", [(f, False) for f in FAMILIES] + [("llama3", True)],
+                         ids=[*FAMILIES, "llama3-chatretriever-compat"])
+def test_model_matrix_family(family, compat, model_family, tmp_path):
+    encoder = Encoder.from_checkpoint(family_checkpoint(model_family(family), tmp_path / "ck", 180, compat))
+    assert encoder.config.summary_block()[0] == (encoder.tokenizer.eos_token_id if compat else
+                                                 encoder.config.summary_token_ids[0])
     se = SessionEncoder(encoder, cache_mb=8)
     rng = random.Random(4)
     turns, infos = grow_and_check(encoder, se, rng, turns_n=3, words=FAMILY_WORDS)

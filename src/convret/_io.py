@@ -15,13 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "atomic_directory", "fsync_tree", "current_umask"]
+__all__ = ["atomic_write", "atomic_file", "atomic_directory", "fsync_tree", "current_umask"]
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """``with atomic_write(path) as f: f.write(...)``: ``path`` appears complete or not at all (an existing
-    file is replaced only when the block succeeds)."""
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_file(path) as tmp: write the file tmp``: for writers that need a path rather than a handle
+    (a database); ``path`` appears complete or not at all, as with :func:`atomic_write`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -31,16 +31,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         except FileNotFoundError:
             permissions = 0o666 & ~current_umask()
         os.fchmod(fd, permissions)
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.close(fd)
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """``with atomic_write(path) as f: f.write(...)``: ``path`` appears complete or not at all (an existing
+    file is replaced only when the block succeeds)."""
+    with atomic_file(path) as tmp:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
 
 
 @contextlib.contextmanager

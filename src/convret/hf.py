@@ -418,8 +418,8 @@ def convret_padding_mask(
     mask (True = real token) that :func:`convret_attention_forward` combines with causality and the layer's
     window itself. That needs the queries to be the last keys (no cache, a dynamic cache, a sliding-window
     cache); where they are not (a static cache before it fills) it returns transformers' own 4-D SDPA mask,
-    which the attention function uses as given. Keyword-only in practice: transformers 5.x passes
-    ``q_length``/``q_offset``, 4.57 ``cache_position``."""
+    which the attention function uses as given. Keyword-only in practice (transformers passes ``q_length`` and
+    ``q_offset``)."""
     if kv_length is not None and not _queries_end_the_keys(kv_length, kv_offset, kwargs):
         return _transformers_sdpa_mask(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
                                        attention_mask=attention_mask, **kwargs)
@@ -438,21 +438,14 @@ def convret_padding_mask(
 def _queries_end_the_keys(kv_length: int, kv_offset: int, kwargs: dict[str, Any]) -> bool:
     """Whether the query positions are the last ``q_length`` of the keys ``kv_offset .. kv_offset + kv_length - 1``
     (False where that cannot be read without a host sync under torch.compile)."""
-    if "q_length" in kwargs:  # transformers >= 5.0: q_offset is a tensor for static caches
-        q_length, q_offset = kwargs["q_length"], kwargs.get("q_offset", 0)
-        if isinstance(q_offset, torch.Tensor):
-            if torch.compiler.is_compiling():
-                return False
-            q_offset = int(q_offset)
-        return q_offset + q_length == kv_offset + kv_length
-    cache_position = kwargs.get("cache_position")  # transformers < 5.0
-    if cache_position is None:
+    q_length, q_offset = kwargs.get("q_length"), kwargs.get("q_offset", 0)
+    if q_length is None:  # called without the query's extent: nothing to compare
         return True
-    if cache_position.shape[0] == kv_length and kv_offset == 0:
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    return int(cache_position[-1]) + 1 == kv_offset + kv_length
+    if isinstance(q_offset, torch.Tensor):  # a static cache's offset
+        if torch.compiler.is_compiling():
+            return False
+        q_offset = int(q_offset)
+    return q_offset + q_length == kv_offset + kv_length
 
 
 def _transformers_sdpa_mask(**kwargs: Any) -> torch.Tensor:

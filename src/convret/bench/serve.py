@@ -17,6 +17,12 @@
    asyncio process (aiohttp: a light load generator, so that the server gets the cores), each asking
    ``--requests-per-client`` searches of its own growing conversations; requests per second, p50 / p99
    latency, and the server's and the clients' CPU time per request.
+4. Memory (``--rss-passages``, default 100 k and 1 M): ``convret serve`` over a synthetic collection of that
+   many 500-character passages (sample-world text, unique ids; random vectors in a ``PQ16`` index, 16 bytes per
+   passage, so that the index is not what is measured): the server's RSS (``VmRSS``) after 200 searches and its
+   peak (``VmHWM``), at its first start (building the passage store) and at a second (reusing it); beside it the
+   RSS that a dict of the collection's texts, what the service held before the passage store, adds to a process.
+   RSS figures do not depend on the machine's load.
 
 The model is a tiny Qwen2 built from a config (``--hidden``, ``--layers``; the sample world's tokenizer; no
 weights downloaded), fp32.
@@ -29,6 +35,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -58,6 +65,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--server-threads", type=int, default=None, help="torch threads of the server")
     parser.add_argument("--no-service", action="store_true", help="only the per-turn latency and the encoder "
                                                                     "batching (no HTTP service)")
+    parser.add_argument("--rss-passages", default="100000,1000000",
+                        help="collection sizes of the memory measurement ('' to skip it)")
 
 
 def sample_words() -> list[str]:
@@ -285,13 +294,100 @@ def service(checkpoint: Path, index: Path, collection: Path, concurrency: list[i
                 record["batching"] = batching
                 rows.append(record)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
     return rows
+
+
+# ------------------------------------------------------------------------------------ 4. memory
+PASSAGE_CHARS = 500
+SEARCHES = 200
+
+
+def synthetic_collection(path: Path, count: int, words: list[str]) -> None:
+    """``count`` passages of about PASSAGE_CHARS characters of sample-world text, ids ``p0``, ``p1``, ..."""
+    rng = random.Random(count)
+    with open(path, "w", encoding="utf-8") as out:
+        for i in range(count):
+            start = rng.randrange(0, len(words) - 120)
+            text = " ".join(words[start : start + 120])[:PASSAGE_CHARS]
+            out.write(json.dumps({"id": f"p{i}", "text": text}) + "\n")
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def _dict_rss(collection: Path) -> int:
+    """RSS that ``{id: (text, title)}`` of the collection adds to a fresh process (the former way)."""
+    code = ("import sys; from convret.data import read_collection; "
+            "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]); "
+            "before = rss(); texts = {p.id: (p.text, p.title or '') for p in read_collection(sys.argv[1])}; "
+            "print((rss() - before) * 1024)")
+    return int(subprocess.run([sys.executable, "-c", code, str(collection)], check=True, capture_output=True,
+                              text=True).stdout.split()[-1])
+
+
+def memory(checkpoint: Path, work: Path, sizes: list[int], threads: int | None,
+           starts: tuple[str, ...] = ("first", "second")) -> list[dict]:
+    import numpy as np
+    import httpx
+
+    from convret.retrieval.embeddings import write_embeddings
+    from convret.retrieval.index import build_index as faiss_index
+
+    words, rows = sample_words(), []
+    dim = json.loads((checkpoint / "config.json").read_text())["hidden_size"]
+    for count in sizes:
+        directory = work / f"rss-{count}"
+        directory.mkdir()
+        collection = directory / "collection.jsonl"
+        synthetic_collection(collection, count, words)
+        rng = np.random.default_rng(0)
+        vectors = rng.standard_normal((count, dim), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        write_embeddings(directory / "emb", [f"p{i}" for i in range(count)], vectors)
+        del vectors
+        faiss_index(directory / "emb", directory / "idx", factory="PQ16")
+        shutil.rmtree(directory / "emb")
+        record: dict[str, Any] = {"passages": count, "collection_mb": collection.stat().st_size / 2**20}
+        for start in starts:
+            port = _free_port()
+            command = [sys.executable, "-m", "convret", "serve", "--model", str(checkpoint), "--index",
+                       str(directory / "idx"), "--collection", str(collection), "--port", str(port),
+                       "--log-level", "warning", "--cache-mb", "64"] + (["--threads", str(threads)] if threads else [])
+            started = time.perf_counter()
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                _wait_ready(url, proc, timeout=1800)
+                record[f"{start}_start_s"] = time.perf_counter() - started
+                rng_q = random.Random(1)
+                with httpx.Client(base_url=url, timeout=60) as client:
+                    for i in range(SEARCHES):
+                        body = {"turns": [{"role": "user", "text": turn_text(rng_q, words, 12)}], "top_k": 10}
+                        response = client.post("/v1/search", json=body)
+                        if response.status_code != 200 or len(response.json()["results"]) != 10:
+                            raise RuntimeError(f"search {i}: {response.status_code} {response.text[:200]}")
+                record[f"{start}_rss_mb"] = _status_bytes(proc.pid, "VmRSS") / 2**20
+                record[f"{start}_peak_mb"] = _status_bytes(proc.pid, "VmHWM") / 2**20
+            finally:
+                _stop(proc)
+        record["store_mb"] = (directory / "idx" / "passages.sqlite").stat().st_size / 2**20
+        record["dict_mb"] = _dict_rss(collection) / 2**20
+        rows.append(record)
+        shutil.rmtree(directory)
+    return rows
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server's graceful shutdown), then a kill after a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -313,12 +409,15 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
 def run(args, argv: list[str]) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     concurrency = [int(x) for x in args.concurrency.split(",")]
+    rss_sizes = [int(x) for x in args.rss_passages.split(",") if x.strip()]
     if args.smoke:
         lengths, args.reps, args.turn_words = [256, 512], 2, 20
         concurrency, args.requests_per_client, args.passages = [1, 4], 3, 40
+        rss_sizes = [2000] if rss_sizes else []
     elif args.quick:
         lengths, args.reps = [1024, 4096], 3
         concurrency, args.requests_per_client, args.passages = [1, 8, 32], 8, 200
+        rss_sizes = [10000, 100000] if rss_sizes else []
     payload: dict[str, Any] = {"benchmark": NAME, "command": H.command_line("convret bench", argv),
                                "environment": H.environment("cpu"), "hidden": args.hidden, "layers": args.layers,
                                "turn_words": args.turn_words, "reps": args.reps}
@@ -334,6 +433,9 @@ def run(args, argv: list[str]) -> int:
                                          args.turn_words, args.server_threads)
         else:
             payload["service"] = []
+        # --smoke: one start (the store's reuse is what tests/test_serve_store.py checks)
+        payload["memory"] = memory(checkpoint, work, rss_sizes, args.server_threads,
+                                   ("first",) if args.smoke else ("first", "second"))
     payload["load_average_after"] = list(os.getloadavg())
     diff = max((r["max_abs_diff"] for r in payload["per_turn"] + payload["encoder_batching"]), default=0.0)
     errors = sum(r["errors"] for r in payload["service"])
@@ -381,6 +483,20 @@ def format_report(payload: dict) -> str:
                          f"x{on['requests_per_s'] / off['requests_per_s']:.2f}", on["errors"] + off["errors"]])
         lines.append(H.markdown_table(["clients", "batching req/s", "p50", "p99", "CPU", "no batching req/s", "p50",
                                        "p99", "CPU", "batching gain", "errors"], rows))
+    if payload.get("memory"):
+        lines += ["", f"Memory: `convret serve` over synthetic collections of {PASSAGE_CHARS}-character passages "
+                      f"(a PQ16 index: 16 bytes per passage), RSS after {SEARCHES} searches and the peak; first "
+                      "start = the passage store built, second = reused; the last column is the RSS a dict of "
+                      "the collection's texts adds to a process (what the service held before the store):", ""]
+        rows = [[f"{r['passages']:,}", f"{r['collection_mb']:.0f} MiB", f"{r['store_mb']:.0f} MiB",
+                 f"{r['first_rss_mb']:.0f} / {r['first_peak_mb']:.0f} MiB",
+                 f"{r['second_rss_mb']:.0f} / {r['second_peak_mb']:.0f} MiB" if "second_rss_mb" in r else "-",
+                 f"{r['first_start_s']:.0f} s / " + (f"{r['second_start_s']:.0f} s" if "second_start_s" in r else "-"),
+                 f"{r['dict_mb']:.0f} MiB"]
+                for r in payload["memory"]]
+        lines.append(H.markdown_table(["passages", "collection", "passage store", "RSS / peak, first start",
+                                       "RSS / peak, second start", "ready after (first / second)",
+                                       "dict of texts"], rows))
     return "\n".join(lines)
 
 

@@ -4,8 +4,9 @@ Session rows are ordinary causal rows, so the keys and values of a session's fir
 tokens only. :class:`SessionEncoder` keeps, per conversation id, the token ids of the last session it encoded
 (without the summary tokens) and every layer's keys / values of them. The next request of that conversation is
 tokenised exactly as ``convret encode`` tokenises a session (the checkpoint's ``SequenceFormatter.session``,
-then the summary tokens); the longest common token prefix with the cached ids is reused and only the rest (the
-new turn's tokens and the summary tokens) runs, through :func:`convret.ops.session_attention.cached.cached_session_attention`.
+then its summary block: the summary tokens, after the separator under ``chatretriever_compat``); the longest
+common token prefix with the cached ids is reused and only the rest (the new turn's tokens and the summary block)
+runs, through :func:`convret.ops.session_attention.cached.cached_session_attention`.
 The summary tokens' keys / values are never cached (the next turn's tokens come before the next summary).
 
 When truncation (``max_session_len``) starts dropping the oldest turns, or a turn is edited, the common prefix
@@ -147,7 +148,8 @@ class SessionEncoder:
         self.device = next(self.decoder.parameters()).device
         self.token_budget = token_budget or encoder.token_budget
         self.normalize = bool(encoder.config.normalize)
-        self.summary_ids = list(encoder.config.summary_token_ids)
+        # the ids convret encode appends to a session: [separator, EMB_1..EMB_t] under chatretriever_compat
+        self.summary_ids = list(encoder.config.summary_block())
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self.stats = CacheStats(budget_bytes=int(cache_mb * 2**20))
         self._lock = threading.RLock()

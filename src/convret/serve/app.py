@@ -1,57 +1,57 @@
-"""The FastAPI application of ``convret serve``: endpoints, validation, limits, API key, metrics.
+"""The FastAPI application of ``convret serve``: its endpoints, and the middlewares assembled around them.
 
-Endpoints (JSON bodies, pydantic validation; the OpenAPI page is at ``/docs``):
+Endpoints (JSON bodies, pydantic validation: :mod:`convret.serve.schemas`; the OpenAPI page is at ``/docs``):
 
 - ``POST /v1/search``: ``{"conversation_id"?, "turns": [{"role", "text"}], "top_k"?}`` -> the top passages
   (id, score, text, title) and how the session was encoded (tokens reused from the cache, tokens computed).
 - ``POST /v1/encode``: ``{"sessions"?: [{"turns", "conversation_id"?}], "passages"?: [{"text", "title"?}]}``
   -> their vectors.
-- ``GET /healthz``: liveness and what is loaded (never needs the API key).
+- ``GET /healthz``: liveness for anyone; what is loaded, to an authenticated caller.
 - ``GET /metrics``: Prometheus text format.
 
-No request field names a file or a path: the model, index and collection are fixed when the server starts.
+A request passes, outermost first: :class:`~convret.serve.metrics.RequestMetrics` (every answer counted),
+CORS (when origins are allowed: a preflight is answered here), :class:`~convret.serve.auth.Authentication`,
+:class:`~convret.serve.admission.AdmissionControl`, :class:`~convret.serve.limits.BodyLimit`, then the routes.
+The routes read everything from ``app.state.convret`` (:class:`AppState`), so that another router can be
+included into the app (``app.include_router``) and reach the same service.
+
+No request field names a file or a path: the model, index and passages are fixed when the server starts.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hmac
-import json
-import re
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Callable, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..data.records import Passage
 from ..retrieval.session_encoder import turns_of
-from .service import Batcher, Job, Metrics, SearchService
+from .admission import Admission, AdmissionControl, Admitted
+from .auth import AUTHENTICATED, TENANT, ApiKeys, Authentication
+from .batching import Batcher, Job, QueueFull
+from .limits import BodyLimit, LimitError, Limits, token_upper_bound
+from .metrics import Metrics, RequestMetrics
+from .schemas import (EncodeIn, EncodeOut, Encoding, ErrorOut, HealthOut, Hit, PassageIn, SearchIn, SearchOut,
+                      TurnIn, ValidationErrorOut)
+from .service import SearchService
 
-__all__ = ["Limits", "create_app", "token_upper_bound"]
+__all__ = ["ServeSettings", "AppState", "create_app", "router", "Limits", "Admission", "token_upper_bound"]
 
-CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:@+=-]{1,128}$")
-
-
-@dataclass
-class Limits:
-    """Per-request limits (413: body size and tokens; 422: counts and values)."""
-
-    max_body_bytes: int = 1 << 20
-    max_turns: int = 256
-    max_text_chars: int = 32768
-    max_tokens: int = 32768  # in the texts of one session or passage (before the model's truncation)
-    max_top_k: int = 1000
-    max_items: int = 256  # sessions + passages of one /v1/encode request
+T = TypeVar("T")
 
 
 @dataclass
 class ServeSettings:
+    """Everything ``convret serve``'s flags set besides the model, index and passages (build with keywords)."""
+
     limits: Limits = field(default_factory=Limits)
-    api_key: str | None = None
+    admission: Admission = field(default_factory=Admission)
+    api_keys: list[str] = field(default_factory=list)  # empty: no key asked (a loopback bind only)
     cors_origins: list[str] = field(default_factory=list)
     max_wait_ms: float = 5.0
     max_batch_tokens: int = 16384
@@ -59,335 +59,233 @@ class ServeSettings:
     always_wait: bool = False
 
 
-# ---------------------------------------------------------------------------------------------- schemas
-class TurnIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["user", "assistant"]
-    text: str
+@dataclass
+class AppState:
+    """What the routes use (``app.state.convret``); the tokenising threads live as long as the app's lifespan."""
 
-    @field_validator("role", mode="before")
-    @classmethod
-    def _any_case(cls, value: Any) -> Any:
-        # "User" / "ASSISTANT" as every convret reader accepts them
-        return value.lower() if isinstance(value, str) else value
+    service: SearchService
+    settings: ServeSettings
+    metrics: Metrics
+    batcher: Batcher
+    admitted: Admitted = field(default_factory=Admitted)
+    tokenize_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    @field_validator("text")
-    @classmethod
-    def _not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("empty text")
-        return value
-
-
-class SearchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    conversation_id: str | None = Field(None, description="reuse this conversation's cached session; 1-128 of "
-                                                          "[A-Za-z0-9._:@+=-]")
-    turns: list[TurnIn] = Field(..., min_length=1, description="the session, oldest first; the last turn is the "
-                                                               "user's query")
-    top_k: int = Field(10, ge=1)
+    async def in_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in a tokenising thread (tokenising holds the GIL: two threads keep the event loop and the
+        forward thread responsive, where starlette's default pool of 40 would let 32 tokenisations starve both).
+        Cancelled with the request when it has not started."""
+        if self.tokenize_pool is None:
+            raise RuntimeError("the app is not running (its lifespan has not started)")
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn)
 
 
-class SessionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    conversation_id: str | None = None
-    turns: list[TurnIn] = Field(..., min_length=1)
-
-
-class PassageIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: str
-    title: str | None = None
-
-
-class EncodeIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    sessions: list[SessionIn] = Field(default_factory=list)
-    passages: list[PassageIn] = Field(default_factory=list)
-
-
-class Encoding(BaseModel):
-    reused_tokens: int
-    computed_tokens: int
-    total_tokens: int
-    cache: str
-
-
-class Hit(BaseModel):
-    id: str
-    score: float
-    text: str
-    title: str
-
-
-class SearchOut(BaseModel):
-    conversation_id: str | None
-    results: list[Hit]
-    encoding: Encoding
-
-
-class EncodeOut(BaseModel):
-    dim: int
-    sessions: list[list[float]]
-    passages: list[list[float]]
-    encodings: list[Encoding]
-
-
-def token_upper_bound(texts: list[str]) -> int:
-    """An upper bound of the tokens any of the field's tokenizers makes of ``texts`` (no special tokens).
-
-    Every token of a byte-level BPE (GPT-2, Llama 3, Qwen), a SentencePiece / Metaspace vocabulary with byte
-    fallback (Llama 2, Mistral), WordPiece or Unigram covers at least one byte of the text as the tokenizer sees
-    it; that text is at most 3x the UTF-8 bytes (a space becomes the 3-byte ``▁``) plus one prepended ``▁``.
-    Checking the token limit against this bound first spares the server a second tokenisation of every
-    ordinary request (the session is tokenised once more, through the chat template, to be encoded)."""
-    return sum(3 * len(text.encode("utf-8")) + 3 for text in texts)
-
-
-class LimitError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-# ---------------------------------------------------------------------------------------------- the app
 def create_app(service: SearchService, settings: ServeSettings | None = None) -> FastAPI:
-    """The application serving ``service``; the batcher starts and stops with the app's lifespan (a SIGTERM
-    lets uvicorn finish the requests in flight, then the batcher finishes its queue and stops)."""
+    """The application serving ``service``. Its lifespan starts the batcher and the tokenising threads and stops
+    them (dropping queued jobs nobody waits for); it can run any number of times."""
     settings = settings or ServeSettings()
-    limits = settings.limits
     metrics = Metrics(service.encoder)
-    # tokenising holds the GIL: two threads keep the event loop and the forward thread responsive, where
-    # starlette's default pool of 40 would let 32 concurrent tokenisations starve both
-    tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="convret-tokenize")
-
-    async def run_in_threadpool(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
-    batcher = Batcher(service.run_batch, settings.max_wait_ms, settings.max_batch_tokens,
-                      settings.max_batch_requests, metrics, settings.always_wait)
+    batcher = Batcher(service.run_batch, max_wait_ms=settings.max_wait_ms,
+                      max_batch_tokens=settings.max_batch_tokens, max_batch_requests=settings.max_batch_requests,
+                      max_queued_tokens=settings.admission.max_queued_tokens, metrics=metrics,
+                      always_wait=settings.always_wait)
+    state = AppState(service=service, settings=settings, metrics=metrics, batcher=batcher)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.tokenize_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                                    thread_name_prefix="convret-tokenize")
         await batcher.start()
-        yield
-        await batcher.stop()
-        tokenize_pool.shutdown(wait=False)
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            state.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+            state.tokenize_pool = None
 
     app = FastAPI(title="convret serve", version="1", lifespan=lifespan,
                   description="Conversational dense retrieval; each new turn is encoded on top of the cached "
                               "session.")
-    app.state.service, app.state.batcher, app.state.metrics = service, batcher, metrics
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, error: RequestValidationError):
-        errors = error.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            ctx = next(e.get("ctx", {}) for e in errors if e.get("type") == "json_invalid")
-            return JSONResponse({"detail": f"malformed JSON: {ctx.get('error', 'cannot parse the body')}"}, 400)
-        return JSONResponse({"detail": [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"),
-                                         "type": e.get("type")} for e in errors]}, 422)
-
-    @app.exception_handler(LimitError)
-    async def _limit(request: Request, error: LimitError):
-        return JSONResponse({"detail": error.message}, error.status)
-
-    def check_turns(turns: list[TurnIn], where: str = "turns") -> list[dict]:
-        if len(turns) > limits.max_turns:
-            raise LimitError(422, f"{where}: {len(turns)} turns exceed the limit max_turns={limits.max_turns}")
-        for i, t in enumerate(turns):
-            if len(t.text) > limits.max_text_chars:
-                raise LimitError(422, f"{where}[{i}].text: {len(t.text)} characters exceed the limit "
-                                      f"max_text_chars={limits.max_text_chars}")
-        return [{"role": t.role, "text": t.text} for t in turns]
-
-    def check_conversation_id(cid: str | None, where: str) -> None:
-        if cid is not None and not CONVERSATION_ID.match(cid):
-            raise LimitError(422, f"{where}: must be 1-128 characters of [A-Za-z0-9._:@+=-]")
-
-    tokenizer = service.encoder.encoder.tokenizer
-
-    def text_tokens(texts: list[str]) -> int:
-        """Tokens of ``texts``; not counted (the bound returned) when the byte bound is within the limit."""
-        bound = token_upper_bound(texts)
-        if bound <= limits.max_tokens:
-            return bound
-        return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
-
-    def session_request(cid, turns, where):
-        # the limit is on what was sent (before the model's own truncation): tokenising is work too
-        count = text_tokens([t["text"] for t in turns])
-        if count > limits.max_tokens:
-            raise LimitError(413, f"{where}: the turns hold {count} tokens, over the limit "
-                                  f"max_tokens={limits.max_tokens}")
-        try:
-            return service.encoder.session_request(cid, turns_of(turns))
-        except ValueError as error:
-            raise LimitError(422, f"{where}: {error}") from None
-
-    def passage_request(p: PassageIn, where):
-        if len(p.text) + len(p.title or "") > limits.max_text_chars:
-            raise LimitError(422, f"{where}: over the limit max_text_chars={limits.max_text_chars}")
-        from ..data.records import Passage
-
-        count = text_tokens([p.text, p.title] if p.title else [p.text])
-        if count > limits.max_tokens:
-            raise LimitError(413, f"{where}: the passage holds {count} tokens, over the limit "
-                                  f"max_tokens={limits.max_tokens}")
-        try:
-            return service.encoder.passage_request(Passage("", p.text, p.title or ""))
-        except ValueError as error:
-            raise LimitError(422, f"{where}: {error}") from None
-
-    async def submit(job: Job):
-        job.cost = sum(service.encoder.estimate_new_tokens(r) for r in job.requests)
-        return await batcher.submit(job)
-
-    @app.post("/v1/search", response_model=SearchOut)
-    async def search(body: SearchIn) -> SearchOut:
-        """The top passages for the session; reuses the conversation's cached session when it has one."""
-        if body.top_k > limits.max_top_k:
-            raise LimitError(422, f"top_k: {body.top_k} exceeds the limit max_top_k={limits.max_top_k}")
-        check_conversation_id(body.conversation_id, "conversation_id")
-        turns = check_turns(body.turns)
-        request = await run_in_threadpool(session_request, body.conversation_id, turns, "turns")
-        result = await submit(Job([request], top_k=body.top_k))
-        texts = service.texts
-        hits = [Hit(id=pid, score=score, text=texts[pid][0], title=texts[pid][1]) for pid, score in result.hits]
-        return SearchOut(conversation_id=body.conversation_id, results=hits,
-                         encoding=Encoding(**result.infos[0].__dict__))
-
-    @app.post("/v1/encode", response_model=EncodeOut)
-    async def encode(body: EncodeIn) -> EncodeOut:
-        """Vectors of sessions and passages (the model's embeddings, as ``convret encode`` writes them)."""
-        count = len(body.sessions) + len(body.passages)
-        if count == 0:
-            raise LimitError(422, "nothing to encode: give sessions and/or passages")
-        if count > limits.max_items:
-            raise LimitError(422, f"{count} sessions + passages exceed the limit max_items={limits.max_items}")
-        prepared = []
-        for i, s in enumerate(body.sessions):
-            check_conversation_id(s.conversation_id, f"sessions[{i}].conversation_id")
-            prepared.append((s.conversation_id, check_turns(s.turns, f"sessions[{i}].turns"), f"sessions[{i}]"))
-
-        def prepare():
-            return ([session_request(*args) for args in prepared]
-                    + [passage_request(p, f"passages[{i}]") for i, p in enumerate(body.passages)])
-
-        requests = await run_in_threadpool(prepare)
-        result = await submit(Job(requests))
-        n = len(body.sessions)
-        return EncodeOut(dim=int(result.vectors.shape[1]), sessions=result.vectors[:n].tolist(),
-                         passages=result.vectors[n:].tolist(),
-                         encodings=[Encoding(**info.__dict__) for info in result.infos])
-
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        info = service.encoder.cache_info()
-        return {"status": "ok", "passages": len(service.doc_ids), "dim": service.encoder.encoder.dim,
-                "model": service.model_path, "index": service.index_path,
-                "cache": {k: info[k] for k in ("bytes", "budget_bytes", "conversations")}}
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
+    app.state.convret = state
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(LimitError, _over_limit)
+    app.add_exception_handler(QueueFull, _queue_full)
+    app.include_router(router)
+    # added innermost first: each add_middleware wraps everything added before it
+    app.add_middleware(BodyLimit, max_body_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(AdmissionControl, settings=settings.admission, metrics=metrics,
+                       retry_after=batcher.retry_after, admitted=state.admitted)
+    app.add_middleware(Authentication, keys=ApiKeys(settings.api_keys) if settings.api_keys else None)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    # outermost: every answer (401, 413, 400 included) is counted and timed
-    app.add_middleware(Guard, limits=limits, api_key=settings.api_key, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app
 
 
-class Guard:
-    """ASGI middleware: API key (constant-time compare), body size limit (413), UTF-8 bodies (400), request
-    metrics. ``/healthz`` needs no key (load balancers probe it)."""
-
-    OPEN_PATHS = frozenset({"/healthz"})
-
-    def __init__(self, app, limits: Limits, api_key: str | None, metrics: Metrics):
-        self.app = app
-        self.limits = limits
-        self.api_key = api_key.encode() if api_key else None
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        endpoint = path if path in ("/v1/search", "/v1/encode", "/healthz", "/metrics") else "other"
-        started = time.perf_counter()
-        status_box = {"status": 500}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status_box["status"] = message["status"]
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self._handle(scope, receive, send_wrapper, path)
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(endpoint, str(status_box["status"])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-
-    async def _handle(self, scope, receive, send, path):
-        if self.api_key is not None and path not in self.OPEN_PATHS and not self._authorized(scope):
-            return await _reply(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                                [(b"www-authenticate", b"Bearer")])
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        limit = self.limits.max_body_bytes
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _reply(send, 413, f"request body of {int(declared)} bytes exceeds the limit "
-                                           f"max_body_bytes={limit}")
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > limit:
-                return await _reply(send, 413, f"request body exceeds the limit max_body_bytes={limit}")
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as error:
-            return await _reply(send, 400, f"request body is not valid UTF-8 (byte {error.start})")
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-    def _authorized(self, scope) -> bool:
-        for name, value in scope.get("headers") or []:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
-        return False
+# ---------------------------------------------------------------------------------------------- errors
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    errors = error.errors()
+    broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if broken is not None:
+        reason = broken.get("ctx", {}).get("error", "cannot parse the body")
+        return JSONResponse({"detail": f"malformed JSON: {reason}"}, 400)
+    return JSONResponse({"detail": [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"),
+                                     "type": e.get("type")} for e in errors]}, 422)
 
 
-async def _reply(send, status: int, detail: str, headers: list | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
+async def _over_limit(request: Request, error: LimitError) -> JSONResponse:
+    if error.status == 422:  # the shape of every other 422: a list of errors naming the field
+        return JSONResponse({"detail": [{"loc": [str(p) for p in error.loc], "msg": error.message,
+                                         "type": "limit"}]}, 422)
+    return JSONResponse({"detail": error.message}, error.status)
+
+
+async def _queue_full(request: Request, error: QueueFull) -> JSONResponse:
+    request.app.state.convret.metrics.shed.labels("queue_full").inc()
+    return JSONResponse({"detail": str(error)}, 503, headers={"Retry-After": str(error.retry_after)})
+
+
+ERRORS = {400: {"model": ErrorOut, "description": "malformed JSON, or a body that is not UTF-8"},
+          401: {"model": ErrorOut, "description": "missing or wrong API key"},
+          413: {"model": ErrorOut, "description": "a body or session over the size limits"},
+          422: {"model": ValidationErrorOut, "description": "invalid or over a count limit"},
+          503: {"model": ErrorOut, "description": "overloaded, timed out or shutting down: retry after the "
+                                                 "Retry-After header's seconds"}}
+
+
+# ---------------------------------------------------------------------------------------------- preparing
+def check_turns(turns: list[TurnIn], limits: Limits, loc: tuple) -> list[dict]:
+    if len(turns) > limits.max_turns:
+        raise LimitError(422, f"{len(turns)} turns exceed the limit max_turns={limits.max_turns}", loc)
+    for i, turn in enumerate(turns):
+        if len(turn.text) > limits.max_text_chars:
+            raise LimitError(422, f"{len(turn.text)} characters exceed the limit max_text_chars="
+                                  f"{limits.max_text_chars}", (*loc, i, "text"))
+    return [{"role": t.role, "text": t.text} for t in turns]
+
+
+def _text_tokens(state: AppState, texts: list[str]) -> int:
+    """Tokens of ``texts``; not counted (the bound returned) when the byte bound is within the limit."""
+    bound = token_upper_bound(texts)
+    if bound <= state.settings.limits.max_tokens:
+        return bound
+    tokenizer = state.service.encoder.encoder.tokenizer
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids)
+
+
+def _session_request(state: AppState, cache_key: str | None, turns: list[dict], loc: tuple):
+    # the limit is on what was sent (before the model's own truncation): tokenising is work too
+    limit = state.settings.limits.max_tokens
+    count = _text_tokens(state, [t["text"] for t in turns])
+    if count > limit:
+        raise LimitError(413, f"{'.'.join(map(str, loc))}: the turns hold {count} tokens, over the limit "
+                              f"max_tokens={limit}")
+    try:
+        return state.service.encoder.session_request(cache_key, turns_of(turns))
+    except ValueError as error:
+        raise LimitError(422, str(error), loc) from None
+
+
+def _passage_request(state: AppState, passage: PassageIn, loc: tuple):
+    limits = state.settings.limits
+    if len(passage.text) + len(passage.title or "") > limits.max_text_chars:
+        raise LimitError(422, f"over the limit max_text_chars={limits.max_text_chars}", loc)
+    count = _text_tokens(state, [passage.text, passage.title] if passage.title else [passage.text])
+    if count > limits.max_tokens:
+        raise LimitError(413, f"{'.'.join(map(str, loc))}: the passage holds {count} tokens, over the limit "
+                              f"max_tokens={limits.max_tokens}")
+    try:
+        return state.service.encoder.passage_request(Passage("", passage.text, passage.title or ""))
+    except ValueError as error:
+        raise LimitError(422, str(error), loc) from None
+
+
+def _job(state: AppState, requests: list, top_k: int | None = None) -> Job:
+    """A job and its cost: the new tokens of its requests against the cache now (a loop over the cached tokens:
+    run in the tokenising thread, never on the event loop)."""
+    encoder = state.service.encoder
+    return Job(requests, top_k=top_k, cost=sum(encoder.estimate_new_tokens(r) for r in requests))
+
+
+def _cache_key(request: Request, conversation_id: str | None) -> str | None:
+    """The conversation's key in the session cache: namespaced by the caller's API key (its tenant), so that no
+    tenant reuses, or learns the length of, another's cached session."""
+    if conversation_id is None:
+        return None
+    tenant = request.scope.get(TENANT, "")
+    return f"{tenant}/{conversation_id}" if tenant else conversation_id
+
+
+# ---------------------------------------------------------------------------------------------- routes
+router = APIRouter()
+
+
+@router.post("/v1/search", response_model=SearchOut, responses=ERRORS)
+async def search(body: SearchIn, request: Request) -> SearchOut:
+    """The top passages for the session; reuses the conversation's cached session when it has one."""
+    state: AppState = request.app.state.convret
+    limits = state.settings.limits
+    if body.top_k > limits.max_top_k:
+        raise LimitError(422, f"top_k: {body.top_k} exceeds the limit max_top_k={limits.max_top_k}",
+                         ("body", "top_k"))
+    turns = check_turns(body.turns, limits, ("body", "turns"))
+    key = _cache_key(request, body.conversation_id)
+    job = await state.in_thread(lambda: _job(state, [_session_request(state, key, turns, ("body", "turns"))],
+                                             body.top_k))
+    result = await state.batcher.submit(job)
+    hits = [Hit(id=pid, score=score, text=text, title=title)
+            for (pid, score), (text, title) in zip(result.hits, result.passages)]
+    return SearchOut(conversation_id=body.conversation_id, results=hits,
+                     encoding=Encoding(**result.infos[0].__dict__))
+
+
+@router.post("/v1/encode", response_model=EncodeOut, responses=ERRORS)
+async def encode(body: EncodeIn, request: Request) -> EncodeOut:
+    """Vectors of sessions and passages (the model's embeddings, as ``convret encode`` writes them)."""
+    state: AppState = request.app.state.convret
+    limits = state.settings.limits
+    count = len(body.sessions) + len(body.passages)
+    if count == 0:
+        raise LimitError(422, "nothing to encode: give sessions and/or passages")
+    if count > limits.max_items:
+        raise LimitError(422, f"{count} sessions + passages exceed the limit max_items={limits.max_items}")
+    sessions = [(_cache_key(request, s.conversation_id), check_turns(s.turns, limits, ("body", "sessions", i,
+                                                                                         "turns")),
+                 ("body", "sessions", i, "turns")) for i, s in enumerate(body.sessions)]
+
+    def prepare() -> Job:
+        return _job(state, [_session_request(state, *args) for args in sessions]
+                    + [_passage_request(state, p, ("body", "passages", i)) for i, p in enumerate(body.passages)])
+
+    result = await state.batcher.submit(await state.in_thread(prepare))
+    n = len(body.sessions)
+    return EncodeOut(dim=int(result.vectors.shape[1]), sessions=result.vectors[:n].tolist(),
+                     passages=result.vectors[n:].tolist(),
+                     encodings=[Encoding(**info.__dict__) for info in result.infos])
+
+
+@router.get("/healthz", response_model=HealthOut, response_model_exclude_none=True)
+async def healthz(request: Request) -> HealthOut:
+    """Liveness (no key needed). An authenticated caller (any caller on a server without keys) also gets what
+    is loaded and the load; no path is ever named."""
+    if not request.scope.get(AUTHENTICATED, True):
+        return HealthOut(status="ok")
+    state: AppState = request.app.state.convret
+    service, admission = state.service, state.settings.admission
+    info = service.encoder.cache_info()
+    return HealthOut(status="ok", passages=len(service.doc_ids), dim=service.encoder.encoder.dim,
+                     cache={k: info[k] for k in ("bytes", "budget_bytes", "conversations")},
+                     admission={"admitted_requests": state.admitted.count,
+                                "max_concurrent_requests": admission.max_concurrent_requests,
+                                "queued_tokens": state.batcher.queued_tokens,
+                                "max_queued_tokens": admission.max_queued_tokens})
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def prometheus(request: Request) -> Response:
+    """Prometheus text format."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.convret.metrics.render(), media_type=CONTENT_TYPE_LATEST)

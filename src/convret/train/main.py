@@ -112,70 +112,15 @@ def _truncate_log(path: Path, step: int) -> None:
         handle.write("".join(line + "\n" for line in kept))
 
 
-def _default_train_file(recipe: str) -> str:
-    from ..data import sample_world
-
-    name = sample_world.TRAIN_TRIPLETS if recipe == "uniconv" else sample_world.TRAIN_ULTRACHAT
-    return str(Path(sample_world.SAMPLE_WORLD_DIR) / name)
-
-
-def read_examples(data_args: Any, loss_args: Any, sources: list[dict[str, Any]] | None = None) -> list:
-    """All training examples of ``data_args.train_file`` (the sample world's by default), with a report: one line
-    on stderr naming the file, its format and the example count (appended to ``sources`` for ``log.jsonl``).
-
-    Raises:
-        ValueError: no usable example, or none with a positive passage (both recipes train a retriever on
-            (session, positive passage) pairs: without one the contrastive loss is 0), naming the file and counts.
-    """
-    from ..data import ReadReport, read_training
-
-    path = data_args.train_file or _default_train_file(loss_args.recipe)
-    report = ReadReport()
-    examples = []
-    for example in read_training(path, format=data_args.train_format, corpus=data_args.corpus, report=report):
-        examples.append(example)
-        if data_args.max_examples is not None and len(examples) >= data_args.max_examples:
-            break
-    if report.skipped:
-        print(report.summary(), file=sys.stderr)
-    read = len(examples)
-    if loss_args.recipe == "uniconv":
-        if report.format == "ultrachat":
-            raise ValueError(f"{path}: the uniconv recipe trains on (session, gold passage, response) triplets "
-                             "(QReCC / TopiOCQA style); UltraChat data uses the response itself as the positive")
-        examples = [ex for ex in examples if ex.positive is None or ex.response is None
-                    or ex.positive.text.strip() != ex.response.strip()]
-    dropped = f", {read - len(examples)} dropped (their gold passage is their response)" if read > len(examples) \
-        else ""
-    if not examples:
-        raise ValueError(f"{path}: no usable training examples ({report.format}: {read} read{dropped}, "
-                         f"{report.skipped} records skipped; `convret data check {path}` lists what is wrong)")
-    positives = sum(ex.positive is not None for ex in examples)
-    if positives == 0:
-        raise ValueError(f"{path}: none of its {len(examples)} {report.format} examples has a positive passage "
-                         "(QReCC / TopiOCQA: Gold_passage; Tevatron: positive_passages or positive_document_ids with "
-                         f"--corpus): the {loss_args.recipe} recipe trains a retriever on (session, positive passage) "
-                         "pairs, and its contrastive loss would be 0. Give a file with positives")
-    sample_world = not data_args.train_file
-    if int(os.environ.get("RANK", "0")) == 0:
-        where = f"no train_file given: the bundled sample world, {path}" if sample_world else path
-        print(f"convret train: training on {where} ({report.format}): {len(examples)} examples, {positives} with a "
-              f"positive passage{dropped}", file=sys.stderr)
-    if sources is not None:
-        sources.append({"train_file": str(path), "format": report.format, "examples": len(examples),
-                        "with_positive": positives, "skipped_records": report.skipped,
-                        "sample_world": sample_world})
-    return examples
-
-
 def _resume_fingerprint(model_args: Any, data_args: Any, loss_args: Any, examples_given: bool) -> dict[str, Any]:
     from .arguments import CONFIG_DIR
+    from .examples import default_train_file
     from .mixture import parse_train_files
     from .resume import resume_fingerprint
 
     sources = (parse_train_files(data_args.train_files, CONFIG_DIR.parent)
                if data_args.train_files is not None and not examples_given else None)
-    default = None if data_args.train_file or examples_given else _default_train_file(loss_args.recipe)
+    default = None if data_args.train_file or examples_given else default_train_file(loss_args.recipe)
     return resume_fingerprint(model_args, data_args, loss_args, sources, default, examples_given)
 
 
@@ -195,13 +140,13 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
     from transformers import set_seed
 
     from ..collate import CSITCollator
-    from .data import TrainingCollator, TrainingDataset
-    from .model import build_model
     from .arguments import CONFIG_DIR
+    from .data import TrainingCollator, TrainingDataset
+    from .examples import read_examples
+    from .mixture import MixtureCollator, MixtureDataset, read_mixture
+    from .model import build_model
     from .recipes import make_recipe
     from .trainer import LOG_NAME, ConvretTrainer, JsonlLogCallback
-
-    from .mixture import MixtureCollator, MixtureDataset, read_mixture
 
     sources: list[dict[str, Any]] = []
     if examples is None:  # read (and checked) before the model is built: a bad file costs no model load

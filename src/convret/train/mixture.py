@@ -232,7 +232,7 @@ def read_mixture(data_args: Any, loss_args: Any, resources: Path | None = None,
                  report: list[dict[str, Any]] | None = None) -> MixtureDataset:
     """Every source of ``data_args.train_files`` read with ``convret train``'s reader (``max_examples`` applies
     to each source; what each holds is appended to ``report``)."""
-    from .main import read_examples
+    from .examples import read_examples
 
     sources = []
     for source in parse_train_files(data_args.train_files, resources):

@@ -30,19 +30,22 @@ Forward only: serving does not differentiate (the ``cpu`` backend raises when a 
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ... import _dispatch
-from . import _check_inputs as check_qkv
 from ...layout import SessionLayout, check_window
+from .common import check_inputs as check_qkv
+from .common import effective_window
 from .cpu import _NATIVE_DTYPES, cached_native_unavailable_reason, cached_session_attention_native
 
 OP = "cached_session_attention"
 
-__all__ = ["cached_session_attention", "CachedPrefill", "reference_cached_attention", "sdpa_cached_attention"]
+__all__ = ["cached_session_attention", "CachedPrefill", "reference_cached_attention", "sdpa_cached_attention",
+           "cached_prefill_info"]
 
 
 def cached_session_attention(
@@ -72,8 +75,6 @@ def cached_session_attention(
     Returns:
         ``[B, Hq, Lq, D]`` in q's dtype; padding query rows are zeros.
     """
-    from . import effective_window
-
     _check_inputs(q, k, v, layout, query_positions)
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -247,3 +248,20 @@ def register_backend(name: str, fn: Callable[..., torch.Tensor], **kwargs) -> No
     """Internal: make ``fn(q, k, v, layout, query_positions, scale, window=None)`` selectable as
     ``backend=name``."""
     _dispatch.register(OP, name, fn, **kwargs)
+
+
+def cached_prefill_info() -> str:
+    """Which path serves the cached prefill of the incremental session encoder on CPU (``backend="auto"``
+    there), and why (``convret.backend_info()["cached_prefill"]``)."""
+    try:
+        backend = _dispatch.resolve(OP, "auto", "cpu").backend
+    except ValueError as error:
+        return f"none: {error}"
+    if backend == "cpu":
+        return ("native: torch.ops.convret_cpu.cached_session_attention_forward (cached_session_attention "
+                "backend='cpu'; float64 runs the sdpa path)")
+    why = cached_native_unavailable_reason(torch.device("cpu"))
+    if why is None:
+        variable = _dispatch.env_variable(OP)
+        why = f"available, not picked: ${variable}={os.environ.get(variable, '')!r}"
+    return f"{backend} (cached_session_attention backend={backend!r}; native kernel: {why})"

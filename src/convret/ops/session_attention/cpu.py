@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..._dispatch import cpu_only
-from . import register_backend
 from ...layout import SessionLayout, check_window
+from .common import register_backend
 
 ENV_IMPLEMENTATION = "CONVRET_CPU_BACKEND"
 ENV_BACKWARD = "CONVRET_CPU_BACKWARD"
@@ -157,8 +157,7 @@ def backend_info() -> dict[str, Any]:
     the loaded extension or None), ``blas`` (the GEMM routines the native kernels can call), ``tile_gemm``
     (per 16-bit dtype: the tile GEMM a probe picked and the rates it measured; the probe runs on first use),
     ``threads`` (``torch.get_num_threads()``), ``tile_sizes`` and ``work_items`` (how the forward and the
-    backward split their work over threads) and ``cached_prefill`` (which path serves the cached prefill of the
-    incremental session encoder on CPU: ``cached_session_attention``'s ``"auto"`` backend there, and why).
+    backward split their work over threads).
     """
     requested = _requested_implementation("auto")
     loaded = native_available()
@@ -182,26 +181,7 @@ def backend_info() -> dict[str, Any]:
             f"B * Hkv >= {FUSED_BACKWARD_ITEMS_PER_THREAD} * threads (${ENV_BACKWARD}=fused|split forces one); "
             "at B 2, Hkv 4, L 1411, G 4: " + repr(work_items(2, 4, 1411, default_tile_sizes(4)))
         ),
-        "cached_prefill": _cached_prefill_info(),
     }
-
-
-def _cached_prefill_info() -> str:
-    from ..._dispatch import env_variable, resolve
-    from .cached import OP
-
-    try:
-        backend = resolve(OP, "auto", "cpu").backend
-    except ValueError as error:
-        return f"none: {error}"
-    if backend == "cpu":
-        return ("native: torch.ops.convret_cpu.cached_session_attention_forward (cached_session_attention "
-                "backend='cpu'; float64 runs the sdpa path)")
-    why = cached_native_unavailable_reason(torch.device("cpu"))
-    if why is None:
-        variable = env_variable(OP)
-        why = f"available, not picked: ${variable}={os.environ.get(variable, '')!r}"
-    return f"{backend} (cached_session_attention backend={backend!r}; native kernel: {why})"
 
 
 def tile_gemm_info() -> dict[str, str]:

@@ -2,7 +2,7 @@
 import torch
 
 from ... import _dispatch
-from . import register_backend
+from .common import register_backend
 
 
 def _triton_session_attention(q, k, v, layout, scale, window=None):
