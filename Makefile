@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup demo test test-oldest bench-micro bench-compare bench-compare-ratios bench-micro-smoke
+.PHONY: setup demo test test-oldest test-engines bench-micro bench-compare bench-compare-ratios bench-micro-smoke
 
 # PIP_INSTALL_OPTS: extra pip options for convret's own install (test-oldest passes the oldest versions' pins)
 PIP_INSTALL_OPTS ?=
@@ -24,13 +24,19 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q tests
 
+# the heavy distributed-engine cases too (FSDP2 / DeepSpeed ZeRO-2 / ZeRO-3 under torchrun on CPU processes: every
+# engine x {LoRA, full}, GradCache, SIGKILL resume, multi-node, the bundled engine configs, bench step's engine
+# memory; about 11 minutes on 2 cores); `make test` runs one case per engine and the two-node case
+test-engines: setup
+	$(PYTHON) -m pytest -q --engines tests/test_train_engines.py
+
 # the tests of everything that depends on transformers / peft / accelerate / sentence-transformers / faiss /
 # FastAPI, at the oldest versions convret claims (.ci/oldest.txt); CI runs it in a second virtualenv
 OLDEST_TESTS ?= tests/test_packaging.py tests/test_hf.py tests/test_model_matrix.py tests/test_csit.py \
 	tests/test_train.py tests/test_train_real.py tests/test_train_gradcache.py tests/test_train_mixture.py \
 	tests/test_retrieval_export.py tests/test_retrieval_generate.py tests/test_retrieval_chain.py \
 	tests/test_retrieval_search_eval.py tests/test_mine.py tests/test_serve.py tests/test_session_encoder.py \
-	tests/test_data_templates.py tests/test_summary_tokens.py
+	tests/test_data_templates.py tests/test_summary_tokens.py tests/test_train_engines.py
 test-oldest: PIP_INSTALL_OPTS = -c .ci/oldest.txt
 test-oldest: setup
 	$(PYTHON) -m pytest -q $(OLDEST_TESTS)

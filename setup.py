@@ -28,6 +28,7 @@ FAISS = "faiss-cpu>=1.9"
 PYTREC_EVAL = "pytrec-eval-terrier>=0.5.6"
 BM25S = "bm25s>=0.3.14"
 AIOHTTP = "aiohttp>=3.9"
+DEEPSPEED = "deepspeed>=0.19.8"
 SERVE = ["fastapi>=0.110", "uvicorn[standard]>=0.29", "prometheus-client>=0.20", "httpx>=0.27"]
 
 
@@ -115,12 +116,15 @@ setup(
         "hf": [TRANSFORMERS, PEFT, "safetensors", "tokenizers"],
         "data": [DATASETS],
         "train": [TRANSFORMERS, PEFT, "safetensors", "tokenizers", ACCELERATE, "pyyaml", "tqdm"],
+        # the DeepSpeed ZeRO engines of `convret train` (docs/train.md, "Engines"): a pure-Python install, no
+        # compiler needed (DeepSpeed compiles its ops at first use)
+        "deepspeed": [DEEPSPEED],
         "retrieval": [FAISS, PYTREC_EVAL, SENTENCE_TRANSFORMERS, "rouge-score", BM25S],
         "bench": ["matplotlib", "tqdm", AIOHTTP],
         "serve": SERVE,
         "test": ["pytest", "hypothesis", "pytest-benchmark", TRANSFORMERS, PEFT, "safetensors", "tokenizers",
                  ACCELERATE, "pyyaml", "tqdm", DATASETS, FAISS, PYTREC_EVAL, SENTENCE_TRANSFORMERS, "rouge-score",
-                 "matplotlib", BM25S, AIOHTTP, "schemathesis>=4.0"] + SERVE,
+                 "matplotlib", BM25S, AIOHTTP, "schemathesis>=4.0", DEEPSPEED] + SERVE,
     },
     entry_points={"console_scripts": ["convret=convret.cli:main"]},
 )

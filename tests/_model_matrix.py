@@ -16,6 +16,10 @@ and the SentencePiece-style vocabulary of the Mistral family is trained here on 
 | llama3-tied  | Llama, tied         | as llama3                                                   | = tokenizer       |
 | mistral      | Mistral             | ``<s>[INST] ..[/INST] ..</s>``, strict user/assistant        | = tokenizer       |
 |              |                     | alternation (raises otherwise), Metaspace vocabulary         |                   |
+| mistral-v0.1 | Mistral             | v0.1's ``<s>[INST] .. [/INST]..</s> `` with ``[INST]`` /    | = tokenizer       |
+|              |                     | ``[/INST]`` written as plain text (as Mistral v0.1 / v0.2   |                   |
+|              |                     | and Llama-2-chat write them), byte-level vocabulary, no     |                   |
+|              |                     | system role, tokenizer adds BOS                             |                   |
 
 ``build_family(name, directory)`` writes one; ``FAMILIES`` lists the names. Building takes well under a second
 per family except mistral (trains its vocabulary: a few seconds).
@@ -30,7 +34,9 @@ import torch
 
 from convret.data.sample_world import COLLECTION, SAMPLE_WORLD_DIR, TOKENIZER_DIR
 
-FAMILIES = ("qwen2.5", "qwen3", "llama3", "llama3-tied", "mistral")
+FAMILIES = ("qwen2.5", "qwen3", "llama3", "llama3-tied", "mistral", "mistral-v0.1")
+#: families whose template refuses a system message (as Mistral-7B-Instruct-v0.1's does): no ``instruction``
+NO_SYSTEM_ROLE = ("mistral-v0.1",)
 
 # Qwen2 / Qwen2.5-Instruct: a default system message when the first message is not a system message
 QWEN25_TEMPLATE = (
@@ -120,6 +126,21 @@ MISTRAL_TEMPLATE = (
     "{%- endfor %}"
 )
 
+# Mistral-7B-Instruct-v0.1: the role markers are text ("[INST]" is not a token of its vocabulary), so a message's
+# text is tokenized together with the markers around it; an assistant message ends with EOS and a space
+MISTRAL_V01_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}{{- '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token + ' ' }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported!') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6)
 
@@ -194,6 +215,9 @@ def family_tokenizer(name: str):
                                      eos="<|eot_id|>", pad=None, template=LLAMA3_TEMPLATE, add_bos=True)
     if name == "mistral":
         return _metaspace_tokenizer(MISTRAL_TEMPLATE)
+    if name == "mistral-v0.1":
+        return _byte_level_tokenizer(["<s>", "</s>"], bos="<s>", eos="</s>", pad=None, template=MISTRAL_V01_TEMPLATE,
+                                     add_bos=True)
     raise ValueError(f"unknown family {name!r}; one of {FAMILIES}")
 
 
@@ -212,7 +236,7 @@ def family_config(name: str, tokenizer):
     elif name in ("llama3", "llama3-tied"):
         config = LlamaConfig(vocab_size=rows, tie_word_embeddings=name == "llama3-tied", rope_theta=500000.0,
                              **ids, **_SMALL)
-    elif name == "mistral":
+    elif name in ("mistral", "mistral-v0.1"):
         config = MistralConfig(vocab_size=rows, tie_word_embeddings=False, sliding_window=None, **ids, **_SMALL)
     else:
         raise ValueError(f"unknown family {name!r}; one of {FAMILIES}")

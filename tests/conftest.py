@@ -39,3 +39,17 @@ def model_family(tmp_path_factory):
         return built[name]
 
     return get
+
+
+def pytest_addoption(parser):
+    parser.addoption("--engines", action="store_true", default=False,
+                     help="also run the heavy distributed-engine cases (marker `engines`; make test-engines)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--engines"):
+        return
+    skip = pytest.mark.skip(reason="heavy engine case: run with `make test-engines` (pytest --engines)")
+    for item in items:
+        if item.get_closest_marker("engines") is not None:
+            item.add_marker(skip)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _model_matrix import FAMILIES
+from _model_matrix import FAMILIES, NO_SYSTEM_ROLE
 from convret.data import ASSISTANT, USER, CSITExample, Passage, SequenceFormatter, TrainingExample, Turn
 
 NAMES = (*FAMILIES, "chatml")
@@ -95,7 +95,7 @@ def test_sessions_of_every_shape_render_and_truncate_by_exchanges(name, tokenize
     bos = tok.bos_token_id
     for label, history in SHAPES.items():
         turns = [Turn(role, text) for role, text in history]
-        for system in (None, "Answer about mountains."):
+        for system in (None,) if name in NO_SYSTEM_ROLE else (None, "Answer about mountains."):
             options = [(c, render(tok, c)) for c in candidates(history, QUERY, system)]  # the oracle never raises
             full = options[0][1]
             fmt = SequenceFormatter(tok, max_session_len=None, instruction=system)
@@ -112,6 +112,13 @@ def test_sessions_of_every_shape_render_and_truncate_by_exchanges(name, tokenize
                 assert all(a != b for a, b in zip(roles, roles[1:]))
                 if bos is not None:
                     assert got.count(bos) == (1 if writes_bos(tok) else 0)
+
+
+@pytest.mark.parametrize("name", NO_SYSTEM_ROLE)
+def test_an_instruction_under_a_template_without_a_system_role_is_a_clear_error(name, tokenizers):
+    fmt = SequenceFormatter(tokenizers(name), instruction="Answer about mountains.")
+    with pytest.raises(ValueError, match=re.escape("chat template refuses messages with roles ['system', 'user']")):
+        fmt.session([], QUERY)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -251,7 +258,7 @@ def test_the_sample_worlds_training_and_eval_files_format_under_every_template(n
 
     tok = tokenizers(name)
     fmt = SequenceFormatter(tok, max_session_len=64, max_passage_len=48, max_response_len=32,
-                            instruction="Find the passage.")
+                            instruction=None if name in NO_SYSTEM_ROLE else "Find the passage.")
     recorder = _Recorder()
     examples = list(islice(read_training(SAMPLE_WORLD_DIR / TRAIN_TRIPLETS, strict=True), 64))
     TrainingCollator(fmt, recorder, recipe="uniconv")(examples)

@@ -306,37 +306,63 @@ def test_dense_mining_memory_does_not_grow_with_the_corpus_texts(tmp_path):
     assert growth < 30, peaks  # MB; 90 MB of extra text held would exceed it
 
 
-def _reference_output(train: Path, corpus: Path, retriever, settings, work: Path) -> bytes:
-    """What the miner wrote before it streamed: the whole corpus held as passages, every example ranked at once,
-    candidates compared with the positives by id and by text, drawn with the same per-example seed."""
+def _oracle_rankings(spec: str, passages, queries: list[str], depth: int) -> list[tuple[list, np.ndarray]]:
+    """``(rows, scores)`` of the ``depth`` best passages for each query text, from an oracle that shares no code
+    with the miner's ranking: ``"bm25"``: bm25s's own scores over an index built here (score > 0: what BM25
+    retrieved); ``"dense"``: a numpy float64 brute force over the embeddings of tests/_mine_memory_driver.py's
+    CheapEncoder (each text a seeded random vector, so that equal texts have equal vectors and the order is
+    exact), not encode's shards, faiss or search_index. Score descending, ties by docid."""
+    ids = np.asarray([p.id for p in passages])
+    if spec == "bm25":
+        import bm25s
+
+        bm25 = bm25s.BM25()
+        bm25.index(bm25s.tokenize([f"{p.title} {p.text}" if p.title else p.text for p in passages], stopwords="en",
+                                  show_progress=False), show_progress=False)
+        table = [np.asarray(bm25.get_scores(bm25s.tokenize([q], stopwords="en", return_ids=False,
+                                                           show_progress=False)[0]), dtype=np.float64)
+                 for q in queries]
+    else:
+        from _mine_memory_driver import CheapEncoder, _vector
+
+        encoder = CheapEncoder()
+        P = encoder.embed_tokens([encoder.passage_tokens(p) for p in passages]).astype(np.float64)
+        table = list(np.stack([_vector(q) for q in queries]).astype(np.float64) @ P.T)
+    out = []
+    for scores in table:
+        order = [j for j in np.lexsort((ids, -scores)) if spec != "bm25" or scores[j] > 0][:depth + 1]
+        gaps = -np.diff(scores[order])
+        distinct = [passages[a].text != passages[b].text for a, b in zip(order, order[1:])]
+        assert spec == "bm25" or not any(d and g < 1e-5 for d, g in zip(distinct, gaps)), \
+            "near-ties between distinct texts: float32 and float64 may order them differently; change the seed"
+        out.append((order[:depth], scores[order[:depth]]))
+    return out
+
+
+def _reference_output(spec: str, train: Path, corpus: Path, settings) -> bytes:
+    """The miner's output as an independent reference computes it: the corpus held as passages, every example
+    ranked by the oracle (:func:`_oracle_rankings`), the window's passages minus those equal to a positive by id
+    or by stripped text, drawn as docs/data.md specifies (``random.Random(f"{seed}\\0{position}\\0{id}")``,
+    ``sample``), written through ``record_of``."""
     import random
     from dataclasses import replace
 
-    passages = list(read_collection(corpus, strict=True))
     from convret.data import ReadReport
 
+    passages = list(read_collection(corpus, strict=True))
     report = ReadReport()
     examples = list(read_training(train, corpus={p.id: p for p in passages}, report=report))
-    retriever.prepare(corpus, work, False)
-    assert list(retriever.ids) == [p.id for p in passages]  # the rows are the collection's order
     lo, hi = settings.window
     todo = [i for i, ex in enumerate(examples) if ex.positive is not None]
-    scores, rows, pos_scores = retriever.rank([mine_module.query_of(examples[i], settings.query) for i in todo],
-                                              [examples[i].positive for i in todo], hi)
+    queries = [examples[i].rewrite or "\n".join([t.text for t in examples[i].history if t.role == "user"]
+                                                 + [examples[i].query]) for i in todo]
+    ranked = _oracle_rankings(spec, passages, queries, hi)
     new = list(examples)
-    for j, i in enumerate(todo):
+    for (rows, scores), i in zip(ranked, todo):
         ex = examples[i]
         positives = ex.positives or [ex.positive]
-        candidates = []
-        for rank in range(lo, min(hi, rows.shape[1]) + 1):
-            row = int(rows[j, rank - 1])
-            p = passages[row]
-            if p.id in {q.id for q in positives} or p.text.strip() in {q.text.strip() for q in positives}:
-                continue
-            ratio = settings.max_positive_ratio
-            if ratio is not None and np.isfinite(pos_scores[j]) and scores[j, rank - 1] > ratio * pos_scores[j]:
-                continue
-            candidates.append(row)
+        candidates = [r for r in rows[lo - 1 : hi] if passages[r].id not in {q.id for q in positives}
+                      and passages[r].text.strip() not in {q.text.strip() for q in positives}]
         rng = random.Random(f"{settings.seed}\x00{i}\x00{ex.id}")
         new[i] = replace(ex, negatives=[passages[r] for r in rng.sample(candidates, min(settings.num_negatives,
                                                                                          len(candidates)))])
@@ -345,9 +371,16 @@ def _reference_output(train: Path, corpus: Path, retriever, settings, work: Path
                    for g in groups).encode("utf-8")
 
 
-def test_streamed_mining_writes_what_the_in_memory_miner_wrote(files, checkpoint, tmp_path):
-    """Byte for byte, for a dense checkpoint and for BM25, over a corpus where passages share a positive's text
-    under other ids (dropped by the text filter, here compared as hashes)."""
+def test_streamed_mining_writes_what_an_independent_reference_writes(files, tmp_path):
+    """Byte for byte, for a dense retriever and for BM25, over a corpus where passages share a positive's text
+    under other ids (dropped by the text filter, which the miner compares as hashes): the miner (streamed corpus,
+    embedding shards, faiss, rows, text hashes, chunks, texts fetched by id at the end) against
+    :func:`_reference_output` (the corpus in memory, rankings from bm25s / a numpy brute force, texts compared as
+    strings). The dense retriever's encoder is a stand-in whose vectors the oracle can recompute exactly (a real
+    model's packed float32 encodings tie within rounding on this corpus's duplicate texts); the checkpoint's own
+    ranking is checked against a brute force in test_dense_negatives_come_from_the_window_of_a_brute_force_ranking."""
+    from _mine_memory_driver import CheapEncoder
+
     source = tmp_path / "train.jsonl"
     source.write_text("".join((files / "triplets.jsonl").read_text().splitlines(keepends=True)[:40]))
     train = list(read_training(source))
@@ -358,16 +391,87 @@ def test_streamed_mining_writes_what_the_in_memory_miner_wrote(files, checkpoint
     corpus.write_text("".join([*twins, *(line for n, line in enumerate(lines)
                                          if n < 250 or json.loads(line)["id"] in wanted)]))
     settings = mine_module.MineSettings(window=(1, 12), num_negatives=4, seed=3)
-    for spec in (str(checkpoint), "bm25"):
-        out = tmp_path / f"mined-{spec[-4:]}.jsonl"
-        mine_module.mine(source, corpus, mine_module.make_retriever(spec, shard_size=100), out, settings,
-                         progress=False)
-        expected = _reference_output(source, corpus, mine_module.make_retriever(spec, shard_size=100), settings,
-                                     tmp_path / f"ref-{spec[-4:]}")
-        assert out.read_bytes() == expected, spec
+    for spec in ("dense", "bm25"):
+        out = tmp_path / f"mined-{spec}.jsonl"
+        retriever = mine_module.DenseRetriever(CheapEncoder(), "cheap", shard_size=100) if spec == "dense" else \
+            mine_module.BM25Retriever()
+        mine_module.mine(source, corpus, retriever, out, settings, chunk_size=7, progress=False)
+        assert out.read_bytes() == _reference_output(spec, source, corpus, settings), spec
         after = list(read_training(out))
-        assert all(len(e.negatives) == 4 and not any(n.id.startswith("twin") and n.text == e.positive.text
-                                                     for n in e.negatives) for e in after)
+        assert sum(len(e.negatives) for e in after) > 3 * len(after)
+        assert not any(n.id.startswith("twin") and n.text == e.positive.text for e in after for n in e.negatives)
+
+
+def _sparse_world(root: Path) -> tuple[Path, Path]:
+    """60 passages of common words; the words "zebra" and "quokka" are in 2 of them each (the positive and one
+    other), "lantern" in 40: a query of one of the rare words retrieves 2 passages under BM25."""
+    rng = np.random.default_rng(0)
+    common = ["river", "town", "mountain", "forest", "bridge", "market", "harbour", "valley"]
+    texts = [" ".join(rng.choice(common, 6)) for _ in range(60)]
+    for n in (3, 7):
+        texts[n] += " zebra"
+    for n in (11, 50):
+        texts[n] += " quokka"
+    for n in range(12, 52):
+        texts[n] += " lantern"
+    corpus, train = root / "corpus.jsonl", root / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"p{n:02d}", "text": t}) + "\n" for n, t in enumerate(texts)))
+    rows = [("zebra", 3), ("quokka", 11), ("lantern", 12), ("zebra", 7)]
+    train.write_text("".join(json.dumps({"Conversation_no": k, "Turn_no": 1, "Question": q, "Rewrite": q,
+                                         "Gold_passage": {"id": f"p{n:02d}", "text": texts[n]}}) + "\n"
+                             for k, (q, n) in enumerate(rows)))
+    return train, corpus
+
+
+def test_bm25_never_draws_a_passage_it_did_not_retrieve(tmp_path, caplog):
+    """A query retrieving 2 passages (its positive and one other) gets that one in window 1-30 and none in the
+    default 15-30 (not the first passages in docid order, which score 0); a query retrieving 40 gets its 4. The
+    examples that got fewer than asked are counted in the report, its summary and the log. Oracle: bm25s's own
+    scores."""
+    import logging
+
+    train, corpus = _sparse_world(tmp_path)
+    for window, expected in (((1, 30), {"0_1": {"p07"}, "1_1": {"p50"}, "3_1": {"p03"}}),
+                             ((15, 30), {"0_1": set(), "1_1": set(), "3_1": set()})):
+        out = tmp_path / f"mined-{window[0]}.jsonl"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="convret.mine"):
+            report = mine_module.mine(train, corpus, mine_module.BM25Retriever(), out,
+                                      mine_module.MineSettings(window=window, num_negatives=4), progress=False)
+        mined = {e.id: e for e in read_training(out, strict=True)}
+        for qid, negatives in expected.items():
+            assert {n.id for n in mined[qid].negatives} == negatives, (window, qid)
+        assert len(mined["2_1"].negatives) == 4
+        passages = list(read_collection(corpus))
+        (rows, scores), = _oracle_rankings("bm25", passages, ["lantern"], 30)
+        window_ids = {passages[r].id for r in rows[window[0] - 1 : window[1]]}
+        assert {n.id for n in mined["2_1"].negatives} <= window_ids - {"p12"} and (scores > 0).all()
+        assert report["fewer_than_asked"] == 3
+        summary = mine_module.format_report(report, mine_module.MineSettings(window=window, num_negatives=4))
+        assert "3 examples got fewer than 4" in summary
+        assert any("3 of 4 examples got fewer than 4 negatives" in r.getMessage() for r in caplog.records)
+
+
+def test_rank_scores_sorts_only_what_it_returns(monkeypatch):
+    """100,000 passages, 50 retrieved (10 of them tied with each other): the 30 best by score, ties by docid (a
+    numpy oracle), and no sort ever sees more than the retrieved passages."""
+    rng = np.random.default_rng(1)
+    scores = np.zeros(100_000, dtype=np.float32)
+    hit = rng.choice(len(scores), 50, replace=False)
+    scores[hit] = rng.uniform(1, 5, 50)
+    scores[hit[:10]] = 3.0
+    id_rank = rng.permutation(len(scores))
+    expected = [j for j in np.lexsort((id_rank, -scores)) if scores[j] > 0][:30]
+    sorted_sizes = []
+    lexsort = np.lexsort
+    monkeypatch.setattr(np, "lexsort", lambda keys, *a, **k: (sorted_sizes.append(len(keys[0])),
+                                                               lexsort(keys, *a, **k))[1])
+    monkeypatch.setattr(np, "argsort", lambda *a, **k: pytest.fail("a full argsort"))
+    monkeypatch.setattr(np, "sort", lambda *a, **k: pytest.fail("a full sort"))
+    assert mine_module.rank_scores(scores, 30, id_rank).tolist() == expected
+    assert sorted_sizes and max(sorted_sizes) <= 50
+    assert mine_module.rank_scores(scores, 80, id_rank).tolist() == expected + \
+        [j for j in np.lexsort((id_rank, -scores)) if scores[j] > 0][30:]
 
 
 def test_every_tevatron_positive_is_written_back_and_none_is_drawn(tmp_path):

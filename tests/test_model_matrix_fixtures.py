@@ -37,6 +37,14 @@ def test_family_template_behaviour(model_family):
     for messages in ([ASSISTANT], [ASSISTANT, USER], [USER, USER]):
         with pytest.raises(TemplateError):
             mistral.apply_chat_template(messages, tokenize=False)
+    v01 = AutoTokenizer.from_pretrained(model_family("mistral-v0.1"))
+    text = v01.apply_chat_template([USER, ASSISTANT, USER], tokenize=False)
+    assert text == "<s>[INST] tell me about the red lamp [/INST]It is red.</s> [INST] tell me about the red lamp [/INST]"
+    assert not {"[INST]", "[/INST]"} & set(v01.get_vocab())  # the markers are text, not tokens
+    assert v01("a").input_ids[0] == v01.bos_token_id and v01.pad_token is None
+    for messages in ([ASSISTANT], [USER, USER], [{"role": "system", "content": "x"}, USER]):
+        with pytest.raises(TemplateError):
+            v01.apply_chat_template(messages, tokenize=False)
     qwen3 = AutoTokenizer.from_pretrained(model_family("qwen3"))
     assert "<think>" in qwen3.apply_chat_template([USER, ASSISTANT], tokenize=False)
     assert "system" not in qwen3.apply_chat_template([USER], tokenize=False)

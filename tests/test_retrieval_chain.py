@@ -1,6 +1,8 @@
-"""convret evaluate: the whole chain equals encode -> index -> search -> eval run step by step."""
+"""convret evaluate: the whole chain against a numpy brute force and pytrec_eval, and against encode -> index ->
+search -> eval run step by step."""
 import json
 
+import numpy as np
 import pytest
 
 from convret.retrieval.encode import main as encode_main
@@ -21,7 +23,39 @@ def world(tmp_path_factory):
     return root, tiny_checkpoint(root / "model", seed=0), tiny_checkpoint(root / "init", seed=7)
 
 
+def _brute_force(model, root, top_k):
+    """The oracle run: a numpy float64 brute force over the checkpoint's own embeddings (Encoder.encode_passages /
+    encode_sessions in this process: no embedding directory, faiss index or search_index), score descending, ties
+    by docid; ``{qid: [(docid, score), ...]}``."""
+    from convret.data import read_collection, read_conversations
+    from convret.retrieval.encoder import Encoder
+
+    encoder = Encoder.from_checkpoint(model)
+    passages = list(read_collection(root / "collection.jsonl"))
+    turns = list(read_conversations(root / "eval.json"))
+    P = encoder.encode_passages(passages).astype(np.float64)
+    Q = encoder.encode_sessions([(t.history, t.query) for t in turns]).astype(np.float64)
+    ids = np.asarray([p.id for p in passages])
+    run = {}
+    for turn, q in zip(turns, Q):
+        scores = P @ q
+        order = np.lexsort((ids, -scores))[:top_k]
+        gaps = -np.diff(scores[order])
+        assert gaps.min() > 1e-6, "near-ties: float32 search and the float64 oracle may order them differently"
+        run[turn.qid] = [(str(ids[j]), float(scores[j])) for j in order]
+    return run
+
+
 def test_chain_equals_the_step_by_step_commands(world, tmp_path, capsys):
+    """Two checks of different kinds. (1) The oracle: the chain's run is a numpy brute force's ranking over the
+    checkpoint's own embeddings, and its measures are pytrec_eval's, called here on that run. (2) The step-by-step
+    commands (encode, index, search, eval) run the same code as the chain: their agreement guards the chain's
+    composition (the collection encoded once and cached per model, the same arguments reaching each step, the
+    rows it adds), not the steps themselves."""
+    import pytrec_eval
+
+    from convret.data import read_qrels, read_run
+
     root, model, init = world
     steps = tmp_path / "steps"
     assert encode_main(["--model", str(model), "--collection", str(root / "collection.jsonl"), "--output",
@@ -29,7 +63,7 @@ def test_chain_equals_the_step_by_step_commands(world, tmp_path, capsys):
     assert encode_main(["--model", str(model), "--conversations", str(root / "eval.json"), "--output",
                         str(steps / "queries"), "--no-progress"]) == 0
     assert index_main(["--embeddings", str(steps / "docs"), "--output", str(steps / "index")]) == 0
-    assert search_main(["--index", str(steps / "index"), "--queries", str(steps / "queries"), "--top_k", "100",
+    assert search_main(["--index", str(steps / "index"), "--queries", str(steps / "queries"), "--top_k", "10",
                         "--output", str(steps / "run.trec")]) == 0
     assert eval_main(["--qrels", str(root / "qrels.tsv"), "--run", str(steps / "run.trec"), "--json",
                       str(steps / "m.json")]) == 0
@@ -38,7 +72,7 @@ def test_chain_equals_the_step_by_step_commands(world, tmp_path, capsys):
     out = tmp_path / "chain"
     argv = ["--model", str(model), "--conversations", str(root / "eval.json"), "--collection",
             str(root / "collection.jsonl"), "--qrels", str(root / "qrels.tsv"), "--baseline", str(init),
-            "--query-only", "--rewrite", "--top_k", "100", "--output", str(out), "--contexts",
+            "--query-only", "--rewrite", "--top_k", "10", "--output", str(out), "--contexts",
             str(root / "eval_context_1.json"), str(root / "eval_context_2.json")]
     capsys.readouterr()
     assert evaluate_main(argv) == 0
@@ -46,6 +80,22 @@ def test_chain_equals_the_step_by_step_commands(world, tmp_path, capsys):
     assert "| model |" in table and "| baseline init |" in table and "current utterance only" in table
     assert "Robustness: NDCG@3 over 2 alternative contexts" in table
     result = json.loads((out / "results.json").read_text())
+    # (1) the oracle
+    oracle = _brute_force(model, root, 10)  # of 32 passages: the cut matters
+    chain_run = read_run(result["rows"][0]["run"], strict=True)
+    assert set(chain_run) == set(oracle)
+    for qid, ranked in oracle.items():
+        got = sorted(chain_run[qid].items(), key=lambda x: (-x[1], x[0]))
+        assert [d for d, _ in got] == [d for d, _ in ranked], qid
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in ranked], rtol=0, atol=1e-5)
+    qrels = read_qrels(root / "qrels.tsv")
+    assert all(max(docs.values()) >= 1 for docs in qrels.values()) and set(qrels) <= set(oracle)
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.3,10", "map", "recall.10"}).evaluate(
+        {q: dict(docs) for q, docs in oracle.items() if q in qrels})
+    for key in ("ndcg_cut_3", "ndcg_cut_10", "map", "recall_10"):
+        assert result["rows"][0]["measures"][key] == pytest.approx(np.mean([v[key] for v in per_query.values()]),
+                                                                   abs=1e-9), key
+    # (2) the composition
     names = [r["name"] for r in result["rows"]]
     assert names == ["model", "model, current utterance only", "model, manual rewrite", "baseline init"]
     for key, value in expected.items():

@@ -2,6 +2,7 @@
 like convret encode, merged and base + adapter, on inputs longer than the training budgets, for every family."""
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from convret.data.records import Turn
 from convret.retrieval.encoder import Encoder
 from convret.retrieval.export import export_sentence_transformers, main as export_main
 
+from _model_matrix import FAMILIES
 from _retrieval_fixtures import family_checkpoint, random_text, session_texts, tiny_checkpoint
 
 
@@ -44,9 +46,11 @@ def test_sentence_transformers_encode_equals_convret(tmp_path, lora, merge):
     check_export_equals_convret(st, encoder, random.Random(0), random_text)
 
 
-def check_export_equals_convret(st, encoder, rng, text):
+def check_export_equals_convret(st, encoder, rng, text, history=True):
     """encode / encode_document on passages longer than max_passage_len, encode_query on sessions longer than
-    max_session_len (through session_text) and on lone queries: equal to convret's embeddings."""
+    max_session_len (through session_text) and on lone queries: equal to convret's embeddings. ``history=False``:
+    a template that puts the instruction into the last user message, so that a session with history does not
+    start as a lone query does: session_text refuses it."""
     config = encoder.config
     passages = [text(rng, 1, 6), text(rng, config.max_passage_len, config.max_passage_len * 2), text(rng, 5, 30)]
     assert len(encoder.tokenizer(passages[1], add_special_tokens=False)["input_ids"]) > config.max_passage_len
@@ -62,6 +66,11 @@ def check_export_equals_convret(st, encoder, rng, text):
     while len(encoder.session_tokens(turns, "and then?")) <= config.max_session_len:
         turns += [Turn("user", text(rng, 2, 8)), Turn("assistant", text(rng, 5, 20))]
     sessions = [(turns, text(rng, 2, 5)), (turns[:2], text(rng, 2, 5)), ([], text(rng, 2, 5))]
+    if not history:
+        for session in sessions[:2]:
+            with pytest.raises(ValueError, match="cannot be written as a text"):
+                session_texts(encoder, [session])
+        sessions = [([], text(rng, 2, 5)), ([], text(rng, 6, 10)), sessions[2]]
     texts = session_texts(encoder, sessions)
     expected_s = encoder.encode_sessions(sessions)
     np.testing.assert_allclose(st.encode_query(texts, convert_to_numpy=True), expected_s, rtol=1e-4, atol=1e-5)
@@ -71,29 +80,65 @@ def check_export_equals_convret(st, encoder, rng, text):
                                encoder.encode_sessions([([], q) for _, q in sessions]), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama3", "llama3-tied", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_export_every_family(tmp_path, model_family, family):
-    """A retriever of every model-matrix family, with an instruction and a passage instruction (prompts)."""
+    """A retriever of every model-matrix family, with an instruction and a passage instruction (prompts). Under
+    Mistral's template the instruction shares the query's message; under mistral-v0.1's the role markers are
+    plain text: in both the query is tokenized together with the text in front of it, and the prompt is that
+    text (mistral-v0.1's template has no system role: no instruction)."""
     from sentence_transformers import SentenceTransformer
 
     instructions = dict(instruction="Find the passage that answers the last question.",
                         passage_instruction="Represent this passage.")
+    if family == "mistral-v0.1":
+        del instructions["instruction"]
     out = tmp_path / "st"
-    if family == "mistral":  # the instruction is merged into the query's message: not a prompt, a clear error
-        ckpt = family_checkpoint(tmp_path / "instructed", model_family(family), **instructions)
-        with pytest.raises(ValueError, match="not tokenized on its own"):
-            export_sentence_transformers(ckpt, out, merge=True)
-        assert not out.exists()
-        instructions = dict(passage_instruction="Represent this passage.")
     ckpt = family_checkpoint(tmp_path / "ckpt", model_family(family), max_passage_len=72, max_session_len=96,
                              **instructions)
     export_sentence_transformers(ckpt, out, merge=True)
     st = SentenceTransformer(str(out), device="cpu")
-    if family != "mistral":  # one Transformer (mistral: a Router, its sessions end with [/INST], passages </s>)
+    if not family.startswith("mistral"):  # one Transformer (mistral: a Router, sessions end with [/INST], passages </s>)
         assert st.max_seq_length == 72 + 3
     words = "the river runs north past old towns where bridges and mills stand by the water".split()
     check_export_equals_convret(st, Encoder.from_checkpoint(ckpt), random.Random(1),
-                                lambda rng, lo, hi: " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))))
+                                lambda rng, lo, hi: " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))),
+                                history=family != "mistral")
+
+
+# ChatML whose user messages are upper-cased: no prompt followed by the query's text gives convret's tokens
+UPPER_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+                  "{%- if message['role'] == 'user' %}{{- message['content'] | upper }}"
+                  "{%- else %}{{- message['content'] }}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}")
+
+
+def test_a_template_no_query_prompt_can_express_exports_the_documents_alone(tmp_path, model_family, capsys):
+    """The passages are exported exactly (encode / encode_document); encode_query raises (the Router has no query
+    route) rather than embed a session differently from convret; the reason is in convret_export.json."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    import shutil
+
+    family = Path(shutil.copytree(model_family("qwen3"), tmp_path / "upper"))
+    tokenizer = AutoTokenizer.from_pretrained(family)
+    tokenizer.chat_template = UPPER_TEMPLATE
+    tokenizer.save_pretrained(family)
+    ckpt = family_checkpoint(tmp_path / "ckpt", family, max_passage_len=40)
+    out = tmp_path / "st"
+    capsys.readouterr()
+    assert export_main([str(ckpt), str(out), "--merge"]) == 0
+    assert "passages only; queries not exported: cannot write the query" in capsys.readouterr().err
+    assert "not exported" in json.loads((out / "convret_export.json").read_text())["queries"]
+    st = SentenceTransformer(str(out), device="cpu")
+    encoder = Encoder.from_checkpoint(ckpt)
+    words = "the river runs north past old towns where bridges and mills stand by the water".split()
+    rng = random.Random(4)
+    passages = [" ".join(rng.choice(words) for _ in range(n)) for n in (3, 12, 80)]
+    expected = encoder.encode_passages(passages)
+    np.testing.assert_allclose(st.encode(passages, convert_to_numpy=True), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(st.encode_document(passages, convert_to_numpy=True), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="No route found for task type 'query'"):
+        st.encode_query(["where is the bridge"])
 
 
 def test_summary_on_passages_false_routes_queries_and_documents(tmp_path):

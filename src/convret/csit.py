@@ -274,6 +274,15 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return decoder
 
 
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    """An FSDP2 (``fully_shard``) root: its forward hooks gather the parameters, so it must be called itself."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def decoder_hidden(model: torch.nn.Module, batch: CSITBatch) -> torch.Tensor:
     """Final hidden states ``[B, L, H]`` of the packed rows.
 
@@ -281,7 +290,7 @@ def decoder_hidden(model: torch.nn.Module, batch: CSITBatch) -> torch.Tensor:
     ``forward`` (DDP prepares its gradient reduction there): the whole ``*ForCausalLM`` runs with
     ``logits_to_keep`` empty, so the LM head computes no logits, and a hook on the decoder returns its output."""
     inner = unwrap_model(model)
-    if inner is model:
+    if inner is model and not _is_fsdp2(model):
         return decoder_of(model)(**batch.model_inputs()).last_hidden_state
     captured: list[torch.Tensor] = []
     handle = decoder_of(inner).register_forward_hook(

@@ -45,8 +45,9 @@ def content_identity(path: str | os.PathLike) -> str:
         size = f.stat().st_size
         digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size};".encode())
         with open(f, "rb") as handle:
-            if size <= _WHOLE_FILE:
-                digest.update(handle.read())
+            if size <= _WHOLE_FILE:  # in blocks: a 32 MB collection is not held whole to be hashed
+                for block in iter(lambda: handle.read(_SAMPLE), b""):
+                    digest.update(block)
             else:
                 for offset in (0, size // 2, size - _SAMPLE):
                     handle.seek(offset)

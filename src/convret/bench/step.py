@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -218,6 +219,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=151936, help="vocabulary (151936, Qwen2's)")
     parser.add_argument("--max-len", type=int, default=2048, help="row length of the one-pass packing (2048)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--engines", default="", metavar="LIST",
+                        help="also measure each training engine's memory per rank at tiny size beside the "
+                             "arithmetic of convret.train.memory_plan: a comma-separated list of ddp, fsdp2, zero2, "
+                             "zero3, or all (2 torchrun CPU processes each, about a minute per engine; zero2 / zero3 "
+                             "need deepspeed)")
 
 
 def shape_of(args) -> dict:
@@ -235,6 +241,14 @@ def shape_of(args) -> dict:
 
 
 def run(args, argv: list[str]) -> int:
+    from .engine_memory import ENGINE_NAMES
+
+    engines = list(ENGINE_NAMES) if args.engines == "all" else [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINE_NAMES]
+    if unknown:
+        print(f"convret bench step: --engines {args.engines}: unknown engines {unknown}; choose from "
+              f"{', '.join(ENGINE_NAMES)} or all", file=sys.stderr)
+        return 2
     if args.device != "cpu":
         print("convret bench step: runs on CPU (the GPU step is part of `convret bench gpu-check`)")
         args.device = "cpu"
@@ -297,6 +311,10 @@ def run(args, argv: list[str]) -> int:
                                          **{k: v for k, v in child.items() if k.startswith("peak_")}})
             if child["status"] != H.OK:
                 records[config.name]["peak_detail"] = child.get("reason") or child.get("error")
+    if engines:
+        from .engine_memory import measure
+
+        payload["engines"] = measure(engines)
     tolerance = {"loss": 1e-4, "grad": 2e-3}
     for config in configs:
         rec = records[config.name]
@@ -335,6 +353,12 @@ def format_report(payload: dict) -> str:
                                    "vs reference", "check: loss / LoRA grad rel. error"], rows))
     if payload.get("not_run"):
         lines.append(f"\nNot run: {payload['not_run']}")
+    if payload.get("engines"):
+        from .engine_memory import format_table
+
+        lines += ["", "Engines: memory per rank, 2 CPU processes (gloo), tiny Qwen2, fp32, full fine-tuning, AdamW, "
+                  "at the end of step 2 (the rank holding the most tensors); arithmetic: convret.train.memory_plan "
+                  "(docs/train.md, Engines)", "", format_table(payload["engines"])]
     return "\n".join(lines)
 
 

@@ -63,15 +63,31 @@ def text_wrapping(tokenizer: Any, render: Callable[[str], Sequence[int]]) -> tup
 
 
 def iter_collection(path: str | os.PathLike, format: str = "auto") -> Iterator[Passage]:
-    from ..data import read_collection
+    """The passages of ``path`` (strict), each id one an id file can hold (:mod:`convret.retrieval.ids`; else an
+    error naming the file and line)."""
+    from ..data import ReadReport, read_collection
 
-    return read_collection(path, format=format, strict=True)
+    report = ReadReport()
+    return _id_checked(read_collection(path, format=format, strict=True, report=report), "id", path, report)
 
 
 def iter_conversations(path: str | os.PathLike, format: str = "auto") -> Iterator[EvalTurn]:
-    from ..data import read_conversations
+    """The evaluation turns of ``path`` (strict), each query id one an id file can hold (else an error naming the
+    file and line)."""
+    from ..data import ReadReport, read_conversations
 
-    return read_conversations(path, format=format, strict=True)
+    report = ReadReport()
+    return _id_checked(read_conversations(path, format=format, strict=True, report=report), "qid", path, report)
+
+
+def _id_checked(items: Iterator[Any], key: str, path: str | os.PathLike, report: Any) -> Iterator[Any]:
+    from .ids import check_id, id_problem
+
+    for item in items:
+        ident = getattr(item, key)
+        if id_problem(ident) is not None:
+            check_id(ident, f"{path}:{report.line}")
+        yield item
 
 
 def check_input(path: str | os.PathLike, format: str, kind: str) -> str:

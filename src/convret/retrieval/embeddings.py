@@ -4,7 +4,7 @@ Layout of ``DIR/``::
 
     meta.json          {"model", "dim", "dtype", "normalized", "count", "kind", "shards": [{"name", "count"}], ...}
     part-00000.npy     float16 / float32 [n, dim], row i is the embedding of line i of part-00000.ids
-    part-00000.ids     one id per line, UTF-8
+    part-00000.ids     one id per line, UTF-8, each line ended by \n (the format of convret.retrieval.ids)
     part-00000.json    {"count": n, "fingerprint": {...}}: what produced the shard (checkpoint identity, ...)
     part-00001.npy ...
 
@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .._io import atomic_write
 from ..provenance import fingerprint_difference
+from .ids import IdFileError, count_ids, iter_ids, read_ids, write_ids
 
 __all__ = ["META", "write_embeddings", "shard_name", "write_shard", "read_shard", "shard_complete", "read_meta",
            "read_embeddings", "EmbeddingsError", "iter_shards", "find_duplicate_id", "shard_fingerprints",
@@ -42,16 +43,14 @@ def shard_name(index: int) -> str:
 
 
 def write_shard(directory: Path, index: int, ids: Sequence[str], vectors: np.ndarray,
-                fingerprint: dict[str, Any] | None = None) -> None:
-    """Write shard ``index`` atomically (ids, then vectors, then ``part-N.json`` with its ``fingerprint``)."""
+                fingerprint: dict[str, Any] | None = None, where: Callable[[int], str] | None = None) -> None:
+    """Write shard ``index`` atomically (ids, then vectors, then ``part-N.json`` with its ``fingerprint``).
+    An id an id file cannot hold (:mod:`convret.retrieval.ids`) is an error naming ``where(i)``, where the
+    shard's i-th id came from."""
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
     name = shard_name(index)
-    for i in ids:
-        if "\n" in i or "\r" in i:
-            raise ValueError(f"id {i!r} contains a line break")
-    with atomic_write(directory / f"{name}.ids") as handle:
-        handle.write("".join(f"{i}\n" for i in ids))
+    write_ids(directory / f"{name}.ids", ids, where)
     with atomic_write(directory / f"{name}.npy", "wb") as handle:
         np.save(handle, np.ascontiguousarray(vectors), allow_pickle=False)
     with atomic_write(directory / f"{name}.json") as handle:
@@ -80,8 +79,7 @@ def shard_complete(directory: Path, index: int, count: int | None = None,
         return False
     try:
         rows = np.load(npy, mmap_mode="r").shape[0]
-        with open(ids, "rb") as handle:
-            lines = sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+        lines = count_ids(ids)
     except (OSError, ValueError):
         return False
     return rows == lines == record.get("count") and (count is None or rows == count)
@@ -107,9 +105,9 @@ def read_shard(directory: Path, name: str, dim: int | None = None, mmap: bool = 
     except (OSError, ValueError, EOFError) as error:
         raise EmbeddingsError(f"{npy}: unreadable embedding shard ({error}); re-run `convret encode`") from error
     try:
-        ids = ids_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise EmbeddingsError(f"{ids_path}: unreadable id file ({error})") from error
+        ids = read_ids(ids_path)
+    except IdFileError as error:
+        raise EmbeddingsError(str(error)) from error
     if vectors.ndim != 2 or (dim is not None and vectors.shape[1] != dim):
         raise EmbeddingsError(f"{npy}: shape {vectors.shape}, expected [n, {dim}]")
     if len(ids) != vectors.shape[0]:
@@ -161,13 +159,11 @@ def iter_shards(directory: str | os.PathLike, meta: dict[str, Any] | None = None
 
 
 def _iter_id_files(paths: Sequence[Path]) -> Iterator[str]:
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                for line in handle:
-                    yield line.rstrip("\n")
-        except (OSError, UnicodeDecodeError) as error:
-            raise EmbeddingsError(f"{path}: unreadable id file ({error})") from error
+    try:
+        for path in paths:
+            yield from iter_ids(path)
+    except IdFileError as error:
+        raise EmbeddingsError(str(error)) from error
 
 
 def find_duplicate_id(paths: Sequence[Path]) -> tuple[str, int, int] | None:
@@ -239,7 +235,8 @@ def write_embeddings(directory: str | os.PathLike, ids: Sequence[str], vectors: 
     (directory / META).unlink(missing_ok=True)
     shards = []
     for s, start in enumerate(range(0, len(ids), shard_size)):
-        write_shard(directory, s, ids[start : start + shard_size], vectors[start : start + shard_size])
+        write_shard(directory, s, ids[start : start + shard_size], vectors[start : start + shard_size],
+                    where=lambda i, start=start: f"ids[{start + i}]")
         shards.append({"name": shard_name(s), "count": len(ids[start : start + shard_size])})
     info = {"format_version": FORMAT_VERSION, "dim": int(vectors.shape[1]), "dtype": str(vectors.dtype),
             "count": len(ids), "shards": shards, "normalized": False, "model": None}

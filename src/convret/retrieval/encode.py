@@ -35,6 +35,7 @@ from . import _data
 from .embeddings import (FORMAT_VERSION, META, EmbeddingsError, find_duplicate_id, fingerprint_difference,
                          read_meta, shard_complete, shard_fingerprints, shard_name, write_shard)
 from .encoder import DEFAULT_TOKEN_BUDGET, Encoder
+from .ids import check_id, id_problem
 
 __all__ = ["encode_to_dir", "encode_stream", "encode_fingerprint", "checkpoint_identity", "collection_records",
            "conversation_records", "collection_items", "conversation_items", "main"]
@@ -207,7 +208,8 @@ def encode_stream(
     (one it created). Returns the metadata written (by rank 0 with ``finish``), else ``None``.
 
     Raises:
-        ValueError: no records, a duplicate id (naming both positions), shards of another fingerprint.
+        ValueError: no records, a duplicate id (naming both positions), an id an id file cannot hold
+            (:mod:`convret.retrieval.ids`), shards of another fingerprint.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
@@ -277,6 +279,8 @@ def _encode_stream(encoder: Encoder, records: Iterable[tuple[str, Any]], tokeniz
             if ident in seen:
                 raise ValueError(f"{source or output}: duplicate {item} id {ident!r} ({kind} {seen[ident] + 1} "
                                  f"and {n + 1}): ids must be unique")
+            if id_problem(ident) is not None:  # the readers name the line; in-memory records their position
+                check_id(ident, f"{source or 'input'}: {item} {n + 1}")
             seen[ident] = n
             tokens = tokenize(value) if tokenize is not None else value
             shard_ids.append(ident)

@@ -11,7 +11,10 @@
   what the formatter writes before a passage's text (BOS, the assistant message's start, the passage
   instruction), prompt ``"query"`` (``encode_query``) = what it writes before the query of a session without
   history (BOS, the instruction, the user message's start); both prompts are derived from the formatter's own
-  renderings, so they follow whatever it does;
+  renderings (:func:`text_prompt`), so they follow whatever it does. A prompt is text that sentence-transformers
+  puts in front of the input and tokenizes together with it: where the template's role markers are plain text
+  (Mistral v0.1 / v0.2, Llama-2-chat: ``[INST] ... [/INST]``) or an instruction shares the query's message, the
+  input is tokenized with the text around it exactly as convret tokenizes the rendered conversation;
 - lengths: the tokenizer's ``model_max_length`` and ``document_length`` = ``max_passage_len`` (+ the summary
   tokens), ``query_length`` = ``max_session_len`` (+ the summary tokens): a passage is cut exactly where
   ``convret encode`` cuts it (its first tokens are kept);
@@ -25,9 +28,12 @@
 Sessions and passages that end differently (Mistral's ``[/INST]`` vs ``</s>``, or ``summary_on_passages:
 false``: sessions end with the summary tokens, passages do not) need a tokenizer per task: the export is then a
 sentence-transformers ``Router`` with a Transformer per task (``query_0_Transformer``, ``document_0_Transformer``,
-the merged weights written in each: ``--merge`` is required). Not expressible (``ValueError``): a template that
-tokenizes the query together with what precedes it (Mistral with an ``instruction``: it is merged into the
-query's message).
+the merged weights written in each: ``--merge`` is required). A template under which no prompt followed by the
+query gives convret's tokens (one that rewrites the query's text) exports the passages alone: a ``Router`` with
+the ``document`` route only, so that ``encode_query`` raises rather than embed sessions differently; the reason is
+in ``convret_export.json`` and on stderr.
+
+No code travels with the export (no ``trust_remote_code``): every part is a stock sentence-transformers module.
 """
 from __future__ import annotations
 
@@ -38,14 +44,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .._args import parse
 from ..data.records import Turn
 from ..provenance import check_output, content_identity, read_record
 from . import _data
 
-__all__ = ["export_sentence_transformers", "passage_wrapping", "query_wrapping", "session_text", "main"]
+__all__ = ["export_sentence_transformers", "passage_wrapping", "query_wrapping", "query_prompt", "text_prompt",
+           "session_text", "main"]
 
 
 def passage_wrapping(tokenizer: Any, formatter: Any) -> tuple[list[int], list[int]]:
@@ -54,35 +61,109 @@ def passage_wrapping(tokenizer: Any, formatter: Any) -> tuple[list[int], list[in
 
 
 def query_wrapping(tokenizer: Any, formatter: Any) -> tuple[list[int], list[int]]:
-    """``(prefix ids, suffix ids)`` that the formatter puts around the query of a session without history."""
+    """``(prefix ids, suffix ids)`` that the formatter puts around the query of a session without history (a
+    ``ValueError`` when the query's own tokens do not appear intact in it: see :func:`query_prompt`)."""
     return _data.text_wrapping(tokenizer, lambda text: formatter.session([], text))
+
+
+def _probes(tokenizer: Any) -> list[str]:
+    special = set(tokenizer.all_special_ids)
+    plain = [i for i in range(min(len(tokenizer), 4096)) if i not in special]
+    return [tokenizer.decode(plain[5:8]), "hello world", "x", "Paris is a city", "how tall is it?", "1984 (the year)"]
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def text_prompt(tokenizer: Any, render: Callable[[str], Sequence[int]], what: str) -> tuple[str, list[int]]:
+    """``(prompt, suffix ids)`` such that ``render(text) == tokens(prompt + text) + suffix`` (``tokens``: the
+    tokenizer without added special tokens) for every probe text: sentence-transformers puts a prompt in front of
+    the text and tokenizes the two together, and the exported tokenizer appends the suffix.
+
+    Two ways, the first that holds: the text's own tokens appear intact inside the rendering, behind a prefix of
+    tokens written as text (:func:`convret.retrieval._data.text_wrapping`); or, where the template's text around
+    a message is tokenized together with it (role markers written as plain text, as Mistral v0.1 / v0.2 and
+    Llama-2-chat write ``[INST] ... [/INST]``; an instruction merged into the query's message), the rendering's
+    text in front of the probe, so that the tokenizer reads prompt and text together exactly as it read the
+    rendering.
+
+    Raises:
+        ValueError: neither holds for every probe (naming ``what``).
+    """
+    probes = _probes(tokenizer)
+    try:
+        prefix, suffix = _data.text_wrapping(tokenizer, render)
+    except ValueError:
+        pass
+    else:
+        probe = probes[0]
+        decoded = _decode(tokenizer, prefix)
+        for prompt in (decoded, decoded + " "):  # decoding may drop the separator a word-level tokenizer needs
+            if _tokens(tokenizer, prompt + probe) == prefix + _tokens(tokenizer, probe):
+                return prompt, list(suffix)
+    rendered = {probe: list(render(probe)) for probe in probes if _tokens(tokenizer, probe)}
+    for probe, ids in rendered.items():
+        text = _decode(tokenizer, ids)
+        at = text.rfind(probe)  # the last occurrence: the message comes last
+        if at < 0:
+            continue
+        prompt = text[:at]
+        head = _tokens(tokenizer, prompt + probe)
+        if ids[: len(head)] != head:
+            continue
+        suffix = ids[len(head):]
+        if all(other == _tokens(tokenizer, prompt + p) + suffix for p, other in rendered.items()):
+            return prompt, suffix
+    raise ValueError(f"cannot write the {what} as a sentence-transformers prompt followed by the text: this "
+                     "tokenizer and chat template tokenize a text differently with the template's text around it")
+
+
+def query_prompt(tokenizer: Any, formatter: Any) -> tuple[str, list[int]]:
+    """``(prompt, suffix ids)`` of a session without history (:func:`text_prompt`)."""
+    return text_prompt(tokenizer, lambda text: formatter.session([], text), "query")
 
 
 def session_text(tokenizer: Any, config: Any, history: Sequence[Turn], query: str) -> str:
     """The text to give an exported model (``model.encode_query(text)``) for a session: the formatted session,
     truncated as convret truncates it, without what the ``"query"`` prompt puts in front and what the exported
-    tokenizer appends."""
+    tokenizer appends.
+
+    Raises:
+        ValueError: the exported model would not read this text as convret's tokens (checked for every session:
+            a session that does not start as a one-query session does, or a tokenizer that would read the text
+            back differently, e.g. a query ending in whitespace before a marker written as text); embed it with
+            ``convret encode`` or :class:`convret.retrieval.encoder.Encoder`.
+    """
     formatter = _data.formatter_for(tokenizer, config)
-    prefix, suffix = query_wrapping(tokenizer, formatter)
+    prompt, suffix = query_prompt(tokenizer, formatter)
     ids = list(formatter.session(history, query))
-    if ids[: len(prefix)] != prefix or (suffix and ids[len(ids) - len(suffix):] != suffix):
-        raise ValueError("this session does not start / end as a one-query session does (a truncated session "
-                         "that starts with an assistant turn?); encode it with convret")
-    return tokenizer.decode(ids[len(prefix): len(ids) - len(suffix)], skip_special_tokens=False,
-                            clean_up_tokenization_spaces=False)
+    head = ids[: len(ids) - len(suffix)]
+    text = _decode(tokenizer, head)
+    if ids[len(head):] != suffix or not text.startswith(prompt) or _tokens(tokenizer, text) != head:
+        raise ValueError("this session cannot be written as a text that the exported model reads as convret's "
+                         "tokens (it does not start / end as a one-query session does, or the tokenizer reads its "
+                         "text back differently); embed it with convret")
+    return text[len(prompt):]
 
 
-def _prompt_text(tokenizer: Any, prefix: list[int], what: str) -> str:
-    """Text whose tokens, followed by any text's, are ``prefix`` + the text's (decoding may drop the separator a
-    word-level tokenizer needs)."""
-    special = set(tokenizer.all_special_ids)
-    probe = tokenizer.decode([i for i in range(min(len(tokenizer), 4096)) if i not in special][5:8])
-    expected = prefix + tokenizer(probe, add_special_tokens=False)["input_ids"]
-    decoded = tokenizer.decode(prefix, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    for text in (decoded, decoded + " "):
-        if tokenizer(text + probe, add_special_tokens=False)["input_ids"] == expected:
-            return text
-    raise ValueError(f"cannot express the {what} prefix as a sentence-transformers prompt for this tokenizer")
+def _check_passage_cut(tokenizer: Any, formatter: Any, prompt: str, suffix: list[int]) -> None:
+    """A passage longer than ``max_passage_len``: sentence-transformers keeps the first tokens of prompt + text
+    that fit in front of the suffix; the formatter must have kept the same."""
+    limit = formatter.max_passage_len
+    if limit is None:
+        return
+    text = "Paris is a city"
+    while len(_tokens(tokenizer, text)) <= limit:
+        text = f"{text} and {text}"
+    kept = _tokens(tokenizer, prompt + text)[: max(0, limit - len(suffix))]
+    if formatter.passage(text) != kept + suffix:
+        raise ValueError("a passage longer than max_passage_len is cut differently from the first tokens of "
+                         "prompt + text (the template renders a passage in the context of the text around it)")
 
 
 def _template_tokenizer(tokenizer: Any, suffix: list[int], summary: list[int]) -> None:
@@ -143,31 +224,45 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
     loaded = load_retriever(checkpoint, merge=merge, attn_implementation="sdpa")
     model, tokenizer, config = loaded
     formatter = _data.formatter_for(tokenizer, config)
-    prefix, suffix = passage_wrapping(tokenizer, formatter)
     try:
-        query_prefix, query_suffix = query_wrapping(tokenizer, formatter)
+        document_prompt, suffix = text_prompt(tokenizer, formatter.passage, "passage")
+        _check_passage_cut(tokenizer, formatter, document_prompt, suffix)
     except ValueError as error:
-        raise ValueError(f"{checkpoint}: with this chat template the query is not tokenized on its own inside a "
-                         "session (e.g. Mistral's template merges the instruction into the query's message): no "
-                         "sentence-transformers prompt can express it; encode sessions with `convret encode`") \
-            from error
-    prompts = {"document": _prompt_text(tokenizer, prefix, "passage"),
-               "query": _prompt_text(tokenizer, query_prefix, "query")}
+        raise ValueError(f"{checkpoint}: {error}; embed with `convret encode`") from error
+    prompts = {"document": document_prompt}
+    try:
+        prompts["query"], query_suffix = query_prompt(tokenizer, formatter)
+    except ValueError as error:
+        prompts.pop("query", None)
+        query_suffix, queries_refused = None, str(error)
     summary = config.summary_block()
     passage_summary = summary if config.summary_on_passages else []
     # sentence-transformers truncates to these (prompt and appended tokens included): a passage keeps its first
     # tokens within max_passage_len as in convret; a session from session_text() is already truncated
     document_length = (config.max_passage_len or tokenizer.model_max_length) + len(passage_summary)
     query_length = (config.max_session_len or tokenizer.model_max_length) + len(summary)
+    info = {"checkpoint": str(checkpoint), "merged": True, "passage_prefix": _tokens(tokenizer, document_prompt),
+            "fingerprint": fingerprint}
+    if query_suffix is None:
+        # documents only, behind a Router whose only route is "document": encode_query raises instead of embedding
+        # sessions some other way than convret does
+        if is_peft_model(model):
+            raise ValueError(f"{checkpoint}: only passages can be exported ({queries_refused}): the export is then a "
+                             "model with a documents route only; use --merge")
+        return _export_routed(model, tokenizer, config, output, prompts,
+                              {"document": (suffix + passage_summary, document_length)},
+                              {**info, "queries": f"not exported: {queries_refused}; embed sessions with "
+                                                  "`convret encode`"})
+    info["query_prefix"] = _tokens(tokenizer, prompts["query"])
     if query_suffix != suffix or not config.summary_on_passages:
         if is_peft_model(model):
             raise ValueError(f"{checkpoint}: sessions and passages end differently (a template such as Mistral's, "
                              "or summary_on_passages false): the export needs a model per route; use --merge")
         return _export_routed(model, tokenizer, config, output, prompts,
                               {"query": (query_suffix + summary, query_length),
-                               "document": (suffix + passage_summary, document_length)},
-                              {"checkpoint": str(checkpoint), "merged": True, "passage_prefix": prefix,
-                               "query_prefix": query_prefix, "fingerprint": fingerprint})
+                               "document": (suffix + passage_summary, document_length)}, info)
+    prefix = info["passage_prefix"]
+    query_prefix = info["query_prefix"]
     _template_tokenizer(tokenizer, suffix, summary)
     tokenizer.model_max_length = document_length
     # sentence-transformers applies a tokenizer's chat template to plain text itself (as a user message, without
@@ -228,9 +323,10 @@ def export_sentence_transformers(checkpoint: str | os.PathLike, output: str | os
 
 def _export_routed(model: Any, tokenizer: Any, config: Any, output: str | os.PathLike,
                    prompts: dict[str, str], routes: dict[str, tuple[list[int], int]], info: dict[str, Any]) -> Path:
-    """Sessions and passages that end differently: a sentence-transformers ``Router`` with a Transformer per
-    task (``encode_query`` / ``encode_document``; plain ``encode`` = documents), each with its own tokenizer
-    appending its task's end and max length. The weights are written once per route."""
+    """A sentence-transformers ``Router`` with a Transformer per task in ``routes`` (``"query"``: ``encode_query``,
+    ``"document"``: ``encode_document`` and plain ``encode``), each with its own tokenizer appending its task's
+    end and max length: for sessions and passages that end differently, or documents alone (``encode_query`` then
+    raises: no route). The weights are written once per route."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules.normalize import Normalize
     from sentence_transformers.base.modules.router import Router
@@ -253,7 +349,7 @@ def _export_routed(model: Any, tokenizer: Any, config: Any, output: str | os.Pat
                 modules[task] = Transformer(str(directory), max_seq_length=length,
                                             model_kwargs={"attn_implementation": "sdpa"})
             dim = model.config.hidden_size
-            pipeline = [Router.for_query_document([modules["query"]], [modules["document"]]),
+            pipeline = [Router({task: [module] for task, module in modules.items()}, default_route="document"),
                         Pooling(dim, pooling_mode="lasttoken")]
             if config.normalize:
                 pipeline.append(Normalize())
@@ -301,4 +397,7 @@ def main(argv: list[str]) -> int:
         print(f"convret export: error: {error}", file=sys.stderr)
         return 1
     print(f"exported {args.checkpoint} to {out}: SentenceTransformer({str(out)!r})", file=sys.stderr)
+    refused = json.loads((out / "convret_export.json").read_text(encoding="utf-8")).get("queries")
+    if refused:
+        print(f"convret export: passages only; queries {refused}", file=sys.stderr)
     return 0

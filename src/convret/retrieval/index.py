@@ -11,7 +11,8 @@ Layout of ``INDEX/`` (written atomically: a temporary directory, then renamed)::
 
     index.faiss            the faiss index (CPU form) when there is one index shard, else
     index-00000.faiss ...  the index shards, in passage order
-    ids.txt                one passage id per line: line i is the passage of global row i
+    ids.txt                one passage id per line: line i is the passage of global row i (the id-file
+                           format of convret.retrieval.ids)
     meta.json              {"dim", "count", "factory", "metric": "inner_product", "model", "normalized",
                             "embeddings", "train_sample", "shards": [{"name", "count"}], "fingerprint"}
 """
@@ -21,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +32,7 @@ from .._args import parse
 from .._io import atomic_directory
 from ..provenance import check_output, comparable, read_record
 from .embeddings import EmbeddingsError, find_duplicate_id, iter_shards, read_meta
+from .ids import concatenate_ids, read_ids
 
 __all__ = ["build_index", "load_index", "main", "gpu_count", "default_train_sample", "configure_search",
            "default_nprobe", "check_same_model", "read_index_meta", "index_fingerprint", "recorded_fingerprint",
@@ -233,10 +234,10 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, factor
                                           f"expected {b - a}")
                 faiss.write_index(index, str(tmp / name))
                 del index
-            with open(tmp / "ids.txt", "wb") as out:
-                for shard in meta["shards"]:
-                    with open(embeddings / f"{shard['name']}.ids", "rb") as src:
-                        shutil.copyfileobj(src, out)
+            written = concatenate_ids([embeddings / f"{shard['name']}.ids" for shard in meta["shards"]],
+                                      tmp / "ids.txt")
+            if written != count:
+                raise EmbeddingsError(f"{embeddings}: its id files hold {written} ids for {count} vectors")
             (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     finally:
         bar.close()
@@ -275,7 +276,7 @@ def load_index(path: str | os.PathLike, use_gpu: bool | None = None,
             shards.append(faiss.read_index(str(path / name)))
         except RuntimeError as error:
             raise ValueError(f"{path / name}: unreadable faiss index ({error})") from error
-    ids = (path / "ids.txt").read_text(encoding="utf-8").splitlines()
+    ids = read_ids(path / "ids.txt")
     total = sum(s.ntotal for s in shards)
     if len(ids) != total:
         raise ValueError(f"{path}: ids.txt holds {len(ids)} ids for {total} vectors")

@@ -19,7 +19,8 @@ The ranking is score-descending with equal scores ordered by docid (as ``convret
 
 1. the query is the rewrite when the example has one (``--query auto``, the default), the rewrite always
    (``rewrite``: an example without one is an error) or the session (``session``);
-2. the candidates are the passages at ranks ``LO..HI`` (1-based, inclusive; ``--window 15-30``);
+2. the candidates are the passages at ranks ``LO..HI`` (1-based, inclusive; ``--window 15-30``) among those the
+   retriever retrieved (``bm25``: a score above 0; a passage sharing no term with the query is never drawn);
 3. a candidate is dropped when it is one of the example's positives: the same id, or the same text (compared by
    a 64-bit hash of the stripped text, see below);
 4. with ``--max-positive-ratio F``, a candidate is also dropped when its score exceeds ``F`` times the
@@ -56,6 +57,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -74,10 +76,13 @@ from .._io import atomic_write
 from ..data.records import ASSISTANT, USER, Passage, TrainingExample, Turn
 from ..provenance import check_output, content_identity
 from . import _data
+from .ids import read_ids, write_ids
 from .search import id_ranks
 
 __all__ = ["MineSettings", "mine", "mine_examples", "choose_negatives", "make_retriever", "parse_window", "query_of",
            "rank_scores", "text_hash", "BM25Retriever", "DenseRetriever", "main"]
+
+logger = logging.getLogger("convret.mine")
 
 DEFAULT_WINDOW = (15, 30)
 DEFAULT_CHUNK_SIZE = 500
@@ -156,13 +161,18 @@ def _save_hashes(path: Path, hashes: array) -> None:
 
 
 def rank_scores(scores: np.ndarray, depth: int, id_rank: np.ndarray) -> np.ndarray:
-    """Indices of the ``depth`` best of ``scores`` (one query), score descending, ties by ``id_rank``
-    ascending (the docid order)."""
-    depth = min(depth, len(scores))
-    kth = np.partition(-scores, depth - 1)[depth - 1]
-    candidates = np.nonzero(-scores <= kth)[0]
-    order = np.lexsort((id_rank[candidates], -scores[candidates]))[:depth]
-    return candidates[order]
+    """Indices of the (at most) ``depth`` best passages the retriever retrieved for one query, score descending,
+    ties by ``id_rank`` ascending (the docid order). Retrieved: a score > 0 (BM25 scores a passage sharing no
+    term with the query 0; it was not retrieved, and is never a candidate). Only the retrieved passages are
+    selected from, and only the ``depth`` best of them (and those tied with the last) are sorted."""
+    retrieved = np.flatnonzero(scores > 0)
+    hits = scores[retrieved]
+    if len(retrieved) > depth:
+        kth = np.partition(-hits, depth - 1)[depth - 1]
+        keep = -hits <= kth  # the depth best and every passage tied with the last of them
+        retrieved, hits = retrieved[keep], hits[keep]
+    order = np.lexsort((id_rank[retrieved], -hits))[:depth]
+    return retrieved[order]
 
 
 # ------------------------------------------------------------------------------------------ retrievers
@@ -201,11 +211,13 @@ class BM25Retriever:
             with atomic_directory(saved, overwrite=True) as tmp:
                 bm25.save(str(tmp), show_progress=False)
                 _save_hashes(tmp / "text_hashes.npy", hashes)
-                (tmp / "ids.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+                write_ids(tmp / "ids.txt", ids)
             del bm25, ids, hashes
         self.bm25 = bm25s.BM25.load(str(saved), mmap=True, show_progress=False, verbosity=0)
-        self.ids = (saved / "ids.txt").read_text(encoding="utf-8").splitlines()
         self.text_hashes = np.load(saved / "text_hashes.npy", mmap_mode="r")
+        self.ids = read_ids(saved / "ids.txt")
+        if len(self.ids) != len(self.text_hashes):
+            raise ValueError(f"{saved}: {len(self.ids)} ids for {len(self.text_hashes)} text hashes; pass --restart")
         self.id_rank = id_ranks(self.ids)
         self.row_of_id = {ident: i for i, ident in enumerate(self.ids)}
         self.row_of_hash = {int(h): i for i, h in enumerate(self.text_hashes)}
@@ -221,17 +233,19 @@ class BM25Retriever:
 
     def rank(self, queries: Sequence[tuple[list[Turn], str]], positives: Sequence[Passage | None],
              depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        all_scores, all_rows, pos_scores = [], [], []
-        for (history, query), positive in zip(queries, positives):
+        all_scores = np.full((len(queries), depth), -np.inf)
+        all_rows = np.full((len(queries), depth), -1, dtype=np.int64)  # -1: fewer passages retrieved than depth
+        pos_scores = []
+        for j, ((history, query), positive) in enumerate(zip(queries, positives)):
             scores = self.scores(_flat_query(history, query))
             rows = rank_scores(scores, depth, self.id_rank)
-            all_rows.append(rows)
-            all_scores.append(scores[rows])
+            all_rows[j, : len(rows)] = rows
+            all_scores[j, : len(rows)] = scores[rows]
             row = None if positive is None else self.row_of_id.get(positive.id,
                                                                    self.row_of_hash.get(text_hash(positive.text)))
             # a positive outside the corpus has no BM25 score under the corpus's statistics
             pos_scores.append(np.nan if row is None else float(scores[row]))
-        return np.stack(all_scores), np.stack(all_rows), np.asarray(pos_scores, dtype=np.float64)
+        return all_scores, all_rows, np.asarray(pos_scores, dtype=np.float64)
 
 
 class _SentenceTransformerEncoder:
@@ -578,7 +592,9 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
     """Mine negatives for ``train_file`` against ``corpus`` with ``retriever`` and write ``output`` (same format
     as the input). The corpus is read by streaming passes only (see the module's docstring for what each
     retriever holds). Returns the report: ``examples``, ``mined`` (examples with a positive),
-    ``negatives_per_example`` (``{count: examples}``), ``filtered``, ``unscored``, ``records``, ``format``.
+    ``negatives_per_example`` (``{count: examples}``), ``fewer_than_asked`` (examples that got fewer than
+    ``num_negatives``: too few candidates in the window; also logged as a warning on the ``convret.mine``
+    logger), ``filtered``, ``unscored``, ``records``, ``format``.
 
     The work directory is mine's alone: one with other files and no ``state.json`` is refused, and mine deletes
     only what it wrote there (:data:`WORK_ENTRIES`). Work of another retriever (by content: a model retrained at
@@ -610,7 +626,8 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
     state = {"train_file": _fingerprint(train_file), "format": fmt, "corpus": _fingerprint(corpus),
              "retriever": retriever_name or getattr(retriever, "name", type(retriever).__name__),
              "retriever_identity": getattr(retriever, "identity", None),
-             "settings": asdict(settings), "chunk_size": chunk_size, "version": 3}
+             "settings": asdict(settings), "chunk_size": chunk_size,
+             "version": 4}  # 4: BM25 draws only the passages it retrieved (version 3 chunks may hold others)
     state_path = work / STATE
     _claim_work_dir(work, restart)
     if state_path.is_file():
@@ -663,8 +680,16 @@ def mine(train_file: str | os.PathLike, corpus: str | os.PathLike, retriever: An
                 totals[key] += chunk[key]
     if not keep_work:
         _remove_work(work)
+    short = sum(n for count, n in histogram.items() if count < settings.num_negatives)
+    if short:
+        logger.warning("%s: %d of %d examples got fewer than %d negatives: too few candidates in ranks %d-%d (the "
+                       "passages the retriever retrieved there, less the example's positives%s; a passage it did "
+                       "not retrieve is never drawn)", output, short, sum(histogram.values()),
+                       settings.num_negatives, *settings.window,
+                       " and what the ratio filter dropped" if settings.max_positive_ratio is not None else "")
     return {"format": fmt, "records": len(groups), "examples": len(examples), "mined": sum(histogram.values()),
-            "negatives_per_example": dict(sorted(histogram.items())), **totals, "output": str(output)}
+            "negatives_per_example": dict(sorted(histogram.items())), "fewer_than_asked": short, **totals,
+            "output": str(output)}
 
 
 def format_report(report: dict, settings: MineSettings) -> str:
@@ -673,6 +698,10 @@ def format_report(report: dict, settings: MineSettings) -> str:
              f"records; ranks {lo}-{hi}, up to {settings.num_negatives} negatives) -> {report['output']}"]
     for count, n in report["negatives_per_example"].items():
         lines.append(f"  {n} examples got {count} negative{'s' if count != 1 else ''}")
+    if report["fewer_than_asked"]:
+        lines.append(f"  {report['fewer_than_asked']} examples got fewer than {settings.num_negatives}: too few "
+                     f"candidates in ranks {lo}-{hi} (retrieved there, not a positive; bm25 retrieves the passages "
+                     "sharing a term with the query)")
     if report["examples"] > report["mined"]:
         lines.append(f"  {report['examples'] - report['mined']} examples have no positive (kept as they were)")
     if settings.max_positive_ratio is not None:

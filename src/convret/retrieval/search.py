@@ -9,7 +9,9 @@ and passage embeddings (cosine similarity for normalised models). Equal scores a
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -98,7 +100,9 @@ def search(index_dir: str, queries_dir: str, top_k: int, output: str, tag: str =
     check_same_model(index_dir, index_meta, (qmeta.get("fingerprint") or {}).get("checkpoint"), qmeta.get("model"),
                      f"the query embeddings {queries_dir}", allow_model_mismatch, log)
     shards, doc_ids, meta = load_index(index_dir, use_gpu=use_gpu, log=log)
+    _check_run_words(doc_ids, "docid", lambda row: f"{Path(index_dir) / 'ids.txt'}:{row + 1}")
     qids, queries, qmeta = read_embeddings(queries_dir, unique=True)
+    _check_run_words(qids, "query id", lambda row: f"{queries_dir}: query {row + 1}")
     if queries.shape[1] != meta["dim"]:
         raise ValueError(f"{queries_dir}: query embeddings have dimension {queries.shape[1]} but {index_dir} "
                          f"holds dimension {meta['dim']}: queries and passages were not encoded by the same model")
@@ -109,6 +113,21 @@ def search(index_dir: str, queries_dir: str, top_k: int, output: str, tag: str =
                for q, qid in enumerate(qids)}
     _data.save_run(output, results, tag)
     return len(qids)
+
+
+_WHITESPACE = re.compile(r"[^\S\n]")
+
+
+def _check_run_words(ids: Sequence[str], what: str, where: Callable[[int], str]) -> None:
+    """A TREC run is whitespace-separated: refuse an id it cannot hold before searching, not once the run is
+    written (an id file holds such ids: ``convret serve`` and ``convret mine`` take them)."""
+    text = "\n".join(ids)
+    match = _WHITESPACE.search(text)  # whitespace but the separators (an id holds no \n)
+    if match is not None:
+        row = text.count("\n", 0, match.start())
+        raise ValueError(f"{where(row)}: {what} {ids[row]!r} contains whitespace "
+                         f"({match.group()!r}): a TREC run (whitespace-separated columns) cannot hold it; change "
+                         "the id in the input, or use the Python API (search_index) or `convret serve`")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -190,7 +190,13 @@ def parse_arguments(
     values = load_config(config if config is not None else DEFAULT_CONFIG)
     values = _resolve_paths(values, CONFIG_DIR.parent)
     parser.set_defaults(**values)
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=list(argv or []), return_remaining_strings=True)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=list(argv or []), return_remaining_strings=True)
+    except ImportError as error:  # TrainingArguments imports the engine's package when it is asked for
+        if "deepspeed" in str(error).lower():
+            raise ValueError("--deepspeed: the package deepspeed is not installed (pip install 'convret[deepspeed]'"
+                             f" or pip install deepspeed): {error}") from error
+        raise
     if remaining:
         raise ValueError(f"unexpected arguments {remaining} (every option: convret train --help)")
     model_args, data_args, loss_args, train_args = parsed

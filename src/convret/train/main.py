@@ -234,16 +234,19 @@ def finalize_training_args(train_args: Any, model_args: Any) -> Any:
 def run(model_args, data_args, loss_args, train_args, examples=None, formatter=None, built=None) -> int:
     """Train: prepare the output directory, save ``init/``, train (resuming when asked), save ``final/``."""
     from ..memory import enable_for_training
-    from .checkpoint import save_retriever
+    from .checkpoint import load_retriever, save_retriever
+    from .engines import building_plain_model, check_request, check_resume_engine, is_sharded
     from .trainer import LOG_NAME, NonFiniteLossError
 
     from .resume import check_resume
 
     train_args = finalize_training_args(train_args, model_args)
+    engine = check_request(train_args, learnable_temperature=loss_args.learnable_temperature)
     is_main = int(os.environ.get("RANK", "0")) == 0
     resume = prepare_output_dir(train_args, is_main)
     fingerprint = _resume_fingerprint(model_args, data_args, loss_args, examples is not None)
     if resume is not None:  # before the model is built: a refused resume costs no load
+        check_resume_engine(resume, engine)
         for note in check_resume(resume, fingerprint, train_args.resume_with_changes):
             if is_main:
                 print(f"convret train: {note}", file=sys.stderr)
@@ -267,7 +270,14 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
                 print(f"convret train: {state}: {resume} (step {start_step})", file=sys.stderr)
         start = time.perf_counter()
         try:
-            if finished:
+            if finished and is_sharded(engine):
+                # the engine's state is sharded: the checkpoint's consolidated retriever files are the weights
+                if trainer.is_world_process_zero():
+                    with building_plain_model():  # not partitioned by an active ZeRO-3 config
+                        loaded = load_retriever(resume)
+                    save_retriever(output_dir / "final", loaded.model, loaded.tokenizer, loaded.config)
+                trainer.state.global_step = start_step
+            elif finished:
                 trainer._load_from_checkpoint(resume)
                 trainer.state.global_step = start_step
             else:
@@ -275,9 +285,12 @@ def run(model_args, data_args, loss_args, train_args, examples=None, formatter=N
         except NonFiniteLossError as error:
             print(f"convret train: {error}", file=sys.stderr)
             return EXIT_NONFINITE
+        if not (finished and is_sharded(engine)):
+            model = trainer.consolidated_model()  # every rank: a gather under FSDP2 / ZeRO-3
+            if model is not None:
+                save_retriever(output_dir / "final", model, trainer.processing_class,
+                               trainer.current_retriever_config())
         if trainer.is_world_process_zero():
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            save_retriever(output_dir / "final", model, trainer.processing_class, trainer.current_retriever_config())
             done = trainer.state.global_step
             ran = f"{done - start_step} in this run" if resume is not None else f"{done} steps"
             print(f"convret train: step {done} reached ({ran}, {time.perf_counter() - start:.1f} s); "

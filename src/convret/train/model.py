@@ -59,9 +59,12 @@ def _base_model(args: ModelArguments) -> torch.nn.Module:
 
 def build_model(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments) -> BuiltModel:
     """The model ready to train (summary tokens added, LoRA applied or not), its tokenizer and its
-    :class:`RetrieverConfig`. Every random initialisation (a model_config model, LoRA's A matrices) draws from
+    :class:`RetrieverConfig`. The model is built whole even when a DeepSpeed ZeRO-3 config is active (the engine
+    partitions it later, :func:`convret.train.engines.building_plain_model`). Every random initialisation (a model_config model, LoRA's A matrices) draws from
     ``model_args.init_seed``, whatever the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
+    from .engines import building_plain_model
+
+    with torch.random.fork_rng(devices=[]), building_plain_model():
         torch.manual_seed(model_args.init_seed)
         return _build_model(model_args, data_args, loss_args)
 

@@ -69,9 +69,27 @@ class Recipe(TemperatureMixin, torch.nn.Module):
 
     def generation(self, hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
                    num_label_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
-        return generation_loss(hidden, head.weight, labels, bias=getattr(head, "bias", None),
-                               label_smoothing=self.label_smoothing, gather=self.gather,
-                               num_label_tokens=num_label_tokens)
+        """The LM loss of ``hidden`` through the LM head ``head`` (its weight read directly: never the
+        ``[tokens, vocab]`` logits).
+
+        Under DeepSpeed ZeRO-3 a partitioned weight (it has a ``ds_id``) is an empty placeholder outside a call of
+        its module, so there the loss runs as the head's forward (:func:`call_as_forward`): ZeRO-3's hooks gather
+        the weight for it and again before its backward. Under FSDP2 the head's group stays unsharded from the
+        model's forward to its backward (accelerate shards it with ``reshard_after_forward=False``), and a second
+        call of the module in one step would upset FSDP2's per-group hook order: its weight is read as is, and a
+        weight still sharded (a ``DTensor``) is refused."""
+        def loss(module: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            weight = module.weight
+            if _is_dtensor(weight):
+                raise RuntimeError("the LM head's weight is still sharded (a DTensor) after the model's forward: the "
+                                   "FSDP2 group holding it must not reshard after forward")
+            return generation_loss(hidden, weight, labels, bias=getattr(module, "bias", None),
+                                   label_smoothing=self.label_smoothing, gather=self.gather,
+                                   num_label_tokens=num_label_tokens)
+
+        if hasattr(head.weight, "ds_id"):
+            return call_as_forward(head, loss, hidden, labels)
+        return loss(head, hidden, labels)
 
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[name] * value for name, value in terms.items())
@@ -169,6 +187,24 @@ class UniConvRecipe(Recipe):
         cii = self._info_nce(embeddings["cii_query"], embeddings["cii_response"], labels=cii_labels,
                              passage_ids=None if ids is None else ids[passages:])
         return {"contrastive": retrieval, "cii": cii}
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def call_as_forward(module: torch.nn.Module, fn, *args):
+    """``fn(module, *args)`` run as ``module(*args)``: through ``nn.Module.__call__``, so that every hook on the
+    module (DeepSpeed ZeRO-3's gather / release and backward re-gather, FSDP2's unshard) wraps it."""
+    module.forward = lambda *inner: fn(module, *inner)  # an instance attribute shadows the class's forward
+    try:
+        return module(*args)
+    finally:
+        del module.forward
 
 
 def make_recipe(args: LossArguments) -> Recipe:

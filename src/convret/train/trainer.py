@@ -13,7 +13,11 @@ consumed batches on resume, comes from the Trainer as it is):
   its summary tokens, safetensors weights or adapter) and is written into a hidden staging directory, flushed
   and renamed (:meth:`_save_checkpoint`, :meth:`_save`);
 - :meth:`create_optimizer` adds a learnable temperature; :meth:`log` adds the loss parts, tokens/s and the
-  packing fill to the Trainer's log.
+  packing fill to the Trainer's log;
+- engines (:mod:`convret.train.engines`): FSDP2 also on CPU processes, the engine in force checked against the
+  one requested (:meth:`create_accelerator_and_postprocess`, first :meth:`training_step`), GradCache through
+  DeepSpeed's own backward, consolidated retriever files under FSDP2 / ZeRO-3 (:meth:`save_model`,
+  :meth:`consolidated_model`).
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._io import fsync_tree
 from .checkpoint import CONFIG_NAME, RetrieverConfig, is_checkpoint, write_retriever
 from .data import EpochShuffleSampler
+from .engines import (enable_fsdp_on_cpu, gathered_state_dict, is_partitioned, is_sharded, meta_copy, plain_model,
+                      requested_engine, verify_engine)
 from .gradcache import gradcache_step
 from .mixture import SOURCE_COUNTS_KEY
 from .recipes import Recipe
@@ -105,6 +111,12 @@ class ConvretTrainer(Trainer):
 
     def __init__(self, *args: Any, recipe: Recipe, retriever_config: RetrieverConfig,
                  gradcache_chunk_rows: int = 0, **kwargs: Any):
+        args_ = kwargs.get("args", args[1] if len(args) > 1 else None)
+        self.engine = requested_engine(args_)
+        # a parameter-free copy of the model before the engine shards it: the frame of consolidated saves
+        model = kwargs.get("model", args[0] if args else None)
+        self._frame = meta_copy(model) if is_sharded(self.engine) else None
+        self._engine_verified = False
         super().__init__(*args, **kwargs)
         self.recipe = recipe.to(self.args.device)
         self.retriever_config = retriever_config
@@ -117,6 +129,13 @@ class ConvretTrainer(Trainer):
         if self.args.disable_tqdm is False:
             self.remove_callback(ProgressCallback)
             self.add_callback(ProgressBarCallback())
+
+    # ------------------------------------------------------------------ engine
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+        verify_engine(self.engine, self.accelerator)
 
     # ------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
@@ -142,6 +161,9 @@ class ConvretTrainer(Trainer):
         return (out.loss, out.terms) if return_outputs else out.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._engine_verified:  # the model is prepared by now: the wrapper must be the engine asked for
+            verify_engine(self.engine, self.accelerator, model)
+            self._engine_verified = True
         if not self.gradcache_chunk_rows:
             loss = super().training_step(model, inputs, num_items_in_batch)
             self.recipe.average_gradients()
@@ -150,12 +172,41 @@ class ConvretTrainer(Trainer):
         batch = inputs["batch"].to(self.args.device)
         scale = 1.0 / self.current_gradient_accumulation_steps
         no_sync = (lambda: self.accelerator.no_sync(model)) if _world()[0] > 1 else None
+        backward = self.accelerator.backward
+        if self.is_deepspeed_enabled:
+            backward, no_sync = self._deepspeed_gradcache_hooks()
         with self.accelerator.autocast():
             out = gradcache_step(model, self.recipe, batch, self.gradcache_chunk_rows,
-                                 backward=self.accelerator.backward, no_sync=no_sync, loss_scale=scale)
+                                 backward=backward, no_sync=no_sync, loss_scale=scale)
         self._record(out.terms, out.loss, batch)  # raises before the optimizer step applies anything
         self.recipe.average_gradients()
         return out.loss.detach() * scale
+
+    def _deepspeed_gradcache_hooks(self):
+        """GradCache's ``backward`` and ``no_sync`` under DeepSpeed.
+
+        ``accelerator.backward`` would run DeepSpeed's optimizer step after every chunk (the engine steps inside
+        ``backward`` at each accumulation boundary). Here the chunks of a batch are accumulation micro-steps to
+        DeepSpeed: the chunks GradCache runs under ``no_sync`` (all but the last) are not a boundary; the last one
+        is the boundary the Trainer's own accumulation says (``sync_gradients``), and only there the engine steps.
+        ``scale_wrt_gas`` is off as in the Trainer's step: GradCache's ``loss_scale`` divides by the accumulation
+        steps already; DeepSpeed's loss scaler (fp16) still applies once to each chunk."""
+        wrapper = self.accelerator.deepspeed_engine_wrapped
+        inside = [False]
+
+        @contextlib.contextmanager
+        def no_sync():
+            inside[0] = True
+            try:
+                yield
+            finally:
+                inside[0] = False
+
+        def backward(tensor: torch.Tensor) -> None:
+            wrapper.backward(tensor, sync_gradients=not inside[0] and self.accelerator.sync_gradients,
+                             scale_wrt_gas=False)
+
+        return backward, no_sync
 
     def _record(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, batch) -> None:
         """Accumulate the loss parts (reduced over ranks) for the next log; raise on a non-finite loss before
@@ -224,7 +275,7 @@ class ConvretTrainer(Trainer):
         config = RetrieverConfig(**{**self.retriever_config.__dict__})
         config.temperature = self.recipe.temperature_value()
         config.extra = {**config.extra, "log_temperature": float(self.recipe.log_temperature.detach()),
-                        "global_step": int(self.state.global_step)}
+                        "global_step": int(self.state.global_step), "engine": self.engine}
         return config
 
     def _get_output_dir(self, trial) -> str:
@@ -272,17 +323,46 @@ class ConvretTrainer(Trainer):
         for old in complete_checkpoints(run_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The retriever files of a checkpoint. FSDP2 / ZeRO-3: the full weights gathered to the main process
+        (every rank takes part) and written from a plain copy of the model; ZeRO-1/2 hold the whole module on
+        every rank and write it as DDP does. The engine's own (sharded) training state is written by the Trainer's
+        ``_save_optimizer_and_scheduler`` beside it."""
+        if self.is_engine_sharded():
+            output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+            model = self.consolidated_model()
+            if model is not None:
+                self._write(output_dir, model)
+        elif self.is_deepspeed_enabled:
+            self._save(output_dir)
+        else:
+            super().save_model(output_dir, _internal_call)
+
+    def is_engine_sharded(self) -> bool:
+        """The model's parameters are sharded over the ranks now (FSDP2 / ZeRO-3 after the Trainer prepared it)."""
+        return is_sharded(self.engine) and is_partitioned(self.model)
+
+    def consolidated_model(self) -> torch.nn.Module | None:
+        """A plain (unsharded, CPU) copy of the model with the current weights, on the main process (``None`` on the
+        others). A collective under FSDP2 / ZeRO-3: every rank must call it; elsewhere the unwrapped model."""
+        if not self.is_engine_sharded():
+            return self.accelerator.unwrap_model(self.model) if self.args.should_save else None
+        state_dict = gathered_state_dict(self)
+        return None if state_dict is None else plain_model(self._frame, state_dict)
+
+    def _write(self, output_dir: Path, model: torch.nn.Module, state_dict: dict | None = None) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_retriever(output_dir, model, self.processing_class, self.current_retriever_config(),
+                        state_dict=state_dict)
+        torch.save(self.args, output_dir / "training_args.bin")
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Weights (safetensors: the full model or the PEFT adapter), the tokenizer and convret_config.json: a
         retriever checkpoint. Atomicity comes from the caller (:meth:`_save_checkpoint`, ``save_retriever``)."""
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:
             return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        write_retriever(output_dir, model, self.processing_class, self.current_retriever_config(),
-                        state_dict=state_dict)
-        torch.save(self.args, output_dir / "training_args.bin")
+        self._write(output_dir, self.accelerator.unwrap_model(self.model, keep_torch_compile=False), state_dict)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
