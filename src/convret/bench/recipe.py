@@ -50,38 +50,55 @@ MINE_WINDOW, MINE_NEGATIVES, MINE_SEED = "15-30", 4, 0
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One row of the ablation: its training data and the flags of ``convret train`` that differ from the
-    embedded default (``tiny.yaml``)."""
+    """One row: its training sources and the flags of ``convret train`` that differ from the embedded default
+    (``tiny.yaml``)."""
 
     key: str
     label: str
-    sessions: str  # "bundled" (train.jsonl and its own negatives) or "bm25" (negatives mined by BM25)
-    adhoc_weight: float | None  # None: sessions only; else the ad hoc queries' share of the batches
+    # ((data, weight), ...): "bundled" (train.jsonl with its own negatives: the twin's passage first, then in half
+    # the turns another passage of the same entity), "bm25" (train.jsonl, negatives mined by BM25), "adhoc"
+    # (train_adhoc.jsonl, negatives mined by BM25); weights are the sources' shares of the batches
+    sources: tuple[tuple[str, float], ...]
     flags: tuple[tuple[str, Any], ...]
 
     def train_flags(self) -> dict[str, Any]:
         return dict(self.flags)
 
+    def data(self) -> str:
+        return " + ".join(f"{key} {weight:g}" for key, weight in self.sources)
 
-def _rows() -> list[Row]:
-    """The ablation: each row adds one part to the one above it; the last one is ``make demo``."""
+
+def _rows() -> tuple[list[Row], list[Row]]:
+    """The ablation (each row adds one part to the one above it; the last one is ``make demo``) and the
+    alternatives that were measured against it (run only when named in ``--rows``)."""
     before = Row("before", "the demo before: bundled negatives (1 per turn, sampled), 600 steps, lr 2e-3, tau 0.05",
-                 "bundled", None, (("num_negatives", 1), ("sample_negatives", True), ("max_steps", 600),
-                                   ("learning_rate", 0.002), ("temperature", 0.05)))
+                 (("bundled", 1.0),), (("num_negatives", 1), ("sample_negatives", True), ("max_steps", 600),
+                                       ("learning_rate", 0.002), ("temperature", 0.05)))
     rows = [before]
 
+    def variant(base: Row, key: str, label: str, **changes: Any) -> Row:
+        flags = {**base.train_flags(), **changes.pop("flags", {})}
+        return dataclasses.replace(base, key=key, label=label, flags=tuple(flags.items()), **changes)
+
     def add(key: str, label: str, **changes: Any) -> None:
-        last = rows[-1]
-        flags = {**last.train_flags(), **changes.pop("flags", {})}
-        rows.append(dataclasses.replace(last, key=key, label=label, flags=tuple(flags.items()), **changes))
+        rows.append(variant(rows[-1], key, label, **changes))
 
-    add("mined", "+ hard negatives mined by BM25 from ranks 15-30 (4 per turn)", sessions="bm25",
+    add("mined", "+ hard negatives mined by BM25 from ranks 15-30 (4 per turn)", sources=(("bm25", 1.0),),
         flags={"num_negatives": 4})
-    add("adhoc", "+ ad hoc queries mixed in (0.8 sessions, 0.2 ad hoc, both mined)", adhoc_weight=0.2)
-    return rows
+    add("adhoc", "+ ad hoc queries mixed in (0.8 sessions, 0.2 ad hoc, both mined)",
+        sources=(("bm25", 0.8), ("adhoc", 0.2)))
+    alternatives = [
+        variant(before, "first-neg", "the demo before, first negative kept (the twin's passage, every turn)",
+                flags={"sample_negatives": False}),
+        variant(before, "both-neg", "the demo before, both bundled negatives of every turn",
+                flags={"num_negatives": 2}),
+        variant(rows[-1], "twins", "mined + ad hoc + the bundled sessions (twin negatives) as a third source",
+                sources=(("bm25", 0.4), ("bundled", 0.4), ("adhoc", 0.2))),
+    ]
+    return rows, alternatives
 
 
-ROWS = _rows()
+ROWS, ALTERNATIVES = _rows()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +130,7 @@ def apply_presets(args) -> None:
 def selected_rows(spec: str | None) -> list[Row]:
     if not spec:
         return list(ROWS)
-    by_key = {row.key: row for row in ROWS}
+    by_key = {row.key: row for row in (*ROWS, *ALTERNATIVES)}
     unknown = [key for key in spec.split(",") if key not in by_key]
     if unknown:
         raise SystemExit(f"convret bench recipe: unknown row(s) {unknown}; the rows: {', '.join(by_key)}")
@@ -232,9 +249,7 @@ def validation_split(directory: Path, source: Path, session_files: dict[str, Pat
 # ------------------------------------------------------------------------------------------------ runs
 def row_files(row: Row, files: dict[str, Path]) -> list[tuple[Path, float]]:
     """The row's training files with their weights."""
-    if row.adhoc_weight is None:
-        return [(files[row.sessions], 1.0)]
-    return [(files[row.sessions], 1 - row.adhoc_weight), (files["adhoc"], row.adhoc_weight)]
+    return [(files[key], weight) for key, weight in row.sources]
 
 
 def train_command(row: Row, seed: int, files: dict[str, Path], output_dir: Path | str,
@@ -428,9 +443,10 @@ def format_report(payload: dict[str, Any]) -> str:
 
 def run(args, argv: list[str]) -> int:
     if args.list_rows:
-        for row in ROWS:
-            data = row.sessions + ("" if row.adhoc_weight is None else f" + ad hoc {row.adhoc_weight:g}")
-            print(f"{row.key:8s} {row.label}\n         data: {data}; flags: {row.train_flags()}")
+        for title, rows in (("ablation (the default rows)", ROWS), ("alternatives (--rows KEY)", ALTERNATIVES)):
+            print(f"{title}:")
+            for row in rows:
+                print(f"  {row.key:10s} {row.label}\n             data: {row.data()}; flags: {row.train_flags()}")
         return 0
     apply_presets(args)
     if args.device != "cpu":
