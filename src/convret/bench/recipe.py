@@ -87,6 +87,7 @@ def _rows() -> tuple[list[Row], list[Row]]:
         flags={"num_negatives": 4})
     add("adhoc", "+ ad hoc queries mixed in (0.8 sessions, 0.2 ad hoc, both mined)",
         sources=(("bm25", 0.8), ("adhoc", 0.2)))
+    add("steps", "+ 1000 steps instead of 600 (make demo)", flags={"max_steps": 1000})
     alternatives = [
         variant(before, "first-neg", "the demo before, first negative kept (the twin's passage, every turn)",
                 flags={"sample_negatives": False}),
@@ -111,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="eval: train on every session, report on the evaluation set (default); validation: "
                              "hold out every tenth training session and report on those")
     parser.add_argument("--train-args", default="",
-                        help="extra convret train flags for every row, e.g. \"--temperature 0.02\" (exploration)")
+                        help="extra convret train flags for every row, written with '=' since they start with "
+                             "dashes: --train-args=\"--temperature 0.02 --max_steps 1000\" (exploration)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each with cpu_count / jobs torch threads (default 1)")
     parser.add_argument("--work", default=None, help="work directory (default OUT/recipe-work): mined files, runs")
