@@ -18,7 +18,8 @@ setup:
 # mine` never replaces a file without --overwrite, so a rerun skips it; an interrupted mine resumes). Then the
 # training on both sources mixed, 4 negatives a turn, 1000 steps (DEMO_TRAIN_FLAGS; tiny.yaml for the rest), and
 # the evaluation beside the untrained model, the current utterance alone and the manual rewrite (--overwrite: the
-# demo's own results, replaced when a rerun trained the model further). `convret bench recipe` measures each part of the recipe (README.md, "What the recipe is worth").
+# demo's own results, replaced when a rerun trained the model further). `convret bench recipe` measures each part
+# of the recipe (README.md, "What the recipe is worth").
 DEMO_DIR ?= runs/tiny
 DEMO_DATA ?= runs/demo-data
 SAMPLE_WORLD := src/convret/resources/sample_world
