@@ -22,7 +22,8 @@ The work directory (``--work``, default ``OUT/recipe-work``) keeps the mined fil
 evaluation); a rerun reuses each complete run and resumes an interrupted one. A run's directory name holds a
 hash of its command and data, so changed settings never reuse another setting's run. Wall and CPU time of each
 child are recorded (CPU time: user + system of the children, all threads; on a shared machine both grow with
-the load, see ``load_average``).
+the load, see ``load_average``). On a machine shared with other jobs pass ``--threads 1``: two torch threads on
+two busy cores trained 600 steps in 1322 s, one thread in about 180 s.
 """
 from __future__ import annotations
 
