@@ -33,6 +33,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cached-prefill": ("convret.bench.cached_prefill",
                        "the cached prefill (serving) on CPU: native kernel vs the SDPA loop, attention and end to end"),
     "retrieval": ("convret.bench.retrieval", "encode, index (Flat/IVF/HNSW/IVF-PQ), search at scale: rate, peak RSS, recall"),
+    "recipe": ("convret.bench.recipe",
+               "the demo's training recipe part by part (mined negatives, ad hoc queries, ...), over seeds"),
     "gpu-report": ("convret.bench.gpu_report", "AOT compile report, occupancy estimate, tile-skip fractions"),
     "gpu-check": ("convret.bench.gpu_check", "on CUDA: every kernel vs its oracle in fp16/bf16/fp32, then timings"),
 }
