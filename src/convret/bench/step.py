@@ -21,8 +21,8 @@ difference between two neighbouring rows is what that part buys:
 6. + caching allocator: ``convret.enable_cpu_caching_allocator()`` (CPU only) = convret as shipped.
 
 Every row computes the same loss from the same weights and batch: the check compares each row's loss and
-LoRA gradients with the reference's. Time: the rows of ``--rows`` side by side in one process, in a fresh
-random order each round (``--seed``, the orders recorded), medians after one warm-up step each (the allocator
+LoRA gradients with the reference's. Time: the rows of ``--rows`` side by side in one process, in a seeded
+random order each round, reversed in every second round (``--seed``, the orders recorded), medians after one warm-up step each (the allocator
 row turns the cache on for its own step and off after it). Peak memory: a fresh process per row, ``VmHWM``
 above the built model.
 
@@ -542,7 +542,7 @@ def run(args, argv: list[str]) -> int:
 
 def measure_allocators(names: Sequence[str], shape: dict, reps: int, rng: random.Random, reference_loss: float,
                        loss_tolerance: float, native: bool) -> dict[str, Any]:
-    """Every (allocator, row) cell once per round, in a fresh process each, in a fresh random order per round."""
+    """Every (allocator, row) cell once per round, in a fresh process each, in the order of :func:`round_orders`."""
     found = find_allocators(names)
     usable = [n for n in names if found[n]["status"] == H.OK]
     rows = [k for k in ALLOCATOR_ROWS if k != "cache" or native]
@@ -607,8 +607,8 @@ def format_report(payload: dict) -> str:
     lines += [f"Qwen2 (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads / {s['kv_heads']} KV heads, "
               f"vocab {s['vocab']}, LoRA r=16), fp32; {s['sessions']} sessions of {s['session']} + 3 tokens, "
               f"1 + {s['negatives']} passages of {s['passage']}, responses of {s['response']}; one-pass rows of "
-              f"{s['max_len']}. Step time: median of {payload['reps']} round{'s' * (payload['reps'] > 1)}, all rows in one process, in a fresh "
-              "random order each round; peak: fresh process per row, VmHWM above the built model.", ""]
+              f"{s['max_len']}. Step time: median of {payload['reps']} round{'s' * (payload['reps'] > 1)}, all rows in one process, in a random "
+              "order each round (every second round the previous one reversed); peak: fresh process per row, VmHWM above the built model.", ""]
     rows = []
     ref = payload["results"][0]
     keys = [c["key"] for c in payload["ablation"]]
@@ -665,7 +665,7 @@ def _headline_lines(payload: dict) -> list[str]:
 
 def _allocator_lines(allocators: dict) -> list[str]:
     lines = ["Allocators: each cell a fresh process (LD_PRELOAD; glibc: none), one untimed and one timed step, "
-             "every round in a fresh random order; step: median over rounds; peak: VmHWM of both steps above the "
+             "every round in a random order (every second round the previous one reversed); step: median over rounds; peak: VmHWM of both steps above the "
              "built model. Rows: reference; chunked = convret's parts on that malloc; cache = convret as shipped "
              "(its caching allocator for blocks of 1 MiB or more, that malloc below).", ""]
     best = allocators["best"]
