@@ -210,13 +210,17 @@ def _set_allocator(on: bool) -> None:
         disable_cpu_caching_allocator()
 
 
-def peak_child(shape: dict, config_index: int) -> dict:
-    """Fresh process: build the model, (allocator first when the row has it), one step; peak above the model."""
+def _child_setup(shape: dict, config_index: int):
+    """A measuring child's row, model and examples (the row's allocator switched on before the model is built)."""
     config = ABLATION[config_index]
     if config.allocator:
         _set_allocator(True)
-    model = build_model(shape)
-    examples = make_examples(shape)
+    return config, build_model(shape), make_examples(shape)
+
+
+def peak_child(shape: dict, config_index: int) -> dict:
+    """Fresh process: build the model, (allocator first when the row has it), one step; peak above the model."""
+    config, model, examples = _child_setup(shape, config_index)
     with H.PeakMemory("cpu") as peak:
         loss = step(model, examples, shape, config)
     return {"status": H.OK, "peak_above_model_bytes": peak.above_start_bytes, "peak_process_bytes": peak.peak_bytes,
@@ -282,11 +286,7 @@ def allocator_child(shape: dict, config_index: int, preload: str | None = None) 
     step; the peak RSS of both steps above the built model."""
     if preload is not None and not _is_mapped(preload):
         return {"status": H.ERROR, "error": f"LD_PRELOAD={preload} was not loaded into the child"}
-    config = ABLATION[config_index]
-    if config.allocator:
-        _set_allocator(True)
-    model = build_model(shape)
-    examples = make_examples(shape)
+    config, model, examples = _child_setup(shape, config_index)
     with H.PeakMemory("cpu") as peak:
         step(model, examples, shape, config)
         zero_grad(model)
