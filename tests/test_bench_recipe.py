@@ -63,6 +63,40 @@ def test_validation_split_holds_out_every_tenth_session(tmp_path):
     assert grades and all(g == 1 and doc.split("-")[0] == gold.split("-")[0] for doc, g in grades.items())
 
 
+def test_validation_split_drops_the_held_out_sessions_of_topiocqa_style_files_too(tmp_path):
+    """A TopiOCQA-style training file (one turn a record, ``Conversation_no``) loses every turn of the held-out
+    sessions and keeps every other turn, in order."""
+    source = sample_world.SAMPLE_WORLD_DIR
+    triplets = source / sample_world.TRAIN_TRIPLETS
+    out = recipe.validation_split(tmp_path, source, {"triplets": triplets})
+    every = triplets.read_text().splitlines()
+    kept = out["triplets"].read_text().splitlines()
+    assert kept == [line for line in every if not recipe.held_out(json.loads(line)["Conversation_no"])]
+    assert 0 < len(kept) < len(every)
+    held = {c["conv_id"] for c in json.loads(out["conversations"].read_text())}
+    assert not {json.loads(line)["Conversation_no"] for line in kept} & held
+
+
+def test_run_directory_tells_apart_configs_named_by_extra_flags(tmp_path):
+    """Two runs whose extra flags differ only in the content of a named file (a model config) get their own
+    directories; the same content at another path, and the training files' own paths, do not matter."""
+    files = {"bundled": tmp_path / "b.jsonl"}
+    files["bundled"].write_text("{}\n")
+    row = recipe.ROWS[0]
+    (tmp_path / "l2.json").write_text('{"num_hidden_layers": 2}')
+    (tmp_path / "l4.json").write_text('{"num_hidden_layers": 4}')
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "l2.json").write_text('{"num_hidden_layers": 2}')
+
+    def directory(config):
+        return recipe.run_directory(tmp_path / "work", "validation", row, 0, files, ["--model_config", str(config)])
+
+    assert directory(tmp_path / "l2.json") != directory(tmp_path / "l4.json")
+    assert directory(tmp_path / "l2.json") == directory(tmp_path / "copy" / "l2.json")
+    assert recipe.run_directory(tmp_path / "work", "validation", row, 0, files, ["--max_steps", "7"]) != \
+        recipe.run_directory(tmp_path / "work", "validation", row, 0, files, ["--max_steps", "8"])
+
+
 def test_diagnostics_against_hand_counts():
     twins = recipe._twins()
     entity, twin = next(iter(twins.items()))

@@ -96,6 +96,14 @@ def _rows() -> tuple[list[Row], list[Row]]:
                 flags={"num_negatives": 2}),
         variant(rows[-1], "twins", "mined + ad hoc + the bundled sessions (twin negatives) as a third source",
                 sources=(("bm25", 0.4), ("bundled", 0.4), ("adhoc", 0.2))),
+        variant(rows[-1], "triplets", "mined + ad hoc + the TopiOCQA-style sessions (short answers, mined) as a "
+                "third source", sources=(("bm25", 0.4), ("triplets", 0.4), ("adhoc", 0.2))),
+        variant(rows[-1], "triplets-only", "the TopiOCQA-style sessions (mined) + ad hoc",
+                sources=(("triplets", 0.8), ("adhoc", 0.2))),
+        variant(rows[-1], "triplets-heavy", "mined 0.2 + TopiOCQA-style 0.6 + ad hoc 0.2",
+                sources=(("bm25", 0.2), ("triplets", 0.6), ("adhoc", 0.2))),
+        variant(rows[-1], "triplets-no-adhoc", "mined 0.5 + TopiOCQA-style 0.5, no ad hoc",
+                sources=(("bm25", 0.5), ("triplets", 0.5))),
     ]
     return rows, alternatives
 
@@ -191,22 +199,30 @@ def prepare_data(work: Path, split: str, children: Children) -> dict[str, Path]:
     source = Path(world.SAMPLE_WORLD_DIR)
     data = work / "data"
     mined = {"bm25": (source / world.TRAIN_ULTRACHAT, data / "sessions.bm25.jsonl"),
-             "adhoc": (source / world.TRAIN_ADHOC, data / "adhoc.bm25.jsonl")}
+             "adhoc": (source / world.TRAIN_ADHOC, data / "adhoc.bm25.jsonl"),
+             "triplets": (source / world.TRAIN_TRIPLETS, data / "triplets.bm25.jsonl")}
     for _, (train_file, output) in mined.items():
         if not output.is_file():
             children.run(_cli("mine", "--train-file", str(train_file), "--corpus", str(source / world.COLLECTION),
                               "--retriever", "bm25", "--window", MINE_WINDOW, "--num-negatives", str(MINE_NEGATIVES),
                               "--seed", str(MINE_SEED), "--output", str(output), "--no-progress"),
                          data / "mine.log")
-    files = {"bundled": source / world.TRAIN_ULTRACHAT, "bm25": mined["bm25"][1], "adhoc": mined["adhoc"][1]}
+    files = {"bundled": source / world.TRAIN_ULTRACHAT, "bm25": mined["bm25"][1], "adhoc": mined["adhoc"][1],
+             "triplets": mined["triplets"][1]}
     if split == "validation":
-        files.update(validation_split(data / "validation", source, {k: files[k] for k in ("bundled", "bm25")}))
+        files.update(validation_split(data / "validation", source,
+                                      {k: files[k] for k in ("bundled", "bm25", "triplets")}))
     return files
 
 
 def held_out(conv_id: str) -> bool:
     """Training session ``t0009``, ``t0019``, ...: the validation split."""
     return int(conv_id.lstrip("t")) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
+def _conversation_id(record: dict[str, Any]) -> str:
+    """The session id of a training record: ``conv_id`` (UltraChat style) or ``Conversation_no`` (TopiOCQA)."""
+    return record["conv_id"] if "conv_id" in record else record["Conversation_no"]
 
 
 def validation_split(directory: Path, source: Path, session_files: dict[str, Path]) -> dict[str, Path]:
@@ -223,7 +239,7 @@ def validation_split(directory: Path, source: Path, session_files: dict[str, Pat
     for key, path in session_files.items():
         with open(path, encoding="utf-8") as lines, atomic_write(out[key]) as kept:
             for line in lines:
-                if line.strip() and not held_out(json.loads(line)["conv_id"]):
+                if line.strip() and not held_out(_conversation_id(json.loads(line))):
                     kept.write(line)
     passages_of: dict[str, list[str]] = {}
     with open(source / world.COLLECTION, encoding="utf-8") as lines:
@@ -280,13 +296,16 @@ def evaluate_command(model: Path, output: Path, files: dict[str, Path], split: s
 
 def run_directory(work: Path, split: str, row: Row, seed: int, files: dict[str, Path],
                   extra: Sequence[str]) -> Path:
-    """``WORK/SPLIT/ROW-sSEED-HASH``: the hash covers the training command (paths aside) and the content of the
-    training files, so that a changed setting or a changed mined file is a new run."""
+    """``WORK/SPLIT/ROW-sSEED-HASH``: the hash covers the training command (paths aside), the content of the
+    training files and of any file named in ``extra`` (``--model_config /x/l4.json``), so that a changed setting,
+    a changed mined file or a changed config behind the same path is a new run."""
     from ..provenance import content_identity
 
     command = train_command(row, seed, files, "OUTPUT", extra)
     data = [content_identity(path) for path, _ in row_files(row, files)]
-    identity = [arg if not arg.startswith("/") else "PATH" for arg in command[3:]]
+    named = {arg for arg in extra if os.path.isfile(arg)}
+    identity = [f"file:{content_identity(arg)}" if arg in named else "PATH" if arg.startswith("/") else arg
+                for arg in command[3:]]
     digest = hashlib.sha1(json.dumps([identity, data]).encode()).hexdigest()[:8]
     return work / split / f"{row.key}-s{seed}-{digest}"
 
