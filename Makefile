@@ -14,21 +14,23 @@ setup:
 
 # the main job: ChatRetriever's recipe on the tiny retriever and the bundled sample world (CPU, about 3 minutes on
 # 2 cores; rerun: resumes). First the hard negatives, once: BM25 ranks 15-30 of the sample world's collection, for
-# its sessions (train.jsonl) and its ad hoc queries (train_adhoc.jsonl), written under $(DEMO_DATA) (kept: `convret
-# mine` never replaces a file without --overwrite, so a rerun skips it; an interrupted mine resumes). Then the
-# training on both sources mixed, 4 negatives a turn, 1000 steps (DEMO_TRAIN_FLAGS; tiny.yaml for the rest), and
-# the evaluation beside the untrained model, the current utterance alone and the manual rewrite (--overwrite: the
-# demo's own results, replaced when a rerun trained the model further). `convret bench recipe` measures each part
-# of the recipe (README.md, "What the recipe is worth").
+# its two kinds of sessions (train.jsonl: UltraChat-style, whole passages as answers; train_triplets.jsonl:
+# TopiOCQA-style, short answers), written under $(DEMO_DATA) (kept: `convret mine` never replaces a file without
+# --overwrite, so a rerun skips it; an interrupted mine resumes). Then the training on both mixed (half the batches
+# each), 4 negatives a turn, 1000 steps, learning rate 1e-3, temperature 0.1 (DEMO_TRAIN_FLAGS; tiny.yaml for the
+# rest; mixing in the ad hoc queries, train_adhoc.jsonl, measured lower: README.md), and the evaluation beside the
+# untrained model, the current utterance alone and the manual rewrite (--overwrite: the demo's own results, replaced
+# when a rerun trained the model further). `convret bench recipe` measures each part of the recipe over seeds (README.md, "What the
+# recipe is worth").
 DEMO_DIR ?= runs/tiny
 DEMO_DATA ?= runs/demo-data
 SAMPLE_WORLD := src/convret/resources/sample_world
 DEMO_MINE_FLAGS := --corpus $(SAMPLE_WORLD)/collection.jsonl --retriever bm25 --window 15-30 --num-negatives 4 \
 	--seed 0 --no-progress
-DEMO_TRAIN_FLAGS := --train_files $(DEMO_DATA)/train.bm25.jsonl:0.8,$(DEMO_DATA)/train_adhoc.bm25.jsonl:0.2 \
-	--num_negatives 4 --max_steps 1000
+DEMO_TRAIN_FLAGS := --train_files $(DEMO_DATA)/train.bm25.jsonl:0.5,$(DEMO_DATA)/train_triplets.bm25.jsonl:0.5 \
+	--num_negatives 4 --max_steps 1000 --learning_rate 0.001 --temperature 0.1
 demo: setup
-	@for name in train train_adhoc; do \
+	@for name in train train_triplets; do \
 		test -f $(DEMO_DATA)/$$name.bm25.jsonl || $(PYTHON) -m convret mine --train-file $(SAMPLE_WORLD)/$$name.jsonl \
 			--output $(DEMO_DATA)/$$name.bm25.jsonl $(DEMO_MINE_FLAGS) || exit 1; \
 	done

@@ -1,6 +1,7 @@
 """`convret bench recipe`: its rows, the training commands they make, the held-out validation split, the error
 diagnostics and the report, without training (the runs are stood in for; `--smoke` trains for real and is too
 slow for the suite)."""
+import dataclasses
 import json
 
 import pytest
@@ -97,6 +98,28 @@ def test_run_directory_tells_apart_configs_named_by_extra_flags(tmp_path):
         recipe.run_directory(tmp_path / "work", "validation", row, 0, files, ["--max_steps", "8"])
 
 
+def test_run_directory_changes_with_the_weights_and_finds_runs_made_before_they_counted(tmp_path):
+    """Weights sit in the --train_files argument beside the (masked) paths: two mixtures of the same files are
+    two runs. A run finished under the legacy hash is reused only when its recorded command has these weights
+    (its paths may be another work directory's)."""
+    files = {"bm25": tmp_path / "m.jsonl", "adhoc": tmp_path / "a.jsonl"}
+    for path in files.values():
+        path.write_text("{}\n")
+    mixed = next(row for row in recipe.ROWS if len(row.sources) == 2)
+    other = dataclasses.replace(mixed, sources=((mixed.sources[0][0], 0.5), (mixed.sources[1][0], 0.5)))
+    work = tmp_path / "work"
+    assert recipe.run_directory(work, "eval", mixed, 0, files, []) != \
+        recipe.run_directory(work, "eval", other, 0, files, [])
+    legacy = recipe.run_directory(work, "eval", mixed, 0, files, [], legacy=True)
+    assert legacy == recipe.run_directory(work, "eval", other, 0, files, [], legacy=True)  # the old collision
+    legacy.mkdir(parents=True)
+    record = {"row": mixed.key, "command": recipe._recorded_command(mixed, 0, files, legacy, []).replace(
+        str(tmp_path), "/elsewhere")}
+    (legacy / "run.json").write_text(json.dumps(record))
+    assert recipe._finished_run(mixed, 0, files, work, "eval", []) == record
+    assert recipe._finished_run(other, 0, files, work, "eval", []) is None
+
+
 def test_diagnostics_against_hand_counts():
     twins = recipe._twins()
     entity, twin = next(iter(twins.items()))
@@ -129,3 +152,38 @@ def test_report_has_a_row_per_part_and_a_line_per_seed(tmp_path, monkeypatch):
     report = (tmp_path / "recipe.md").read_text()
     assert "0.700 ± 0.100" in report and "0.450 ± 0.050" in report
     assert "| mined | 1 | 0.800 |" in report
+
+
+def test_the_last_row_is_what_make_demo_trains():
+    """The ablation's last row and `make demo` train the same recipe: the Makefile's sources and weights, and
+    every flag of the row either on the Makefile's command line or the embedded default's value (tiny.yaml, then
+    the argument's own default)."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+
+    from convret.train.arguments import DataArguments
+
+    root = Path(__file__).resolve().parents[1]
+    printed = subprocess.run(["make", "-n", "demo", "PYTHON=python"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout
+    line = next(line for line in printed.splitlines() if " convret train " in line)
+    argv = shlex.split(line)
+    flags = {argv[i][2:]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+    names = {"train.bm25.jsonl": "bm25", "train_triplets.bm25.jsonl": "triplets", "train_adhoc.bm25.jsonl": "adhoc"}
+    sources = []
+    for item in flags.pop("train_files").split(","):
+        path, weight = item.rsplit(":", 1)
+        sources.append((names[Path(path).name], float(weight)))
+    demo = recipe.ROWS[-1]
+    assert tuple(sources) == demo.sources
+    tiny = yaml.safe_load((root / "src/convret/resources/configs/tiny.yaml").read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(DataArguments)}
+    for key, value in demo.train_flags().items():
+        if key in flags:
+            assert flags.pop(key) == (str(value).lower() if isinstance(value, bool) else str(value)), key
+        else:
+            assert tiny.get(key, defaults.get(key)) == value, key
+    assert set(flags) == {"output_dir"}, f"make demo sets flags the row does not: {flags}"

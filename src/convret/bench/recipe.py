@@ -69,6 +69,10 @@ class Row:
         return " + ".join(f"{key} {weight:g}" for key, weight in self.sources)
 
 
+DEMO_ROW = ("demo", "- the ad hoc queries (0.5 sessions, 0.5 TopiOCQA-style): make demo",
+            {"sources": (("bm25", 0.5), ("triplets", 0.5))})
+
+
 def _rows() -> tuple[list[Row], list[Row]]:
     """The ablation (each row adds one part to the one above it; the last one is ``make demo``) and the
     alternatives that were measured against it (run only when named in ``--rows``)."""
@@ -88,22 +92,28 @@ def _rows() -> tuple[list[Row], list[Row]]:
         flags={"num_negatives": 4})
     add("adhoc", "+ ad hoc queries mixed in (0.8 sessions, 0.2 ad hoc, both mined)",
         sources=(("bm25", 0.8), ("adhoc", 0.2)))
-    add("steps", "+ 1000 steps instead of 600 (make demo)", flags={"max_steps": 1000})
+    add("steps", "+ 1000 steps instead of 600", flags={"max_steps": 1000})
+    steps = rows[-1]
+    add("triplets", "+ the TopiOCQA-style sessions (short answers, as in the evaluation; mined) as a third source "
+        "(0.4 sessions, 0.4 TopiOCQA-style, 0.2 ad hoc)", sources=(("bm25", 0.4), ("triplets", 0.4), ("adhoc", 0.2)))
+    add("lr", "+ learning rate 1e-3 instead of 2e-3", flags={"learning_rate": 0.001})
+    add("tau", "+ temperature 0.1 instead of 0.05", flags={"temperature": 0.1})
+    add(DEMO_ROW[0], DEMO_ROW[1], **DEMO_ROW[2])
     alternatives = [
         variant(before, "first-neg", "the demo before, first negative kept (the twin's passage, every turn)",
                 flags={"sample_negatives": False}),
         variant(before, "both-neg", "the demo before, both bundled negatives of every turn",
                 flags={"num_negatives": 2}),
-        variant(rows[-1], "twins", "mined + ad hoc + the bundled sessions (twin negatives) as a third source",
+        variant(steps, "twins", "mined + ad hoc + the bundled sessions (twin negatives) as a third source",
                 sources=(("bm25", 0.4), ("bundled", 0.4), ("adhoc", 0.2))),
-        variant(rows[-1], "triplets", "mined + ad hoc + the TopiOCQA-style sessions (short answers, mined) as a "
-                "third source", sources=(("bm25", 0.4), ("triplets", 0.4), ("adhoc", 0.2))),
-        variant(rows[-1], "triplets-only", "the TopiOCQA-style sessions (mined) + ad hoc",
+        variant(steps, "triplets-only", "the TopiOCQA-style sessions (mined) + ad hoc",
                 sources=(("triplets", 0.8), ("adhoc", 0.2))),
-        variant(rows[-1], "triplets-heavy", "mined 0.2 + TopiOCQA-style 0.6 + ad hoc 0.2",
+        variant(steps, "triplets-heavy", "mined 0.2 + TopiOCQA-style 0.6 + ad hoc 0.2",
                 sources=(("bm25", 0.2), ("triplets", 0.6), ("adhoc", 0.2))),
-        variant(rows[-1], "triplets-no-adhoc", "mined 0.5 + TopiOCQA-style 0.5, no ad hoc",
+        variant(steps, "triplets-no-adhoc", "mined 0.5 + TopiOCQA-style 0.5, no ad hoc",
                 sources=(("bm25", 0.5), ("triplets", 0.5))),
+        variant(steps, "triplets-adhoc10", "mined 0.45 + TopiOCQA-style 0.45 + ad hoc 0.1",
+                sources=(("bm25", 0.45), ("triplets", 0.45), ("adhoc", 0.1))),
     ]
     return rows, alternatives
 
@@ -295,14 +305,16 @@ def evaluate_command(model: Path, output: Path, files: dict[str, Path], split: s
 
 
 def run_directory(work: Path, split: str, row: Row, seed: int, files: dict[str, Path],
-                  extra: Sequence[str]) -> Path:
-    """``WORK/SPLIT/ROW-sSEED-HASH``: the hash covers the training command (paths aside), the content of the
-    training files and of any file named in ``extra`` (``--model_config /x/l4.json``), so that a changed setting,
-    a changed mined file or a changed config behind the same path is a new run."""
+                  extra: Sequence[str], legacy: bool = False) -> Path:
+    """``WORK/SPLIT/ROW-sSEED-HASH``: the hash covers the training command (paths aside), the content and weight
+    of each training file and the content of any file named in ``extra`` (``--model_config /x/l4.json``), so
+    that a changed setting, weight, mined file or config behind the same path is a new run. ``legacy``: the hash
+    before the weights were in it (the weights sit in the same argument as the paths, which were masked)."""
     from ..provenance import content_identity
 
     command = train_command(row, seed, files, "OUTPUT", extra)
-    data = [content_identity(path) for path, _ in row_files(row, files)]
+    data: list[Any] = [content_identity(path) if legacy else [content_identity(path), weight]
+                       for path, weight in row_files(row, files)]
     named = {arg for arg in extra if os.path.isfile(arg)}
     identity = [f"file:{content_identity(arg)}" if arg in named else "PATH" if arg.startswith("/") else arg
                 for arg in command[3:]]
@@ -310,12 +322,41 @@ def run_directory(work: Path, split: str, row: Row, seed: int, files: dict[str, 
     return work / split / f"{row.key}-s{seed}-{digest}"
 
 
+def _recorded_command(row: Row, seed: int, files: dict[str, Path], directory: Path, extra: Sequence[str]) -> str:
+    return " ".join(["convret", *train_command(row, seed, files, directory / "train", extra)[3:]])
+
+
+def _weights(command: str) -> list[float]:
+    """The mixture weights of a recorded training command (``[]`` for a single ``--train_file``)."""
+    argv = command.split()
+    if "--train_files" not in argv:
+        return []
+    return [float(item.rsplit(":", 1)[1]) for item in argv[argv.index("--train_files") + 1].split(",")]
+
+
+def _finished_run(row: Row, seed: int, files: dict[str, Path], work: Path, split: str,
+                  extra: Sequence[str]) -> dict[str, Any] | None:
+    """The record of this run when it is complete: in its directory, or in the directory of the legacy hash when
+    that run's recorded command has this run's weights (the rest is in the legacy hash; the paths may differ:
+    a work directory moved)."""
+    directory = run_directory(work, split, row, seed, files, extra)
+    if (directory / "run.json").is_file():
+        return json.loads((directory / "run.json").read_text(encoding="utf-8"))
+    old = run_directory(work, split, row, seed, files, extra, legacy=True)
+    if (old / "run.json").is_file():
+        record = json.loads((old / "run.json").read_text(encoding="utf-8"))
+        if _weights(record.get("command", "")) == _weights(_recorded_command(row, seed, files, old, extra)):
+            return record
+    return None
+
+
 def one_run(row: Row, seed: int, files: dict[str, Path], args, children: Children) -> dict[str, Any]:
     extra = args.train_args.split()
     directory = run_directory(Path(args.work), args.split, row, seed, files, extra)
     record_path = directory / "run.json"
-    if record_path.is_file():
-        return json.loads(record_path.read_text(encoding="utf-8"))
+    finished = _finished_run(row, seed, files, Path(args.work), args.split, extra)
+    if finished is not None:
+        return finished
     command = train_command(row, seed, files, directory / "train", extra)
     train_time = children.run(command, directory / "train.log")
     evaluation = directory / "eval"
@@ -323,8 +364,8 @@ def one_run(row: Row, seed: int, files: dict[str, Path], args, children: Childre
                              directory / "eval.log")
     results = json.loads((evaluation / "results.json").read_text(encoding="utf-8"))
     record = {"row": row.key, "seed": seed, "directory": str(directory),
-              "command": " ".join(["convret", *command[3:]]), "train": train_time, "evaluate": eval_time,
-              "load_average_after": list(os.getloadavg()), **measures(results)}
+              "command": _recorded_command(row, seed, files, directory, extra), "train": train_time,
+              "evaluate": eval_time, "load_average_after": list(os.getloadavg()), **measures(results)}
     H.write_json(record_path, record)
     return record
 
