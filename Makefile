@@ -7,10 +7,22 @@ PIP := $(PYTHON) -m pip
 
 # PIP_INSTALL_OPTS: extra pip options for convret's own install (test-oldest passes the oldest versions' pins)
 PIP_INSTALL_OPTS ?=
+# The install runs once per Python environment and PIP_INSTALL_OPTS (pip's no-op reinstall of the editable package
+# with its native build takes about 45 s): a stamp under build/ records it, and the install runs again when the
+# stamp is missing, when what the install builds or requires changed since (setup.py, pyproject.toml,
+# CMakeLists.txt, csrc/), or when `convret` is not importable from this checkout's src/ in that environment.
+SETUP_STAMP = build/setup-$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1((sys.prefix + "|" + sys.argv[1]).encode()).hexdigest()[:12])' '$(PIP_INSTALL_OPTS)' 2>/dev/null || echo none).stamp
+SETUP_INPUTS := setup.py pyproject.toml CMakeLists.txt csrc
 setup:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	@$(PIP) install -q "setuptools>=70"
-	@$(PIP) install -q --no-build-isolation -e ".[test]" $(PIP_INSTALL_OPTS)
+	@stamp='$(SETUP_STAMP)'; \
+	if test -f "$$stamp" && test -z "$$(find $(SETUP_INPUTS) -newer "$$stamp" 2>/dev/null | head -n 1)" && \
+		$(PYTHON) -c 'import importlib.util as u, os, sys; s = u.find_spec("convret"); sys.exit(not (s and s.origin and os.path.realpath(s.origin).startswith(os.path.realpath("src") + os.sep)))' 2>/dev/null; \
+	then echo "make setup: installed already ($$stamp)"; else \
+		($(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0) && \
+		$(PIP) install -q "setuptools>=70" && \
+		$(PIP) install -q --no-build-isolation -e ".[test]" $(PIP_INSTALL_OPTS) && \
+		mkdir -p build && touch "$$stamp"; \
+	fi
 
 # the main job: ChatRetriever's recipe on the tiny retriever and the bundled sample world (CPU, about 3 minutes on
 # 2 cores; rerun: resumes). First the hard negatives, once: BM25 ranks 15-30 of the sample world's collection, for
