@@ -265,3 +265,23 @@ def test_the_sample_worlds_training_and_eval_files_format_under_every_template(n
     assert len(recorder.sequences) > len(examples)
     for turn in islice(read_conversations(SAMPLE_WORLD_DIR / EVAL, strict=True), 64):
         assert len(fmt.session(turn.history, turn.query)) <= 64
+
+
+def test_formatting_a_text_again_gives_the_same_ids_as_a_fresh_formatter(tokenizers):
+    """Sessions, passages and responses are remembered per formatter (a training run formats them every
+    epoch): a second call equals what a fresh formatter computes, returns a list of its own, and follows a
+    budget changed after construction."""
+    tok = tokenizers("chatml")
+    fmt = SequenceFormatter(tok, max_session_len=40, max_passage_len=12, max_response_len=8)
+    history = [Turn(role, text) for role, text in SHAPES[next(iter(SHAPES))]]
+    for _ in range(2):
+        fresh = SequenceFormatter(tok, max_session_len=40, max_passage_len=12, max_response_len=8)
+        assert fmt.session(history, QUERY) == fresh.session(history, QUERY)
+        assert fmt.passage(PASSAGE) == fresh.passage(PASSAGE)
+        assert fmt.response(RESPONSE) == fresh.response(RESPONSE)
+    ids = fmt.passage(PASSAGE)
+    ids.append(-1)
+    assert fmt.passage(PASSAGE)[-1] != -1
+    fmt.max_passage_len = 6
+    assert fmt.passage(PASSAGE) == SequenceFormatter(tok, max_passage_len=6).passage(PASSAGE)
+    assert len(fmt.passage(PASSAGE)) == 6

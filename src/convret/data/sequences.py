@@ -41,6 +41,7 @@ from .records import ASSISTANT, USER, CSITExample, Passage, TrainingExample, Tur
 __all__ = ["SequenceFormatter", "chatml"]
 
 _JOIN = "\n"  # between merged turns of one role
+_MEMO_SIZE = 1 << 17  # formatted texts kept per formatter (~100 tokens each: tens of MB at most)
 
 
 def chatml(messages: Sequence[dict[str, str]]) -> str:
@@ -94,6 +95,22 @@ class SequenceFormatter:
             without = tokenizer("a", add_special_tokens=False).input_ids
             self._chatml_bos = len(with_special) > len(without) and with_special[0] == self.bos_id
         self._derive_assistant_message()
+        # token ids of texts already formatted: a training run formats the same passages and sessions every epoch
+        # (rendering and tokenising them was a third of a tiny model's CPU step)
+        self._memo: dict[tuple, tuple[int, ...]] = {}
+
+    def _memoized(self, key: tuple, build: Callable[[], list[int]]) -> list[int]:
+        """``build()``, remembered under ``key`` (up to :data:`_MEMO_SIZE` entries, oldest dropped first); a
+        fresh list each call, so a caller may extend it."""
+        key = (*key, self.max_session_len, self.max_passage_len, self.max_response_len, self.instruction,
+               self.passage_instruction)  # budgets a caller changed after construction count
+        ids = self._memo.get(key)
+        if ids is None:
+            ids = tuple(build())
+            if len(self._memo) >= _MEMO_SIZE:
+                del self._memo[next(iter(self._memo))]
+            self._memo[key] = ids
+        return list(ids)
 
     # ------------------------------------------------------------------ rendering
     def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -210,6 +227,10 @@ class SequenceFormatter:
         """
         if not query or not query.strip():
             raise ValueError("empty query")
+        return self._memoized(("session", tuple((t.role, t.text) for t in history), query),
+                              lambda: self._session(history, query))
+
+    def _session(self, history: Sequence[Turn], query: str) -> list[int]:
         exchanges, pending = self.exchanges(history)
         limit = self.max_session_len
         ids = self.render(self._messages(exchanges, pending, query))
@@ -299,6 +320,9 @@ class SequenceFormatter:
         the passage as an assistant message (or ``[user: passage_instruction, assistant: passage]`` as the
         template renders it), its first tokens kept within ``max_passage_len``."""
         text = self.passage_text(passage)
+        return self._memoized(("passage", text), lambda: self._passage(text))
+
+    def _passage(self, text: str) -> list[int]:
         if self.passage_instruction:
             front = self.render([_message(USER, self.passage_instruction)])
             return self._assistant(front, text, self.max_passage_len, "the passage instruction alone")
@@ -309,7 +333,9 @@ class SequenceFormatter:
         continues the session), its first tokens kept within ``max_response_len``."""
         if not text or not text.strip():
             raise ValueError("empty response")
-        return self._assistant([], text.strip(), self.max_response_len, "the response wrapper alone")
+        return self._memoized(("response", text.strip()),
+                              lambda: self._assistant([], text.strip(), self.max_response_len,
+                                                      "the response wrapper alone"))
 
     def session_with_passages(self, history: Sequence[Turn], query: str,
                               passages: Sequence[Passage | str]) -> list[int]:
