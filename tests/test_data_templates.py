@@ -272,7 +272,7 @@ def test_formatting_a_text_again_gives_the_same_ids_as_a_fresh_formatter(tokeniz
     epoch): a second call equals what a fresh formatter computes, returns a list of its own, and follows a
     budget changed after construction."""
     tok = tokenizers("chatml")
-    fmt = SequenceFormatter(tok, max_session_len=40, max_passage_len=12, max_response_len=8)
+    fmt = SequenceFormatter(tok, max_session_len=40, max_passage_len=12, max_response_len=8, memo_size=2)
     history = [Turn(role, text) for role, text in SHAPES[next(iter(SHAPES))]]
     for _ in range(2):
         fresh = SequenceFormatter(tok, max_session_len=40, max_passage_len=12, max_response_len=8)
@@ -285,3 +285,7 @@ def test_formatting_a_text_again_gives_the_same_ids_as_a_fresh_formatter(tokeniz
     fmt.max_passage_len = 6
     assert fmt.passage(PASSAGE) == SequenceFormatter(tok, max_passage_len=6).passage(PASSAGE)
     assert len(fmt.passage(PASSAGE)) == 6
+    assert len(fmt._memo) == 2  # bounded: the oldest entries went
+    plain = SequenceFormatter(tok)
+    plain.passage(PASSAGE)
+    assert not plain._memo  # off by default: a stream (encode) keeps nothing (tests/test_retrieval_scale.py)

@@ -41,7 +41,7 @@ from .records import ASSISTANT, USER, CSITExample, Passage, TrainingExample, Tur
 __all__ = ["SequenceFormatter", "chatml"]
 
 _JOIN = "\n"  # between merged turns of one role
-_MEMO_SIZE = 1 << 17  # formatted texts kept per formatter (~100 tokens each: tens of MB at most)
+TRAINING_MEMO_SIZE = 1 << 17  # formatted texts a training run keeps (~100 tokens each: tens of MB at most)
 
 
 def chatml(messages: Sequence[dict[str, str]]) -> str:
@@ -66,6 +66,9 @@ class SequenceFormatter:
         passage_instruction: text of a user message in front of every passage (never truncated).
         use_chat_template: ``None`` (default): the tokenizer's chat template when it has one, ChatML otherwise;
             ``False``: always ChatML.
+        memo_size: remember the ids of up to this many formatted sessions, passages and responses (training
+            formats the same texts every epoch: ``convret train`` passes :data:`TRAINING_MEMO_SIZE`); 0 (default)
+            remembers nothing, so that streaming a collection stays within a shard's memory.
 
     Example::
 
@@ -75,7 +78,8 @@ class SequenceFormatter:
 
     def __init__(self, tokenizer: Any, max_session_len: int | None = 1024, max_passage_len: int | None = 384,
                  max_response_len: int | None = 384, instruction: str | None = None,
-                 passage_instruction: str | None = None, use_chat_template: bool | None = None):
+                 passage_instruction: str | None = None, use_chat_template: bool | None = None,
+                 memo_size: int = 0):
         self.tokenizer = tokenizer
         self.max_session_len = max_session_len
         self.max_passage_len = max_passage_len
@@ -95,19 +99,23 @@ class SequenceFormatter:
             without = tokenizer("a", add_special_tokens=False).input_ids
             self._chatml_bos = len(with_special) > len(without) and with_special[0] == self.bos_id
         self._derive_assistant_message()
-        # token ids of texts already formatted: a training run formats the same passages and sessions every epoch
-        # (rendering and tokenising them was a third of a tiny model's CPU step)
+        # token ids of texts already formatted, for training: a run formats the same passages and sessions every
+        # epoch (rendering and tokenising them was a third of a tiny model's CPU step); off by default, since a
+        # stream (encoding a collection) sees each text once and must stay within a shard's memory
+        self.memo_size = memo_size
         self._memo: dict[tuple, tuple[int, ...]] = {}
 
     def _memoized(self, key: tuple, build: Callable[[], list[int]]) -> list[int]:
-        """``build()``, remembered under ``key`` (up to :data:`_MEMO_SIZE` entries, oldest dropped first); a
-        fresh list each call, so a caller may extend it."""
+        """``build()``, remembered under ``key`` (up to ``memo_size`` entries, oldest dropped first); a fresh
+        list each call, so a caller may extend it."""
+        if self.memo_size <= 0:
+            return build()
         key = (*key, self.max_session_len, self.max_passage_len, self.max_response_len, self.instruction,
                self.passage_instruction)  # budgets a caller changed after construction count
         ids = self._memo.get(key)
         if ids is None:
             ids = tuple(build())
-            if len(self._memo) >= _MEMO_SIZE:
+            if len(self._memo) >= self.memo_size:
                 del self._memo[next(iter(self._memo))]
             self._memo[key] = ids
         return list(ids)

@@ -158,12 +158,14 @@ def build_trainer(model_args, data_args, loss_args, train_args, examples=None, f
     model, tokenizer, retriever_config = built
     if formatter is None:
         from ..data import SequenceFormatter
+        from ..data.sequences import TRAINING_MEMO_SIZE
 
         formatter = SequenceFormatter(tokenizer, max_session_len=data_args.max_session_len,
                                       max_passage_len=data_args.max_passage_len,
                                       max_response_len=data_args.max_response_len,
                                       instruction=data_args.instruction,
-                                      passage_instruction=data_args.passage_instruction)
+                                      passage_instruction=data_args.passage_instruction,
+                                      memo_size=TRAINING_MEMO_SIZE)
     data_seed = train_args.data_seed if train_args.data_seed is not None else train_args.seed
     collator = TrainingCollator(
         formatter,
