@@ -69,10 +69,6 @@ class Row:
         return " + ".join(f"{key} {weight:g}" for key, weight in self.sources)
 
 
-DEMO_ROW = ("demo", "- the ad hoc queries (0.5 sessions, 0.5 TopiOCQA-style): make demo",
-            {"sources": (("bm25", 0.5), ("triplets", 0.5))})
-
-
 def _rows() -> tuple[list[Row], list[Row]]:
     """The ablation (each row adds one part to the one above it; the last one is ``make demo``) and the
     alternatives that were measured against it (run only when named in ``--rows``)."""
@@ -98,7 +94,8 @@ def _rows() -> tuple[list[Row], list[Row]]:
         "(0.4 sessions, 0.4 TopiOCQA-style, 0.2 ad hoc)", sources=(("bm25", 0.4), ("triplets", 0.4), ("adhoc", 0.2)))
     add("lr", "+ learning rate 1e-3 instead of 2e-3", flags={"learning_rate": 0.001})
     add("tau", "+ temperature 0.1 instead of 0.05", flags={"temperature": 0.1})
-    add(DEMO_ROW[0], DEMO_ROW[1], **DEMO_ROW[2])
+    add("demo", "- the ad hoc queries (0.5 sessions, 0.5 TopiOCQA-style): make demo",
+        sources=(("bm25", 0.5), ("triplets", 0.5)))
     alternatives = [
         variant(before, "first-neg", "the demo before, first negative kept (the twin's passage, every turn)",
                 flags={"sample_negatives": False}),
